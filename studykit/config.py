@@ -1,0 +1,221 @@
+"""One dataclass per stage; the command line is generated from it so a flag and a field never disagree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+from studykit.io import atomic_write_text
+
+ConfigT = TypeVar("ConfigT")
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field that carries its command-line help (and optional `choices`)."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return dataclasses.field(metadata={"help": help, **extra}, **factory)
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        annotation, optional = _unwrap_optional(hints[field.name])
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        kwargs: dict[str, Any] = {"default": default, "help": field.metadata.get("help", ""), "dest": field.name}
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        if annotation is bool:
+            parser.add_argument(_flag_name(field.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(annotation) is list:
+            kwargs["nargs"] = "+"
+            annotation = typing.get_args(annotation)[0]
+        kwargs["type"] = _parse_optional(annotation) if optional else annotation
+        parser.add_argument(_flag_name(field.name), **kwargs)
+    return parser
+
+
+def _parse_optional(annotation: Any):
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else annotation(text)
+
+    parse.__name__ = getattr(annotation, "__name__", "value")
+    return parse
+
+
+def parse_config(config_cls: type[ConfigT], description: str, argv: Optional[Sequence[str]] = None) -> ConfigT:
+    parser = build_parser(config_cls, description)
+    namespace = parser.parse_args(argv)
+    config = config_cls(**vars(namespace))
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def print_config(config: Any, stream=None) -> None:
+    stream = stream or sys.stdout
+    print(f"{type(config).__name__}:", file=stream)
+    for key, value in config_to_dict(config).items():
+        print(f"  {key}: {value}", file=stream)
+    stream.flush()
+
+
+def save_config(config: Any, path: Path) -> None:
+    atomic_write_text(Path(path), json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage configs. Every default of the study lives here.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    dataset: str = option("OpenAssistant/oasst1", "hub dataset id (used when --data-file is not given)")
+    data_file: Optional[str] = option(None, "local OASST export: flat messages (.jsonl, .jsonl.gz, .parquet) or message trees (.jsonl, .jsonl.gz)")
+    tokenizer: str = option("gpt2", "hub id or local directory of the tokenizer")
+    output_dir: str = option("data/processed", "where the processed dataset is written")
+    seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated")
+    lang: str = option("en", "comma-separated language codes to keep, or 'all'")
+    val_fraction: float = option(0.05, "share of conversation trees held out when a local file has no split")
+    skip_bad_lines: bool = option(False, "drop corrupt JSONL lines instead of stopping")
+
+    def validate(self) -> None:
+        from studykit.errors import UserError
+
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2 (got {self.seq_len}).")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must lie between 0 and 1 (got {self.val_fraction}).")
+
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Full fine-tuning. The LoRA config below only adds adapter settings and a larger learning rate."""
+
+    model: str = option("gpt2", "hub id or local directory of the base model")
+    tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")
+    data_dir: str = option("data/processed", "processed dataset from data/prepare_oasst.py")
+    output_dir: str = option("checkpoints/full_ft", "where the checkpoint, run.json and log.jsonl are written")
+    seed: int = option(42, "seed for data order, dropout and initialisation")
+    epochs: float = option(1.0, "passes over the training split (ignored when --max-steps is set)")
+    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs")
+    batch_size: int = option(8, "sequences per micro-batch on each process")
+    grad_accum: int = option(4, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
+    warmup_ratio: float = option(0.05, "share of steps with linear warmup")
+    lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    precision: str = option("auto", "auto: fp16 mixed precision on CUDA, fp32 on CPU", choices=PRECISIONS)
+    group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
+    packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
+    eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
+    eval_batch_size: int = option(16, "sequences per validation batch")
+    log_every: int = option(10, "optimizer steps between log.jsonl lines")
+    compile: bool = option(False, "torch.compile the model")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
+    keep: int = option(2, "resumable checkpoints to keep")
+    resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
+    overwrite: bool = option(False, "replace a finished run in --output-dir")
+    trust_remote_code: bool = option(False, "allow model code from the hub to run")
+
+    method = "full"
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def validate(self) -> None:
+        from studykit.errors import UserError
+
+        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size,
+                    "--log-every": self.log_every, "--keep": self.keep}
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1 (got {value}).")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1 (got {self.max_steps}).")
+        if self.max_steps is None and self.epochs <= 0:
+            raise UserError(f"--epochs must be above 0 (got {self.epochs}).")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be above 0 (got {self.lr}).")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pass one of them.")
+
+
+@dataclasses.dataclass
+class LoraTrainConfig(TrainConfig):
+    """LoRA: the base model is frozen and only low-rank adapters train, so a larger learning rate is needed."""
+
+    output_dir: str = option("checkpoints/lora_r{rank}", "where the adapter, run.json and log.jsonl are written")
+    lr: float = option(3e-4, "peak learning rate (LoRA's small, zero-initialised updates need a larger one)")
+    rank: int = option(8, "LoRA rank r")
+    alpha: Optional[float] = option(None, "LoRA alpha (default: 2 x rank)")
+    dropout: float = option(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = option(["attention"], "preset (attention, attention+mlp, all-linear) or module-name suffixes such as attn.c_attn")
+    use_rslora: bool = option(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    use_dora: bool = option(False, "weight-decomposed LoRA (DoRA)")
+    loraplus_lr_ratio: Optional[float] = option(None, "LoRA+: learning rate of the B matrices = ratio x --lr")
+
+    method = "lora"
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+        self.output_dir = self.output_dir.replace("{rank}", str(self.rank))
+
+    def validate(self) -> None:
+        from studykit.errors import UserError
+
+        super().validate()
+        if self.rank <= 0 or self.alpha <= 0:
+            raise UserError(f"LoRA needs a positive rank and alpha (got rank={self.rank}, alpha={self.alpha}); pass --rank and --alpha above 0.")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise UserError(f"--loraplus-lr-ratio must be above 0 (got {self.loraplus_lr_ratio}).")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model: str = option("gpt2", "base model: scored as row 'base', and the base every adapter is applied to")
+    data_dir: str = option("data/processed", "processed dataset; its validation split is scored")
+    checkpoints: str = option("checkpoints", "directory whose run directories (full models or adapters) are scored")
+    output_dir: str = option("results", "where perplexity.json and results.md are written")
+    batch_size: int = option(16, "sequences per evaluation batch")
+    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
+    include_base: bool = option(True, "also score the base model")
+    trust_remote_code: bool = option(False, "allow model code from the hub to run")
+
+    def validate(self) -> None:
+        from studykit.errors import UserError
+
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size}).")

@@ -1,0 +1,162 @@
+"""The processed dataset on disk, and how batches are formed from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from studykit.errors import UserError
+from studykit.io import find_partial_directories, read_json
+
+# Labels with this value are ignored by the loss: padding only, never EOS.
+IGNORE_INDEX = -100
+META_FILE = "meta.json"
+SPLITS = ("train", "validation")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies a vocabulary, so data tokenized by one tokenizer is never fed to a model with another."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps([vocabulary, tokenizer.eos_token_id], separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenize_responses(texts: Sequence[str], tokenizer, seq_len: int) -> tuple[list[list[int]], int]:
+    """EOS ends every response so the model learns to stop; a response longer than seq_len is cut (and loses EOS)."""
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    sequences, truncated = [], 0
+    for ids in encoded:
+        ids = list(ids) + [tokenizer.eos_token_id]
+        if len(ids) > seq_len:
+            ids = ids[:seq_len]
+            truncated += 1
+        sequences.append(ids)
+    return sequences, truncated
+
+
+def sequences_fingerprint(input_ids: Sequence[Sequence[int]], message_ids: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for ids, message_id in zip(input_ids, message_ids):
+        digest.update(str(message_id).encode("utf-8"))
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def combine_fingerprints(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class ProcessedData:
+    """The tokenized splits plus the metadata that records how they were made."""
+
+    path: Path
+    train: Any
+    validation: Any
+    meta: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+
+def load_processed(data_dir: str | Path) -> ProcessedData:
+    import datasets
+
+    path = Path(data_dir)
+    partial = find_partial_directories(path.parent) if path.parent.exists() else []
+    partial = [p for p in partial if p.name.startswith(path.name)]
+    if not (path / META_FILE).exists():
+        hint = f" (found an unfinished write at {partial[0]}, left by a crash; delete it)" if partial else ""
+        raise UserError(
+            f"no processed dataset in {path}{hint}; run `python data/prepare_oasst.py --output-dir {path}` first "
+            "or pass --data-dir."
+        )
+    meta = read_json(path / META_FILE)
+    try:
+        dataset_dict = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise UserError(f"the processed dataset in {path} is incomplete ({error}); run data/prepare_oasst.py again.") from None
+    for split in SPLITS:
+        if split not in dataset_dict or len(dataset_dict[split]) == 0:
+            raise UserError(f"the processed dataset in {path} has no {split} examples; run data/prepare_oasst.py on more data.")
+    return ProcessedData(path, dataset_dict["train"], dataset_dict["validation"], meta)
+
+
+def check_tokenizer_matches(data: ProcessedData, tokenizer, tokenizer_name: str) -> None:
+    recorded = data.meta.get("tokenizer_fingerprint")
+    if recorded and recorded != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"{data.path} was tokenized with '{data.meta.get('tokenizer')}', which differs from the tokenizer of "
+            f"'{tokenizer_name}'; prepare the data again with --tokenizer {tokenizer_name}."
+        )
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:
+    """Concatenate responses (each ending in EOS) and cut full blocks; the ragged tail is dropped."""
+    stream = [token for ids in sequences for token in ids]
+    return [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
+
+
+def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of the batch (or `pad_to`). Labels are masked by position, not by token id,
+    because GPT-2 pads with its EOS id and EOS must stay a target."""
+    width = pad_to or max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def count_predicted_tokens(labels: torch.Tensor) -> int:
+    """Every non-padding token but the first of each sequence is predicted from what precedes it."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def plan_step_windows(
+    lengths: Sequence[int], examples_per_step: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
+    """The examples of each optimizer step, in order, for one epoch.
+
+    A window depends only on the seed, the epoch and the effective batch, never on how it is later cut into
+    micro-batches or processes; so gradient accumulation, auto-batch and DDP all see the same steps.
+    With length grouping, windows are cut from length-sorted chunks so that their micro-batches need little
+    padding, and the windows are then shuffled.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    rng.shuffle(order)
+    if group_by_length:
+        chunk = examples_per_step * 64
+        order = [
+            index
+            for start in range(0, len(order), chunk)
+            for index in sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
+        ]
+    windows = [order[start : start + examples_per_step] for start in range(0, len(order) - examples_per_step + 1, examples_per_step)]
+    if group_by_length:
+        rng.shuffle(windows)
+    return windows
+
+
+def split_window(window: Sequence[int], lengths: Sequence[int], micro_batches: int) -> list[list[int]]:
+    """Cut one step's examples into micro-batches of similar length (longest first)."""
+    ordered = sorted(window, key=lambda i: lengths[i], reverse=True)
+    size = len(ordered) // micro_batches
+    return [ordered[k * size : (k + 1) * size] for k in range(micro_batches)]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches of similar length: the result does not depend on order, and padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

@@ -1,0 +1,28 @@
+"""Errors a user can cause: reported as one sentence and a non-zero exit, never as a stack trace."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake in the input or environment that the user can fix; the message says how."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def report_user_errors(main: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a script's main so a UserError prints `error: <sentence>` and exits 2; internal bugs still raise."""
+
+    @functools.wraps(main)
+    def wrapped() -> None:
+        try:
+            main()
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(getattr(error, "exit_code", EXIT_USER_ERROR))
+
+    return wrapped

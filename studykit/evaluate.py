@@ -1,0 +1,125 @@
+"""Stage 4: held-out perplexity of the base model and of every finished run under --checkpoints."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from studykit.checkpointing import RUN_RECORD, load_run_record
+from studykit.config import EvalConfig, print_config, save_config
+from studykit.data import check_tokenizer_matches, load_processed
+from studykit.errors import UserError
+from studykit.io import atomic_write_json, atomic_write_text, ensure_writable_directory, find_partial_directories
+from studykit.metrics import SequenceScores, score_sequences
+from studykit.modeling import count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
+from studykit.report import format_results_table
+from studykit.runtime import autocast_for, default_device
+
+
+@dataclass
+class EvalTarget:
+    name: str
+    method: str
+    path: Optional[Path]
+    run_record: Optional[dict[str, Any]]
+
+
+def find_runs(checkpoints: Path) -> list[EvalTarget]:
+    """Run directories are told apart by their files: an adapter config means LoRA, config + weights a full model."""
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        return []
+    for partial in find_partial_directories(checkpoints):
+        print(f"warning: skipping {partial}, an unfinished write left by a crash.")
+    targets = []
+    for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (is_adapter_directory(run_dir) or is_full_model_directory(run_dir)):
+            continue
+        record = load_run_record(run_dir)
+        if record is None:
+            print(f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish.")
+            continue
+        method = "lora" if is_adapter_directory(run_dir) else "full"
+        targets.append(EvalTarget(run_dir.name, method, run_dir, record))
+    return targets
+
+
+def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
+    print_config(config)
+    output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
+    data = load_processed(config.data_dir)
+    tokenizer = load_tokenizer(config.model, "--model", config.trust_remote_code)
+    check_tokenizer_matches(data, tokenizer, config.model)
+    targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + find_runs(Path(config.checkpoints))
+    if not targets:
+        raise UserError(f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base.")
+
+    device = default_device()
+    autocast = autocast_for(device, config.precision)
+    sequences = list(data.validation["input_ids"])
+    rows, scores_by_name = [], {}
+    for target in targets:
+        started = time.perf_counter()
+        model = load_target(target, config)
+        model.to(device)
+        scores = score_sequences(
+            model, sequences, config.batch_size, device, tokenizer.pad_token_id, autocast,
+            progress=lambda batches, name=target.name: tqdm(batches, desc=f"scoring {name}", leave=False),
+        )
+        rows.append(build_row(target, model, scores, data.meta, time.perf_counter() - started))
+        scores_by_name[target.name] = scores
+        print(f"{target.name}: perplexity {scores.perplexity:.4f} over {scores.tokens:,} tokens")
+        del model
+
+    atomic_write_json(output_dir / "perplexity.json", rows)
+    save_per_response_scores(output_dir / "per_response_nll.npz", scores_by_name, list(data.validation["message_id"]))
+    table = format_results_table(rows)
+    atomic_write_text(output_dir / "results.md", table)
+    save_config(config, output_dir / "eval_config.json")
+    print(table)
+    return rows
+
+
+def load_target(target: EvalTarget, config: EvalConfig):
+    if target.method == "base":
+        return load_base_model(config.model, "--model", config.trust_remote_code)
+    base_model = target.run_record.get("base_model", config.model) if target.method == "lora" else config.model
+    return load_checkpoint_for_eval(target.path, base_model, config.trust_remote_code)
+
+
+def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict, seconds: float) -> dict[str, Any]:
+    record = target.run_record or {}
+    _, total = count_parameters(model)
+    row = {
+        "name": target.name,
+        "method": target.method,
+        "trainable_params": record.get("trainable_params", 0),
+        "total_params": record.get("total_params", total),
+        "perplexity": scores.perplexity,
+        "nll_sum": scores.nll_sum,
+        "tokens": scores.tokens,
+        "responses": int(len(scores.nll_sums)),
+        "validation_fingerprint": data_meta["validation_fingerprint"],
+        "eval_seconds": seconds,
+        "path": str(target.path) if target.path else None,
+    }
+    if record and record.get("validation_fingerprint") != data_meta["validation_fingerprint"]:
+        print(f"warning: {target.name} was trained with another dataset ({record.get('data_dir')}) than the one evaluated.")
+        row["trained_on_other_data"] = True
+    return row
+
+
+def save_per_response_scores(path: Path, scores_by_name: dict[str, SequenceScores], message_ids: list[str]) -> None:
+    """Per-response NLL and token counts, aligned by message id, for bootstrap intervals and paired comparisons."""
+    arrays = {"message_id": np.asarray(message_ids)}
+    for name, scores in scores_by_name.items():
+        arrays[f"{name}/nll"] = scores.nll_sums
+        arrays[f"{name}/tokens"] = scores.token_counts
+    temp = path.with_name(path.name + ".partial.npz")
+    np.savez(temp, **arrays)
+    temp.replace(path)

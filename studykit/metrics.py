@@ -1,0 +1,92 @@
+"""Token-level negative log-likelihood and perplexity, summed over tokens, never averaged over batches."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studykit.data import IGNORE_INDEX, collate, length_sorted_batches
+
+
+def token_nll_per_sequence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL for each row; positions labelled IGNORE_INDEX (padding) contribute nothing."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return nll.view(shifted_labels.shape).sum(dim=1)
+
+
+def predicted_tokens_per_sequence(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / tokens) if tokens else float("nan")
+
+
+@dataclass
+class SequenceScores:
+    """Per-response NLL sums and predicted-token counts, in the order of the input sequences."""
+
+    nll_sums: np.ndarray
+    token_counts: np.ndarray
+
+    @property
+    def nll_sum(self) -> float:
+        return float(self.nll_sums.sum())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.nll_sum, self.tokens)
+
+
+@torch.no_grad()
+def score_sequences(
+    model,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int,
+    device: torch.device,
+    pad_token_id: int,
+    autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+    batch_indices: Optional[Sequence[Sequence[int]]] = None,
+    progress: Optional[Callable] = None,
+) -> SequenceScores:
+    """Score every sequence in length-sorted batches (little padding; the sums do not depend on batching).
+
+    `batch_indices` restricts scoring to some batches (one process's share under DDP); unscored rows stay 0.
+    """
+    was_training = model.training
+    model.eval()
+    nll_sums = np.zeros(len(sequences), dtype=np.float64)
+    token_counts = np.zeros(len(sequences), dtype=np.int64)
+    batches = batch_indices if batch_indices is not None else length_sorted_batches([len(s) for s in sequences], batch_size)
+    if progress is not None:
+        batches = progress(batches)
+    for indices in batches:
+        batch = collate([sequences[i] for i in indices], pad_token_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast() if autocast else contextlib.nullcontext():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll_sums[list(indices)] = token_nll_per_sequence(logits, batch["labels"]).double().cpu().numpy()
+        token_counts[list(indices)] = predicted_tokens_per_sequence(batch["labels"]).cpu().numpy()
+    model.train(was_training)
+    return SequenceScores(nll_sums, token_counts)

@@ -1,0 +1,153 @@
+"""Loading GPT-2 (hub id or local directory), wrapping it with LoRA, and describing what is trainable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from studykit.errors import UserError
+from studykit.hub import ensure_hub_reachable
+
+# GPT-2 names both the attention output and the MLP output `c_proj`, so targets are written as path
+# suffixes: peft matches `attn.c_proj` against `transformer.h.0.attn.c_proj` but not `...mlp.c_proj`.
+TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": ["attn.c_attn", "attn.c_proj"],
+    "attention+mlp": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "all-linear": ["all-linear"],
+}
+DEFAULT_TARGET = "attention"
+
+
+def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    ensure_hub_reachable(name_or_path, f"{flag} PATH (a local tokenizer directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load a tokenizer from '{name_or_path}' ({_first_line(error)}); pass {flag} PATH.") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer '{name_or_path}' has no EOS token; responses must end with one.")
+    if tokenizer.pad_token_id is None:
+        # GPT-2 has no pad token. Padding positions are masked out of attention and labels by position.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def model_context_length(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))
+
+
+def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None):
+    """Weights load from safetensors only; SDPA attention where the model supports it."""
+    from transformers import AutoModelForCausalLM
+
+    ensure_hub_reachable(name_or_path, f"{flag} PATH (a local model directory)")
+    path = Path(name_or_path)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise UserError(f"{path} holds no safetensors weights; pass a directory written by save_pretrained with {flag}.")
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load a model from '{name_or_path}' ({_first_line(error)}); pass {flag} PATH.") from None
+
+
+def resolve_target_modules(targets: Sequence[str]) -> list[str] | str:
+    """A preset name, or explicit module-name suffixes such as `attn.c_attn`."""
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
+        resolved = TARGET_PRESETS[targets[0]]
+        return resolved[0] if resolved == ["all-linear"] else list(resolved)
+    return list(targets)
+
+
+def wrap_with_lora(model, rank: int, alpha: float, dropout: float, targets: Sequence[str], use_rslora: bool = False, use_dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    if rank <= 0 or alpha <= 0:
+        raise UserError(f"LoRA needs a positive rank and alpha (got rank={rank}, alpha={alpha}); pass --rank and --alpha above 0.")
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=resolve_target_modules(targets),
+        # GPT-2 stores its projections as Conv1D with transposed weights.
+        fan_in_fan_out=True,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as error:
+        if "not found" in str(error) or "did not find" in str(error).lower() or "target" in str(error).lower():
+            names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+            raise UserError(
+                f"LoRA target modules {list(targets)} match nothing in this model; use a preset "
+                f"({', '.join(TARGET_PRESETS)}) or module names such as {names[:8]}."
+            ) from None
+        raise
+
+
+def adapted_module_names(model) -> list[str]:
+    """Full names of the modules that carry LoRA adapters, e.g. `base_model.model.transformer.h.0.attn.c_attn`."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def strip_peft_prefix(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """Trainable and total parameters; a LoRA model's total includes the frozen base."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def enable_activation_checkpointing(model) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5.x renamed the method; older 5.x releases only have the gradient_ name.
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable()
+    base.config.use_cache = False
+
+
+def is_adapter_directory(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def is_full_model_directory(path: Path) -> bool:
+    return (Path(path) / "config.json").exists() and any(Path(path).glob("*.safetensors"))
+
+
+def load_checkpoint_for_eval(path: Path, base_model: str, trust_remote_code: bool = False):
+    """A full model directory loads directly; an adapter is applied to the base it was trained from."""
+    path = Path(path)
+    if is_adapter_directory(path):
+        from peft import PeftModel
+
+        if not any(path.glob("adapter_model.safetensors")):
+            raise UserError(f"{path} has an adapter config but no adapter_model.safetensors; train it again.")
+        model = load_base_model(base_model, "--model", trust_remote_code)
+        try:
+            return PeftModel.from_pretrained(model, str(path))
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise UserError(
+                f"the adapter in {path} does not fit the base model '{base_model}' ({_first_line(error)}); "
+                "evaluate it with the base model it was trained on."
+            ) from None
+    if is_full_model_directory(path):
+        return load_base_model(str(path), "--checkpoints", trust_remote_code)
+    raise UserError(f"{path} holds neither a full model (config.json + safetensors) nor a LoRA adapter; train it again.")

@@ -1,0 +1,86 @@
+"""Stage 1: OASST1 -> filtered, tokenized, unpadded sequences on disk, with a meta.json that says how."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from studykit.config import PrepareConfig, config_to_dict, print_config, save_config
+from studykit.data import META_FILE, SPLITS, combine_fingerprints, sequences_fingerprint, tokenize_responses, tokenizer_fingerprint
+from studykit.errors import UserError
+from studykit.io import atomic_directory, atomic_write_json, ensure_writable_directory
+from studykit.modeling import load_tokenizer
+from studykit.oasst import FILTER_STAGES, load_source, filter_messages, parse_languages
+
+# A tokenizer's model_max_length above this is a placeholder, not a real context length.
+UNSET_CONTEXT = 1_000_000
+
+
+def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
+    context = getattr(tokenizer, "model_max_length", None)
+    if context and context < UNSET_CONTEXT and seq_len > context:
+        raise UserError(f"--seq-len {seq_len} exceeds the context of '{tokenizer_name}' ({context} tokens); pass --seq-len {context} or less.")
+
+
+def prepare(config: PrepareConfig) -> dict[str, Any]:
+    import datasets
+
+    print_config(config)
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    ensure_writable_directory(output_dir.parent, "--output-dir")
+    tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
+    check_seq_len(config.seq_len, tokenizer, config.tokenizer)
+    source = load_source(config.data_file, config.dataset, config.val_fraction, config.skip_bad_lines)
+    print(f"read {source.description} ({source.shape}); held-out split: {source.split_method}")
+    if source.bad_lines:
+        print(f"skipped {len(source.bad_lines)} corrupt line(s): {source.bad_lines[:20]}")
+
+    languages = parse_languages(config.lang)
+    splits, counts, tokens, truncated, fingerprints = {}, {}, {}, {}, {}
+    for split in SPLITS:
+        kept, split_counts = filter_messages(source.messages_by_split[split], languages)
+        counts[split] = {stage: split_counts.get(stage, 0) for stage in FILTER_STAGES}
+        if not kept:
+            raise UserError(
+                f"no {split} messages are left after the filters (counts: {counts[split]}); check --lang "
+                f"('{config.lang}') and the data file."
+            )
+        input_ids, truncated[split] = tokenize_responses([m["text"] for m in kept], tokenizer, config.seq_len)
+        message_ids = [str(m["message_id"]) for m in kept]
+        tokens[split] = sum(len(ids) for ids in input_ids)
+        fingerprints[split] = sequences_fingerprint(input_ids, message_ids)
+        splits[split] = datasets.Dataset.from_dict(
+            {"input_ids": input_ids, "message_id": message_ids, "message_tree_id": [str(m["message_tree_id"]) for m in kept]}
+        )
+        print(f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens, {truncated[split]:,} truncated to {config.seq_len}")
+
+    meta = {
+        "source": source.description,
+        "source_shape": source.shape,
+        "split_method": source.split_method,
+        "tokenizer": config.tokenizer,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "seq_len": config.seq_len,
+        "lang": config.lang,
+        "counts": counts,
+        "sequences": {split: len(splits[split]) for split in SPLITS},
+        "tokens": tokens,
+        "truncated": truncated,
+        "bad_lines_skipped": source.bad_lines,
+        "fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["validation"], config.seq_len),
+        "train_fingerprint": fingerprints["train"],
+        "validation_fingerprint": fingerprints["validation"],
+        "config": config_to_dict(config),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    with atomic_directory(output_dir) as staging:
+        datasets.DatasetDict(splits).save_to_disk(str(staging))
+        atomic_write_json(staging / META_FILE, meta)
+        save_config(config, staging / "prepare_config.json")
+        if source.tree_split is not None:
+            atomic_write_json(staging / "tree_split.json", source.tree_split)
+    print(f"wrote {output_dir} (fingerprint {meta['fingerprint']})")
+    return meta

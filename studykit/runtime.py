@@ -1,0 +1,81 @@
+"""Devices, precision and cost measurements."""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from studykit.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRECTORIES = ("studykit", "data", "training", "evaluation")
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """accelerate's mixed_precision name for a --precision choice on this device."""
+    if precision == "auto":
+        return "fp16" if device_type == "cuda" else "no"
+    if precision == "fp16" and device_type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; on a CPU use --precision fp32 or bf16.")
+    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU does not support bf16; use --precision fp16 or auto.")
+    return "no" if precision == "fp32" else precision
+
+
+def build_accelerator(precision: str, seed: int):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    # A fresh accelerator per run, so one process can train several runs (tests, the study runner).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        # TF32 matmuls on Ampere and newer: fp32 parts of the step run on tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type))
+    set_seed(seed)
+    return accelerator
+
+
+def autocast_for(device: torch.device, precision: str):
+    """An autocast context factory for evaluation outside an Accelerator."""
+    mixed = resolve_precision(precision, device.type)
+    if mixed == "no":
+        return None
+    dtype = torch.float16 if mixed == "fp16" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """GPU: peak bytes allocated by tensors. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the study's code, so a result can be traced to the code that made it."""
+    digest = hashlib.sha256()
+    for directory in CODE_DIRECTORIES:
+        for path in sorted((REPO_ROOT / directory).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]

