@@ -56,6 +56,8 @@ class PreparedRun:
     total_steps: int
     windows_per_epoch: int
     description: dict = field(default_factory=dict)
+    # The step windows of the current epoch, planned once per epoch.
+    windows_by_epoch: dict = field(default_factory=dict)
 
 
 def parameter_groups(model, weight_decay: float, lr: float, lora_b_lr_ratio: Optional[float]) -> list[dict[str, Any]]:
@@ -140,17 +142,13 @@ def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int]) -> t
     return micro_batches[accelerator.process_index :: accelerator.num_processes], step_tokens
 
 
-_window_cache: dict[tuple[int, int], list[list[int]]] = {}
-
-
 def _windows_for_epoch(run: PreparedRun, epoch: int, lengths: list[int]) -> list[list[int]]:
-    key = (id(run), epoch)
-    if key not in _window_cache:
-        _window_cache.clear()
-        _window_cache[key] = plan_step_windows(
+    if epoch not in run.windows_by_epoch:
+        run.windows_by_epoch.clear()
+        run.windows_by_epoch[epoch] = plan_step_windows(
             lengths, run.config.effective_batch * run.accelerator.num_processes, run.config.seed, epoch, run.config.group_by_length
         )
-    return _window_cache[key]
+    return run.windows_by_epoch[epoch]
 
 
 def validation_loss(run: PreparedRun) -> float:
