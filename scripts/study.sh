@@ -3,12 +3,6 @@
 # or `bash scripts/study.sh --preset quick` (tiny model, shipped sample, CPU, offline). Extra flags go to run_study.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-. .venv/bin/activate
-# Keep a torch that is already there (say, a CUDA build you chose); otherwise pip picks one for this platform.
-python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch>=2.4"
+TORCH_SPEC="torch>=2.4" . scripts/venv.sh
 python -m pip install --quiet -r requirements.txt
 python run_study.py "$@"
