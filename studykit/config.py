@@ -142,6 +142,8 @@ class TrainConfig:
     log_every: int = option(10, "optimizer steps between log.jsonl lines")
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    max_gpu_memory_gb: Optional[float] = option(None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)")
+    auto_batch: bool = option(False, "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch")
     save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
     keep: int = option(2, "resumable checkpoints to keep")
     resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
@@ -170,6 +172,8 @@ class TrainConfig:
             raise UserError(f"--lr must be above 0 (got {self.lr}).")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them.")
+        if self.max_gpu_memory_gb is not None and self.max_gpu_memory_gb <= 0:
+            raise UserError(f"--max-gpu-memory-gb must be above 0 (got {self.max_gpu_memory_gb}); leave it out for no cap.")
 
 
 @dataclasses.dataclass

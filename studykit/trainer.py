@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from studykit import checkpointing
+from studykit import checkpointing, memory
 from studykit.config import TrainConfig, config_to_dict, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, pack_sequences, plan_step_windows, split_window, collate
 from studykit.errors import UserError
@@ -125,6 +125,7 @@ def prepare_run(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    config, description["memory"] = memory.plan_memory(config, model, accelerator, max(train_sequences, key=len))
     return PreparedRun(
         config, accelerator, model, optimizer, scheduler, tokenizer, train_sequences,
         list(data.validation["input_ids"]), data.meta, total_steps, windows_per_epoch, description,
@@ -210,7 +211,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     reset_peak_memory(accelerator.device)
     progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     nonfinite_streak = 0
-    with InterruptFlag() as interrupt:
+    with InterruptFlag() as interrupt, memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]):
         while state.step < run.total_steps:
             step_started = time.perf_counter()
             micro_batches, step_tokens = micro_batches_for_step(run, state.step, lengths)
@@ -249,7 +250,8 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
                     state.skipped_steps += 1
             run.scheduler.step()
             state.step += 1
-            state.tokens_seen += sum(lengths[i] for i in sum(micro_batches, [])) * accelerator.num_processes
+            # The whole window's tokens (over all processes): its predicted tokens plus each example's first token.
+            state.tokens_seen += step_tokens + config.effective_batch * accelerator.num_processes
             state.train_seconds += time.perf_counter() - step_started
             state.last_train_loss = step_loss
             tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)

@@ -1,0 +1,275 @@
+"""How much accelerator memory a training run needs, a cap on it, and the largest micro-batch that fits.
+
+The estimate is derived from the model's config and its trainable-parameter count, so it holds for full
+fine-tuning and LoRA of any causal LM with a GPT-style block (hidden size, layers, heads, MLP width, vocabulary).
+It is an estimate of what PyTorch's caching allocator holds at the peak of a step, not a measurement: the CUDA
+context (a few hundred MB) and allocator fragmentation come on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from studykit.errors import UserError
+
+GIB = 1024**3
+FP32_BYTES = 4
+# AdamW keeps two fp32 moments per trainable parameter.
+ADAM_STATES = 2
+# What to try, in the order that costs least: the flags named when a run does not fit.
+MEMORY_FLAGS = "--batch-size (smaller), --grad-accum (larger, keeps the effective batch), --gradient-checkpointing, --auto-batch"
+
+
+@dataclass
+class ModelShape:
+    """The sizes that activations scale with, read from a Hugging Face model config."""
+
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+        intermediate = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * hidden
+        return cls(hidden, int(config.num_hidden_layers), int(config.num_attention_heads), int(intermediate), int(config.vocab_size))
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes at the peak of one optimizer step, by what holds them."""
+
+    micro_batch: int
+    seq_len: int
+    precision: str
+    gradient_checkpointing: bool
+    weights: int
+    half_precision_weight_copies: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    activations_other_setting: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.half_precision_weight_copies + self.gradients + self.optimizer_state + self.activations + self.logits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        other = "without" if self.gradient_checkpointing else "with"
+        this = "with" if self.gradient_checkpointing else "without"
+        rows = [
+            ("weights (fp32)", self.weights),
+            ("half-precision weight copies (autocast)", self.half_precision_weight_copies),
+            ("gradients (fp32, trainable only)", self.gradients),
+            ("optimizer state (AdamW, 2 x fp32)", self.optimizer_state),
+            (f"activations {this} gradient checkpointing", self.activations),
+            ("logits, log-probabilities and their gradient", self.logits),
+        ]
+        lines = [f"memory estimate at micro-batch {self.micro_batch} x {self.seq_len} tokens, precision {self.precision}:"]
+        lines += [f"  {name:<46} {gib(size):>8.2f} GiB" for name, size in rows]
+        lines.append(f"  {'total':<46} {gib(self.total):>8.2f} GiB")
+        lines.append(f"  (activations {other} gradient checkpointing: {gib(self.activations_other_setting):.2f} GiB)")
+        return "\n".join(lines)
+
+
+def gib(size: float) -> float:
+    return size / GIB
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes per activation element: accelerate's mixed_precision name ('fp16', 'bf16' or 'no')."""
+    return 2 if precision in ("fp16", "bf16") else FP32_BYTES
+
+
+def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_checkpointing: bool, attention_scores_kept: bool, seq_len: int) -> float:
+    """Per token, summed over layers, what autograd keeps for the backward pass.
+
+    Without checkpointing each block keeps (Korthikanti et al. 2022, generalised to any MLP width) the inputs of
+    its matmuls and norms: 8h + 2m elements (h: hidden, m: MLP width) plus one byte per element of its two dropout
+    masks; eager attention also keeps its heads x seq_len score and probability matrices (SDPA kernels do not).
+    With checkpointing only each block's input survives (kept in fp32 by the residual stream), and one block's
+    activations are rebuilt at a time during the backward pass.
+    """
+    element = compute_bytes(precision)
+    block = element * (8 * shape.hidden_size + 2 * shape.intermediate_size) + 2 * shape.hidden_size
+    if attention_scores_kept:
+        block += 5 * shape.heads * seq_len
+    if gradient_checkpointing:
+        return shape.layers * FP32_BYTES * shape.hidden_size + block
+    return shape.layers * block
+
+
+def logits_bytes_per_token(shape: ModelShape, precision: str) -> int:
+    """The vocabulary-sized tensors of the loss: the logits, the fp32 log-probabilities cross-entropy keeps, and
+    at the backward peak their fp32 gradient and its copy in the logits' dtype. For GPT-2 this is the largest item."""
+    element = compute_bytes(precision)
+    return shape.vocab_size * (element + FP32_BYTES + FP32_BYTES + element)
+
+
+def estimate_training_memory(
+    model_config: Any,
+    total_params: int,
+    trainable_params: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    gradient_checkpointing: bool,
+    attention_scores_kept: bool = False,
+) -> MemoryEstimate:
+    """Full fine-tuning: trainable == total. LoRA: trainable is the adapters, the frozen base has no gradients
+    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies."""
+    shape = ModelShape.from_config(model_config)
+    tokens = micro_batch * seq_len
+    per_token = {
+        setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len) for setting in (True, False)
+    }
+    return MemoryEstimate(
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        weights=FP32_BYTES * total_params,
+        half_precision_weight_copies=2 * total_params if compute_bytes(precision) == 2 else 0,
+        gradients=FP32_BYTES * trainable_params,
+        optimizer_state=ADAM_STATES * FP32_BYTES * trainable_params,
+        activations=int(tokens * per_token[gradient_checkpointing]),
+        activations_other_setting=int(tokens * per_token[not gradient_checkpointing]),
+        logits=tokens * logits_bytes_per_token(shape, precision),
+    )
+
+
+def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool) -> MemoryEstimate:
+    """The estimate for a loaded (possibly LoRA-wrapped) model, counting its trainable parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, eager)
+
+
+def apply_memory_cap(max_gpu_memory_gb: Optional[float], device: torch.device, say=print) -> Optional[int]:
+    """Limit this process's CUDA allocator to the cap; returns the cap in bytes (None when off)."""
+    if max_gpu_memory_gb is None:
+        return None
+    cap = int(max_gpu_memory_gb * GIB)
+    if device.type != "cuda":
+        say(f"note: --max-gpu-memory-gb {max_gpu_memory_gb:g} only applies to CUDA; on {device.type} it only guides --auto-batch.")
+        return cap
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, cap / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    say(f"GPU memory capped at {max_gpu_memory_gb:g} GiB ({fraction:.1%} of {gib(total):.1f} GiB)")
+    return cap
+
+
+def smaller_micro_batch(batch_size: int, effective_batch: int) -> Optional[int]:
+    """The next micro-batch to try: about half, and a divisor of the effective batch so that it is kept exactly."""
+    for candidate in range(batch_size // 2, 0, -1):
+        if effective_batch % candidate == 0:
+            return candidate
+    return None
+
+
+def with_micro_batch(config, batch_size: int):
+    """The same config with another micro-batch; gradient accumulation grows so the effective batch is unchanged."""
+    return dataclasses.replace(config, batch_size=batch_size, grad_accum=config.effective_batch // batch_size)
+
+
+def largest_fitting_by_estimate(config, estimate_at, cap: Optional[int]) -> int:
+    """CPU: the largest micro-batch whose estimate is within the cap (the configured one when there is no cap)."""
+    batch_size = config.batch_size
+    while cap is not None and estimate_at(batch_size).total > cap:
+        smaller = smaller_micro_batch(batch_size, config.effective_batch)
+        if smaller is None:
+            break
+        batch_size = smaller
+    return batch_size
+
+
+def probe_fits(model, accelerator, sequence: list[int], batch_size: int, reserved_bytes: int) -> bool:
+    """One forward and backward pass at the longest length, with the optimizer state's memory held aside."""
+    from studykit.data import collate
+    from studykit.metrics import token_nll_per_sequence
+
+    batch = {key: value.to(accelerator.device) for key, value in collate([sequence] * batch_size, 0).items()}
+    try:
+        # The probe must not move the run's random streams (dropout), so the run is the same with or without it.
+        with torch.random.fork_rng(devices=[accelerator.device]):
+            reserve = torch.empty(reserved_bytes, dtype=torch.uint8, device=accelerator.device)
+            with accelerator.no_sync(model), accelerator.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                token_nll_per_sequence(logits, batch["labels"]).sum().backward()
+            del reserve, logits
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def largest_fitting_by_probe(config, model, accelerator, longest_sequence: list[int], optimizer_bytes: int) -> int:
+    """CUDA: halve the micro-batch until a real step at the longest length fits; every process agrees on the smallest."""
+    batch_size = config.batch_size
+    while not probe_fits(model, accelerator, longest_sequence, batch_size, optimizer_bytes):
+        smaller = smaller_micro_batch(batch_size, config.effective_batch)
+        if smaller is None:
+            raise UserError(
+                f"even a micro-batch of {batch_size} sequences of {len(longest_sequence)} tokens runs out of GPU memory; "
+                "use --gradient-checkpointing, LoRA, or a larger --max-gpu-memory-gb."
+            )
+        batch_size = smaller
+    chosen = accelerator.gather(torch.tensor([batch_size], device=accelerator.device))
+    return int(chosen.min())
+
+
+def plan_memory(config, model, accelerator, longest_sequence: list[int]) -> tuple[Any, dict[str, Any]]:
+    """Cap memory, pick the micro-batch (--auto-batch), print the estimate; returns the config to train with and
+    the record for run.json."""
+    seq_len = len(longest_sequence)
+    precision = accelerator.mixed_precision
+
+    def estimate_at(batch_size: int) -> MemoryEstimate:
+        return estimate_for_model(accelerator.unwrap_model(model), batch_size, seq_len, precision, config.gradient_checkpointing)
+
+    cap = apply_memory_cap(config.max_gpu_memory_gb, accelerator.device, accelerator.print)
+    requested = (config.batch_size, config.grad_accum)
+    if config.auto_batch:
+        if accelerator.device.type == "cuda":
+            batch_size = largest_fitting_by_probe(config, model, accelerator, longest_sequence, estimate_at(config.batch_size).optimizer_state)
+        else:
+            batch_size = largest_fitting_by_estimate(config, estimate_at, cap)
+        config = with_micro_batch(config, batch_size)
+        accelerator.print(f"--auto-batch: micro-batch {config.batch_size} x grad-accum {config.grad_accum} "
+                          f"(asked for {requested[0]} x {requested[1]}; the effective batch {config.effective_batch} is kept)")
+    estimate = estimate_at(config.batch_size)
+    accelerator.print(estimate.describe())
+    if cap is not None and estimate.total > cap:
+        accelerator.print(f"warning: the estimate ({gib(estimate.total):.2f} GiB) exceeds --max-gpu-memory-gb; if the run "
+                          f"runs out of memory, try {MEMORY_FLAGS}.")
+    record = {"estimate": estimate.to_dict(), "max_gpu_memory_gb": config.max_gpu_memory_gb, "auto_batch": config.auto_batch,
+              "requested_batch_size": requested[0], "requested_grad_accum": requested[1],
+              "batch_size": config.batch_size, "grad_accum": config.grad_accum}
+    return config, record
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(estimate: Optional[dict[str, Any]]) -> Iterator[None]:
+    """A CUDA out-of-memory error during training becomes one sentence with the estimate and what to try."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        expected = f"the estimate for this setting was {gib(estimate['total']):.2f} GiB at micro-batch {estimate['micro_batch']}; " if estimate else ""
+        raise UserError(f"the GPU ran out of memory; {expected}try {MEMORY_FLAGS}.") from None

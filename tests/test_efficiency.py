@@ -1,0 +1,231 @@
+"""No compute on padding, packing, gradient checkpointing, torch.compile, the memory estimate, cap and auto-batch.
+
+Every comparison is against an independent computation: fixed-length padding, a batch-size-1 loop, the run
+without the feature, or parameter counts worked out by hand.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from studykit.config import LoraTrainConfig, TrainConfig
+from studykit.data import IGNORE_INDEX, collate, load_processed, pack_sequences, plan_step_windows, split_window
+from studykit.errors import UserError
+from studykit.metrics import score_sequences, token_nll_per_sequence
+from studykit.modeling import enable_activation_checkpointing, load_base_model, wrap_with_lora
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def deterministic_model_dir(tmp_path_factory, gpt2_tokenizer):
+    """Without dropout, runs that split the same step differently must agree to float precision."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-no-dropout"), gpt2_tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(scope="module")
+def train_sequences(processed_dir):
+    return list(load_processed(processed_dir).train["input_ids"])
+
+
+def unpadded_nll(model, sequences):
+    """The reference: each sequence alone, no padding anywhere."""
+    with torch.no_grad():
+        return [float(token_nll_per_sequence(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids]))) for ids in sequences]
+
+
+def test_dynamic_padding_gives_the_loss_of_fixed_length_padding(deterministic_model_dir, train_sequences, processed_dir):
+    model = load_base_model(str(deterministic_model_dir)).eval()
+    seq_len = load_processed(processed_dir).meta["seq_len"]
+    lengths = [len(ids) for ids in train_sequences]
+    window = plan_step_windows(lengths, 8, seed=0, epoch=0, group_by_length=True)[0]
+    step_tokens = sum(lengths[i] - 1 for i in window)
+
+    def window_loss(micro_batches, pad_to):
+        nll = 0.0
+        with torch.no_grad():
+            for indices in micro_batches:
+                batch = collate([train_sequences[i] for i in indices], 0, pad_to=pad_to)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll += float(token_nll_per_sequence(logits, batch["labels"]).sum())
+        return nll / step_tokens
+
+    fixed = window_loss([window], pad_to=seq_len)
+    for micro_batches in (1, 2, 4, 8):
+        assert window_loss(split_window(window, lengths, micro_batches), pad_to=None) == pytest.approx(fixed, rel=1e-5)
+    assert fixed == pytest.approx(sum(unpadded_nll(model, [train_sequences[i] for i in window])) / step_tokens, rel=1e-5)
+    assert max(lengths[i] for i in window) < seq_len, "the window should hold padding for the comparison to mean anything"
+
+
+def test_length_sorted_evaluation_gives_the_perplexity_of_fixed_length_padding(deterministic_model_dir, train_sequences, processed_dir):
+    model = load_base_model(str(deterministic_model_dir)).eval()
+    seq_len = load_processed(processed_dir).meta["seq_len"]
+    scores = score_sequences(model, train_sequences, 8, torch.device("cpu"), pad_token_id=0)
+    batch = collate(train_sequences, 0, pad_to=seq_len)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    fixed_nll = token_nll_per_sequence(logits, batch["labels"]).double()
+    fixed_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert scores.tokens == fixed_tokens == sum(len(ids) - 1 for ids in train_sequences)
+    assert torch.allclose(torch.from_numpy(scores.nll_sums), fixed_nll, rtol=1e-5)
+    assert scores.perplexity == pytest.approx(math.exp(float(fixed_nll.sum()) / fixed_tokens), rel=1e-6)
+
+
+def test_packing_makes_full_blocks_of_the_response_stream(train_sequences):
+    block = 16
+    blocks = pack_sequences(train_sequences, block)
+    stream = [token for ids in train_sequences for token in ids]
+    assert all(len(ids) == block for ids in blocks)
+    assert len(blocks) == len(stream) // block
+    assert [token for ids in blocks for token in ids] == stream[: len(blocks) * block]
+
+
+def train_in_process(config_cls, tmp_path, name, **overrides):
+    from studykit.trainer import full_model, lora_wrapper, train
+
+    config = config_cls(output_dir=str(tmp_path / name), max_steps=3, log_every=1, eval_every=0, **overrides)
+    record = train(config, lora_wrapper(config) if config_cls is LoraTrainConfig else full_model)
+    log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    return record, log
+
+
+def test_packing_run_trains_on_full_blocks(deterministic_model_dir, processed_dir, tmp_path):
+    record, _ = train_in_process(TrainConfig, tmp_path, "packed", model=str(deterministic_model_dir), data_dir=str(processed_dir),
+                                 batch_size=2, grad_accum=2, packing=True)
+    assert record["packing"] is True
+    # Packed blocks are all seq_len long, so no position in any batch is padding.
+    assert record["tokens_seen"] == record["padded_tokens_seen"] == 3 * 4 * record["seq_len"]
+
+
+def test_auto_batch_with_a_smaller_micro_batch_gives_the_same_losses(deterministic_model_dir, processed_dir, tmp_path, capsys):
+    common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=4, grad_accum=2)
+    _, reference = train_in_process(TrainConfig, tmp_path, "asked", **common)
+    # A cap far below the estimate makes the CPU path halve the micro-batch down to 1.
+    record, auto = train_in_process(TrainConfig, tmp_path, "auto", auto_batch=True, max_gpu_memory_gb=1e-4, **common)
+    assert "only applies to CUDA" in capsys.readouterr().out
+    assert (record["memory"]["batch_size"], record["memory"]["grad_accum"]) == (1, 8)
+    assert record["effective_batch"] == 8
+    assert [entry["train_loss"] for entry in auto] == pytest.approx([entry["train_loss"] for entry in reference], rel=1e-5)
+    assert [entry["tokens_seen"] for entry in auto] == [entry["tokens_seen"] for entry in reference]
+
+
+def lora_model(model_dir):
+    torch.manual_seed(0)  # the same adapter initialisation in both models
+    model = wrap_with_lora(load_base_model(str(model_dir)), rank=4, alpha=8, dropout=0.1, targets=["attention"])
+    # B starts at zero, which would leave A without a gradient; a trained adapter has both.
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter.data, std=0.02)
+    return model
+
+
+def loss_and_lora_gradients(model, batch):
+    model.train()
+    torch.manual_seed(0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = token_nll_per_sequence(logits, batch["labels"]).sum()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def test_gradient_checkpointing_with_lora_matches_the_run_without(tiny_model_dir, train_sequences):
+    # Dropout stays on (model and LoRA): checkpointing must replay the same masks when it recomputes.
+    batch = collate(train_sequences[:4], 0)
+    plain_loss, plain_gradients = loss_and_lora_gradients(lora_model(tiny_model_dir), batch)
+    checkpointed = lora_model(tiny_model_dir)
+    enable_activation_checkpointing(checkpointed)
+    assert checkpointed.get_base_model().is_gradient_checkpointing
+    loss, gradients = loss_and_lora_gradients(checkpointed, batch)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert gradients.keys() == plain_gradients.keys() and len(gradients) == 2 * 2 * 2
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, plain_gradients[name], atol=1e-6, rtol=1e-4), name
+    assert all(float(g.abs().sum()) > 0 for g in gradients.values()), "a LoRA matrix got no gradient"
+
+
+def test_compile_flag_trains_to_the_same_losses(deterministic_model_dir, processed_dir, tmp_path, monkeypatch):
+    # Inductor's code generation takes minutes on two CPU cores (checked by hand: 2 steps in 95 s, same losses),
+    # so the test compiles with dynamo's eager backend: the graph capture and the trainer's handling of the
+    # compiled module (accelerate, saving) are exercised, the C++ kernels are not.
+    import functools
+
+    common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=4, grad_accum=1)
+    _, eager = train_in_process(TrainConfig, tmp_path, "eager", **common)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    record, compiled = train_in_process(TrainConfig, tmp_path, "compiled", compile=True, **common)
+    assert record["config"]["compile"] is True
+    assert [entry["train_loss"] for entry in compiled] == pytest.approx([entry["train_loss"] for entry in eager], rel=1e-5)
+    from safetensors.torch import load_file
+
+    assert not any(key.startswith("_orig_mod") for key in load_file(tmp_path / "compiled" / "model.safetensors"))
+
+
+def gpt2_small(lora: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+        return wrap_with_lora(model, rank=8, alpha=16, dropout=0.05, targets=["attention"]) if lora else model
+
+
+@pytest.mark.parametrize("config_cls", [TrainConfig, LoraTrainConfig])
+def test_gpt2_small_defaults_fit_six_gib_by_the_estimate(config_cls):
+    from studykit.memory import estimate_for_model
+
+    config = config_cls()
+    model = gpt2_small(lora=config_cls is LoraTrainConfig)
+    estimate = estimate_for_model(model, config.batch_size, 512, "fp16", config.gradient_checkpointing)
+    assert estimate.total <= 6 * GIB, estimate.describe()
+    # GPT-2 Small: 124,439,808 weights (lm_head tied to wte); LoRA r=8 on c_attn (768 -> 2304) and c_proj (768 -> 768)
+    # of 12 blocks trains 12 * 8 * ((768 + 2304) + (768 + 768)) = 442,368.
+    trainable = 442_368 if config_cls is LoraTrainConfig else 124_439_808
+    assert estimate.gradients == 4 * trainable and estimate.optimizer_state == 8 * trainable
+    assert estimate.weights == 4 * (124_439_808 + (442_368 if config_cls is LoraTrainConfig else 0))
+    assert estimate.logits == 8 * 512 * 50257 * 12
+    assert estimate.activations_other_setting < estimate.activations, "checkpointing must need less activation memory"
+
+
+def saved_for_backward_bytes(model, batch) -> int:
+    """What autograd actually keeps between forward and backward, counted by storage."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token_nll_per_sequence(logits, batch["labels"]).sum()
+    return sum(storages.values())
+
+
+def test_activation_estimate_is_close_to_what_autograd_keeps(tiny_model_dir):
+    from studykit.memory import estimate_for_model
+
+    model = load_base_model(str(tiny_model_dir)).train()
+    batch = collate([[1] * 64] * 4, 0)
+    estimate = estimate_for_model(model, 4, 64, "no", gradient_checkpointing=False)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    # Saved tensors include the weights themselves (matmul inputs); the log-probabilities are the only
+    # vocabulary-sized tensor autograd keeps, one of the four the estimate holds for the loss's peak.
+    measured = saved_for_backward_bytes(model, batch) - weights
+    expected = estimate.activations + estimate.logits / 4
+    assert measured == pytest.approx(expected, rel=0.25)
+
+
+def test_out_of_memory_becomes_a_user_error_naming_the_flags():
+    from studykit.memory import out_of_memory_as_user_error
+
+    with pytest.raises(UserError, match="--batch-size.*--grad-accum.*--gradient-checkpointing.*--auto-batch") as raised:
+        with out_of_memory_as_user_error({"total": 7 * GIB, "micro_batch": 8}):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert "7.00 GiB" in str(raised.value)
+
+
+def test_memory_cap_must_be_positive():
+    with pytest.raises(UserError, match="--max-gpu-memory-gb"):
+        TrainConfig(max_gpu_memory_gb=0).validate()
