@@ -39,7 +39,9 @@ def build_accelerator(precision: str, seed: int):
         # TF32 matmuls on Ampere and newer: fp32 parts of the step run on tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type))
+    # cpu=True on a machine without CUDA is what lets `accelerate launch` / torchrun start several CPU
+    # processes (gloo); without it each process would train alone.
+    accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type), cpu=device_type == "cpu")
     set_seed(seed)
     return accelerator
 

@@ -264,7 +264,8 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             if validate_now:
                 state.last_validation_loss = validation_loss(run)
                 entry["validation_loss"] = state.last_validation_loss
-                progress.write(f"step {state.step}: validation loss {state.last_validation_loss:.4f}")
+                if accelerator.is_local_main_process:
+                    progress.write(f"step {state.step}: validation loss {state.last_validation_loss:.4f}")
             if validate_now or state.step % config.log_every == 0:
                 entry["skipped_steps"] = state.skipped_steps
                 log.write(entry)
