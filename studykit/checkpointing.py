@@ -156,10 +156,12 @@ def save_final(run: "PreparedRun", state: "TrainingState", output_dir: Path, rec
     """Weights and tokenizer are staged, moved into place file by file, and run.json is written last."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    # Under FSDP each process holds a shard: gathering the whole weights is a collective every process joins.
+    state_dict = accelerator.get_state_dict(run.model) if accelerator.distributed_type == "FSDP" else None
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         with atomic_directory(output_dir / ".final") as staging:
-            _unwrapped(run).save_pretrained(staging)
+            _unwrapped(run).save_pretrained(staging, state_dict=state_dict)
             run.tokenizer.save_pretrained(staging)
         staged = output_dir / ".final"
         for path in staged.iterdir():

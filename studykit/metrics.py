@@ -15,16 +15,19 @@ from studykit.data import IGNORE_INDEX, collate, length_sorted_batches
 
 
 def token_nll_per_sequence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL for each row; positions labelled IGNORE_INDEX (padding) contribute nothing."""
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
+    """Sum of next-token NLL for each row; positions labelled IGNORE_INDEX (padding) contribute nothing.
+
+    The labels are shifted, not the logits: slicing off the last position would copy the whole
+    batch x length x vocabulary tensor (the largest one of the step) before the loss reads it.
+    """
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)),
+        next_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )
-    return nll.view(shifted_labels.shape).sum(dim=1)
+    return nll.view(labels.shape).sum(dim=1)
 
 
 def predicted_tokens_per_sequence(labels: torch.Tensor) -> torch.Tensor:

