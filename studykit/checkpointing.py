@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import signal
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from studykit.errors import UserError
-from studykit.io import atomic_directory, atomic_write_json, find_partial_directories, read_json
+from studykit.io import PARTIAL_MARKER, atomic_directory, atomic_write_json, atomic_write_text, find_partial_directories, read_json
 from studykit.modeling import is_adapter_directory
 
 if TYPE_CHECKING:
@@ -26,10 +30,21 @@ RUN_ARTIFACTS = (RUN_RECORD, RUN_LOG, "train_config.json", "model.safetensors", 
                  "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-class Interrupted(UserError):
-    exit_code = 130
+# Files every resumable checkpoint holds besides its weights; trainer_state.json, written last, marks it complete.
+CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "run_identity.json", "trainer_state.json")
+CHECKPOINT_NAME = re.compile(r"step-\d+")
+# Settings a resumed run may change: they decide how often things are saved, logged or checked, how a step's
+# examples are cut into micro-batches, or where things lie (the data itself is checked by its fingerprint),
+# never which examples a step sees or how the weights move.
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "save_every", "keep", "log_every", "eval_every", "eval_batch_size",
+                               "compile", "gradient_checkpointing", "max_gpu_memory_gb", "auto_batch", "batch_size",
+                               "grad_accum", "trust_remote_code", "data_dir", "output_dir"})
 
+
+class Interrupted(UserError):
     def __init__(self, signal_name: str, step: int, output_dir: Path) -> None:
+        # The shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
         super().__init__(
             f"training stopped by {signal_name} after step {step}; a resumable checkpoint is in "
             f"{output_dir / RESUME_DIRECTORY}: run the same command with --resume to continue."
@@ -41,44 +56,56 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     directory = Path(output_dir) / RESUME_DIRECTORY
     if not directory.is_dir():
         return []
-    complete = [p for p in directory.glob("step-*") if p.is_dir() and "partial" not in p.name and (p / "trainer_state.json").exists()]
+    complete = [p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / "trainer_state.json").exists()]
     return sorted(complete, key=lambda p: p.name)
 
 
 def check_output_directory(output_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
-    """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any."""
+    """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any. Changes nothing:
+    --overwrite clears the old run only once every input has been checked (clear_previous_run)."""
     output_dir = Path(output_dir)
     for partial in find_partial_directories(output_dir / RESUME_DIRECTORY) + find_partial_directories(output_dir):
         print(f"warning: ignoring {partial}, an unfinished write left by a crash; it is never loaded and can be deleted.")
     if resume:
+        if (output_dir / RUN_RECORD).exists():
+            raise UserError(f"{output_dir} holds a finished run ({RUN_RECORD}), so there is nothing to resume; "
+                            "pass --overwrite instead of --resume to train it again.")
         checkpoints = resumable_checkpoints(output_dir)
         if not checkpoints:
-            raise UserError(f"--resume found no complete resumable checkpoint in {output_dir / RESUME_DIRECTORY}; run without --resume.")
+            raise UserError(f"--resume found no complete resumable checkpoint in {output_dir / RESUME_DIRECTORY}; "
+                            "start again with --overwrite instead of --resume.")
         return checkpoints[-1]
     holds_run = any((output_dir / name).exists() for name in (RUN_RECORD, RUN_LOG, "train_config.json", RESUME_DIRECTORY))
     if holds_run and not overwrite:
         raise UserError(f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir.")
-    if holds_run:
-        # The record goes first: a directory without run.json is never taken for a finished run.
-        for name in RUN_ARTIFACTS:
-            (output_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / RESUME_DIRECTORY, ignore_errors=True)
+    others = [p.name for p in output_dir.iterdir() if PARTIAL_MARKER not in p.name] if output_dir.is_dir() else []
+    if others and not holds_run:
+        # A model directory, a dataset, anything else: the final save would write over files it does not own.
+        raise UserError(f"{output_dir} is not empty and holds no training run ({', '.join(sorted(others)[:3])}); "
+                        "choose an empty or new --output-dir.")
     return None
 
 
+def clear_previous_run(output_dir: Path) -> None:
+    """--overwrite: remove the files an earlier run wrote, the record first, so a half-cleared directory is
+    never taken for a finished run."""
+    output_dir = Path(output_dir)
+    for name in RUN_ARTIFACTS:
+        (output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / RESUME_DIRECTORY, ignore_errors=True)
+
+
 class RunLog:
-    """log.jsonl: one line per logged step. A resumed run keeps the lines up to its checkpoint."""
+    """log.jsonl: one line per logged step, appended in one write each, so a crash can at worst leave a torn
+    last line. A resumed run keeps the complete lines up to its checkpoint."""
 
     def __init__(self, path: Path, enabled: bool, keep_until_step: int = 0) -> None:
         self.path = Path(path)
         self.enabled = enabled
         if not enabled:
             return
-        kept: list[str] = []
-        if keep_until_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_until_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = read_run_log(self.path, keep_until_step) if keep_until_step else []
+        atomic_write_text(self.path, "".join(json.dumps(entry) + "\n" for entry in kept))
 
     def write(self, entry: dict[str, Any]) -> None:
         if self.enabled:
@@ -86,17 +113,44 @@ class RunLog:
                 stream.write(json.dumps(entry) + "\n")
 
 
+def read_run_log(path: Path, until_step: Optional[int] = None) -> list[dict[str, Any]]:
+    """The complete entries of a log.jsonl; a line torn by a crash is dropped."""
+    entries = []
+    if not Path(path).exists():
+        return entries
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if until_step is None or entry["step"] <= until_step:
+            entries.append(entry)
+    return entries
+
+
 def _unwrapped(run: "PreparedRun"):
     return run.accelerator.unwrap_model(run.model)
 
 
-def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path, keep: int) -> None:
+def run_identity(run: "PreparedRun") -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint for its remaining steps to be the ones the first run
+    would have taken: the settings, the data, the step count that shapes the schedule, the examples per step."""
+    from studykit.config import config_to_dict
+
+    return {"config": config_to_dict(run.config), "data_fingerprint": run.data_meta["fingerprint"], "total_steps": run.total_steps,
+            "examples_per_step": run.config.effective_batch * run.accelerator.num_processes}
+
+
+def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path) -> None:
+    """One complete checkpoint or none: written under a temporary name and renamed into place. Older ones are
+    removed separately (prune_resumable), once this one has proved good."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = Path(output_dir) / RESUME_DIRECTORY / f"step-{state.step:06d}"
         with atomic_directory(final) as staging:
             _unwrapped(run).save_pretrained(staging)
+            atomic_write_json(staging / "run_identity.json", run_identity(run))
             torch.save(run.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(run.scheduler.state_dict(), staging / "scheduler.pt")
             if accelerator.scaler is not None:
@@ -107,39 +161,87 @@ def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path,
             torch.save(rng, staging / "rng.pt")
             # Written last inside the staging directory: its presence marks the checkpoint as complete.
             atomic_write_json(staging / "trainer_state.json", state.to_dict())
-        for stale in resumable_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def prune_resumable(output_dir: Path, keep: int) -> None:
+    for stale in resumable_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def set_aside_diverged(output_dir: Path, from_step: int) -> None:
+    """After training diverged: checkpoints from `from_step` on hold the weights that did it. They are renamed,
+    kept for a look but never picked by --resume."""
+    for checkpoint in resumable_checkpoints(output_dir):
+        if int(checkpoint.name.split("-")[1]) >= from_step:
+            os.replace(checkpoint, checkpoint.with_name(checkpoint.name + ".diverged"))
+
+
+def _incomplete(checkpoint: Path, what: str) -> UserError:
+    return UserError(f"the checkpoint {checkpoint} {what}; delete it to resume from the one before, or start again with --overwrite.")
 
 
 def _load_weights(model, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
-    if is_adapter_directory(checkpoint):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        return
     weight_files = sorted(checkpoint.glob("*.safetensors"))
     if not weight_files:
-        raise UserError(f"the checkpoint {checkpoint} holds no weights; resume from another one or start again with --overwrite.")
+        raise _incomplete(checkpoint, "holds no weights (no .safetensors file)")
     state_dict = {}
     for weight_file in weight_files:
         state_dict.update(load_file(weight_file))
-    # Tied weights (GPT-2's lm_head is wte) are saved once, so they are missing here by design.
-    result = model.load_state_dict(state_dict, strict=False)
+    if is_adapter_directory(checkpoint):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state_dict)
+        # strict=False over the whole model: every base weight is "missing"; only adapter weights must be there.
+        missing = [key for key in result.missing_keys if "lora_" in key]
+    else:
+        result = model.load_state_dict(state_dict, strict=False)
+        # Tied weights (GPT-2's lm_head is wte) are saved once: only names of distinct parameters must be present.
+        distinct = set(dict(model.named_parameters()))
+        missing = [key for key in result.missing_keys if key in distinct]
     if result.unexpected_keys:
         raise UserError(f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model it was trained from.")
+    if missing:
+        raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")
 
 
 def _load_tensors(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Optimizer, scheduler, scaler and RNG state: tensors and plain values only, never arbitrary pickled objects."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of a file it is about to refuse anyway.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise _incomplete(path.parent, f"has {path.name} holding more than tensors (refused: unpickling it could run code)") from None
+    except (RuntimeError, EOFError):
+        raise _incomplete(path.parent, f"has {path.name} corrupt") from None
+
+
+def check_resume_matches(checkpoint: Path, run: "PreparedRun") -> None:
+    """A resumed run continues only under the settings it started with; otherwise its steps would not be the
+    steps the first run would have taken (and the optimizer state would silently override a new --lr)."""
+    saved = read_json(checkpoint / "run_identity.json")
+    current = run_identity(run)
+    saved_config, current_config = saved.pop("config"), current.pop("config")
+    changed = [f"--{key.replace('_', '-')} (was {saved_config[key]}, now {current_config.get(key)})"
+               for key in saved_config if key not in RESUME_MAY_CHANGE and saved_config[key] != current_config.get(key)]
+    changed += [f"{key} (was {saved[key]}, now {current[key]})" for key in saved if saved[key] != current[key]]
+    if changed:
+        raise UserError(f"the checkpoint {checkpoint} belongs to a run with other settings: {'; '.join(changed[:3])}; "
+                        "resume with the command that started the run plus --resume, or start again with --overwrite.")
 
 
 def load_resumable(checkpoint: Path, run: "PreparedRun") -> "TrainingState":
     from studykit.trainer import TrainingState
 
     checkpoint = Path(checkpoint)
+    missing = [name for name in CHECKPOINT_STATE_FILES if not (checkpoint / name).exists()]
+    if missing:
+        raise _incomplete(checkpoint, f"lacks {', '.join(missing)}")
+    check_resume_matches(checkpoint, run)
     _load_weights(_unwrapped(run), checkpoint)
     run.optimizer.load_state_dict(_load_tensors(checkpoint / "optimizer.pt"))
     run.scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt"))

@@ -216,6 +216,9 @@ class EvalConfig:
     batch_size: int = option(16, "sequences per evaluation batch")
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
     include_base: bool = option(True, "also score the base model")
+    extra_eval: Optional[str] = option(None, "general text scored beside OASST, to show what a method forgets: a local text file "
+                                             "(paragraphs split at blank lines, else lines) or a hub dataset NAME:CONFIG[:SPLIT] "
+                                             "such as wikitext:wikitext-2-raw-v1 (test split by default)")
     trust_remote_code: bool = option(False, "allow model code from the hub to run")
 
     def validate(self) -> None:
@@ -223,3 +226,15 @@ class EvalConfig:
 
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    """The study runner: which study file to run, and where its results go. The study itself (data, budget, runs)
+    lives in the TOML file, so one file is the record of what was compared."""
+
+    preset: str = option("default", "a study in studies/: default (GPT-2 Small, OASST1 from the hub) or quick (tiny model, shipped sample, CPU)")
+    config: Optional[str] = option(None, "a study TOML file of your own (overrides --preset)")
+    output_dir: Optional[str] = option(None, "directory for the study's data, checkpoints and results (default: the study file's output_dir)")
+    readme: Optional[str] = option(None, "README whose results block is rewritten (default: the study file's readme; the quick preset names none)")
+    dry_run: bool = option(False, "print what would be prepared, trained, evaluated and reported, and do nothing")

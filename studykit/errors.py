@@ -12,6 +12,8 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+# The shell's convention for a process ended by SIGINT: 128 + 2.
+EXIT_INTERRUPTED = 130
 
 
 def report_user_errors(main: Callable[[], None]) -> Callable[[], None]:
@@ -24,5 +26,10 @@ def report_user_errors(main: Callable[[], None]) -> Callable[[], None]:
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(getattr(error, "exit_code", EXIT_USER_ERROR))
+        except KeyboardInterrupt:
+            # Ctrl-C outside the training loop (or a second one inside it). Writes are atomic: what was being
+            # written is discarded, what was already in place stays.
+            print("error: interrupted; files being written were discarded, finished ones kept; run the command again.", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapped

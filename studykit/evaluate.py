@@ -14,9 +14,9 @@ from studykit.checkpointing import RUN_RECORD, load_run_record
 from studykit.config import EvalConfig, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed
 from studykit.errors import UserError
-from studykit.io import atomic_write_json, atomic_write_text, ensure_writable_directory, find_partial_directories
+from studykit.io import atomic_file, atomic_write_json, atomic_write_text, ensure_writable_directory, find_partial_directories
 from studykit.metrics import SequenceScores, score_sequences
-from studykit.modeling import count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
+from studykit.modeling import base_model_fingerprint, count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
 from studykit.report import format_results_table
 from studykit.runtime import autocast_for, default_device
 
@@ -38,6 +38,10 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
         print(f"warning: skipping {partial}, an unfinished write left by a crash.")
     targets = []
     for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        adapter_without_weights = is_adapter_directory(run_dir) and not (run_dir / "adapter_model.safetensors").exists()
+        if adapter_without_weights or (run_dir / RUN_RECORD).exists() and not (is_adapter_directory(run_dir) or is_full_model_directory(run_dir)):
+            raise UserError(f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
+                            "or move it out of --checkpoints.")
         if not (is_adapter_directory(run_dir) or is_full_model_directory(run_dir)):
             continue
         record = load_run_record(run_dir)
@@ -51,13 +55,15 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
 
 def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     print_config(config)
-    output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
     data = load_processed(config.data_dir)
     tokenizer = load_tokenizer(config.model, "--model", config.trust_remote_code)
     check_tokenizer_matches(data, tokenizer, config.model)
     targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + find_runs(Path(config.checkpoints))
     if not targets:
         raise UserError(f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base.")
+    check_adapter_bases([target for target in targets if target.method == "lora"], config)
+    # Checked after the inputs, so a mistake in them creates nothing, and before scoring, so no work is lost.
+    output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
 
     device = default_device()
     autocast = autocast_for(device, config.precision)
@@ -85,11 +91,22 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def check_adapter_bases(adapters: list[EvalTarget], config: EvalConfig) -> None:
+    """Adapters are applied to --model (the 'base' row), so each must have been trained on exactly that model."""
+    recorded = [target for target in adapters if target.run_record.get("base_model_fingerprint")]
+    if not recorded:
+        return
+    fingerprint = base_model_fingerprint(load_base_model(config.model, "--model", config.trust_remote_code))
+    for target in recorded:
+        if target.run_record["base_model_fingerprint"] != fingerprint:
+            raise UserError(f"the adapter in {target.path} was trained on another base model ('{target.run_record.get('base_model')}') "
+                            f"than --model '{config.model}'; evaluate it with that --model, or move it out of --checkpoints.")
+
+
 def load_target(target: EvalTarget, config: EvalConfig):
     if target.method == "base":
         return load_base_model(config.model, "--model", config.trust_remote_code)
-    base_model = target.run_record.get("base_model", config.model) if target.method == "lora" else config.model
-    return load_checkpoint_for_eval(target.path, base_model, config.trust_remote_code)
+    return load_checkpoint_for_eval(target.path, config.model, config.trust_remote_code)
 
 
 def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict, seconds: float) -> dict[str, Any]:
@@ -120,6 +137,5 @@ def save_per_response_scores(path: Path, scores_by_name: dict[str, SequenceScore
     for name, scores in scores_by_name.items():
         arrays[f"{name}/nll"] = scores.nll_sums
         arrays[f"{name}/tokens"] = scores.token_counts
-    temp = path.with_name(path.name + ".partial.npz")
-    np.savez(temp, **arrays)
-    temp.replace(path)
+    with atomic_file(path) as temp:
+        np.savez(temp, **arrays)

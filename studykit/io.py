@@ -32,6 +32,31 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """For writers that want a path (np.savez, torch.save): they write a temporary sibling, renamed on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = path.with_name(f".{path.name}{PARTIAL_MARKER}{os.getpid()}{''.join(path.suffixes)}")
+    try:
+        yield temp_path
+        _fsync(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk, so a rename never points at data still in the page cache."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -52,6 +77,8 @@ def atomic_directory(final_path: Path) -> Iterator[Path]:
     temp_path.mkdir()
     try:
         yield temp_path
+        for written in [*temp_path.rglob("*"), temp_path]:
+            _fsync(written)
     except BaseException:
         shutil.rmtree(temp_path, ignore_errors=True)
         raise
@@ -60,6 +87,7 @@ def atomic_directory(final_path: Path) -> Iterator[Path]:
         old_path = final_path.parent / f"{final_path.name}{PARTIAL_MARKER}old-{os.getpid()}"
         os.replace(final_path, old_path)
     os.replace(temp_path, final_path)
+    _fsync(final_path.parent)
     if old_path is not None:
         shutil.rmtree(old_path, ignore_errors=True)
 
@@ -70,6 +98,16 @@ def find_partial_directories(parent: Path) -> list[Path]:
     if not parent.is_dir():
         return []
     return sorted(p for p in parent.iterdir() if PARTIAL_MARKER in p.name)
+
+
+def check_writable_location(path: Path, flag: str) -> None:
+    """Fail before hours of work, without creating anything: the nearest existing ancestor must be a writable directory."""
+    ancestor = Path(path).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        reason = "is a file, not a directory" if not ancestor.is_dir() else "is not writable"
+        raise UserError(f"cannot write to {path}: {ancestor} {reason}; choose another directory with {flag}.")
 
 
 def ensure_writable_directory(path: Path, flag: str) -> Path:

@@ -27,6 +27,9 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise UserError(f"the tokenizer '{name_or_path}' needs its own Python code to load, which runs only with "
+                            "--trust-remote-code; pass it if you trust that code, or use a standard tokenizer.") from None
         raise UserError(f"could not load a tokenizer from '{name_or_path}' ({_first_line(error)}); pass {flag} PATH.") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer '{name_or_path}' has no EOS token; responses must end with one.")
@@ -52,14 +55,32 @@ def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code:
     ensure_hub_reachable(name_or_path, f"{flag} PATH (a local model directory)")
     path = Path(name_or_path)
     if path.is_dir() and not any(path.glob("*.safetensors")):
-        raise UserError(f"{path} holds no safetensors weights; pass a directory written by save_pretrained with {flag}.")
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        found = f" (only {', '.join(pickled[:2])}: pickled weights are never loaded, because unpickling can run code)" if pickled else ""
+        raise UserError(f"{path} holds no .safetensors weights{found}; save the model with save_pretrained "
+                        f"(safetensors is its default) and pass that directory with {flag}.")
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise UserError(f"'{name_or_path}' needs its own Python code to load, which runs only with --trust-remote-code; "
+                            "pass it if you trust that code, or use a standard model.") from None
         raise UserError(f"could not load a model from '{name_or_path}' ({_first_line(error)}); pass {flag} PATH.") from None
+
+
+def base_model_fingerprint(model) -> str:
+    """Identifies a base model's weights cheaply (every tensor's name, shape and first values), so an adapter is
+    never applied to another base than the one it was trained on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_target_modules(targets: Sequence[str]) -> list[str] | str:

@@ -69,10 +69,10 @@ def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[list[dict[str,
 def detect_shape(record: dict[str, Any], path: Path) -> str:
     if isinstance(record.get("prompt"), dict) and "message_tree_id" in record:
         return TREES
-    if "role" in record and "text" in record and "message_id" in record:
+    if all(key in record for key in ("message_id", "message_tree_id", "role", "text")):
         return FLAT
     raise UserError(
-        f"{path} is not an OASST export: expected messages with message_id/role/text or trees with "
+        f"{path} is not an OASST export: expected messages with message_id/message_tree_id/role/text or trees with "
         f"message_tree_id/prompt, found keys {sorted(record)[:8]}."
     )
 
@@ -106,12 +106,10 @@ def read_local_file(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict[st
     if not rows:
         raise UserError(f"{path} holds no records; pass a non-empty OASST export with --data-file.")
     shape = detect_shape(rows[0], path)
-    if shape == TREES:
-        messages = [message for tree in rows for message in flatten_tree(tree)]
-    else:
-        for row in rows:
-            detect_shape(row, path)
-        messages = rows
+    # Every record, not just the first: a stray record would otherwise fail later with a KeyError.
+    if any(detect_shape(row, path) != shape for row in rows):
+        raise UserError(f"{path} mixes flat messages and message trees; pass one OASST export with --data-file.")
+    messages = [message for tree in rows for message in flatten_tree(tree)] if shape == TREES else rows
     return shape, messages, bad_lines
 
 

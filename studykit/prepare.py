@@ -11,10 +11,13 @@ from studykit.data import META_FILE, SPLITS, combine_fingerprints, sequences_fin
 from studykit.errors import UserError
 from studykit.io import atomic_directory, atomic_write_json, ensure_writable_directory
 from studykit.modeling import load_tokenizer
-from studykit.oasst import FILTER_STAGES, load_source, filter_messages, parse_languages
+from studykit.oasst import FILTER_STAGES, load_source, filter_messages, opening_prompts, parse_languages
 
 # A tokenizer's model_max_length above this is a placeholder, not a real context length.
 UNSET_CONTEXT = 1_000_000
+# Opening prompts of validation trees, kept as text: the processed data holds only tokenized responses.
+PROMPTS_FILE = "prompts.json"
+PROMPTS_KEPT = 16
 
 
 def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
@@ -82,5 +85,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         save_config(config, staging / "prepare_config.json")
         if source.tree_split is not None:
             atomic_write_json(staging / "tree_split.json", source.tree_split)
+        atomic_write_json(staging / PROMPTS_FILE, opening_prompts(source.messages_by_split["validation"], languages, PROMPTS_KEPT))
     print(f"wrote {output_dir} (fingerprint {meta['fingerprint']})")
     return meta

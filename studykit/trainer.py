@@ -17,9 +17,9 @@ from studykit import checkpointing, memory
 from studykit.config import TrainConfig, config_to_dict, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, pack_sequences, plan_step_windows, split_window, collate
 from studykit.errors import UserError
-from studykit.io import ensure_writable_directory
+from studykit.io import check_writable_location, ensure_writable_directory
 from studykit.metrics import score_sequences, token_nll_per_sequence
-from studykit.modeling import count_parameters, enable_activation_checkpointing, load_base_model, load_tokenizer, model_context_length
+from studykit.modeling import base_model_fingerprint, count_parameters, enable_activation_checkpointing, load_base_model, load_tokenizer, model_context_length
 from studykit.runtime import build_accelerator, peak_memory_bytes, reset_peak_memory
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
@@ -97,7 +97,10 @@ def prepare_run(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict
     context = model_context_length(base_model)
     if data.meta["seq_len"] > context:
         raise UserError(f"the data's --seq-len {data.meta['seq_len']} exceeds the model's context of {context}; prepare it again with --seq-len {context}.")
+    # Taken before LoRA wraps (and renames) the base weights; evaluation checks an adapter's base against it.
+    base_fingerprint = base_model_fingerprint(base_model)
     model, description = wrap_model(base_model)
+    description["base_model_fingerprint"] = base_fingerprint
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -181,28 +184,58 @@ class InterruptFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:
+            # A second Ctrl-C means "now": stop without the checkpoint (atomic writes leave no half-written one).
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was signalled, agreed by all, so every process saves and stops at the same step."""
+        flag = torch.tensor(float(self.signal_name is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0) if accelerator.num_processes > 1 else self.signal_name is not None
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
 
+def weights_are_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def diverged_error(run: PreparedRun, what: str, suspect_from_step: int) -> UserError:
+    """Training diverged: checkpoints from `suspect_from_step` on hold the weights that did it; they are set aside
+    (renamed), so the latest resumable checkpoint is a good one."""
+    output_dir = Path(run.config.output_dir)
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        checkpointing.set_aside_diverged(output_dir, suspect_from_step)
+    run.accelerator.wait_for_everyone()
+    checkpoints = checkpointing.resumable_checkpoints(output_dir)
+    good = checkpoints[-1] if checkpoints else None
+    kept = f"the last good checkpoint is {good}" if good else "no good resumable checkpoint was saved (see --save-every)"
+    return UserError(f"{what}; {kept}; start again with --overwrite and a lower --lr, or --precision fp32/bf16.")
+
+
 def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) -> dict[str, Any]:
     """Run one training job end to end and return its run record (also written to run.json)."""
     output_dir = Path(config.output_dir)
+    check_writable_location(output_dir, "--output-dir")
     resume_from = checkpointing.check_output_directory(output_dir, config.resume, config.overwrite)
     print_config(config)
     run = prepare_run(config, wrap_model)
     accelerator = run.accelerator
-    if accelerator.is_main_process:
-        ensure_writable_directory(output_dir, "--output-dir")
-        save_config(config, output_dir / "train_config.json")
-        describe_run(run)
     state = TrainingState()
     if resume_from is not None:
         state = checkpointing.load_resumable(resume_from, run)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    # Every input has been checked: only now may an earlier run be cleared and files be written.
+    if accelerator.is_main_process:
+        ensure_writable_directory(output_dir, "--output-dir")
+        if config.overwrite:
+            checkpointing.clear_previous_run(output_dir)
+        save_config(config, output_dir / "train_config.json")
+        describe_run(run)
     log = checkpointing.RunLog(output_dir / "log.jsonl", accelerator.is_main_process, keep_until_step=state.step)
 
     lengths = [len(s) for s in run.train_sequences]
@@ -211,6 +244,8 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     reset_peak_memory(accelerator.device)
     progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     nonfinite_streak = 0
+    # A checkpoint replaces older ones only once the loss of the step after it is finite (see diverged_error).
+    unconfirmed_checkpoint = False
     with InterruptFlag() as interrupt, memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]):
         while state.step < run.total_steps:
             step_started = time.perf_counter()
@@ -231,23 +266,27 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
                 step_nll += float(nll.detach())
                 state.padded_tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
             step_loss = float(accelerator.reduce(torch.tensor(step_nll, device=accelerator.device), reduction="sum")) / step_tokens
-            nonfinite_streak = 0 if math.isfinite(step_loss) else nonfinite_streak + 1
+            # Clipping at inf still measures the norm. fp16's scaler skips overflowing gradients itself (and must see
+            # them to lower its scale); without a scaler, a non-finite gradient is skipped here.
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
+            finite = math.isfinite(step_loss) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+            nonfinite_streak = 0 if finite else nonfinite_streak + 1
             if nonfinite_streak >= NONFINITE_PATIENCE:
-                raise UserError(
-                    f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row (step {state.step + 1}); "
-                    f"the last good checkpoint in {output_dir} is intact; lower --lr or use --precision fp32/bf16."
-                )
-            if nonfinite_streak:
-                # A non-finite loss never reaches the weights: the step is skipped, as the fp16 scaler would.
-                optimizer.zero_grad(set_to_none=True)
-                state.skipped_steps += 1
-            else:
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                progress.close()
+                # Skipped steps leave the weights alone: those of the step before the streak produced every NaN.
+                raise diverged_error(run, f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row "
+                                     f"(steps {state.step + 2 - nonfinite_streak}-{state.step + 1})", state.step + 1 - nonfinite_streak)
+            if finite and unconfirmed_checkpoint and accelerator.is_main_process:
+                checkpointing.prune_resumable(output_dir, config.keep)
+            unconfirmed_checkpoint = unconfirmed_checkpoint and not finite
+            if finite:
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 if accelerator.optimizer_step_was_skipped:
                     state.skipped_steps += 1
+            else:
+                # A non-finite step never reaches the weights: it is skipped, as the fp16 scaler would.
+                state.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
             state.step += 1
             # The whole window's tokens (over all processes): its predicted tokens plus each example's first token.
@@ -269,13 +308,21 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             if validate_now or state.step % config.log_every == 0:
                 entry["skipped_steps"] = state.skipped_steps
                 log.write(entry)
-            if config.save_every and state.step % config.save_every == 0 and state.step < run.total_steps and not nonfinite_streak:
-                checkpointing.save_resumable(run, state, output_dir, config.keep)
-            if interrupt.signal_name:
+            stop = interrupt.requested(accelerator)
+            due = config.save_every and state.step % config.save_every == 0 and state.step < run.total_steps
+            # During a NaN streak a scheduled save waits (the weights are suspect); an interrupt still saves its position.
+            if due and not nonfinite_streak or stop:
+                if not weights_are_finite(model):
+                    progress.close()
+                    raise diverged_error(run, f"the weights became NaN or inf at step {state.step}", state.step)
+                checkpointing.save_resumable(run, state, output_dir)
+                unconfirmed_checkpoint = True
+            if stop:
                 progress.close()
-                checkpointing.save_resumable(run, state, output_dir, config.keep)
-                raise checkpointing.Interrupted(interrupt.signal_name, state.step, output_dir)
+                raise checkpointing.Interrupted(interrupt.signal_name or "SIGTERM", state.step, output_dir)
     progress.close()
+    if not weights_are_finite(model):
+        raise diverged_error(run, f"the weights became NaN or inf by step {state.step}", state.step)
     record = build_run_record(run, state)
     checkpointing.save_final(run, state, output_dir, record)
     return record

@@ -112,6 +112,42 @@ def processed_dir(tmp_path_factory, oasst_trees_file, gpt2_tokenizer_dir) -> Pat
     return output_dir
 
 
+@pytest.fixture(scope="session")
+def small_vocab_inputs(tmp_path_factory, oasst_trees_file) -> dict[str, Path]:
+    """A tiny GPT-2 with its own 300-token vocabulary and data prepared for it: a training step takes milliseconds
+    (the 50k GPT-2 vocabulary dominates the step time of tiny_model_dir), for tests that train many steps."""
+    import contextlib
+    import io
+
+    from studykit.prepare import prepare
+    from studykit.tiny import train_byte_level_tokenizer
+
+    root = tmp_path_factory.mktemp("small-vocab")
+    tokenizer = train_byte_level_tokenizer(ANSWERS + [f"Question number {t}?" for t in range(24)], vocab_size=300)
+    model_dir = build_tiny_model(root / "model", tokenizer)
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare(PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(model_dir), output_dir=str(root / "data"),
+                              seq_len=64, val_fraction=0.2))
+    return {"model": model_dir, "data": root / "data"}
+
+
+def train_in_process(method: str, inputs: dict[str, Path], output_dir: Path, **overrides):
+    """A run as the training scripts make it, in this process (no interpreter start-up): six steps by default."""
+    import contextlib
+    import io
+
+    from studykit.config import LoraTrainConfig, TrainConfig
+    from studykit.trainer import full_model, lora_wrapper, train
+
+    settings = dict(model=str(inputs["model"]), data_dir=str(inputs["data"]), output_dir=str(output_dir), max_steps=6,
+                    batch_size=2, grad_accum=2, log_every=1, eval_every=3, lr=1e-3 if method == "full" else 1e-2)
+    settings.update(overrides)
+    config = (TrainConfig if method == "full" else LoraTrainConfig)(**settings)
+    config.validate()
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train(config, full_model if method == "full" else lora_wrapper(config))
+
+
 def run_script(script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run one of the repository's commands as a user would, offline."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}

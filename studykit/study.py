@@ -1,0 +1,492 @@
+"""The whole controlled study from one TOML file: prepare -> every training run -> evaluation -> report.
+
+A step whose inputs (its settings, the data fingerprint and the code version) are unchanged since it last finished
+is kept, not redone: each step's directory holds a study_inputs.json with the inputs that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from studykit import report
+from studykit.checkpointing import RUN_LOG, load_run_record, read_run_log
+from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, build_parser, config_to_dict, print_config
+from studykit.data import META_FILE
+from studykit.errors import UserError
+from studykit.io import atomic_write_json, atomic_write_text, read_json
+from studykit.runtime import REPO_ROOT, code_version
+
+STUDIES_DIR = REPO_ROOT / "studies"
+INPUTS_FILE = "study_inputs.json"
+# The report's inputs are recorded apart from the evaluation's: both live in the results directory.
+REPORT_INPUTS_FILE = "report_inputs.json"
+METHODS = {"full": TrainConfig, "lora": LoraTrainConfig}
+# Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
+RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
+# Settings that say where or how often things are written: they do not change a run's result.
+NOT_INPUTS = RUNNER_OWNED | {"trust_remote_code", "keep", "save_every", "log_every", "eval_batch_size", "auto_batch", "max_gpu_memory_gb"}
+STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
+TINY_MODEL_DEFAULTS = {"data_file": "data/sample/oasst_sample.jsonl", "vocab_size": 512, "n_layer": 2, "n_embd": 64}
+REPORT_DEFAULTS = {"bootstrap_resamples": 2000, "bootstrap_seed": 0, "sample_prompts": 4, "sample_new_tokens": 40}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclasses.dataclass
+class RunSpec:
+    name: str
+    method: str
+    config: TrainConfig
+
+
+@dataclasses.dataclass
+class Study:
+    name: str
+    source: Path
+    settings: dict[str, Any]
+    output_dir: Path
+    model: str
+    tiny_model: Optional[dict[str, Any]]
+    prepare: PrepareConfig
+    runs: list[RunSpec]
+    eval: EvalConfig
+    report: dict[str, Any]
+    readme: Optional[Path]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.output_dir / "processed"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.output_dir / "results"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a study file
+# ---------------------------------------------------------------------------------------------------------
+
+
+def study_path(config: StudyConfig) -> Path:
+    if config.config:
+        path = Path(config.config)
+        if not path.is_file():
+            raise UserError(f"study file {path} does not exist; pass a TOML file with --config, or a --preset.")
+        return path
+    path = STUDIES_DIR / f"{config.preset}.toml"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.toml")))
+        raise UserError(f"there is no preset '{config.preset}'; choose one of {available}, or pass --config PATH.")
+    return path
+
+
+def repo_path(value: str) -> Path:
+    """Paths inside a study file are relative to the repository root, so a preset runs from any directory."""
+    path = Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _table(settings: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
+    value = settings.get(key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"[{key}] in {source} must be a table of settings; see studies/default.toml.")
+    return dict(value)
+
+
+def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
+    """A stage config from study-file values; a misspelt or runner-owned key is named, with what is accepted."""
+    fields = {field.name for field in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(f"{where} in {source} has unknown setting(s) {unknown}; use fields of {config_cls.__name__} "
+                        "(the stage's flags with _ for -).")
+    config = config_cls(**values)
+    config.validate()
+    return config
+
+
+def _reject_runner_owned(values: dict[str, Any], owned: set[str], where: str, source: Path) -> None:
+    clashing = sorted(owned & set(values))
+    if clashing:
+        raise UserError(f"{where} in {source} sets {clashing}, which the runner sets for every run; remove them "
+                        "(use [study] output_dir or --output-dir to move the study).")
+
+
+def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[str] = None) -> Study:
+    """Stage configs for every step of the study: [data] -> prepare, [budget] + [[runs]] -> training, [eval]."""
+    try:
+        settings = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path} is not valid TOML ({error}); fix the file.") from None
+    unknown = sorted(set(settings) - STUDY_TABLES)
+    if unknown:
+        raise UserError(f"{path} has unknown table(s) {unknown}; a study file has {sorted(STUDY_TABLES)}.")
+    header = _table(settings, "study", path)
+    name = str(header.get("name", Path(path).stem))
+    root = Path(output_dir) if output_dir else repo_path(header.get("output_dir", f"runs/{name}"))
+    readme_path = None if readme == "" else Path(readme) if readme else repo_path(header["readme"]) if header.get("readme") else None
+
+    budget = _table(settings, "budget", path)
+    tiny_model = None
+    if "tiny_model" in settings:
+        tiny_model = {**TINY_MODEL_DEFAULTS, **_table(settings, "tiny_model", path)}
+        tiny_model["data_file"] = str(repo_path(tiny_model["data_file"]))
+        if "model" in budget:
+            raise UserError(f"{path} has both [tiny_model] and [budget] model; keep one of them.")
+        budget["model"] = str(root / "tiny-gpt2")
+    model = budget.get("model", TrainConfig.model)
+    tokenizer = budget.get("tokenizer") or model
+
+    data = _table(settings, "data", path)
+    _reject_runner_owned(data, {"output_dir", "tokenizer"}, "[data]", path)
+    if data.get("data_file"):
+        data["data_file"] = str(repo_path(data["data_file"]))
+    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed")}, "[data]", path)
+
+    _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", path)
+    runs = [_run_spec(entry, budget, root, path) for entry in settings.get("runs", [])]
+    if not runs:
+        raise UserError(f"{path} lists no [[runs]]; add at least one run (see studies/default.toml).")
+    names = [spec.name for spec in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path} names a run twice ({names}); give every [[runs]] entry its own name.")
+
+    evaluation = _table(settings, "eval", path)
+    _reject_runner_owned(evaluation, {"model", "data_dir", "checkpoints", "output_dir"}, "[eval]", path)
+    if evaluation.get("extra_eval") and repo_path(evaluation["extra_eval"]).is_file():
+        evaluation["extra_eval"] = str(repo_path(evaluation["extra_eval"]))
+    eval_config = _build(EvalConfig, {**evaluation, "model": model, "data_dir": str(root / "processed"),
+                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", path)
+    report_settings = _table(settings, "report", path)
+    unknown = sorted(set(report_settings) - set(REPORT_DEFAULTS))
+    if unknown:
+        raise UserError(f"[report] in {path} has unknown setting(s) {unknown}; it accepts {sorted(REPORT_DEFAULTS)}.")
+    return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config,
+                 {**REPORT_DEFAULTS, **report_settings}, readme_path)
+
+
+def _run_spec(entry: dict[str, Any], budget: dict[str, Any], root: Path, source: Path) -> RunSpec:
+    entry = dict(entry)
+    name, method = str(entry.pop("name", "")), entry.pop("method", None)
+    if not RUN_NAME.fullmatch(name):
+        raise UserError(f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . -.")
+    if method not in METHODS:
+        raise UserError(f"run '{name}' in {source} has method {method!r}; use one of {sorted(METHODS)}.")
+    _reject_runner_owned(entry, RUNNER_OWNED, f"run '{name}'", source)
+    values = {**budget, **entry, "output_dir": str(root / "checkpoints" / name), "data_dir": str(root / "processed")}
+    return RunSpec(name, method, _build(METHODS[method], values, f"run '{name}'", source))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What is current, what must be redone
+# ---------------------------------------------------------------------------------------------------------
+
+
+def digest(inputs: Any) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def is_current(directory: Path, inputs: dict[str, Any], required: str, record: str = INPUTS_FILE) -> bool:
+    """The directory holds a finished result (`required` exists) made from exactly these inputs."""
+    recorded = directory / record
+    return (directory / required).exists() and recorded.exists() and read_json(recorded).get("digest") == digest(inputs)
+
+
+def mark_current(directory: Path, inputs: dict[str, Any], record: str = INPUTS_FILE) -> None:
+    atomic_write_json(directory / record, {"digest": digest(inputs), "inputs": inputs})
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    return {key: value for key, value in config_to_dict(config).items() if key not in NOT_INPUTS}
+
+
+def tiny_model_inputs(study: Study) -> dict[str, Any]:
+    return {"tiny_model": study.tiny_model, "code": code_version()}
+
+
+def prepare_inputs(study: Study) -> dict[str, Any]:
+    prepare = {key: value for key, value in config_to_dict(study.prepare).items() if key != "output_dir"}
+    return {"prepare": prepare, "tiny_model": study.tiny_model, "code": code_version()}
+
+
+def run_inputs(spec: RunSpec, data_fingerprint: str) -> dict[str, Any]:
+    return {"method": spec.method, "config": _settings(spec.config), "data_fingerprint": data_fingerprint, "code": code_version()}
+
+
+def eval_inputs(study: Study, data_fingerprint: str) -> dict[str, Any]:
+    runs = {spec.name: digest(run_inputs(spec, data_fingerprint)) for spec in study.runs}
+    return {"eval": _settings(study.eval), "runs": runs, "data_fingerprint": data_fingerprint, "code": code_version()}
+
+
+def report_inputs(study: Study, data_fingerprint: str) -> dict[str, Any]:
+    return {"eval": digest(eval_inputs(study, data_fingerprint)), "report": study.report, "study": study.settings}
+
+
+def current_fingerprint(study: Study) -> Optional[str]:
+    """The processed data's fingerprint if it is current, else None (it will be prepared again)."""
+    tiny_ok = study.tiny_model is None or is_current(Path(study.model), tiny_model_inputs(study), "config.json")
+    if tiny_ok and is_current(study.data_dir, prepare_inputs(study), META_FILE):
+        return read_json(study.data_dir / META_FILE)["fingerprint"]
+    return None
+
+
+def plan(study: Study) -> list[tuple[str, str]]:
+    """(step, what will happen) for every step, without changing anything."""
+    steps = []
+    if study.tiny_model is not None:
+        built = is_current(Path(study.model), tiny_model_inputs(study), "config.json")
+        steps.append(("tiny model", "keep" if built else f"build {study.model}"))
+    fingerprint = current_fingerprint(study)
+    steps.append(("prepare", f"keep (fingerprint {fingerprint})" if fingerprint else f"prepare {study.data_dir}"))
+    for spec in study.runs:
+        if fingerprint is None:
+            action = "train, unless the data comes out as before and the run is current"
+        elif is_current(Path(spec.config.output_dir), run_inputs(spec, fingerprint), "run.json"):
+            action = "keep"
+        else:
+            action = f"train {spec.method} (lr {spec.config.lr:g}) -> {spec.config.output_dir}"
+        steps.append((f"run {spec.name}", action))
+    evaluated = fingerprint is not None and is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json")
+    steps.append(("evaluate", "keep" if evaluated else f"score base + {len(study.runs)} runs -> {study.results_dir}"))
+    reported = fingerprint is not None and is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE)
+    steps.append(("report", "keep" if reported else "results.json, results.md, figures, samples.md"))
+    steps.append(("README", f"rewrite the results block of {study.readme}" if study.readme else "leave alone"))
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_run(method: str, config: TrainConfig) -> dict[str, Any]:
+    """One training run through the shared trainer, exactly as training/train_*.py would run it."""
+    from studykit.trainer import full_model, lora_wrapper, train
+
+    return train(config, full_model if method == "full" else lora_wrapper(config))
+
+
+def train_in_fresh_process(spec: RunSpec) -> dict[str, Any]:
+    """Each run trains in its own process, so its peak memory (the process's RSS on a CPU) and its state are its
+    own, not the high-water mark of the runs before it."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=training_process_context()) as pool:
+        return pool.submit(train_run, spec.method, spec.config).result()
+
+
+def training_process_context():
+    """forkserver where there is one: every run still gets a process of its own, forked from a server that imported
+    torch and transformers once, so a run pays no import time; spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["studykit.trainer"])
+    return context
+
+
+def build_tiny_model(study: Study) -> None:
+    from studykit.tiny import build_tiny_gpt2, sample_texts, train_byte_level_tokenizer
+
+    spec = study.tiny_model
+    tokenizer = train_byte_level_tokenizer(sample_texts(Path(spec["data_file"])), spec["vocab_size"])
+    build_tiny_gpt2(Path(study.model), tokenizer, n_layer=spec["n_layer"], n_embd=spec["n_embd"])
+    mark_current(Path(study.model), tiny_model_inputs(study))
+    print(f"built tiny model {study.model}")
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Run every step that is not current; return what was done (and what was kept)."""
+    print_config(config)
+    study = load_study(study_path(config), config.output_dir, config.readme)
+    print(f"study '{study.name}' from {study.source} -> {study.output_dir} (code version {code_version()})")
+    steps = plan(study)
+    for step, action in steps:
+        print(f"  {step:<24} {action}")
+    done: dict[str, Any] = {"study": study.name, "output_dir": str(study.output_dir), "tiny_model_built": False, "prepared": False,
+                            "trained": [], "kept": [], "evaluated": False, "reported": False, "readme": None, "dry_run": config.dry_run}
+    if config.dry_run:
+        return done
+
+    if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
+        build_tiny_model(study)
+        done["tiny_model_built"] = True
+    fingerprint = current_fingerprint(study)
+    if fingerprint is None:
+        from studykit.prepare import prepare
+
+        fingerprint = prepare(study.prepare)["fingerprint"]
+        mark_current(study.data_dir, prepare_inputs(study))
+        done["prepared"] = True
+
+    for spec in study.runs:
+        inputs = run_inputs(spec, fingerprint)
+        run_dir = Path(spec.config.output_dir)
+        if is_current(run_dir, inputs, "run.json"):
+            done["kept"].append(spec.name)
+            continue
+        print(f"\n=== training {spec.name} ===")
+        # A run directory from other inputs (or a crashed run) is replaced, never mixed with this one.
+        train_in_fresh_process(dataclasses.replace(spec, config=dataclasses.replace(spec.config, overwrite=run_dir.exists())))
+        mark_current(run_dir, inputs)
+        done["trained"].append(spec.name)
+
+    warn_about_stale_runs(study)
+    if not is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json"):
+        from studykit.evaluate import evaluate
+
+        print("\n=== evaluating ===")
+        evaluate(study.eval)
+        mark_current(study.results_dir, eval_inputs(study, fingerprint))
+        done["evaluated"] = True
+
+    if not is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE):
+        write_report(study)
+        mark_current(study.results_dir, report_inputs(study, fingerprint), REPORT_INPUTS_FILE)
+        done["reported"] = True
+    if study.readme is not None:
+        done["readme"] = str(study.readme) if update_readme(study) else None
+    print(f"\ndone: trained {done['trained'] or 'nothing'}, kept {done['kept'] or 'nothing'}, "
+          f"evaluated: {done['evaluated']}, report: {study.results_dir / 'results.md'}")
+    return done
+
+
+def warn_about_stale_runs(study: Study) -> None:
+    listed = {spec.name for spec in study.runs}
+    if not study.checkpoints_dir.is_dir():
+        return
+    for path in sorted(study.checkpoints_dir.iterdir()):
+        if path.is_dir() and path.name not in listed and not path.name.startswith("."):
+            print(f"warning: {path} is not a run of this study; evaluation scores it but the report leaves it out. "
+                  "Delete it to save the time.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_per_response(path: Path) -> dict[str, Any]:
+    import numpy as np
+
+    with np.load(path) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def write_report(study: Study) -> dict[str, Any]:
+    """results.json, results.md, the two figures and samples.md, all in the study's results directory."""
+    results_dir = study.results_dir
+    records = {spec.name: load_run_record(Path(spec.config.output_dir)) for spec in study.runs}
+    eval_rows = read_json(results_dir / "perplexity.json")
+    built = report.build_report(eval_rows, load_per_response(results_dir / "per_response_nll.npz"), records,
+                                study.report["bootstrap_resamples"], study.report["bootstrap_seed"])
+    meta = read_json(study.data_dir / META_FILE)
+    logs = {spec.name: read_run_log(Path(spec.config.output_dir) / RUN_LOG) for spec in study.runs}
+    figures = [report.plot_loss_curves(logs, results_dir / "loss_curves.png"),
+               report.plot_perplexity_vs_params(built["rows"], results_dir / "perplexity_vs_params.png")]
+    protocol = protocol_paragraph(study, meta, records)
+    results = {"study": study.name, "study_file": str(study.source), "study_config": study.settings, "code_version": code_version(),
+               "resolved_configs": {spec.name: config_to_dict(spec.config) for spec in study.runs}, "protocol": protocol,
+               "data": {key: meta.get(key) for key in ("source", "split_method", "seq_len", "lang", "sequences", "tokens", "fingerprint")},
+               **built, "figures": [str(path) for path in figures]}
+    atomic_write_json(results_dir / "results.json", results)
+    atomic_write_text(results_dir / "results.md", report.format_results_markdown(built, protocol, [str(path) for path in figures]))
+    write_samples(study)
+    print(report.format_study_table(built))
+    print(report.format_budget_check(built))
+    print(f"wrote {results_dir / 'results.json'}, results.md, samples.md, {', '.join(path.name for path in figures)}")
+    return results
+
+
+def protocol_paragraph(study: Study, meta: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+    first = next(iter(records.values()))
+    config = first["config"]
+    learning_rates = ", ".join(f"{name} {record['config']['lr']:g}" for name, record in records.items())
+    return (
+        f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) {meta['lang']}, "
+        f"not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, cut to {meta['seq_len']} tokens: "
+        f"{meta['sequences']['train']:,} training and {meta['sequences']['validation']:,} validation responses "
+        f"(data fingerprint `{meta['fingerprint']}`). Budget, the same for every run: {first['steps']:,} optimizer steps of "
+        f"{first['effective_batch']} sequences ({config['batch_size']} x {config['grad_accum']} accumulation), "
+        f"seed {first['seed']}, AdamW with {config['warmup_ratio']:.0%} warmup then {config['lr_schedule']} decay, "
+        f"precision {'fp32' if first['precision'] == 'no' else first['precision']} on {first['device']}; only the learning rate differs ({learning_rates}). "
+        f"Perplexity is exp(total NLL / predicted tokens) over all validation responses, with "
+        f"{report.CONFIDENCE:.0%} bootstrap intervals over responses. Study file `{study.source.name}`, code version `{code_version()}`."
+    )
+
+
+def write_samples(study: Study) -> Path:
+    prompts_file = study.data_dir / "prompts.json"
+    path = study.results_dir / "samples.md"
+    if not prompts_file.exists():
+        atomic_write_text(path, "# Side-by-side samples\n\nThe processed data has no prompts.json; prepare it again to get samples.\n")
+        return path
+    prompts = read_json(prompts_file)[: study.report["sample_prompts"]]
+    continuations = generate_continuations(study, prompts, study.report["sample_new_tokens"])
+    atomic_write_text(path, report.format_samples_markdown(prompts, continuations, study.report["sample_new_tokens"]))
+    return path
+
+
+def generate_continuations(study: Study, prompts: Sequence[dict[str, str]], max_new_tokens: int) -> dict[str, list[str]]:
+    """Greedy continuations of each prompt by the base model and by every run."""
+    import torch
+
+    from studykit.modeling import load_base_model, load_checkpoint_for_eval, load_tokenizer, model_context_length
+    from studykit.runtime import default_device
+
+    tokenizer = load_tokenizer(study.model, "--model")
+    device = default_device()
+    targets = {"base": None, **{spec.name: Path(spec.config.output_dir) for spec in study.runs}}
+    continuations = {}
+    for name, path in targets.items():
+        model = load_base_model(study.model) if path is None else load_checkpoint_for_eval(path, study.model)
+        model.to(device).eval()
+        room = model_context_length(model) - max_new_tokens
+        texts = []
+        for prompt in prompts:
+            # A blank line after the prompt: the models saw responses alone, each starting a text of its own.
+            prompt_ids = tokenizer(prompt["text"].strip() + "\n\n", add_special_tokens=False)["input_ids"][-room:]
+            input_ids = torch.tensor([prompt_ids], device=device)
+            with torch.no_grad():
+                output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            texts.append(tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True))
+        continuations[name] = texts
+        del model
+    return continuations
+
+
+def update_readme(study: Study) -> bool:
+    """Rewrite the README's results block (protocol + table); True when its text changed."""
+    readme = Path(study.readme)
+    if not readme.is_file():
+        raise UserError(f"README {readme} does not exist; pass --readme PATH or --no-readme.")
+    results = read_json(study.results_dir / "results.json")
+    link = os.path.relpath(study.results_dir / "results.md", readme.parent)
+    block = (f"{results['protocol']}\n\n{report.format_study_table(results)}\n"
+             f"Intervals, the same-budget check, loss curves and samples: [{link}]({link}).\n")
+    text = readme.read_text(encoding="utf-8")
+    updated = report.replace_marked_block(text, block, str(readme))
+    if updated == text:
+        return False
+    atomic_write_text(readme, updated)
+    print(f"rewrote the results block of {readme}")
+    return True
+
+
+def parse_study_args(description: str, argv: Optional[Sequence[str]] = None) -> StudyConfig:
+    parser = build_parser(StudyConfig, description)
+    # --no-readme beside --readme PATH: an empty path means "leave every README alone".
+    parser.add_argument("--no-readme", dest="readme", action="store_const", const="", help="do not rewrite any README")
+    return StudyConfig(**vars(parser.parse_args(argv)))

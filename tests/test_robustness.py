@@ -1,0 +1,363 @@
+"""Bad input gets one sentence and a non-zero exit, and changes no file; unsafe files are never loaded; a loss
+that stays NaN stops the run with the last good checkpoint intact.
+
+Every bad input runs the real command: its script, its argument parsing, its exit. Failures found before the
+heavy libraries load run in a subprocess; the others run the same script in this process (`in_process`), since
+importing transformers, datasets and accelerate costs each subprocess several CPU seconds.
+"""
+
+import json
+import math
+import os
+import pickle
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.utils import logging as transformers_logging
+
+from conftest import REPO_ROOT, build_tiny_model, run_script, train_in_process, write_oasst_trees
+from studykit import checkpointing
+from studykit.errors import UserError
+
+PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
+# Loading progress bars of transformers and datasets would share stderr with the error line.
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def snapshot(*roots):
+    """Every path under the roots, with size and modification time for files: any write shows up."""
+    state = {}
+    for root in roots:
+        if root.exists():
+            for path in [root, *root.rglob("*")]:
+                state[str(path)] = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else "dir"
+    return state
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """Run a repository script as `python script args` would, in this process: returns exit code, stdout, stderr."""
+
+    def run(script, *args, env=None):
+        for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        monkeypatch.setattr(sys, "path", list(sys.path))
+        capsys.readouterr()
+        # What HF_HUB_DISABLE_PROGRESS_BARS does for a subprocess, which in this process was read at import.
+        transformers_logging.disable_progress_bar()
+        try:
+            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        finally:
+            transformers_logging.enable_progress_bar()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+
+    return run
+
+
+def refused(script, *args, watch=(), code=2, runner=None):
+    """Run a command that must refuse: one `error:` sentence on stderr, no traceback, exit `code`, no file changed.
+    A subprocess unless `runner` (the in_process fixture) is given."""
+    before = snapshot(*watch)
+    if runner is None:
+        result = run_script(script, *args, check=False, env=QUIET, timeout=300)
+    else:
+        result = runner(script, *args, env=QUIET)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert result.returncode == code, result.stderr
+    assert snapshot(*watch) == before, "a refused command changed files"
+    return lines[0]
+
+
+def train_args(model, data, output_dir, *extra):
+    return ["--model", model, "--data-dir", data, "--output-dir", output_dir, "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", *extra]
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: the file that command creates proves whether a loader ran it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1: prepare
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def existing_output(tmp_path_factory, processed_dir):
+    """A processed dataset already in place: a refused prepare must leave it exactly as it was."""
+    output = tmp_path_factory.mktemp("prepared") / "data"
+    shutil.copytree(processed_dir, output)
+    return output
+
+
+def test_corrupt_jsonl_lines_are_named_and_can_be_skipped(in_process, tmp_path, gpt2_tokenizer_dir, existing_output):
+    lines = write_oasst_trees(tmp_path / "trees.jsonl", tree_count=10).read_text().splitlines()
+    lines[2], lines[6] = lines[2][:40], "not json at all"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    args = ["--data-file", broken, "--tokenizer", gpt2_tokenizer_dir, "--seq-len", "64", "--val-fraction", "0.2"]
+    message = refused(PREPARE, *args, "--output-dir", existing_output, watch=[existing_output.parent], runner=in_process)
+    assert "2 corrupt line(s) (line 3, 7)" in message and "--skip-bad-lines" in message
+
+    assert in_process(PREPARE, *args, "--output-dir", tmp_path / "out", "--skip-bad-lines").returncode == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["bad_lines_skipped"] == [3, 7]
+    assert meta["sequences"]["train"] + meta["sequences"]["validation"] == 8 * 3
+
+
+def test_a_file_that_is_not_an_oasst_export_is_refused(in_process, tmp_path, gpt2_tokenizer_dir, existing_output):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"instruction": "add", "output": "2"}\n' * 3)
+    message = refused(PREPARE, "--data-file", other, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
+                      watch=[existing_output.parent], runner=in_process)
+    assert "is not an OASST export" in message and "instruction" in message
+
+
+def test_nothing_left_after_the_filters_is_refused(in_process, oasst_trees_file, gpt2_tokenizer_dir, existing_output):
+    message = refused(PREPARE, "--data-file", oasst_trees_file, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
+                      "--lang", "xx", "--val-fraction", "0.2", watch=[existing_output.parent], runner=in_process)
+    assert "messages are left after the filters" in message and "--lang" in message
+
+
+def test_seq_len_above_the_tokenizers_context_is_refused(in_process, oasst_trees_file, gpt2_tokenizer_dir, existing_output):
+    message = refused(PREPARE, "--data-file", oasst_trees_file, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
+                      "--seq-len", "2048", watch=[existing_output.parent], runner=in_process)
+    assert "--seq-len 2048 exceeds the context" in message and "(1024 tokens)" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages 2 and 3: training
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_missing_or_empty_data_directory_names_the_stage_that_makes_it(state, tmp_path, tiny_model_dir):
+    data = tmp_path / "processed"
+    if state == "empty":
+        data.mkdir()
+    message = refused(FULL, *train_args(tiny_model_dir, data, tmp_path / "run"), watch=[tmp_path])
+    assert f"no processed dataset in {data}" in message and "python data/prepare_oasst.py" in message
+
+
+def test_data_longer_than_the_models_context_is_refused(in_process, tmp_path, gpt2_tokenizer, processed_dir):
+    short_model = build_tiny_model(tmp_path / "short-context", gpt2_tokenizer, n_positions=32)
+    message = refused(FULL, *train_args(short_model, processed_dir, tmp_path / "run"), watch=[tmp_path, processed_dir], runner=in_process)
+    assert "--seq-len 64 exceeds the model's context of 32" in message
+
+
+def test_data_from_another_tokenizer_is_refused(in_process, tmp_path, small_vocab_inputs, processed_dir):
+    message = refused(FULL, *train_args(small_vocab_inputs["model"], processed_dir, tmp_path / "run"), watch=[tmp_path, processed_dir], runner=in_process)
+    assert "was tokenized with" in message and "prepare the data again" in message
+
+
+def test_lora_targets_that_match_nothing_are_refused(in_process, tmp_path, small_vocab_inputs):
+    args = train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", "--target-modules", "attn.q_proj")
+    message = refused(LORA, *args, watch=[tmp_path], runner=in_process)
+    assert "match nothing" in message and "attn.q_proj" in message
+
+
+@pytest.mark.parametrize("flags", [["--rank", "0"], ["--alpha", "-1"]])
+def test_non_positive_lora_rank_or_alpha_is_refused(flags, tmp_path, small_vocab_inputs):
+    message = refused(LORA, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags), watch=[tmp_path])
+    assert "positive rank and alpha" in message
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_vocab_inputs):
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train_in_process("full", small_vocab_inputs, run_dir, max_steps=2)
+    return run_dir
+
+
+def test_a_directory_holding_another_run_is_refused(finished_run, small_vocab_inputs):
+    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run), watch=[finished_run])
+    assert "already holds a run" in message and "--overwrite" in message and "--resume" in message
+    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run, "--resume"), watch=[finished_run])
+    assert "finished run" in message
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(finished_run, small_vocab_inputs, tmp_path):
+    args = train_args(small_vocab_inputs["model"], tmp_path / "missing-data", finished_run, "--overwrite")
+    assert "no processed dataset" in refused(FULL, *args, watch=[finished_run])
+
+
+def test_a_directory_holding_other_files_is_never_written_into(small_vocab_inputs):
+    """E.g. --output-dir pointing at the base model: its weights would be overwritten by the final save."""
+    model = small_vocab_inputs["model"]
+    message = refused(FULL, *train_args(model, small_vocab_inputs["data"], model, "--overwrite"), watch=[model])
+    assert "is not empty and holds no training run" in message
+
+
+def test_an_unwritable_output_directory_is_refused_before_training(tmp_path, small_vocab_inputs):
+    # Tests run as root, which ignores permission bits: a path under a regular file cannot be created by anyone.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], blocker / "run"), watch=[tmp_path])
+    assert f"cannot write to {blocker / 'run'}" in message and "--output-dir" in message
+
+
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory, small_vocab_inputs):
+    """A run that died after its step-2 checkpoint (its run.json never written): --resume continues it."""
+    run_dir = tmp_path_factory.mktemp("crashed") / "run"
+    train_in_process("full", small_vocab_inputs, run_dir, max_steps=3, save_every=1, batch_size=2, grad_accum=1)
+    (run_dir / checkpointing.RUN_RECORD).unlink()
+    return run_dir
+
+
+def resume_args(inputs, run_dir):
+    return ["--model", inputs["model"], "--data-dir", inputs["data"], "--output-dir", run_dir, "--max-steps", "3", "--save-every", "1",
+            "--batch-size", "2", "--grad-accum", "1", "--log-every", "1", "--eval-every", "3", "--lr", "1e-3", "--resume"]
+
+
+def test_resume_from_a_checkpoint_without_weights_is_refused(in_process, crashed_run, small_vocab_inputs, tmp_path):
+    run_dir = shutil.copytree(crashed_run, tmp_path / "run")
+    latest = checkpointing.resumable_checkpoints(run_dir)[-1]
+    (latest / "model.safetensors").unlink()
+    message = refused(FULL, *resume_args(small_vocab_inputs, run_dir), watch=[run_dir], runner=in_process)
+    assert f"the checkpoint {latest} holds no weights" in message and "delete it" in message
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(in_process, crashed_run, small_vocab_inputs, tmp_path):
+    run_dir = shutil.copytree(crashed_run, tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    latest = checkpointing.resumable_checkpoints(run_dir)[-1]
+    (latest / "optimizer.pt").write_bytes(pickle.dumps(RunsCode(marker)))
+    message = refused(FULL, *resume_args(small_vocab_inputs, run_dir), watch=[run_dir], runner=in_process)
+    assert "optimizer.pt holding more than tensors" in message
+    assert not marker.exists()
+
+
+def test_pickled_model_weights_are_never_loaded(in_process, tmp_path, small_vocab_inputs):
+    model = tmp_path / "pickled-model"
+    shutil.copytree(small_vocab_inputs["model"], model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode(marker)))
+    message = refused(FULL, *train_args(model, small_vocab_inputs["data"], tmp_path / "run"), watch=[tmp_path], runner=in_process)
+    assert "holds no .safetensors weights (only pytorch_model.bin" in message
+    assert not marker.exists()
+
+
+def test_model_code_from_a_directory_never_runs_without_trust_remote_code(in_process, tmp_path, small_vocab_inputs):
+    model = tmp_path / "custom-model"
+    shutil.copytree(small_vocab_inputs["model"], model)
+    marker = tmp_path / "code-ran"
+    config = json.loads((model / "config.json").read_text())
+    # A model type transformers does not know: only the directory's own code could build it.
+    config["model_type"] = "custom-gpt"
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    for module in ("configuration_custom.py", "modeling_custom.py"):
+        (model / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    args = train_args(model, small_vocab_inputs["data"], tmp_path / "run", "--tokenizer", small_vocab_inputs["model"])
+    message = refused(FULL, *args, watch=[tmp_path], runner=in_process)
+    assert "--trust-remote-code" in message
+    assert not marker.exists()
+
+
+def test_an_absurd_learning_rate_stops_with_a_clear_message_and_no_run(in_process, tmp_path, small_vocab_inputs):
+    run_dir = tmp_path / "run"
+    args = train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], run_dir, "--lr", "1e30", "--save-every", "1")
+    args[args.index("--max-steps") + 1] = "20"
+    result = in_process(FULL, *args, env=QUIET)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the training loss was NaN or inf for 3 steps in a row") and "lower --lr" in line
+    assert not (run_dir / checkpointing.RUN_RECORD).exists()
+    # Its only checkpoint holds the weights that gave NaN: set aside, so --resume never picks it.
+    assert checkpointing.resumable_checkpoints(run_dir) == []
+    assert (run_dir / "resume" / "step-000001.diverged").is_dir()
+
+
+def test_a_loss_that_stays_nan_keeps_the_last_good_checkpoint(tmp_path, small_vocab_inputs, monkeypatch):
+    from studykit import trainer
+
+    real_nll, calls = trainer.token_nll_per_sequence, []
+
+    def nan_from_step_five(logits, labels):
+        calls.append(1)
+        nll = real_nll(logits, labels)
+        return nll * math.nan if len(calls) >= 5 else nll
+
+    monkeypatch.setattr(trainer, "token_nll_per_sequence", nan_from_step_five)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as error:
+        train_in_process("full", small_vocab_inputs, run_dir, max_steps=10, grad_accum=1, save_every=1, keep=1)
+    message = str(error.value)
+    # Steps 5-7 are NaN; the weights after step 4 gave the first of them, so checkpoint 4 is set aside.
+    assert "NaN or inf for 3 steps in a row (steps 5-7)" in message
+    assert f"the last good checkpoint is {run_dir / 'resume' / 'step-000003'}" in message
+    assert sorted(p.name for p in (run_dir / "resume").iterdir()) == ["step-000003", "step-000004.diverged"]
+    assert all(torch.isfinite(t).all() for t in load_file(run_dir / "resume" / "step-000003" / "model.safetensors").values())
+    log = checkpointing.read_run_log(run_dir / checkpointing.RUN_LOG)
+    assert [entry["skipped_steps"] for entry in log] == [0, 0, 0, 0, 1, 2]
+    assert not (run_dir / checkpointing.RUN_RECORD).exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs CUDA")
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_vocab_inputs, monkeypatch):
+    """One step's gradient overflows: the scaler skips it, the run goes on, log.jsonl and run.json count it."""
+    from studykit import trainer
+
+    real_nll, calls = trainer.token_nll_per_sequence, []
+
+    def overflowing_gradient_at_step_two(logits, labels):
+        calls.append(1)
+        nll = real_nll(logits, labels)
+        if len(calls) == 2:
+            nll = nll + (logits.float() * 0).sum() * 1e38  # finite loss, infinite gradient once scaled
+        return nll
+
+    monkeypatch.setattr(trainer, "token_nll_per_sequence", overflowing_gradient_at_step_two)
+    record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision="fp16")
+    log = checkpointing.read_run_log(tmp_path / "run" / checkpointing.RUN_LOG)
+    assert record["skipped_steps"] >= 1 and log[-1]["skipped_steps"] == record["skipped_steps"]
+    assert math.isfinite(record["final_validation_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 4: evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoints(tmp_path_factory, small_vocab_inputs):
+    checkpoints = tmp_path_factory.mktemp("eval") / "checkpoints"
+    train_in_process("lora", small_vocab_inputs, checkpoints / "lora_r8", max_steps=1, grad_accum=1)
+    return checkpoints
+
+
+def test_an_adapter_is_never_applied_to_another_base_model(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
+    from transformers import AutoTokenizer
+
+    # Same shapes and tokenizer, other weights: loading would succeed and silently score the wrong model.
+    other_base = build_tiny_model(tmp_path / "other-base", AutoTokenizer.from_pretrained(small_vocab_inputs["model"]), seed=1)
+    message = refused(EVALUATE, "--model", other_base, "--data-dir", small_vocab_inputs["data"], "--checkpoints", lora_checkpoints,
+                      "--output-dir", tmp_path / "results", watch=[tmp_path, lora_checkpoints], runner=in_process)
+    assert f"the adapter in {lora_checkpoints / 'lora_r8'} was trained on another base model" in message
+
+
+def test_a_finished_run_without_weights_is_refused_at_evaluation(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
+    checkpoints = shutil.copytree(lora_checkpoints, tmp_path / "checkpoints")
+    (checkpoints / "lora_r8" / "adapter_model.safetensors").unlink()
+    message = refused(EVALUATE, "--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"], "--checkpoints",
+                      checkpoints, "--output-dir", tmp_path / "results", watch=[tmp_path], runner=in_process)
+    assert "without its weights" in message

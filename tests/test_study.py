@@ -1,0 +1,211 @@
+"""The study runner on the quick study: every report file, nothing redone twice, only a changed run redone, a
+mismatched budget flagged, bootstrap intervals that behave, and a README block replaced without touching the rest."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, run_script
+from studykit import report
+from studykit.config import StudyConfig
+from studykit.errors import UserError
+from studykit.evaluate import read_extra_eval_texts
+from studykit.study import load_study, run_study
+
+QUICK = REPO_ROOT / "studies" / "quick.toml"
+RUN_NAMES = ["full_ft", "lora_r8", "lora_r32"]
+
+
+def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
+    """The quick preset with a shorter budget (the same steps, fewer of them), plus any edits."""
+    text = QUICK.read_text()
+    for old, new in (("max_steps = 30", "max_steps = 6"), ("eval_every = 10", "eval_every = 3"), *replacements):
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+def run_dirs_mtimes(root: Path) -> dict[str, float]:
+    return {name: (root / "checkpoints" / name / "run.json").stat().st_mtime_ns for name in RUN_NAMES}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One quick study, run three times: fresh, unchanged, and with one run's budget changed."""
+    root = tmp_path_factory.mktemp("study")
+    output_dir = root / "quick"
+    config_file = shortened_quick_study(root / "quick.toml")
+    readme = root / "README.md"
+    readme.write_text((REPO_ROOT / "README.md").read_text() if "<!-- results:start -->" in (REPO_ROOT / "README.md").read_text()
+                      else "# Kit\n\n## Results\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\n## After\ntext\n")
+    readme_before = readme.read_bytes()
+
+    first = run_study(StudyConfig(config=str(config_file), output_dir=str(output_dir)))
+    mtimes_first = run_dirs_mtimes(output_dir)
+    results_first = json.loads((output_dir / "results" / "results.json").read_text())
+    with np.load(output_dir / "results" / "per_response_nll.npz") as arrays:
+        per_response_first = {key: arrays[key] for key in arrays.files}
+    second = run_study(StudyConfig(config=str(config_file), output_dir=str(output_dir), readme=str(readme)))
+    mtimes_second = run_dirs_mtimes(output_dir)
+    # lora_r8 alone gets another number of steps: it alone is retrained, and the report must flag it.
+    changed_file = shortened_quick_study(root / "changed.toml", ('name = "lora_r8"', 'name = "lora_r8"\nmax_steps = 3'))
+    third = run_study(StudyConfig(config=str(changed_file), output_dir=str(output_dir)))
+    return {"root": root, "output": output_dir, "first": first, "second": second, "third": third, "results_first": results_first,
+            "per_response_first": per_response_first,
+            "mtimes_first": mtimes_first, "mtimes_second": mtimes_second, "mtimes_third": run_dirs_mtimes(output_dir),
+            "readme": readme, "readme_before": readme_before}
+
+
+def test_quick_study_writes_every_report_file(study):
+    results_dir = study["output"] / "results"
+    for name in ("results.json", "results.md", "samples.md", "loss_curves.png", "perplexity_vs_params.png"):
+        assert (results_dir / name).stat().st_size > 0, name
+    for figure in ("loss_curves.png", "perplexity_vs_params.png"):
+        assert (results_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert study["first"]["trained"] == RUN_NAMES and study["first"]["prepared"] and study["first"]["evaluated"]
+
+
+def test_results_json_rows_hold_the_measurements(study):
+    results = study["results_first"]
+    assert results["study_config"]["study"]["name"] == "quick" and len(results["code_version"]) == 12
+    rows = {row["name"]: row for row in results["rows"]}
+    assert list(rows) == ["base", *RUN_NAMES]
+    # r x (in + out) per adapted module, 2 blocks of a 64-wide model: c_attn 64 -> 192, c_proj 64 -> 64.
+    assert rows["lora_r8"]["trainable_params"] == 2 * 8 * ((64 + 192) + (64 + 64))
+    assert rows["lora_r32"]["trainable_params"] == 4 * rows["lora_r8"]["trainable_params"]
+    assert rows["full_ft"]["trainable_params"] == rows["full_ft"]["total_params"]
+    assert rows["lora_r8"]["trainable_percent"] == pytest.approx(100 * rows["lora_r8"]["trainable_params"] / rows["lora_r8"]["total_params"])
+    assert rows["base"]["trainable_params"] == 0 and rows["full_ft"]["vs_full_ft"] is None
+    per_response = study["per_response_first"]
+    for name, row in rows.items():
+        low, high = row["perplexity_ci"]
+        assert low <= row["perplexity"] <= high
+        # The point estimate is token-weighted over the whole split, recomputed here from the per-response scores.
+        assert row["perplexity"] == pytest.approx(math.exp(per_response[f"{name}/nll"].sum() / per_response[f"{name}/tokens"].sum()))
+        assert row["extra_eval_perplexity"] > 1
+        if name != "full_ft":
+            expected = math.exp((per_response[f"{name}/nll"].sum() - per_response["full_ft/nll"].sum()) / per_response["full_ft/tokens"].sum())
+            assert row["vs_full_ft"]["ratio"] == pytest.approx(expected)
+            assert row["vs_full_ft"]["ci_low"] <= row["vs_full_ft"]["ratio"] <= row["vs_full_ft"]["ci_high"]
+        if name != "base":
+            assert row["steps"] == 6 and row["tokens_seen"] > 0 and row["peak_memory_bytes"] > 0 and row["checkpoint_bytes"] > 0
+            assert row["budget_differences"] == {}
+
+
+def test_results_md_and_samples(study):
+    markdown = (study["output"] / "results" / "results.md").read_text()
+    for text in ("Perplexity [95% CI]", "Ratio to full_ft", "Peak memory", "Checkpoint", "Same budget", "**Protocol.**",
+                 "The learning rate differs by design", "loss_curves.png", "README.md perplexity"):
+        assert text in markdown, text
+    assert "| base |" in markdown and all(f"| {name} |" in markdown for name in RUN_NAMES)
+    samples = (study["output"] / "results" / "samples.md").read_text()
+    prompts = json.loads((study["output"] / "processed" / "prompts.json").read_text())
+    assert prompts and prompts[0]["text"].strip().splitlines()[0] in samples
+    assert all(f"**{name}**" in samples for name in ["base", *RUN_NAMES])
+
+
+def test_second_run_redoes_nothing(study):
+    second = study["second"]
+    assert second["trained"] == [] and second["kept"] == RUN_NAMES
+    assert not (second["prepared"] or second["evaluated"] or second["reported"] or second["tiny_model_built"])
+    assert study["mtimes_second"] == study["mtimes_first"]
+
+
+def test_changed_run_alone_is_redone_and_its_budget_flagged(study):
+    third = study["third"]
+    assert third["trained"] == ["lora_r8"] and third["kept"] == ["full_ft", "lora_r32"]
+    assert third["evaluated"] and third["reported"] and not third["prepared"]
+    assert study["mtimes_third"]["lora_r8"] != study["mtimes_second"]["lora_r8"]
+    assert all(study["mtimes_third"][name] == study["mtimes_second"][name] for name in ("full_ft", "lora_r32"))
+    rows = {row["name"]: row for row in json.loads((study["output"] / "results" / "results.json").read_text())["rows"]}
+    assert rows["lora_r8"]["budget_differences"] == {"steps": 3}
+    assert rows["lora_r32"]["budget_differences"] == {}
+    lines = {line.split("|")[1].strip(): line for line in (study["output"] / "results" / "results.md").read_text().splitlines()
+             if line.startswith("| ")}
+    assert "**NO: steps=3**" in lines["lora_r8"] and lines["lora_r32"].rstrip(" |").endswith("yes")
+    assert "**steps differs**" in (study["output"] / "results" / "results.md").read_text()
+
+
+def test_readme_block_replaced_and_the_rest_untouched(study):
+    before, after = study["readme_before"], study["readme"].read_bytes()
+    start, end = b"<!-- results:start -->", b"<!-- results:end -->"
+    assert after[: after.index(start)] == before[: before.index(start)]
+    assert after[after.index(end):] == before[before.index(end):]
+    block = after[after.index(start) + len(start): after.index(end)].decode()
+    assert "**Protocol.**" in block and "| lora_r32 |" in block and "Perplexity [95% CI]" in block
+    assert study["second"]["readme"] == str(study["readme"])
+
+
+def test_replace_marked_block_needs_both_markers():
+    text = "a\n<!-- results:start -->\nx\n<!-- results:end -->\nb\n"
+    assert report.replace_marked_block(text, "new", "README.md") == "a\n<!-- results:start -->\nnew\n<!-- results:end -->\nb\n"
+    with pytest.raises(UserError, match="no '<!-- results:start -->'"):
+        report.replace_marked_block("a\n<!-- results:end -->\n<!-- results:start -->\n", "new", "README.md")
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
+    output_dir = tmp_path / "never"
+    result = run_script("run_study.py", "--preset", "quick", "--output-dir", output_dir, "--dry-run")
+    for step in ("tiny model", "prepare", "run full_ft", "run lora_r8", "run lora_r32", "evaluate", "report", "README"):
+        assert step in result.stdout, step
+    assert "leave alone" in result.stdout and not output_dir.exists()
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
+    rng = np.random.default_rng(1)
+
+    def responses(count):
+        tokens = rng.integers(5, 60, size=count)
+        return rng.gamma(4.0, 0.8, size=count) * tokens, tokens
+
+    widths = []
+    for count in (40, 4000):
+        nll, tokens = responses(count)
+        low, high = report.perplexity_interval(nll, tokens, resamples=1000, seed=0)
+        assert low < math.exp(nll.sum() / tokens.sum()) < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 4
+
+
+def test_paired_ratio_cancels_what_both_models_share():
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(5, 60, size=500)
+    shared_difficulty = rng.gamma(2.0, 1.5, size=500) * tokens
+    reference = shared_difficulty
+    better = shared_difficulty * 0.9
+    paired = report.paired_ratio(better, reference, tokens, resamples=1000, seed=0)
+    assert paired["ratio"] == pytest.approx(math.exp(-0.1 * shared_difficulty.sum() / tokens.sum()))
+    assert paired["ci_low"] <= paired["ratio"] <= paired["ci_high"] < 1
+    same = report.paired_ratio(reference, reference, tokens, resamples=200, seed=0)
+    assert same == {"ratio": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+
+
+def test_budget_differences_name_each_differing_field_and_ignore_the_learning_rate():
+    shared = {"data_fingerprint": "a", "validation_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1}
+    records = {"full": {**shared, "config": {"lr": 1e-4}}, "lora": {**shared, "config": {"lr": 1e-3}},
+               "other": {**shared, "seed": 2, "effective_batch": 16, "config": {"lr": 1e-3}}}
+    assert report.budget_differences(records, "full") == {"full": {}, "lora": {}, "other": {"effective_batch": 16, "seed": 2}}
+
+
+def test_study_file_mistakes_are_one_sentence(tmp_path):
+    typo = shortened_quick_study(tmp_path / "typo.toml", ('rank = 8', 'rnak = 8'))
+    with pytest.raises(UserError, match="unknown setting.*rnak"):
+        load_study(typo)
+    owned = shortened_quick_study(tmp_path / "owned.toml", ('name = "lora_r8"', 'name = "lora_r8"\noutput_dir = "x"'))
+    with pytest.raises(UserError, match="runner sets"):
+        load_study(owned)
+    with pytest.raises(UserError, match="no preset 'nope'"):
+        run_study(StudyConfig(preset="nope"))
+
+
+def test_extra_eval_text_file_splits_at_blank_lines_else_lines(tmp_path):
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("First line\nstill first.\n\n  \nSecond.\n")
+    assert read_extra_eval_texts(str(paragraphs)) == ["First line\nstill first.", "Second."]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\ntwo\n")
+    assert read_extra_eval_texts(str(lines)) == ["one", "two"]
