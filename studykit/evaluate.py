@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +13,16 @@ from tqdm.auto import tqdm
 
 from studykit.checkpointing import RUN_RECORD, load_run_record
 from studykit.config import EvalConfig, print_config, save_config
-from studykit.data import check_tokenizer_matches, load_processed
+from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
 from studykit.errors import UserError
 from studykit.io import atomic_file, atomic_write_json, atomic_write_text, ensure_writable_directory, find_partial_directories
 from studykit.metrics import SequenceScores, score_sequences
 from studykit.modeling import base_model_fingerprint, count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
 from studykit.report import format_results_table
 from studykit.runtime import autocast_for, default_device
+
+# per_response_nll.npz keys of the --extra-eval scores: "extra/<name>/nll", beside "<name>/nll" for OASST.
+EXTRA_EVAL_PREFIX = "extra/"
 
 
 @dataclass
@@ -58,6 +62,7 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     data = load_processed(config.data_dir)
     tokenizer = load_tokenizer(config.model, "--model", config.trust_remote_code)
     check_tokenizer_matches(data, tokenizer, config.model)
+    extra_sequences = load_extra_eval(config.extra_eval, tokenizer, data.meta["seq_len"]) if config.extra_eval else None
     targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + find_runs(Path(config.checkpoints))
     if not targets:
         raise UserError(f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base.")
@@ -77,9 +82,15 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
             model, sequences, config.batch_size, device, tokenizer.pad_token_id, autocast,
             progress=lambda batches, name=target.name: tqdm(batches, desc=f"scoring {name}", leave=False),
         )
-        rows.append(build_row(target, model, scores, data.meta, time.perf_counter() - started))
+        row = build_row(target, model, scores, data.meta, time.perf_counter() - started)
         scores_by_name[target.name] = scores
         print(f"{target.name}: perplexity {scores.perplexity:.4f} over {scores.tokens:,} tokens")
+        if extra_sequences is not None:
+            extra_scores = score_sequences(model, extra_sequences, config.batch_size, device, tokenizer.pad_token_id, autocast)
+            scores_by_name[EXTRA_EVAL_PREFIX + target.name] = extra_scores
+            row.update(extra_eval=config.extra_eval, extra_eval_perplexity=extra_scores.perplexity, extra_eval_tokens=extra_scores.tokens)
+            print(f"{target.name}: {config.extra_eval} perplexity {extra_scores.perplexity:.4f} over {extra_scores.tokens:,} tokens")
+        rows.append(row)
         del model
 
     atomic_write_json(output_dir / "perplexity.json", rows)
@@ -89,6 +100,42 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     save_config(config, output_dir / "eval_config.json")
     print(table)
     return rows
+
+
+def load_extra_eval(source: str, tokenizer, seq_len: int) -> list[list[int]]:
+    """General text, tokenized exactly like the responses: EOS appended, cut to the data's seq_len."""
+    texts = read_extra_eval_texts(source)
+    if not texts:
+        raise UserError(f"--extra-eval {source} holds no text; pass a text file or a dataset with a 'text' column.")
+    sequences, _ = tokenize_responses(texts, tokenizer, seq_len)
+    print(f"extra evaluation set {source}: {len(sequences):,} texts")
+    return sequences
+
+
+def read_extra_eval_texts(source: str) -> list[str]:
+    """A local text file (paragraphs where blank lines separate them, else lines) or a hub dataset NAME:CONFIG[:SPLIT]."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--extra-eval {path} is not a UTF-8 text file; pass a plain text file.") from None
+        blank_line = re.compile(r"\n[ \t]*\n")
+        blocks = blank_line.split(text) if blank_line.search(text) else text.splitlines()
+        return [block.strip() for block in blocks if block.strip()]
+    if path.is_dir():
+        raise UserError(f"--extra-eval {path} is a directory; pass a text file or a hub dataset such as wikitext:wikitext-2-raw-v1.")
+    from studykit.hub import ensure_hub_reachable
+
+    name, _, rest = source.partition(":")
+    dataset_config, _, split = rest.partition(":")
+    ensure_hub_reachable(name, "--extra-eval PATH (a local text file)", repo_type="dataset")
+    import datasets
+
+    dataset = datasets.load_dataset(name, dataset_config or None, split=split or "test")
+    if "text" not in dataset.column_names:
+        raise UserError(f"--extra-eval {source} has no 'text' column (columns: {dataset.column_names}); pass a text dataset or file.")
+    return [text.strip() for text in dataset["text"] if text and text.strip()]
 
 
 def check_adapter_bases(adapters: list[EvalTarget], config: EvalConfig) -> None:

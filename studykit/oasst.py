@@ -197,6 +197,20 @@ def filter_messages(messages: Iterable[dict[str, Any]], languages: Optional[set[
     return kept, counts
 
 
+def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]], count: int) -> list[dict[str, str]]:
+    """The first prompter message of up to `count` trees (live, non-blank, in the chosen languages), in a stable
+    order that does not depend on file order: fixed held-out prompts for side-by-side samples."""
+    opening = {}
+    for message in messages:
+        if message.get("role") != "prompter" or message.get("parent_id") or message.get("deleted"):
+            continue
+        if not (message.get("text") or "").strip() or languages is not None and message.get("lang") not in languages:
+            continue
+        opening.setdefault(str(message["message_tree_id"]), message)
+    chosen = sorted(opening.values(), key=lambda message: tree_rank(message["message_tree_id"]))[:count]
+    return [{"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]} for m in chosen]
+
+
 def parse_languages(lang: str) -> Optional[set[str]]:
     """`all` keeps every language; otherwise a comma-separated list such as `en,de`."""
     if lang.strip().lower() == "all":
