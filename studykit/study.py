@@ -318,6 +318,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
                             "trained": [], "kept": [], "evaluated": False, "reported": False, "readme": None, "dry_run": config.dry_run}
     if config.dry_run:
         return done
+    check_extra_eval_reachable(study)
 
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
@@ -360,6 +361,15 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     print(f"\ndone: trained {done['trained'] or 'nothing'}, kept {done['kept'] or 'nothing'}, "
           f"evaluated: {done['evaluated']}, report: {study.results_dir / 'results.md'}")
     return done
+
+
+def check_extra_eval_reachable(study: Study) -> None:
+    """A hub set for --extra-eval is checked before any training, not hours later at evaluation."""
+    extra = study.eval.extra_eval
+    if extra and not Path(extra).exists():
+        from studykit.hub import ensure_hub_reachable
+
+        ensure_hub_reachable(extra.partition(":")[0], "a local text file as [eval] extra_eval", repo_type="dataset")
 
 
 def warn_about_stale_runs(study: Study) -> None:
