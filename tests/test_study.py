@@ -1,6 +1,7 @@
 """The study runner on the quick study: every report file, nothing redone twice, only a changed run redone, a
 mismatched budget flagged, bootstrap intervals that behave, and a README block replaced without touching the rest."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_script
 from studykit import report
-from studykit.config import StudyConfig
+from studykit.config import StudyConfig, TrainConfig
 from studykit.errors import UserError
 from studykit.evaluate import read_extra_eval_texts
 from studykit.study import load_study, run_study
@@ -209,3 +210,16 @@ def test_extra_eval_text_file_splits_at_blank_lines_else_lines(tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("one\ntwo\n")
     assert read_extra_eval_texts(str(lines)) == ["one", "two"]
+
+
+def test_shipped_studies_load_and_share_one_budget():
+    for path in sorted((REPO_ROOT / "studies").glob("*.toml")):
+        study = load_study(path)
+        shared = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in ("lr", "output_dir")]
+        budgets = [{name: getattr(spec.config, name) for name in shared} for spec in study.runs]
+        assert all(budget == budgets[0] for budget in budgets), path.name
+    default = load_study(REPO_ROOT / "studies" / "default.toml")
+    assert [(spec.name, spec.method, getattr(spec.config, "rank", None)) for spec in default.runs] == [
+        ("full_ft", "full", None), ("lora_r8", "lora", 8), ("lora_r32", "lora", 32)]
+    assert default.model == "gpt2" and default.readme == REPO_ROOT / "README.md"
+    assert load_study(QUICK).readme is None
