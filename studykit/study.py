@@ -6,7 +6,6 @@ is kept, not redone: each step's directory holds a study_inputs.json with the in
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
