@@ -320,11 +320,12 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             if stop:
                 progress.close()
                 raise checkpointing.Interrupted(interrupt.signal_name or "SIGTERM", state.step, output_dir)
-    progress.close()
-    if not weights_are_finite(model):
-        raise diverged_error(run, f"the weights became NaN or inf by step {state.step}", state.step)
-    record = build_run_record(run, state)
-    checkpointing.save_final(run, state, output_dir, record)
+        progress.close()
+        if not weights_are_finite(model):
+            raise diverged_error(run, f"the weights became NaN or inf by step {state.step}", state.step)
+        record = build_run_record(run, state)
+        # Still under InterruptFlag: a Ctrl-C now lets the final save finish rather than lose the finished run.
+        checkpointing.save_final(run, state, output_dir, record)
     return record
 
 

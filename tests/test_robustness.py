@@ -1,9 +1,9 @@
 """Bad input gets one sentence and a non-zero exit, and changes no file; unsafe files are never loaded; a loss
 that stays NaN stops the run with the last good checkpoint intact.
 
-Every bad input runs the real command: its script, its argument parsing, its exit. Failures found before the
-heavy libraries load run in a subprocess; the others run the same script in this process (`in_process`), since
-importing transformers, datasets and accelerate costs each subprocess several CPU seconds.
+Every bad input runs the real command: its script, its argument parsing, its exit. A few run in a subprocess, to
+show the real interpreter behaves the same; the others run the same script in this process (`in_process`), since
+importing torch, transformers, datasets and accelerate costs each subprocess several CPU seconds.
 """
 
 import json
@@ -23,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 from conftest import REPO_ROOT, build_tiny_model, run_script, train_in_process, write_oasst_trees
 from studykit import checkpointing
 from studykit.errors import UserError
+from studykit.io import PARTIAL_MARKER
 
 PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
 # Loading progress bars of transformers and datasets would share stderr with the error line.
@@ -147,13 +148,18 @@ def test_seq_len_above_the_tokenizers_context_is_refused(in_process, oasst_trees
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["missing", "empty"])
-def test_missing_or_empty_data_directory_names_the_stage_that_makes_it(state, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("state", ["missing", "empty", "crashed"])
+def test_missing_or_empty_data_directory_names_the_stage_that_makes_it(state, in_process, tmp_path, tiny_model_dir):
     data = tmp_path / "processed"
     if state == "empty":
         data.mkdir()
-    message = refused(FULL, *train_args(tiny_model_dir, data, tmp_path / "run"), watch=[tmp_path])
+    if state == "crashed":
+        # What a prepare killed before its rename leaves: the staging directory, never loaded.
+        (tmp_path / f"processed{PARTIAL_MARKER}4242" / "train").mkdir(parents=True)
+    runner = None if state == "missing" else in_process
+    message = refused(FULL, *train_args(tiny_model_dir, data, tmp_path / "run"), watch=[tmp_path], runner=runner)
     assert f"no processed dataset in {data}" in message and "python data/prepare_oasst.py" in message
+    assert ("unfinished write" in message) == (state == "crashed")
 
 
 def test_data_longer_than_the_models_context_is_refused(in_process, tmp_path, gpt2_tokenizer, processed_dir):
@@ -174,8 +180,9 @@ def test_lora_targets_that_match_nothing_are_refused(in_process, tmp_path, small
 
 
 @pytest.mark.parametrize("flags", [["--rank", "0"], ["--alpha", "-1"]])
-def test_non_positive_lora_rank_or_alpha_is_refused(flags, tmp_path, small_vocab_inputs):
-    message = refused(LORA, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags), watch=[tmp_path])
+def test_non_positive_lora_rank_or_alpha_is_refused(flags, in_process, tmp_path, small_vocab_inputs):
+    runner = None if flags[0] == "--rank" else in_process
+    message = refused(LORA, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags), watch=[tmp_path], runner=runner)
     assert "positive rank and alpha" in message
 
 
@@ -186,30 +193,31 @@ def finished_run(tmp_path_factory, small_vocab_inputs):
     return run_dir
 
 
-def test_a_directory_holding_another_run_is_refused(finished_run, small_vocab_inputs):
+def test_a_directory_holding_another_run_is_refused(in_process, finished_run, small_vocab_inputs):
     message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run), watch=[finished_run])
     assert "already holds a run" in message and "--overwrite" in message and "--resume" in message
-    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run, "--resume"), watch=[finished_run])
+    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run, "--resume"),
+                      watch=[finished_run], runner=in_process)
     assert "finished run" in message
 
 
-def test_overwrite_with_bad_input_keeps_the_old_run(finished_run, small_vocab_inputs, tmp_path):
+def test_overwrite_with_bad_input_keeps_the_old_run(in_process, finished_run, small_vocab_inputs, tmp_path):
     args = train_args(small_vocab_inputs["model"], tmp_path / "missing-data", finished_run, "--overwrite")
-    assert "no processed dataset" in refused(FULL, *args, watch=[finished_run])
+    assert "no processed dataset" in refused(FULL, *args, watch=[finished_run], runner=in_process)
 
 
-def test_a_directory_holding_other_files_is_never_written_into(small_vocab_inputs):
+def test_a_directory_holding_other_files_is_never_written_into(in_process, small_vocab_inputs):
     """E.g. --output-dir pointing at the base model: its weights would be overwritten by the final save."""
     model = small_vocab_inputs["model"]
-    message = refused(FULL, *train_args(model, small_vocab_inputs["data"], model, "--overwrite"), watch=[model])
+    message = refused(FULL, *train_args(model, small_vocab_inputs["data"], model, "--overwrite"), watch=[model], runner=in_process)
     assert "is not empty and holds no training run" in message
 
 
-def test_an_unwritable_output_directory_is_refused_before_training(tmp_path, small_vocab_inputs):
+def test_an_unwritable_output_directory_is_refused_before_training(in_process, tmp_path, small_vocab_inputs):
     # Tests run as root, which ignores permission bits: a path under a regular file cannot be created by anyone.
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], blocker / "run"), watch=[tmp_path])
+    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], blocker / "run"), watch=[tmp_path], runner=in_process)
     assert f"cannot write to {blocker / 'run'}" in message and "--output-dir" in message
 
 
@@ -233,6 +241,17 @@ def test_resume_from_a_checkpoint_without_weights_is_refused(in_process, crashed
     (latest / "model.safetensors").unlink()
     message = refused(FULL, *resume_args(small_vocab_inputs, run_dir), watch=[run_dir], runner=in_process)
     assert f"the checkpoint {latest} holds no weights" in message and "delete it" in message
+
+
+def test_resume_with_other_settings_is_refused(in_process, crashed_run, small_vocab_inputs, tmp_path):
+    """The saved optimizer state would silently override a new --lr; a new --max-steps would change the schedule."""
+    run_dir = shutil.copytree(crashed_run, tmp_path / "run")
+    args = resume_args(small_vocab_inputs, run_dir)
+    args[args.index("--lr") + 1] = "5e-4"
+    args[args.index("--max-steps") + 1] = "40"
+    message = refused(FULL, *args, watch=[run_dir], runner=in_process)
+    assert "belongs to a run with other settings" in message and "--lr (was 0.001, now 0.0005)" in message
+    assert "--max-steps (was 3, now 40)" in message and "the command that started the run plus --resume" in message
 
 
 def test_resume_never_unpickles_code_from_a_checkpoint(in_process, crashed_run, small_vocab_inputs, tmp_path):
@@ -312,25 +331,38 @@ def test_a_loss_that_stays_nan_keeps_the_last_good_checkpoint(tmp_path, small_vo
     assert not (run_dir / checkpointing.RUN_RECORD).exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs CUDA")
-def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, small_vocab_inputs, monkeypatch):
-    """One step's gradient overflows: the scaler skips it, the run goes on, log.jsonl and run.json count it."""
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite backward: a finite loss whose gradient overflows, as in an fp16 overflow step."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient * math.inf
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("fp16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 loss scaling needs CUDA"))])
+def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, tmp_path, small_vocab_inputs, monkeypatch):
+    """fp16: the loss scaler skips the step; fp32/bf16 (no scaler): the trainer skips it on the non-finite norm."""
     from studykit import trainer
 
     real_nll, calls = trainer.token_nll_per_sequence, []
 
-    def overflowing_gradient_at_step_two(logits, labels):
+    def overflow_at_step_two(logits, labels):
         calls.append(1)
-        nll = real_nll(logits, labels)
-        if len(calls) == 2:
-            nll = nll + (logits.float() * 0).sum() * 1e38  # finite loss, infinite gradient once scaled
-        return nll
+        return real_nll(InfiniteGradient.apply(logits) if len(calls) == 2 else logits, labels)
 
-    monkeypatch.setattr(trainer, "token_nll_per_sequence", overflowing_gradient_at_step_two)
-    record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision="fp16")
+    monkeypatch.setattr(trainer, "token_nll_per_sequence", overflow_at_step_two)
+    record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision=precision)
     log = checkpointing.read_run_log(tmp_path / "run" / checkpointing.RUN_LOG)
+    if precision == "fp32":
+        assert [entry["skipped_steps"] for entry in log] == [0, 1, 1, 1]
     assert record["skipped_steps"] >= 1 and log[-1]["skipped_steps"] == record["skipped_steps"]
-    assert math.isfinite(record["final_validation_loss"])
+    assert record["steps"] == 4 and math.isfinite(record["final_validation_loss"])
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "model.safetensors").values())
 
 
 # ---------------------------------------------------------------------------------------------------------
