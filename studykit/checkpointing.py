@@ -78,7 +78,8 @@ def check_output_directory(output_dir: Path, resume: bool, overwrite: bool) -> O
     holds_run = any((output_dir / name).exists() for name in (RUN_RECORD, RUN_LOG, "train_config.json", RESUME_DIRECTORY))
     if holds_run and not overwrite:
         raise UserError(f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir.")
-    others = [p.name for p in output_dir.iterdir() if PARTIAL_MARKER not in p.name] if output_dir.is_dir() else []
+    # Hidden files (.DS_Store, .gitkeep, leftovers of crashed writes) do not make a directory someone else's.
+    others = [p.name for p in output_dir.iterdir() if not p.name.startswith(".") and PARTIAL_MARKER not in p.name] if output_dir.is_dir() else []
     if others and not holds_run:
         # A model directory, a dataset, anything else: the final save would write over files it does not own.
         raise UserError(f"{output_dir} is not empty and holds no training run ({', '.join(sorted(others)[:3])}); "

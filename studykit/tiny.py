@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from studykit.io import atomic_directory
 from studykit.oasst import read_local_file
 
 
@@ -34,7 +35,8 @@ def build_tiny_gpt2(output_dir: Path, tokenizer, n_layer: int = 2, n_embd: int =
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / "TINY_MODEL.json").write_text(json.dumps({"note": "randomly initialised tiny GPT-2 for offline runs and tests"}) + "\n")
+    with atomic_directory(output_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "TINY_MODEL.json").write_text(json.dumps({"note": "randomly initialised tiny GPT-2 for offline runs and tests"}) + "\n")
     return output_dir

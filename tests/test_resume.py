@@ -190,3 +190,12 @@ def test_atomic_directory_discards_the_new_version_when_the_writer_fails(tmp_pat
             (staging / "part").write_text("half")
             raise RuntimeError("crash while writing")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_line_torn_by_a_crash_is_dropped_on_resume(tmp_path):
+    path = tmp_path / checkpointing.RUN_LOG
+    path.write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": 2.4}\n{"step": 3, "train_lo')
+    log = checkpointing.RunLog(path, enabled=True, keep_until_step=2)
+    log.write({"step": 3, "train_loss": 2.3})
+    assert checkpointing.read_run_log(path) == [{"step": 1, "train_loss": 2.5}, {"step": 2, "train_loss": 2.4}, {"step": 3, "train_loss": 2.3}]
+    assert find_partial_directories(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [checkpointing.RUN_LOG]
