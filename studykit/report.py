@@ -120,6 +120,7 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
             "validation_tokens": eval_row["tokens"],
             "validation_responses": eval_row["responses"],
             "vs_full_ft": paired_ratio(nll, per_response[f"{reference}/nll"], tokens, resamples, seed) if reference and name != reference else None,
+            "budget": {key: record.get(key) for key in BUDGET_FIELDS} if record else None,
             "budget_differences": differences.get(name, {}),
             "trained_on_other_data": bool(eval_row.get("trained_on_other_data")),
         }
@@ -220,7 +221,7 @@ def format_budget_check(report: dict[str, Any]) -> str:
         lines.append(f"Every run shares with {reference}: {', '.join(agree)}.")
     for key in report["budget_fields"]:
         if key in differing:
-            values = ", ".join(f"{row['name']}: {row['budget_differences'].get(key, 'as ' + str(reference))}" for row in runs)
+            values = ", ".join(f"{row['name']}: {row['budget'][key]}" for row in runs)
             lines.append(f"**{key} differs** ({values}); those runs are flagged in the table and are not a controlled comparison.")
     other_data = [row["name"] for row in runs if row.get("trained_on_other_data")]
     if other_data:

@@ -404,7 +404,7 @@ def write_report(study: Study) -> dict[str, Any]:
     logs = {spec.name: read_run_log(Path(spec.config.output_dir) / RUN_LOG) for spec in study.runs}
     figures = [report.plot_loss_curves(logs, results_dir / "loss_curves.png"),
                report.plot_perplexity_vs_params(built["rows"], results_dir / "perplexity_vs_params.png")]
-    protocol = protocol_paragraph(study, meta, records)
+    protocol = protocol_paragraph(study, meta, records, any(row["budget_differences"] for row in built["rows"]))
     results = {"study": study.name, "study_file": str(study.source), "study_config": study.settings, "code_version": code_version(),
                "resolved_configs": {spec.name: config_to_dict(spec.config) for spec in study.runs}, "protocol": protocol,
                "data": {key: meta.get(key) for key in ("source", "split_method", "seq_len", "lang", "sequences", "tokens", "fingerprint")},
@@ -418,15 +418,16 @@ def write_report(study: Study) -> dict[str, Any]:
     return results
 
 
-def protocol_paragraph(study: Study, meta: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
-    first = next(iter(records.values()))
+def protocol_paragraph(study: Study, meta: dict[str, Any], records: dict[str, dict[str, Any]], budgets_differ: bool) -> str:
+    first_name, first = next(iter(records.items()))
+    budget = f"Budget of {first_name} (**runs flagged in the table differ from it**)" if budgets_differ else "Budget, the same for every run"
     config = first["config"]
     learning_rates = ", ".join(f"{name} {record['config']['lr']:g}" for name, record in records.items())
     return (
         f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) {meta['lang']}, "
         f"not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, cut to {meta['seq_len']} tokens: "
         f"{meta['sequences']['train']:,} training and {meta['sequences']['validation']:,} validation responses "
-        f"(data fingerprint `{meta['fingerprint']}`). Budget, the same for every run: {first['steps']:,} optimizer steps of "
+        f"(data fingerprint `{meta['fingerprint']}`). {budget}: {first['steps']:,} optimizer steps of "
         f"{first['effective_batch']} sequences ({config['batch_size']} x {config['grad_accum']} accumulation), "
         f"seed {first['seed']}, AdamW with {config['warmup_ratio']:.0%} warmup then {config['lr_schedule']} decay, "
         f"precision {'fp32' if first['precision'] == 'no' else first['precision']} on {first['device']}; only the learning rate differs ({learning_rates}). "

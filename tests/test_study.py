@@ -99,6 +99,7 @@ def test_results_json_rows_hold_the_measurements(study):
 
 def test_results_md_and_samples(study):
     markdown = (study["output"] / "results" / "results.md").read_text()
+    assert "Budget, the same for every run: 6 optimizer steps" in study["results_first"]["protocol"]
     for text in ("Perplexity [95% CI]", "Ratio to full_ft", "Peak memory", "Checkpoint", "Same budget", "**Protocol.**",
                  "The learning rate differs by design", "loss_curves.png", "README.md perplexity"):
         assert text in markdown, text
@@ -128,7 +129,9 @@ def test_changed_run_alone_is_redone_and_its_budget_flagged(study):
     lines = {line.split("|")[1].strip(): line for line in (study["output"] / "results" / "results.md").read_text().splitlines()
              if line.startswith("| ")}
     assert "**NO: steps=3**" in lines["lora_r8"] and lines["lora_r32"].rstrip(" |").endswith("yes")
-    assert "**steps differs**" in (study["output"] / "results" / "results.md").read_text()
+    markdown = (study["output"] / "results" / "results.md").read_text()
+    assert "**steps differs** (full_ft: 6, lora_r8: 3, lora_r32: 6)" in markdown
+    assert "Budget, the same for every run" not in markdown and "runs flagged in the table differ" in markdown
 
 
 def test_readme_block_replaced_and_the_rest_untouched(study):
