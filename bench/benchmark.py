@@ -14,8 +14,8 @@ OASST-like lengths: assistant responses in GPT-2 tokens drawn from a log-normal 
 (mean ~240, 10th percentile ~50, ~11% longer than 512 and truncated there), close to OASST1's English
 assistant replies. Real tokens are the non-padding tokens; MFU counts only them (useful work), with
 6 x params FLOPs per token for full fine-tuning and 4 x params for LoRA (no weight gradients for the frozen base).
-Training rates are medians of per-step rates, so the first step's warm-up and bursts from other work on a
-shared machine do not decide a ratio; evaluation keeps the best of alternating repeats.
+Training rates leave out each run's first step (warm-up); evaluation keeps the best of alternating repeats.
+On a shared machine other work shows up in every number: compare ratios from a quiet machine.
 """
 
 from __future__ import annotations
@@ -265,8 +265,8 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
 
 
 def tokens_per_second(case: dict, kind: str) -> float:
-    """The median over steps: the first step's warm-up and a neighbour's burst on a shared machine do not count."""
-    return float(np.median(case[f"step_{kind}"] / case["step_seconds"]))
+    """Tokens over time for every step but the first, whose warm-up (allocations, first kernels) is not throughput."""
+    return float(case[f"step_{kind}"][1:].sum() / case["step_seconds"][1:].sum())
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
