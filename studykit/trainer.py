@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -217,12 +218,55 @@ def diverged_error(run: PreparedRun, what: str, suspect_from_step: int) -> UserE
     return UserError(f"{what}; {kept}; start again with --overwrite and a lower --lr, or --precision fp32/bf16.")
 
 
+def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_tokens: int, state: TrainingState) -> float:
+    """Accumulate one optimizer step's gradients; return the step's token-weighted loss over all processes."""
+    accelerator, model = run.accelerator, run.model
+    step_nll = 0.0
+    for position, indices in enumerate(micro_batches):
+        batch = collate([run.train_sequences[i] for i in indices], run.tokenizer.pad_token_id)
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        last = position == len(micro_batches) - 1
+        # DDP averages gradients over processes; scaling by their number makes the step's gradient
+        # the token-weighted mean over the whole window, however it is split.
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = token_nll_per_sequence(logits, batch["labels"]).sum()
+            accelerator.backward(nll * accelerator.num_processes / step_tokens)
+        step_nll += float(nll.detach())
+        state.padded_tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
+    return float(accelerator.reduce(torch.tensor(step_nll, device=accelerator.device), reduction="sum")) / step_tokens
+
+
+def optimizer_step(run: PreparedRun, step_loss: float, state: TrainingState) -> bool:
+    """Clip, then step (or skip a non-finite step), zero the gradients and advance the schedule.
+    Returns whether the step was finite."""
+    accelerator, config = run.accelerator, run.config
+    # Clipping at inf still measures the norm. fp16's scaler skips overflowing gradients itself (and must see
+    # them to lower its scale); without a scaler, a non-finite gradient is skipped here.
+    grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf))
+    finite = math.isfinite(step_loss) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+    if finite:
+        run.optimizer.step()
+        if accelerator.optimizer_step_was_skipped:
+            state.skipped_steps += 1
+    else:
+        # A non-finite step never reaches the weights: it is skipped, as the fp16 scaler would.
+        state.skipped_steps += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return finite
+
+
 def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) -> dict[str, Any]:
     """Run one training job end to end and return its run record (also written to run.json)."""
     output_dir = Path(config.output_dir)
     check_writable_location(output_dir, "--output-dir")
     resume_from = checkpointing.check_output_directory(output_dir, config.resume, config.overwrite)
-    print_config(config)
+    if os.environ.get("RANK", "0") == "0":
+        # Under `accelerate launch` every process parses the same flags; one copy of the config is enough.
+        # (The launcher's RANK, read before the accelerator exists, which needs the checks above to pass first.)
+        print_config(config)
     run = prepare_run(config, wrap_model)
     accelerator = run.accelerator
     state = TrainingState()
@@ -239,8 +283,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     log = checkpointing.RunLog(output_dir / "log.jsonl", accelerator.is_main_process, keep_until_step=state.step)
 
     lengths = [len(s) for s in run.train_sequences]
-    model, optimizer = run.model, run.optimizer
-    model.train()
+    run.model.train()
     reset_peak_memory(accelerator.device)
     progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     nonfinite_streak = 0
@@ -250,26 +293,8 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
         while state.step < run.total_steps:
             step_started = time.perf_counter()
             micro_batches, step_tokens = micro_batches_for_step(run, state.step, lengths)
-            step_nll = 0.0
-            for position, indices in enumerate(micro_batches):
-                batch = collate([run.train_sequences[i] for i in indices], run.tokenizer.pad_token_id)
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                last = position == len(micro_batches) - 1
-                # DDP averages gradients over processes; scaling by their number makes the step's gradient
-                # the token-weighted mean over the whole window, however it is split.
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    nll = token_nll_per_sequence(logits, batch["labels"]).sum()
-                    loss = nll * accelerator.num_processes / step_tokens
-                    accelerator.backward(loss)
-                step_nll += float(nll.detach())
-                state.padded_tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
-            step_loss = float(accelerator.reduce(torch.tensor(step_nll, device=accelerator.device), reduction="sum")) / step_tokens
-            # Clipping at inf still measures the norm. fp16's scaler skips overflowing gradients itself (and must see
-            # them to lower its scale); without a scaler, a non-finite gradient is skipped here.
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
-            finite = math.isfinite(step_loss) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+            step_loss = forward_backward(run, micro_batches, step_tokens, state)
+            finite = optimizer_step(run, step_loss, state)
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
             if nonfinite_streak >= NONFINITE_PATIENCE:
                 progress.close()
@@ -279,15 +304,6 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             if finite and unconfirmed_checkpoint and accelerator.is_main_process:
                 checkpointing.prune_resumable(output_dir, config.keep)
             unconfirmed_checkpoint = unconfirmed_checkpoint and not finite
-            if finite:
-                optimizer.step()
-                if accelerator.optimizer_step_was_skipped:
-                    state.skipped_steps += 1
-            else:
-                # A non-finite step never reaches the weights: it is skipped, as the fp16 scaler would.
-                state.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
             state.step += 1
             # The whole window's tokens (over all processes): its predicted tokens plus each example's first token.
             state.tokens_seen += step_tokens + config.effective_batch * accelerator.num_processes
@@ -312,7 +328,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             due = config.save_every and state.step % config.save_every == 0 and state.step < run.total_steps
             # During a NaN streak a scheduled save waits (the weights are suspect); an interrupt still saves its position.
             if due and not nonfinite_streak or stop:
-                if not weights_are_finite(model):
+                if not weights_are_finite(run.model):
                     progress.close()
                     raise diverged_error(run, f"the weights became NaN or inf at step {state.step}", state.step)
                 checkpointing.save_resumable(run, state, output_dir)
@@ -321,7 +337,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
                 progress.close()
                 raise checkpointing.Interrupted(interrupt.signal_name or "SIGTERM", state.step, output_dir)
         progress.close()
-        if not weights_are_finite(model):
+        if not weights_are_finite(run.model):
             raise diverged_error(run, f"the weights became NaN or inf by step {state.step}", state.step)
         record = build_run_record(run, state)
         # Still under InterruptFlag: a Ctrl-C now lets the final save finish rather than lose the finished run.
