@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -9,6 +10,9 @@ import torch
 
 from studykit.errors import UserError
 from studykit.hub import ensure_hub_reachable
+
+# peft still calls transformers' old `is_gradient_checkpointing` name; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 # GPT-2 names both the attention output and the MLP output `c_proj`, so targets are written as path
 # suffixes: peft matches `attn.c_proj` against `transformer.h.0.attn.c_proj` but not `...mlp.c_proj`.
