@@ -21,7 +21,6 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "attention+mlp": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "all-linear": ["all-linear"],
 }
-DEFAULT_TARGET = "attention"
 
 
 def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_code: bool = False):
