@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig  # noqa: E402
-from studykit.data import IGNORE_INDEX, collate, load_processed  # noqa: E402
+from studykit.data import collate, load_processed  # noqa: E402
 from studykit.metrics import score_sequences, token_nll_per_sequence  # noqa: E402
 from studykit.runtime import default_device  # noqa: E402
 
