@@ -118,11 +118,6 @@ def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, pad_to: Optio
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def count_predicted_tokens(labels: torch.Tensor) -> int:
-    """Every non-padding token but the first of each sequence is predicted from what precedes it."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 def plan_step_windows(
     lengths: Sequence[int], examples_per_step: int, seed: int, epoch: int, group_by_length: bool
 ) -> list[list[int]]:

@@ -42,16 +42,17 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
         print(f"warning: skipping {partial}, an unfinished write left by a crash.")
     targets = []
     for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        adapter_without_weights = is_adapter_directory(run_dir) and not (run_dir / "adapter_model.safetensors").exists()
-        if adapter_without_weights or (run_dir / RUN_RECORD).exists() and not (is_adapter_directory(run_dir) or is_full_model_directory(run_dir)):
-            raise UserError(f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
-                            "or move it out of --checkpoints.")
-        if not (is_adapter_directory(run_dir) or is_full_model_directory(run_dir)):
+        finished = (run_dir / RUN_RECORD).exists()
+        has_weights = (run_dir / "adapter_model.safetensors").exists() if is_adapter_directory(run_dir) else is_full_model_directory(run_dir)
+        if not (finished or has_weights or is_adapter_directory(run_dir)):
             continue
-        record = load_run_record(run_dir)
-        if record is None:
+        if not finished:
             print(f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish.")
             continue
+        if not has_weights:
+            raise UserError(f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
+                            "or move it out of --checkpoints.")
+        record = load_run_record(run_dir)
         method = "lora" if is_adapter_directory(run_dir) else "full"
         targets.append(EvalTarget(run_dir.name, method, run_dir, record))
     return targets

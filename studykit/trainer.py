@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from studykit import checkpointing, memory
 from studykit.config import TrainConfig, config_to_dict, print_config, save_config
-from studykit.data import check_tokenizer_matches, load_processed, pack_sequences, plan_step_windows, split_window, collate
+from studykit.data import check_tokenizer_matches, collate, length_sorted_batches, load_processed, pack_sequences, plan_step_windows, split_window
 from studykit.errors import UserError
 from studykit.io import check_writable_location, ensure_writable_directory
 from studykit.metrics import score_sequences, token_nll_per_sequence
@@ -158,8 +158,6 @@ def _windows_for_epoch(run: PreparedRun, epoch: int, lengths: list[int]) -> list
 
 def validation_loss(run: PreparedRun) -> float:
     """Token-weighted mean NLL over the whole validation split; each process scores a share, then they sum."""
-    from studykit.data import length_sorted_batches
-
     accelerator = run.accelerator
     batches = length_sorted_batches([len(s) for s in run.validation_sequences], run.config.eval_batch_size)
     share = batches[accelerator.process_index :: accelerator.num_processes]
