@@ -43,12 +43,21 @@ RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "save_every", "keep", "log
 
 class Interrupted(UserError):
     def __init__(self, signal_name: str, step: int, output_dir: Path) -> None:
+        self.signal_name, self.step, self.output_dir = signal_name, step, output_dir
         # The shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
         self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGINT))
         super().__init__(
             f"training stopped by {signal_name} after step {step}; a resumable checkpoint is in "
             f"{output_dir / RESUME_DIRECTORY}: run the same command with --resume to continue."
         )
+
+    def __reduce__(self):
+        # Rebuilt from its own arguments when it crosses a process boundary (the study trains in a child process).
+        return type(self), (self.signal_name, self.step, self.output_dir)
+
+
+class UnusableCheckpoint(UserError):
+    """A resumable checkpoint that is incomplete, corrupt, or from another model or other settings."""
 
 
 def resumable_checkpoints(output_dir: Path) -> list[Path]:
@@ -178,8 +187,8 @@ def set_aside_diverged(output_dir: Path, from_step: int) -> None:
             os.replace(checkpoint, checkpoint.with_name(checkpoint.name + ".diverged"))
 
 
-def _incomplete(checkpoint: Path, what: str) -> UserError:
-    return UserError(f"the checkpoint {checkpoint} {what}; delete it to resume from the one before, or start again with --overwrite.")
+def _incomplete(checkpoint: Path, what: str) -> UnusableCheckpoint:
+    return UnusableCheckpoint(f"the checkpoint {checkpoint} {what}; delete it to resume from the one before, or start again with --overwrite.")
 
 
 def _load_weights(model, checkpoint: Path) -> None:
@@ -203,7 +212,7 @@ def _load_weights(model, checkpoint: Path) -> None:
         distinct = set(dict(model.named_parameters()))
         missing = [key for key in result.missing_keys if key in distinct]
     if result.unexpected_keys:
-        raise UserError(f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model it was trained from.")
+        raise UnusableCheckpoint(f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model it was trained from.")
     if missing:
         raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")
 
@@ -231,7 +240,7 @@ def check_resume_matches(checkpoint: Path, run: "PreparedRun") -> None:
                for key in saved_config if key not in RESUME_MAY_CHANGE and saved_config[key] != current_config.get(key)]
     changed += [f"{key} (was {saved[key]}, now {current[key]})" for key in saved if saved[key] != current[key]]
     if changed:
-        raise UserError(f"the checkpoint {checkpoint} belongs to a run with other settings: {'; '.join(changed[:3])}; "
+        raise UnusableCheckpoint(f"the checkpoint {checkpoint} belongs to a run with other settings: {'; '.join(changed[:3])}; "
                         "resume with the command that started the run plus --resume, or start again with --overwrite.")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import report
-from studykit.checkpointing import RUN_LOG, load_run_record, read_run_log
+from studykit.checkpointing import RUN_LOG, RUN_RECORD, Interrupted, UnusableCheckpoint, load_run_record, read_run_log, resumable_checkpoints
 from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, build_parser, config_to_dict, print_config
 from studykit.data import META_FILE
 from studykit.errors import UserError
@@ -29,6 +29,8 @@ STUDIES_DIR = REPO_ROOT / "studies"
 INPUTS_FILE = "study_inputs.json"
 # The report's inputs are recorded apart from the evaluation's: both live in the results directory.
 REPORT_INPUTS_FILE = "report_inputs.json"
+# A run's inputs as it starts (hidden, so the trainer does not take the directory for someone else's files).
+STARTED_FILE = ".study_inputs_started.json"
 METHODS = {"full": TrainConfig, "lora": LoraTrainConfig}
 # Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
@@ -250,17 +252,22 @@ def plan(study: Study) -> list[tuple[str, str]]:
         steps.append(("tiny model", "keep" if built else f"build {study.model}"))
     fingerprint = current_fingerprint(study)
     steps.append(("prepare", f"keep (fingerprint {fingerprint})" if fingerprint else f"prepare {study.data_dir}"))
+    trains = False
     for spec in study.runs:
+        run_dir = Path(spec.config.output_dir)
         if fingerprint is None:
             action = "train, unless the data comes out as before and the run is current"
-        elif is_current(Path(spec.config.output_dir), run_inputs(spec, fingerprint), "run.json"):
+        elif is_current(run_dir, run_inputs(spec, fingerprint), "run.json"):
             action = "keep"
+        elif (checkpoint := resumable_study_run(run_dir, run_inputs(spec, fingerprint))) is not None:
+            action = f"resume the unfinished run from {checkpoint.name}"
         else:
-            action = f"train {spec.method} (lr {spec.config.lr:g}) -> {spec.config.output_dir}"
+            action = f"train {spec.method} (lr {spec.config.lr:g}) -> {run_dir}"
+        trains = trains or action != "keep"
         steps.append((f"run {spec.name}", action))
-    evaluated = fingerprint is not None and is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json")
+    evaluated = not trains and is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json")
     steps.append(("evaluate", "keep" if evaluated else f"score base + {len(study.runs)} runs -> {study.results_dir}"))
-    reported = fingerprint is not None and is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE)
+    reported = evaluated and is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE)
     steps.append(("report", "keep" if reported else "results.json, results.md, figures, samples.md"))
     steps.append(("README", f"rewrite the results block of {study.readme}" if study.readme else "leave alone"))
     return steps
@@ -282,7 +289,14 @@ def train_in_fresh_process(spec: RunSpec) -> dict[str, Any]:
     """Each run trains in its own process, so its peak memory (the process's RSS on a CPU) and its state are its
     own, not the high-water mark of the runs before it."""
     with ProcessPoolExecutor(max_workers=1, mp_context=training_process_context()) as pool:
-        return pool.submit(train_run, spec.method, spec.config).result()
+        try:
+            return pool.submit(train_run, spec.method, spec.config).result()
+        except Interrupted as stopped:
+            # The trainer's advice (--resume) is for its own command; the study resumes by itself.
+            error = UserError(f"{spec.name}: training stopped by {stopped.signal_name} after step {stopped.step} and saved a "
+                              "resumable checkpoint; run the same study command again to continue it.")
+            error.exit_code = stopped.exit_code
+            raise error from None
 
 
 def training_process_context():
@@ -293,6 +307,38 @@ def training_process_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["studykit.trainer"])
     return context
+
+
+def resumable_study_run(run_dir: Path, inputs: dict[str, Any]) -> Optional[Path]:
+    """The checkpoint an unfinished run of exactly these inputs left (Ctrl-C, a crash, a lost machine), if any."""
+    started = run_dir / STARTED_FILE
+    if (run_dir / RUN_RECORD).exists() or not started.exists() or read_json(started).get("digest") != digest(inputs):
+        return None
+    checkpoints = resumable_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def train_study_run(spec: RunSpec, inputs: dict[str, Any], done: dict[str, Any]) -> None:
+    """Train one run: continue an unfinished one made from the same inputs, else start afresh (replacing whatever
+    the directory held, never mixing two runs)."""
+    run_dir = Path(spec.config.output_dir)
+    checkpoint = resumable_study_run(run_dir, inputs)
+    if checkpoint is not None:
+        print(f"\n=== training {spec.name}: resuming the unfinished run from {checkpoint.name} ===")
+        try:
+            train_in_fresh_process(dataclasses.replace(spec, config=dataclasses.replace(spec.config, resume=True)))
+            done["resumed"].append(spec.name)
+        except UnusableCheckpoint as error:
+            print(f"warning: {spec.name} cannot be resumed ({error}); training it again from the start.")
+            checkpoint = None
+    if checkpoint is None:
+        print(f"\n=== training {spec.name} ===")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Written before the first step, so an interrupted run can later be recognised as this one and resumed.
+        mark_current(run_dir, inputs, STARTED_FILE)
+        train_in_fresh_process(dataclasses.replace(spec, config=dataclasses.replace(spec.config, overwrite=True)))
+    mark_current(run_dir, inputs)
+    done["trained"].append(spec.name)
 
 
 def build_tiny_model(study: Study) -> None:
@@ -314,7 +360,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     for step, action in steps:
         print(f"  {step:<24} {action}")
     done: dict[str, Any] = {"study": study.name, "output_dir": str(study.output_dir), "tiny_model_built": False, "prepared": False,
-                            "trained": [], "kept": [], "evaluated": False, "reported": False, "readme": None, "dry_run": config.dry_run}
+                            "trained": [], "resumed": [], "kept": [], "evaluated": False, "reported": False, "readme": None, "dry_run": config.dry_run}
     if config.dry_run:
         return done
     check_extra_eval_reachable(study)
@@ -336,14 +382,11 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         if is_current(run_dir, inputs, "run.json"):
             done["kept"].append(spec.name)
             continue
-        print(f"\n=== training {spec.name} ===")
-        # A run directory from other inputs (or a crashed run) is replaced, never mixed with this one.
-        train_in_fresh_process(dataclasses.replace(spec, config=dataclasses.replace(spec.config, overwrite=run_dir.exists())))
-        mark_current(run_dir, inputs)
-        done["trained"].append(spec.name)
+        train_study_run(spec, inputs, done)
 
     warn_about_stale_runs(study)
-    if not is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json"):
+    # A run trained now always gets scored, even one whose inputs match an earlier evaluation.
+    if done["trained"] or not is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json"):
         from studykit.evaluate import evaluate
 
         print("\n=== evaluating ===")
@@ -351,13 +394,14 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         mark_current(study.results_dir, eval_inputs(study, fingerprint))
         done["evaluated"] = True
 
-    if not is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE):
+    if done["evaluated"] or not is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE):
         write_report(study)
         mark_current(study.results_dir, report_inputs(study, fingerprint), REPORT_INPUTS_FILE)
         done["reported"] = True
     if study.readme is not None:
         done["readme"] = str(study.readme) if update_readme(study) else None
-    print(f"\ndone: trained {done['trained'] or 'nothing'}, kept {done['kept'] or 'nothing'}, "
+    resumed = f" (resumed {done['resumed']})" if done["resumed"] else ""
+    print(f"\ndone: trained {done['trained'] or 'nothing'}{resumed}, kept {done['kept'] or 'nothing'}, "
           f"evaluated: {done['evaluated']}, report: {study.results_dir / 'results.md'}")
     return done
 

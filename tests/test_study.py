@@ -4,12 +4,17 @@ mismatched budget flagged, bootstrap intervals that behave, and a README block r
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, run_script
+
 from studykit import report
 from studykit.config import StudyConfig, TrainConfig
 from studykit.errors import UserError
@@ -142,6 +147,77 @@ def test_readme_block_replaced_and_the_rest_untouched(study):
     block = after[after.index(start) + len(start): after.index(end)].decode()
     assert "**Protocol.**" in block and "| lora_r32 |" in block and "Perplexity [95% CI]" in block
     assert study["second"]["readme"] == str(study["readme"])
+
+
+def one_run_study(path: Path, lr: str = "1e-3", steps: int = 6) -> Path:
+    """The quick preset cut to its full_ft run, checkpointing every 2 steps."""
+    text = shortened_quick_study(path, ("log_every = 2", "log_every = 1\nsave_every = 2"), ("max_steps = 6", f"max_steps = {steps}")).read_text()
+    path.write_text(text[: text.index("[[runs]]")] + f'[[runs]]\nname = "full_ft"\nmethod = "full"\nlr = {lr}\n')
+    return path
+
+
+def test_interrupted_run_is_resumed_by_the_next_study_run_and_ends_as_if_never_stopped(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    output_dir = tmp_path / "quick"
+    run_dir = output_dir / "checkpoints" / "full_ft"
+    config = StudyConfig(config=str(one_run_study(tmp_path / "one.toml")), output_dir=str(output_dir))
+    run_study(config)
+    straight_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    straight_weights = load_file(run_dir / "model.safetensors")
+    first_scores = (output_dir / "results" / "perplexity.json").stat().st_mtime_ns
+
+    # What a crash during step 6 leaves: checkpoints of steps 2 and 4, the log up to step 5, no weights, no record.
+    (run_dir / "run.json").unlink()
+    (run_dir / "model.safetensors").unlink()
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in straight_log[:5]))
+    capsys.readouterr()
+    run_study(dataclasses.replace(config, dry_run=True))
+    assert "resume the unfinished run from step-000004" in capsys.readouterr().out
+
+    resumed = run_study(config)
+    assert "resuming the unfinished run from step-000004" in capsys.readouterr().out
+    assert resumed["resumed"] == ["full_ft"] == resumed["trained"] and resumed["evaluated"] and resumed["reported"]
+    resumed_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in resumed_log] == [1, 2, 3, 4, 5, 6]
+    assert [entry["train_loss"] for entry in resumed_log] == pytest.approx([entry["train_loss"] for entry in straight_log], rel=1e-6)
+    for name, weight in load_file(run_dir / "model.safetensors").items():
+        assert weight.allclose(straight_weights[name], atol=1e-6), name
+    assert (output_dir / "results" / "perplexity.json").stat().st_mtime_ns != first_scores
+
+    # An unfinished run of other inputs is never continued: its steps would mix two settings.
+    (run_dir / "run.json").unlink()
+    changed = run_study(StudyConfig(config=str(one_run_study(tmp_path / "changed.toml", lr="2e-3")), output_dir=str(output_dir)))
+    assert changed["trained"] == ["full_ft"] and changed["resumed"] == []
+    retrained_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in retrained_log] == [1, 2, 3, 4, 5, 6] and retrained_log[1]["lr"] != straight_log[1]["lr"]
+
+
+def test_ctrl_c_during_a_study_saves_the_run_and_the_same_command_continues_it(tmp_path):
+    output_dir = tmp_path / "quick"
+    log = output_dir / "checkpoints" / "full_ft" / "log.jsonl"
+    command = [sys.executable, str(REPO_ROOT / "run_study.py"), "--config", str(one_run_study(tmp_path / "one.toml", steps=60)),
+               "--output-dir", str(output_dir)]
+    # Its own process group, as in a terminal: Ctrl-C reaches the runner and the training process alike.
+    study = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert study.poll() is None and time.monotonic() < deadline, study.communicate()
+        time.sleep(0.02)
+    os.killpg(study.pid, signal.SIGINT)
+    _, stderr = study.communicate(timeout=120)
+    assert study.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: ") and "run the command again" in stderr
+    assert not (log.parent / "run.json").exists()
+    stopped_at = len(log.read_text().splitlines())
+    assert 3 <= stopped_at < 60
+
+    result = run_study(StudyConfig(config=command[3], output_dir=str(output_dir)))
+    assert result["resumed"] == ["full_ft"] and result["evaluated"]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 61))
+    assert json.loads((log.parent / "run.json").read_text())["steps"] == 60
 
 
 def test_replace_marked_block_needs_both_markers():
