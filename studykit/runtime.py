@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import sys
 from functools import lru_cache
@@ -42,8 +43,20 @@ def build_accelerator(precision: str, seed: int):
     # cpu=True on a machine without CUDA is what lets `accelerate launch` / torchrun start several CPU
     # processes (gloo); without it each process would train alone.
     accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type), cpu=device_type == "cpu")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and parallelism(accelerator) != "FSDP":
+        # accelerate shards only across GPUs; elsewhere it quietly runs the processes as plain data parallel.
+        accelerator.print(f"warning: the FSDP config needs CUDA GPUs; here the processes run as {parallelism(accelerator)}, "
+                          "each holding the whole model.")
     set_seed(seed)
     return accelerator
+
+
+def parallelism(accelerator) -> str:
+    """How the processes share the work: 'single process', 'DDP' or 'FSDP' (recorded in run.json)."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return "FSDP"
+    return "DDP" if accelerator.num_processes > 1 else "single process"
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -21,7 +21,7 @@ from studykit.errors import UserError
 from studykit.io import check_writable_location, ensure_writable_directory
 from studykit.metrics import score_sequences, token_nll_per_sequence
 from studykit.modeling import base_model_fingerprint, count_parameters, enable_activation_checkpointing, load_base_model, load_tokenizer, model_context_length
-from studykit.runtime import build_accelerator, peak_memory_bytes, reset_peak_memory
+from studykit.runtime import build_accelerator, parallelism, peak_memory_bytes, reset_peak_memory
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
 NONFINITE_PATIENCE = 3
@@ -352,7 +352,7 @@ def describe_run(run: PreparedRun) -> None:
         for name in description["adapted_modules"]:
             print(f"  {name}")
     print(f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
-          f"{run.config.effective_batch * run.accelerator.num_processes} sequences, processes: {run.accelerator.num_processes}, "
+          f"{run.config.effective_batch * run.accelerator.num_processes} sequences, processes: {run.accelerator.num_processes} ({parallelism(run.accelerator)}), "
           f"device: {run.accelerator.device}, precision: {run.accelerator.mixed_precision}")
 
 
@@ -372,6 +372,7 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
         "seed": config.seed,
         "effective_batch": config.effective_batch * accelerator.num_processes,
         "num_processes": accelerator.num_processes,
+        "parallelism": parallelism(accelerator),
         "steps": state.step,
         "tokens_seen": state.tokens_seen,
         "padded_tokens_seen": state.padded_tokens_seen,

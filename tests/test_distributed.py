@@ -67,7 +67,8 @@ def test_two_processes_reproduce_the_single_process_loss_curve(runs, single, ddp
     assert validation == pytest.approx(expected, rel=1e-5)
     assert [entry["tokens_seen"] for entry in distributed] == [entry["tokens_seen"] for entry in reference]
     record = json.loads((runs["root"] / ddp / "run.json").read_text())
-    assert record["num_processes"] == 2 and record["effective_batch"] == 4
+    assert record["num_processes"] == 2 and record["effective_batch"] == 4 and record["parallelism"] == "DDP"
+    assert json.loads((runs["root"] / single / "run.json").read_text())["parallelism"] == "single process"
 
 
 def test_two_processes_end_with_the_single_process_weights(runs):
