@@ -142,13 +142,20 @@ def _unwrapped(run: "PreparedRun"):
     return run.accelerator.unwrap_model(run.model)
 
 
+def is_sharded(run: "PreparedRun") -> bool:
+    """FSDP: each process holds a slice of the weights and optimizer state, so saving and loading are collectives."""
+    return run.accelerator.distributed_type == "FSDP"
+
+
 def run_identity(run: "PreparedRun") -> dict[str, Any]:
     """What a resumed run must share with the checkpoint for its remaining steps to be the ones the first run
     would have taken: the settings, the data, the step count that shapes the schedule, the examples per step."""
     from studykit.config import config_to_dict
 
     return {"config": config_to_dict(run.config), "data_fingerprint": run.data_meta["fingerprint"], "total_steps": run.total_steps,
-            "examples_per_step": run.config.effective_batch * run.accelerator.num_processes}
+            "examples_per_step": run.config.effective_batch * run.accelerator.num_processes,
+            # FSDP checkpoints key the optimizer state by parameter name, the others by position.
+            "fsdp": is_sharded(run)}
 
 
 def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path) -> None:
@@ -156,12 +163,19 @@ def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path)
     removed separately (prune_resumable), once this one has proved good."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    if is_sharded(run):
+        from studykit.sharded import gather_state
+
+        # Optimizer state keyed by parameter name, not position: it is spread back over the shards by name.
+        weights, optimizer_state = gather_state(_unwrapped(run), run.optimizer.optimizer)
+    else:
+        weights, optimizer_state = None, run.optimizer.state_dict()
     if accelerator.is_main_process:
         final = Path(output_dir) / RESUME_DIRECTORY / f"step-{state.step:06d}"
         with atomic_directory(final) as staging:
-            _unwrapped(run).save_pretrained(staging)
+            _unwrapped(run).save_pretrained(staging, state_dict=weights)
             atomic_write_json(staging / "run_identity.json", run_identity(run))
-            torch.save(run.optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(optimizer_state, staging / "optimizer.pt")
             torch.save(run.scheduler.state_dict(), staging / "scheduler.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
@@ -217,6 +231,22 @@ def _load_weights(model, checkpoint: Path) -> None:
         raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")
 
 
+def _load_sharded(run: "PreparedRun", checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    from studykit.sharded import by_parameter_name, scatter_state
+
+    model = _unwrapped(run)
+    saved = {}
+    for weight_file in sorted(checkpoint.glob("*.safetensors")):
+        saved.update(load_file(weight_file))
+    adapter_name = getattr(model, "active_adapter", None) if is_adapter_directory(checkpoint) else None
+    weights = by_parameter_name(model, saved, adapter_name)
+    missing = scatter_state(model, run.optimizer.optimizer, weights, _load_tensors(checkpoint / "optimizer.pt"))
+    if missing:
+        raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")
+
+
 def _load_tensors(path: Path) -> Any:
     """Optimizer, scheduler, scaler and RNG state: tensors and plain values only, never arbitrary pickled objects."""
     try:
@@ -252,8 +282,11 @@ def load_resumable(checkpoint: Path, run: "PreparedRun") -> "TrainingState":
     if missing:
         raise _incomplete(checkpoint, f"lacks {', '.join(missing)}")
     check_resume_matches(checkpoint, run)
-    _load_weights(_unwrapped(run), checkpoint)
-    run.optimizer.load_state_dict(_load_tensors(checkpoint / "optimizer.pt"))
+    if is_sharded(run):
+        _load_sharded(run, checkpoint)
+    else:
+        _load_weights(_unwrapped(run), checkpoint)
+        run.optimizer.load_state_dict(_load_tensors(checkpoint / "optimizer.pt"))
     run.scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt"))
     if run.accelerator.scaler is not None and (checkpoint / "scaler.pt").exists():
         run.accelerator.scaler.load_state_dict(_load_tensors(checkpoint / "scaler.pt"))

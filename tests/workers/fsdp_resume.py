@@ -1,0 +1,117 @@
+"""Run by tests/test_fsdp.py under torch.distributed.run with 2 CPU processes (gloo): FSDP2-sharded GPT-2 (full or
+LoRA) trains 3 steps straight, and again 2 steps -> checkpointing.save_resumable -> a fresh, zeroed, sharded model
+-> checkpointing.load_resumable -> 1 step. Writes what the test compares to OUT/result-<method>.json.
+
+accelerate shards only across GPUs, so the trainer cannot run FSDP on a CPU; this drives the checkpoint code with
+real FSDP2 shards and a stand-in for the accelerator's few attributes that code reads.
+"""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from studykit import checkpointing  # noqa: E402
+from studykit.config import TrainConfig  # noqa: E402
+from studykit.modeling import wrap_with_lora  # noqa: E402
+from studykit.sharded import WHOLE_ON_MAIN  # noqa: E402
+from studykit.trainer import PreparedRun, TrainingState, parameter_groups  # noqa: E402
+
+
+def build(model_dir: str, method: str, mesh, zeroed: bool):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    if method == "lora":
+        model = wrap_with_lora(model, 4, 8.0, 0.0, ["attention"])
+    if zeroed:  # nothing of the first run's weights may survive but what the checkpoint restores
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.zero_()
+    blocks = model.get_base_model().transformer.h if method == "lora" else model.transformer.h
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, 1e-2, None), lr=1e-2, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10)
+    accelerator = SimpleNamespace(distributed_type="FSDP", num_processes=dist.get_world_size(), is_main_process=dist.get_rank() == 0,
+                                  wait_for_everyone=dist.barrier, unwrap_model=lambda module: module, scaler=None)
+    config = TrainConfig(model=model_dir, max_steps=3, batch_size=2, grad_accum=1)
+    return PreparedRun(config, accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler, None, [], [],
+                       {"fingerprint": "test"}, 3, 3)
+
+
+def train_step(run: PreparedRun, step: int) -> None:
+    generator = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    input_ids = torch.randint(0, run.model.config.vocab_size, (2, 16), generator=generator)
+    run.model(input_ids=input_ids, labels=input_ids).loss.backward()
+    run.optimizer.optimizer.step()
+    run.optimizer.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+
+
+def whole_weights(run: PreparedRun) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(run.model, options=WHOLE_ON_MAIN)
+
+
+def main() -> None:
+    model_dir, out_dir, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    straight = build(model_dir, method, mesh, zeroed=False)
+    for step in range(3):
+        train_step(straight, step)
+    expected = whole_weights(straight)
+
+    interrupted = build(model_dir, method, mesh, zeroed=False)
+    for step in range(2):
+        train_step(interrupted, step)
+    at_checkpoint = whole_weights(interrupted)
+    run_dir = out_dir / method
+    checkpointing.save_resumable(interrupted, TrainingState(step=2, tokens_seen=64), run_dir)
+    checkpoint = checkpointing.resumable_checkpoints(run_dir)[-1]
+
+    resumed = build(model_dir, method, mesh, zeroed=True)
+    state = checkpointing.load_resumable(checkpoint, resumed)
+    train_step(resumed, state.step)
+    result = whole_weights(resumed)
+
+    if dist.get_rank() == 0:
+        trainable = [name for name, parameter in resumed.model.named_parameters() if parameter.requires_grad]
+        report = {
+            "step": state.step,
+            "trainable": len(trainable),
+            "resumed_vs_straight": max(float((result[name] - expected[name]).abs().max()) for name in expected),
+            "moved_by_training": max(float((expected[name] - at_checkpoint[name]).abs().max()) for name in trainable),
+            "files": sorted(path.name for path in checkpoint.iterdir()),
+        }
+        # The gathered weights load with transformers / peft like any checkpoint.
+        if method == "full":
+            from transformers import GPT2LMHeadModel
+
+            loaded = GPT2LMHeadModel.from_pretrained(checkpoint).state_dict()
+            report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in loaded)
+        else:
+            from peft import PeftModel
+            from transformers import GPT2LMHeadModel
+
+            loaded = dict(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), checkpoint).named_parameters())
+            report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in trainable)
+        (out_dir / f"result-{method}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
