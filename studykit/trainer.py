@@ -165,6 +165,11 @@ def validation_loss(run: PreparedRun) -> float:
         run.model, run.validation_sequences, run.config.eval_batch_size, accelerator.device,
         run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=share,
     )
+    if checkpointing.is_sharded(run) and len(share) < math.ceil(len(batches) / accelerator.num_processes):
+        # Under FSDP every forward pass gathers weights from all processes: one left with a batch fewer joins
+        # the others' last pass with a throwaway one, or they would wait for it forever.
+        score_sequences(run.model, run.validation_sequences, run.config.eval_batch_size, accelerator.device,
+                        run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=batches[:1])
     totals = torch.tensor([scores.nll_sum, float(scores.tokens)], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1])

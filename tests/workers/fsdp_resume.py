@@ -1,11 +1,13 @@
 """Run by tests/test_fsdp.py under torch.distributed.run with 2 CPU processes (gloo): FSDP2-sharded GPT-2 (full or
 LoRA) trains 3 steps straight, and again 2 steps -> checkpointing.save_resumable -> a fresh, zeroed, sharded model
--> checkpointing.load_resumable -> 1 step. Writes what the test compares to OUT/result-<method>.json.
+-> checkpointing.load_resumable -> 1 step -> trainer.validation_loss over three batches. Writes what the test
+compares to OUT/result-<method>.json.
 
 accelerate shards only across GPUs, so the trainer cannot run FSDP on a CPU; this drives the checkpoint code with
 real FSDP2 shards and a stand-in for the accelerator's few attributes that code reads.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,7 +24,10 @@ from studykit import checkpointing  # noqa: E402
 from studykit.config import TrainConfig  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
 from studykit.sharded import WHOLE_ON_MAIN  # noqa: E402
-from studykit.trainer import PreparedRun, TrainingState, parameter_groups  # noqa: E402
+from studykit.metrics import score_sequences  # noqa: E402
+from studykit.trainer import PreparedRun, TrainingState, parameter_groups, validation_loss  # noqa: E402
+
+VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 
 
 def build(model_dir: str, method: str, mesh, zeroed: bool):
@@ -43,11 +48,19 @@ def build(model_dir: str, method: str, mesh, zeroed: bool):
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, 1e-2, None), lr=1e-2, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10)
-    accelerator = SimpleNamespace(distributed_type="FSDP", num_processes=dist.get_world_size(), is_main_process=dist.get_rank() == 0,
-                                  wait_for_everyone=dist.barrier, unwrap_model=lambda module: module, scaler=None)
-    config = TrainConfig(model=model_dir, max_steps=3, batch_size=2, grad_accum=1)
-    return PreparedRun(config, accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler, None, [], [],
-                       {"fingerprint": "test"}, 3, 3)
+    accelerator = SimpleNamespace(distributed_type="FSDP", num_processes=dist.get_world_size(), process_index=dist.get_rank(),
+                                  is_main_process=dist.get_rank() == 0, wait_for_everyone=dist.barrier, unwrap_model=lambda module: module,
+                                  scaler=None, device=torch.device("cpu"), autocast=contextlib.nullcontext, reduce=sum_over_processes)
+    # One sequence per validation batch, three batches for two processes: one process has a batch fewer.
+    config = TrainConfig(model=model_dir, max_steps=3, batch_size=2, grad_accum=1, eval_batch_size=1)
+    return PreparedRun(config, accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler, SimpleNamespace(pad_token_id=0), [],
+                       VALIDATION_SEQUENCES, {"fingerprint": "test"}, 3, 3)
+
+
+def sum_over_processes(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+    assert reduction == "sum"
+    dist.all_reduce(tensor)
+    return tensor
 
 
 def train_step(run: PreparedRun, step: int) -> None:
@@ -87,6 +100,8 @@ def main() -> None:
     state = checkpointing.load_resumable(checkpoint, resumed)
     train_step(resumed, state.step)
     result = whole_weights(resumed)
+    # Every process must take part in every forward pass, however the validation batches divide among them.
+    sharded_validation_loss = validation_loss(resumed)
 
     if dist.get_rank() == 0:
         trainable = [name for name, parameter in resumed.model.named_parameters() if parameter.requires_grad]
@@ -103,6 +118,9 @@ def main() -> None:
 
             loaded = GPT2LMHeadModel.from_pretrained(checkpoint).state_dict()
             report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in loaded)
+            whole = GPT2LMHeadModel.from_pretrained(model_dir)
+            whole.load_state_dict(result)
+            report["validation_loss"] = [sharded_validation_loss, score_sequences(whole, VALIDATION_SEQUENCES, 1, torch.device("cpu"), 0).mean_nll]
         else:
             from peft import PeftModel
             from transformers import GPT2LMHeadModel
