@@ -356,9 +356,10 @@ def describe_run(run: PreparedRun) -> None:
         print(f"adapted modules ({len(description['adapted_modules'])}):")
         for name in description["adapted_modules"]:
             print(f"  {name}")
+    accelerator = run.accelerator
     print(f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
-          f"{run.config.effective_batch * run.accelerator.num_processes} sequences, processes: {run.accelerator.num_processes} ({parallelism(run.accelerator)}), "
-          f"device: {run.accelerator.device}, precision: {run.accelerator.mixed_precision}")
+          f"{run.config.effective_batch * accelerator.num_processes} sequences, processes: {accelerator.num_processes} "
+          f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {accelerator.mixed_precision}")
 
 
 def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from studykit import checkpointing  # noqa: E402
 from studykit.config import TrainConfig  # noqa: E402
+from studykit.metrics import score_sequences  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
 from studykit.sharded import WHOLE_ON_MAIN  # noqa: E402
-from studykit.metrics import score_sequences  # noqa: E402
 from studykit.trainer import PreparedRun, TrainingState, parameter_groups, validation_loss  # noqa: E402
 
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
