@@ -203,8 +203,14 @@ class InterruptFlag:
             signal.signal(signum, handler)
 
 
-def weights_are_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+def weights_are_finite(run: PreparedRun) -> bool:
+    """Whether every trainable weight is finite, agreed by all processes: under FSDP each one sees only its own
+    slice, and a process that stopped alone would leave the others waiting."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in run.model.parameters() if p.requires_grad)
+    if run.accelerator.num_processes == 1:
+        return local
+    finite = torch.tensor(float(local), device=run.accelerator.device)
+    return bool(run.accelerator.reduce(finite, reduction="sum") == run.accelerator.num_processes)
 
 
 def diverged_error(run: PreparedRun, what: str, suspect_from_step: int) -> UserError:
@@ -331,7 +337,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             due = config.save_every and state.step % config.save_every == 0 and state.step < run.total_steps
             # During a NaN streak a scheduled save waits (the weights are suspect); an interrupt still saves its position.
             if due and not nonfinite_streak or stop:
-                if not weights_are_finite(run.model):
+                if not weights_are_finite(run):
                     progress.close()
                     raise diverged_error(run, f"the weights became NaN or inf at step {state.step}", state.step)
                 checkpointing.save_resumable(run, state, output_dir)
@@ -340,7 +346,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
                 progress.close()
                 raise checkpointing.Interrupted(interrupt.signal_name or "SIGTERM", state.step, output_dir)
         progress.close()
-        if not weights_are_finite(run.model):
+        if not weights_are_finite(run):
             raise diverged_error(run, f"the weights became NaN or inf by step {state.step}", state.step)
         record = build_run_record(run, state)
         # Still under InterruptFlag: a Ctrl-C now lets the final save finish rather than lose the finished run.

@@ -1,5 +1,6 @@
 """Resumable checkpoints and validation under FSDP: every process joins the gather, a run resumed from the
-checkpoint takes exactly the step an uninterrupted one does, and uneven validation batches do not stall. Two CPU processes over gloo with real FSDP2 shards
+checkpoint takes exactly the step an uninterrupted one does, uneven validation batches do not stall, and a
+NaN in one process's slice is seen by all. Two CPU processes over gloo with real FSDP2 shards
 (tests/workers/fsdp_resume.py); accelerate itself shards only across GPUs, so this drives the checkpoint code
 directly rather than through the training scripts."""
 
@@ -36,6 +37,8 @@ def test_fsdp_checkpoint_is_gathered_whole_and_resumes_to_the_uninterrupted_weig
     # took the same third step as the run that never stopped.
     assert report["moved_by_training"] > 1e-4
     assert report["resumed_vs_straight"] < 1e-6
+    # A NaN in the other process's slice of the weights is seen by the main process too.
+    assert report["finite_on_main"] == [True, False]
     if method == "full":
         # Three validation batches over two processes: both take part in every pass, and the sum is the whole split's.
         sharded, whole = report["validation_loss"]

@@ -1,6 +1,7 @@
 """Run by tests/test_fsdp.py under torch.distributed.run with 2 CPU processes (gloo): FSDP2-sharded GPT-2 (full or
 LoRA) trains 3 steps straight, and again 2 steps -> checkpointing.save_resumable -> a fresh, zeroed, sharded model
--> checkpointing.load_resumable -> 1 step -> trainer.validation_loss over three batches. Writes what the test
+-> checkpointing.load_resumable -> 1 step -> trainer.validation_loss over three batches;
+trainer.weights_are_finite with a NaN in one process's slice. Writes what the test
 compares to OUT/result-<method>.json.
 
 accelerate shards only across GPUs, so the trainer cannot run FSDP on a CPU; this drives the checkpoint code with
@@ -25,7 +26,7 @@ from studykit.config import TrainConfig  # noqa: E402
 from studykit.metrics import score_sequences  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
 from studykit.sharded import WHOLE_ON_MAIN  # noqa: E402
-from studykit.trainer import PreparedRun, TrainingState, parameter_groups, validation_loss  # noqa: E402
+from studykit.trainer import PreparedRun, TrainingState, parameter_groups, validation_loss, weights_are_finite  # noqa: E402
 
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 
@@ -102,6 +103,12 @@ def main() -> None:
     result = whole_weights(resumed)
     # Every process must take part in every forward pass, however the validation batches divide among them.
     sharded_validation_loss = validation_loss(resumed)
+    # A NaN in one process's slice alone: every process must see it, or they would part ways.
+    finite_before = weights_are_finite(interrupted)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            next(p for p in interrupted.model.parameters() if p.requires_grad).to_local().view(-1)[0] = float("nan")
+    finite_after = weights_are_finite(interrupted)
 
     if dist.get_rank() == 0:
         trainable = [name for name, parameter in resumed.model.named_parameters() if parameter.requires_grad]
@@ -111,6 +118,7 @@ def main() -> None:
             "resumed_vs_straight": max(float((result[name] - expected[name]).abs().max()) for name in expected),
             "moved_by_training": max(float((expected[name] - at_checkpoint[name]).abs().max()) for name in trainable),
             "files": sorted(path.name for path in checkpoint.iterdir()),
+            "finite_on_main": [finite_before, finite_after],
         }
         # The gathered weights load with transformers / peft like any checkpoint.
         if method == "full":
