@@ -10,6 +10,7 @@ real FSDP2 shards and a stand-in for the accelerator's few attributes that code 
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,8 +137,15 @@ def main() -> None:
             loaded = dict(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), checkpoint).named_parameters())
             report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in trainable)
         (out_dir / f"result-{method}.json").write_text(json.dumps(report))
+    # Both processes leave together: one tearing down its connections while the other still works once aborted
+    # the worker ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown, where threads the process group left behind can abort a finished run.
+    os._exit(0)
