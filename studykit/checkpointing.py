@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -138,6 +139,20 @@ def read_run_log(path: Path, until_step: Optional[int] = None) -> list[dict[str,
     return entries
 
 
+@contextlib.contextmanager
+def no_save_progress_bar():
+    """save_pretrained draws a one-step 'Writing model shards' bar; mid-run it only breaks up the training bar."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _unwrapped(run: "PreparedRun"):
     return run.accelerator.unwrap_model(run.model)
 
@@ -172,7 +187,7 @@ def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path)
         weights, optimizer_state = None, run.optimizer.state_dict()
     if accelerator.is_main_process:
         final = Path(output_dir) / RESUME_DIRECTORY / f"step-{state.step:06d}"
-        with atomic_directory(final) as staging:
+        with atomic_directory(final) as staging, no_save_progress_bar():
             _unwrapped(run).save_pretrained(staging, state_dict=weights)
             atomic_write_json(staging / "run_identity.json", run_identity(run))
             torch.save(optimizer_state, staging / "optimizer.pt")
@@ -305,7 +320,7 @@ def save_final(run: "PreparedRun", state: "TrainingState", output_dir: Path, rec
     state_dict = accelerator.get_state_dict(run.model) if accelerator.distributed_type == "FSDP" else None
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
-        with atomic_directory(output_dir / ".final") as staging:
+        with atomic_directory(output_dir / ".final") as staging, no_save_progress_bar():
             _unwrapped(run).save_pretrained(staging, state_dict=state_dict)
             run.tokenizer.save_pretrained(staging)
         staged = output_dir / ".final"
