@@ -265,13 +265,17 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
     step_seconds: list[float] = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, *unused, **kwargs):
-            sync(device)
-            self.started = time.perf_counter()
+        """From one step's end to the next: the Trainer fetches and collates a step's batches before on_step_begin,
+        and our trainer's step time includes that work, so both sides count it."""
+
+        def on_train_begin(self, *unused, **kwargs):
+            self.last_end = time.perf_counter()
 
         def on_step_end(self, *unused, **kwargs):
             sync(device)
-            step_seconds.append(time.perf_counter() - self.started)
+            now = time.perf_counter()
+            step_seconds.append(now - self.last_end)
+            self.last_end = now
 
     reset_peak(device)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=fixed_length_collator, callbacks=[Timer()])

@@ -110,11 +110,12 @@ def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_check
     return shape.layers * block
 
 
-def logits_bytes_per_token(shape: ModelShape, precision: str) -> int:
-    """The vocabulary-sized tensors of the loss: the logits, the fp32 log-probabilities cross-entropy keeps, and
-    at the backward peak their fp32 gradient and its copy in the logits' dtype. For GPT-2 this is the largest item."""
-    element = compute_bytes(precision)
-    return shape.vocab_size * (element + FP32_BYTES + FP32_BYTES + element)
+def logits_bytes_per_token(shape: ModelShape) -> int:
+    """The vocabulary-sized tensors of the loss at their peak, in log-softmax's backward: the fp32 log-probabilities
+    cross-entropy keeps, the gradient arriving from the loss and the gradient it hands back, all fp32. The trainer
+    drops the logits before backward; in the forward pass the logits, their fp32 copy and the log-probabilities
+    (at most the same) are what is alive. For GPT-2 this is the largest item."""
+    return shape.vocab_size * 3 * FP32_BYTES
 
 
 def estimate_training_memory(
@@ -145,7 +146,7 @@ def estimate_training_memory(
         optimizer_state=ADAM_STATES * FP32_BYTES * trainable_params,
         activations=int(tokens * per_token[gradient_checkpointing]),
         activations_other_setting=int(tokens * per_token[not gradient_checkpointing]),
-        logits=tokens * logits_bytes_per_token(shape, precision),
+        logits=tokens * logits_bytes_per_token(shape),
     )
 
 

@@ -241,6 +241,9 @@ def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_toke
             with accelerator.autocast():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll = token_nll_per_sequence(logits, batch["labels"]).sum()
+            # The loss keeps what backward needs; holding the batch x length x vocabulary logits through backward
+            # as well would keep the step's largest tensor alive beside its gradient.
+            del logits
             accelerator.backward(nll * accelerator.num_processes / step_tokens)
         step_nll += float(nll.detach())
         state.padded_tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
