@@ -159,7 +159,9 @@ def _unwrapped(run: "PreparedRun"):
 
 def is_sharded(run: "PreparedRun") -> bool:
     """FSDP: each process holds a slice of the weights and optimizer state, so saving and loading are collectives."""
-    return run.accelerator.distributed_type == "FSDP"
+    from studykit.runtime import parallelism
+
+    return parallelism(run.accelerator) == "FSDP"
 
 
 def run_identity(run: "PreparedRun") -> dict[str, Any]:
@@ -179,10 +181,11 @@ def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path)
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if is_sharded(run):
-        from studykit.sharded import gather_state
+        from studykit.sharded import gather_optimizer_state, gather_weights
 
         # Optimizer state keyed by parameter name, not position: it is spread back over the shards by name.
-        weights, optimizer_state = gather_state(_unwrapped(run), run.optimizer.optimizer)
+        weights = gather_weights(_unwrapped(run))
+        optimizer_state = gather_optimizer_state(_unwrapped(run), run.optimizer.optimizer)
     else:
         weights, optimizer_state = None, run.optimizer.state_dict()
     if accelerator.is_main_process:
@@ -316,8 +319,12 @@ def save_final(run: "PreparedRun", state: "TrainingState", output_dir: Path, rec
     """Weights and tokenizer are staged, moved into place file by file, and run.json is written last."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    # Under FSDP each process holds a shard: gathering the whole weights is a collective every process joins.
-    state_dict = accelerator.get_state_dict(run.model) if accelerator.distributed_type == "FSDP" else None
+    if is_sharded(run):
+        from studykit.sharded import gather_weights
+
+        state_dict = gather_weights(_unwrapped(run))
+    else:
+        state_dict = None
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         with atomic_directory(output_dir / ".final") as staging, no_save_progress_bar():

@@ -24,14 +24,17 @@ WHOLE_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FROM_WHOLE = StateDictOptions(full_state_dict=True, strict=False)
 
 
-def gather_state(model, optimizer) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The model's weights and the optimizer state, whole, on the main process. Every process must call this.
+def gather_weights(model) -> dict[str, Any]:
+    """The model's weights, whole, on the main process. Every process must call this."""
+    return get_model_state_dict(model, options=WHOLE_ON_MAIN)
+
+
+def gather_optimizer_state(model, optimizer) -> dict[str, Any] | None:
+    """The optimizer state, whole and keyed by parameter name, on the main process. Every process must call this.
 
     Before the optimizer's first step there is no state to save (None): gathering would make one up with a step
     at learning rate 0, which would still count as a step in AdamW's bias correction after resuming."""
-    weights = get_model_state_dict(model, options=WHOLE_ON_MAIN)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=WHOLE_ON_MAIN) if optimizer.state else None
-    return weights, optimizer_state
+    return get_optimizer_state_dict(model, optimizer, options=WHOLE_ON_MAIN) if optimizer.state else None
 
 
 def scatter_state(model, optimizer, weights: dict[str, Any], optimizer_state: dict[str, Any] | None) -> list[str]:

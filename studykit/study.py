@@ -255,11 +255,12 @@ def plan(study: Study) -> list[tuple[str, str]]:
     trains = False
     for spec in study.runs:
         run_dir = Path(spec.config.output_dir)
-        if fingerprint is None:
+        inputs = run_inputs(spec, fingerprint) if fingerprint is not None else None
+        if inputs is None:
             action = "train, unless the data comes out as before and the run is current"
-        elif is_current(run_dir, run_inputs(spec, fingerprint), "run.json"):
+        elif is_current(run_dir, inputs, "run.json"):
             action = "keep"
-        elif (checkpoint := resumable_study_run(run_dir, run_inputs(spec, fingerprint))) is not None:
+        elif (checkpoint := resumable_study_run(run_dir, inputs)) is not None:
             action = f"resume the unfinished run from {checkpoint.name}"
         else:
             action = f"train {spec.method} (lr {spec.config.lr:g}) -> {run_dir}"

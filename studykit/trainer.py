@@ -195,22 +195,26 @@ class InterruptFlag:
 
     def requested(self, accelerator) -> bool:
         """Whether any process was signalled, agreed by all, so every process saves and stops at the same step."""
-        flag = torch.tensor(float(self.signal_name is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum") > 0) if accelerator.num_processes > 1 else self.signal_name is not None
+        return processes_where(accelerator, self.signal_name is not None) > 0
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
 
+def processes_where(accelerator, holds: bool) -> int:
+    """How many processes this holds on. Decisions that change what a process does next (stop, save, raise) are
+    taken on this count, so that no process goes on alone and leaves the others waiting for it."""
+    if accelerator.num_processes == 1:
+        return int(holds)
+    count = accelerator.reduce(torch.tensor(float(holds), device=accelerator.device), reduction="sum")
+    return int(count)
+
+
 def weights_are_finite(run: PreparedRun) -> bool:
-    """Whether every trainable weight is finite, agreed by all processes: under FSDP each one sees only its own
-    slice, and a process that stopped alone would leave the others waiting."""
+    """Whether every trainable weight is finite, agreed by all processes (under FSDP each sees only its own slice)."""
     local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in run.model.parameters() if p.requires_grad)
-    if run.accelerator.num_processes == 1:
-        return local
-    finite = torch.tensor(float(local), device=run.accelerator.device)
-    return bool(run.accelerator.reduce(finite, reduction="sum") == run.accelerator.num_processes)
+    return processes_where(run.accelerator, local) == run.accelerator.num_processes
 
 
 def diverged_error(run: PreparedRun, what: str, suspect_from_step: int) -> UserError:

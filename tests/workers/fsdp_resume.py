@@ -26,7 +26,7 @@ from studykit import checkpointing  # noqa: E402
 from studykit.config import TrainConfig  # noqa: E402
 from studykit.metrics import score_sequences  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
-from studykit.sharded import WHOLE_ON_MAIN  # noqa: E402
+from studykit.sharded import gather_weights  # noqa: E402
 from studykit.trainer import PreparedRun, TrainingState, parameter_groups, validation_loss, weights_are_finite  # noqa: E402
 
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
@@ -74,12 +74,6 @@ def train_step(run: PreparedRun, step: int) -> None:
     run.scheduler.step()
 
 
-def whole_weights(run: PreparedRun) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(run.model, options=WHOLE_ON_MAIN)
-
-
 def main() -> None:
     model_dir, out_dir, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo")
@@ -88,12 +82,12 @@ def main() -> None:
     straight = build(model_dir, method, mesh, zeroed=False)
     for step in range(3):
         train_step(straight, step)
-    expected = whole_weights(straight)
+    expected = gather_weights(straight.model)
 
     interrupted = build(model_dir, method, mesh, zeroed=False)
     for step in range(2):
         train_step(interrupted, step)
-    at_checkpoint = whole_weights(interrupted)
+    at_checkpoint = gather_weights(interrupted.model)
     run_dir = out_dir / method
     checkpointing.save_resumable(interrupted, TrainingState(step=2, tokens_seen=64), run_dir)
     checkpoint = checkpointing.resumable_checkpoints(run_dir)[-1]
@@ -101,7 +95,7 @@ def main() -> None:
     resumed = build(model_dir, method, mesh, zeroed=True)
     state = checkpointing.load_resumable(checkpoint, resumed)
     train_step(resumed, state.step)
-    result = whole_weights(resumed)
+    result = gather_weights(resumed.model)
     # Every process must take part in every forward pass, however the validation batches divide among them.
     sharded_validation_loss = validation_loss(resumed)
     # A NaN in one process's slice alone: every process must see it, or they would part ways.
