@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from studykit.errors import UserError
+from studykit.loss import logit_chunk_positions, output_layer
 
 GIB = 1024**3
 FP32_BYTES = 4
@@ -56,11 +57,12 @@ class MemoryEstimate:
     optimizer_state: int
     activations: int
     activations_other_setting: int
-    logits: int
+    loss: int
+    chunked_loss: bool = True
 
     @property
     def total(self) -> int:
-        return self.weights + self.half_precision_weight_copies + self.gradients + self.optimizer_state + self.activations + self.logits
+        return self.weights + self.half_precision_weight_copies + self.gradients + self.optimizer_state + self.activations + self.loss
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total": self.total}
@@ -74,7 +76,7 @@ class MemoryEstimate:
             ("gradients (fp32, trainable only)", self.gradients),
             ("optimizer state (AdamW, 2 x fp32)", self.optimizer_state),
             (f"activations {this} gradient checkpointing", self.activations),
-            ("logits, log-probabilities and their gradient", self.logits),
+            ("output layer and loss (chunked logits)" if self.chunked_loss else "logits, log-probabilities and their gradient", self.loss),
         ]
         lines = [f"memory estimate at micro-batch {self.micro_batch} x {self.seq_len} tokens, precision {self.precision}:"]
         lines += [f"  {name:<46} {gib(size):>8.2f} GiB" for name, size in rows]
@@ -110,12 +112,24 @@ def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_check
     return shape.layers * block
 
 
-def logits_bytes_per_token(shape: ModelShape) -> int:
-    """The vocabulary-sized tensors of the loss at their peak, in log-softmax's backward: the fp32 log-probabilities
-    cross-entropy keeps, the gradient arriving from the loss and the gradient it hands back, all fp32. The trainer
-    drops the logits before backward; in the forward pass the logits, their fp32 copy and the log-probabilities
-    (at most the same) are what is alive. For GPT-2 this is the largest item."""
-    return shape.vocab_size * 3 * FP32_BYTES
+def loss_bytes(shape: ModelShape, precision: str, tokens: int, chunked: bool, output_layer_trainable: bool) -> int:
+    """The output layer and the loss at their peak.
+
+    Chunked (studykit.loss): one chunk's fp32 logits, which become their gradient in place, beside a half-precision
+    copy; the output weights' gradient, accumulated in fp32 over the chunks until backward, with each chunk's
+    contribution; a half-precision copy of the output weights; the fp32 gradient for the final hidden states.
+    Full logits (an output layer the chunked loss cannot apply): log-softmax's backward, where the fp32
+    log-probabilities, the gradient arriving from the loss and the gradient handed back are alive at once.
+    """
+    if not chunked:
+        return tokens * shape.vocab_size * 3 * FP32_BYTES
+    element = compute_bytes(precision)
+    half_copy = element if element < FP32_BYTES else 0
+    output_weights = shape.vocab_size * shape.hidden_size
+    chunk = min(tokens, logit_chunk_positions(shape.vocab_size, "cuda"))
+    logits = chunk * shape.vocab_size * (FP32_BYTES + half_copy)
+    weight_gradient = output_weights * (FP32_BYTES + element) if output_layer_trainable else 0
+    return logits + weight_gradient + output_weights * half_copy + tokens * shape.hidden_size * FP32_BYTES
 
 
 def estimate_training_memory(
@@ -127,9 +141,12 @@ def estimate_training_memory(
     precision: str,
     gradient_checkpointing: bool,
     attention_scores_kept: bool = False,
+    chunked_loss: bool = True,
+    output_layer_trainable: Optional[bool] = None,
 ) -> MemoryEstimate:
     """Full fine-tuning: trainable == total. LoRA: trainable is the adapters, the frozen base has no gradients
-    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies."""
+    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies.
+    The output layer counts as trainable with full fine-tuning unless told."""
     shape = ModelShape.from_config(model_config)
     tokens = micro_batch * seq_len
     per_token = {
@@ -146,7 +163,9 @@ def estimate_training_memory(
         optimizer_state=ADAM_STATES * FP32_BYTES * trainable_params,
         activations=int(tokens * per_token[gradient_checkpointing]),
         activations_other_setting=int(tokens * per_token[not gradient_checkpointing]),
-        logits=tokens * logits_bytes_per_token(shape),
+        loss=loss_bytes(shape, precision, tokens, chunked_loss,
+                        trainable_params == total_params if output_layer_trainable is None else output_layer_trainable),
+        chunked_loss=chunked_loss,
     )
 
 
@@ -156,7 +175,9 @@ def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gr
     total = sum(p.numel() for p in model.parameters())
     config = model.config
     eager = getattr(config, "_attn_implementation", None) == "eager"
-    return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, eager)
+    head = output_layer(model)
+    return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, eager,
+                                    chunked_loss=head is not None, output_layer_trainable=head is not None and head.weight.requires_grad)
 
 
 def apply_memory_cap(max_gpu_memory_gb: Optional[float], device: torch.device, say=print) -> Optional[int]:
@@ -201,17 +222,16 @@ def largest_fitting_by_estimate(config, estimate_at, cap: Optional[int]) -> int:
 def probe_fits(model, accelerator, sequence: list[int], batch_size: int, reserved_bytes: int) -> bool:
     """One forward and backward pass at the longest length, with the optimizer state's memory held aside."""
     from studykit.data import collate
-    from studykit.metrics import token_nll_per_sequence
+    from studykit.loss import batch_nll
 
     batch = {key: value.to(accelerator.device) for key, value in collate([sequence] * batch_size, 0).items()}
     try:
         # The probe must not move the run's random streams (dropout), so the run is the same with or without it.
         with torch.random.fork_rng(devices=[accelerator.device]):
             reserve = torch.empty(reserved_bytes, dtype=torch.uint8, device=accelerator.device)
-            with accelerator.no_sync(model), accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                token_nll_per_sequence(logits, batch["labels"]).sum().backward()
-            del reserve, logits
+            with accelerator.no_sync(model):
+                batch_nll(model, batch, accelerator.autocast).total.backward()
+            del reserve
         return True
     except torch.cuda.OutOfMemoryError:
         return False

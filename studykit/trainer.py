@@ -19,7 +19,8 @@ from studykit.config import TrainConfig, config_to_dict, print_config, save_conf
 from studykit.data import check_tokenizer_matches, collate, length_sorted_batches, load_processed, pack_sequences, plan_step_windows, split_window
 from studykit.errors import UserError
 from studykit.io import check_writable_location, ensure_writable_directory
-from studykit.metrics import score_sequences, token_nll_per_sequence
+from studykit.loss import batch_nll
+from studykit.metrics import score_sequences
 from studykit.modeling import base_model_fingerprint, count_parameters, enable_activation_checkpointing, load_base_model, load_tokenizer, model_context_length
 from studykit.runtime import build_accelerator, parallelism, peak_memory_bytes, reset_peak_memory
 
@@ -242,12 +243,7 @@ def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_toke
         # DDP averages gradients over processes; scaling by their number makes the step's gradient
         # the token-weighted mean over the whole window, however it is split.
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll = token_nll_per_sequence(logits, batch["labels"]).sum()
-            # The loss keeps what backward needs; holding the batch x length x vocabulary logits through backward
-            # as well would keep the step's largest tensor alive beside its gradient.
-            del logits
+            nll = batch_nll(model, batch, accelerator.autocast).total
             accelerator.backward(nll * accelerator.num_processes / step_tokens)
         step_nll += float(nll.detach())
         state.padded_tokens_seen += batch["input_ids"].numel() * accelerator.num_processes

@@ -4,6 +4,7 @@ Every comparison is against an independent computation: fixed-length padding, a 
 without the feature, or parameter counts worked out by hand.
 """
 
+import contextlib
 import json
 import math
 
@@ -14,7 +15,8 @@ from conftest import build_tiny_model
 from studykit.config import LoraTrainConfig, TrainConfig
 from studykit.data import IGNORE_INDEX, collate, load_processed, pack_sequences, plan_step_windows, split_window
 from studykit.errors import UserError
-from studykit.metrics import score_sequences, token_nll_per_sequence
+from studykit.loss import batch_nll, token_nll_per_sequence
+from studykit.metrics import score_sequences
 from studykit.modeling import enable_activation_checkpointing, load_base_model, wrap_with_lora
 
 GIB = 1024**3
@@ -125,8 +127,7 @@ def lora_model(model_dir):
 def loss_and_lora_gradients(model, batch):
     model.train()
     torch.manual_seed(0)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = token_nll_per_sequence(logits, batch["labels"]).sum()
+    loss = batch_nll(model, batch, contextlib.nullcontext).total  # the trainer's loss
     loss.backward()
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
 
@@ -184,7 +185,13 @@ def test_gpt2_small_defaults_fit_six_gib_by_the_estimate(config_cls):
     trainable = 442_368 if config_cls is LoraTrainConfig else 124_439_808
     assert estimate.gradients == 4 * trainable and estimate.optimizer_state == 8 * trainable
     assert estimate.weights == 4 * (124_439_808 + (442_368 if config_cls is LoraTrainConfig else 0))
-    assert estimate.logits == 8 * 512 * 50257 * 12
+    # The loss (studykit.loss) at fp16: a chunk of 200 MiB / (4 x 50,257) = 1,043 positions of fp32 + fp16 logits,
+    # a fp16 copy of the 50,257 x 768 output weights, their fp32 gradient and its fp16 per-chunk part (full FT only:
+    # the LoRA base is frozen), the fp32 gradient of the 8 x 512 final hidden states.
+    output_weights = 50257 * 768
+    weight_gradient = output_weights * (4 + 2) if config_cls is TrainConfig else 0
+    assert estimate.chunked_loss
+    assert estimate.loss == 1043 * 50257 * (4 + 2) + weight_gradient + output_weights * 2 + 8 * 512 * 768 * 4
     assert estimate.activations_other_setting < estimate.activations, "checkpointing must need less activation memory"
 
 
@@ -198,8 +205,7 @@ def saved_for_backward_bytes(model, batch) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        token_nll_per_sequence(logits, batch["labels"]).sum()
+        batch_nll(model, batch, contextlib.nullcontext)
     return sum(storages.values())
 
 
@@ -210,10 +216,11 @@ def test_activation_estimate_is_close_to_what_autograd_keeps(tiny_model_dir):
     batch = collate([[1] * 64] * 4, 0)
     estimate = estimate_for_model(model, 4, 64, "no", gradient_checkpointing=False)
     weights = sum(p.numel() * 4 for p in model.parameters())
-    # Saved tensors include the weights themselves (matmul inputs); the log-probabilities are the only
-    # vocabulary-sized tensor autograd keeps, one of the three the estimate holds for the loss's peak.
+    # Saved tensors include the weights themselves (matmul inputs). Of the loss, autograd keeps the gradients the
+    # chunks worked out: the output weights' (50,257 x 64, fp32) and the final hidden states' (4 x 63 positions);
+    # the chunk's logits, the rest of the estimate's loss item, are gone by then.
     measured = saved_for_backward_bytes(model, batch) - weights
-    expected = estimate.activations + estimate.logits / 3
+    expected = estimate.activations + 50257 * 64 * 4 + 4 * 63 * 64 * 4
     assert measured == pytest.approx(expected, rel=0.25)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from studykit import loss
 from studykit.data import IGNORE_INDEX, collate
 from studykit.metrics import score_sequences
 
@@ -43,6 +44,17 @@ def test_perplexity_matches_hand_computed_reference(model_and_sequences, gpt2_to
     assert scores.tokens == expected_tokens == sum(len(s) - 1 for s in sequences)
     assert scores.nll_sum == pytest.approx(expected_nll, rel=1e-5)
     assert scores.perplexity == pytest.approx(expected_ppl, rel=1e-5)
+
+
+def test_chunks_of_the_output_layer_that_split_responses_change_nothing(model_and_sequences, gpt2_tokenizer, monkeypatch):
+    model, sequences = model_and_sequences
+    whole = score_sequences(model, sequences, 4, torch.device("cpu"), gpt2_tokenizer.eos_token_id)
+    # 3 positions a chunk: every response's targets are spread over several chunks, most chunks hold two responses.
+    monkeypatch.setitem(loss.LOGIT_CHUNK_BYTES, "cpu", 3 * 4 * model.config.vocab_size)
+    assert loss.logit_chunk_positions(model.config.vocab_size, "cpu") == 3
+    chunked = score_sequences(model, sequences, 4, torch.device("cpu"), gpt2_tokenizer.eos_token_id)
+    assert chunked.token_counts.tolist() == whole.token_counts.tolist()
+    assert chunked.nll_sums == pytest.approx(whole.nll_sums, rel=1e-6)
 
 
 def test_perplexity_is_token_weighted_not_a_mean_of_means(model_and_sequences, gpt2_tokenizer):

@@ -24,6 +24,7 @@ from conftest import REPO_ROOT, build_tiny_model, run_script, train_in_process, 
 from studykit import checkpointing
 from studykit.errors import UserError
 from studykit.io import PARTIAL_MARKER
+from studykit.loss import BatchNLL
 
 PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
 # Loading progress bars of transformers and datasets would share stderr with the error line.
@@ -309,14 +310,14 @@ def test_an_absurd_learning_rate_stops_with_a_clear_message_and_no_run(in_proces
 def test_a_loss_that_stays_nan_keeps_the_last_good_checkpoint(tmp_path, small_vocab_inputs, monkeypatch):
     from studykit import trainer
 
-    real_nll, calls = trainer.token_nll_per_sequence, []
+    real_nll, calls = trainer.batch_nll, []
 
-    def nan_from_step_five(logits, labels):
+    def nan_from_step_five(model, batch, autocast):
         calls.append(1)
-        nll = real_nll(logits, labels)
-        return nll * math.nan if len(calls) >= 5 else nll
+        nll = real_nll(model, batch, autocast)
+        return BatchNLL(nll.total * math.nan, nll.per_sequence) if len(calls) >= 5 else nll
 
-    monkeypatch.setattr(trainer, "token_nll_per_sequence", nan_from_step_five)
+    monkeypatch.setattr(trainer, "batch_nll", nan_from_step_five)
     run_dir = tmp_path / "run"
     with pytest.raises(UserError) as error:
         train_in_process("full", small_vocab_inputs, run_dir, max_steps=10, grad_accum=1, save_every=1, keep=1)
@@ -349,13 +350,14 @@ def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, t
     """fp16: the loss scaler skips the step; fp32/bf16 (no scaler): the trainer skips it on the non-finite norm."""
     from studykit import trainer
 
-    real_nll, calls = trainer.token_nll_per_sequence, []
+    real_nll, calls = trainer.batch_nll, []
 
-    def overflow_at_step_two(logits, labels):
+    def overflow_at_step_two(model, batch, autocast):
         calls.append(1)
-        return real_nll(InfiniteGradient.apply(logits) if len(calls) == 2 else logits, labels)
+        nll = real_nll(model, batch, autocast)
+        return BatchNLL(InfiniteGradient.apply(nll.total), nll.per_sequence) if len(calls) == 2 else nll
 
-    monkeypatch.setattr(trainer, "token_nll_per_sequence", overflow_at_step_two)
+    monkeypatch.setattr(trainer, "batch_nll", overflow_at_step_two)
     record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision=precision)
     log = checkpointing.read_run_log(tmp_path / "run" / checkpointing.RUN_LOG)
     if precision == "fp32":

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from studykit import checkpointing  # noqa: E402
 from studykit.config import TrainConfig  # noqa: E402
+from studykit.data import collate  # noqa: E402
+from studykit.loss import batch_nll  # noqa: E402
 from studykit.metrics import score_sequences  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
 from studykit.sharded import gather_weights  # noqa: E402
@@ -32,7 +34,7 @@ from studykit.trainer import PreparedRun, TrainingState, parameter_groups, valid
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 
 
-def build(model_dir: str, method: str, mesh, zeroed: bool):
+def build(model_dir: str, method: str, mesh, zeroed: bool, sharded: bool = True):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -44,10 +46,11 @@ def build(model_dir: str, method: str, mesh, zeroed: bool):
             for parameter in model.parameters():
                 if parameter.requires_grad:
                     parameter.zero_()
-    blocks = model.get_base_model().transformer.h if method == "lora" else model.transformer.h
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if sharded:
+        blocks = model.get_base_model().transformer.h if method == "lora" else model.transformer.h
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, 1e-2, None), lr=1e-2, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10)
     accelerator = SimpleNamespace(distributed_type="FSDP", num_processes=dist.get_world_size(), process_index=dist.get_rank(),
@@ -65,10 +68,20 @@ def sum_over_processes(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
     return tensor
 
 
-def train_step(run: PreparedRun, step: int) -> None:
-    generator = torch.Generator().manual_seed(1000 * step + dist.get_rank())
-    input_ids = torch.randint(0, run.model.config.vocab_size, (2, 16), generator=generator)
-    run.model(input_ids=input_ids, labels=input_ids).loss.backward()
+def step_batch(step: int, rank: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return collate(torch.randint(0, vocab_size, (2, 16), generator=generator).tolist(), 0)
+
+
+def train_step(run: PreparedRun, step: int, ranks: list[int] | None = None) -> None:
+    """One step with the trainer's loss on this process's batch (or, unsharded, on the batches of all `ranks`)."""
+    world = dist.get_world_size()
+    ranks = ranks or [dist.get_rank()]
+    step_tokens = world * 2 * 15
+    for rank in ranks:
+        nll = batch_nll(run.model, step_batch(step, rank, run.model.config.vocab_size), contextlib.nullcontext).total
+        # As in trainer.forward_backward: FSDP averages over processes, so each scales by their number.
+        (nll * (world if len(ranks) == 1 else 1) / step_tokens).backward()
     run.optimizer.optimizer.step()
     run.optimizer.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
@@ -83,6 +96,14 @@ def main() -> None:
     for step in range(3):
         train_step(straight, step)
     expected = gather_weights(straight.model)
+    # The loss applies the output layer outside the model's forward: its sharded gradient must still be the one a
+    # single process gets from both processes' batches.
+    if dist.get_rank() == 0:
+        single = build(model_dir, method, mesh, zeroed=False, sharded=False)
+        for step in range(3):
+            train_step(single, step, ranks=list(range(dist.get_world_size())))
+        single_weights = single.model.state_dict()
+        fsdp_vs_single_process = max(float((expected[name] - single_weights[name]).abs().max()) for name in expected)
 
     interrupted = build(model_dir, method, mesh, zeroed=False)
     for step in range(2):
@@ -114,6 +135,7 @@ def main() -> None:
             "moved_by_training": max(float((expected[name] - at_checkpoint[name]).abs().max()) for name in trainable),
             "files": sorted(path.name for path in checkpoint.iterdir()),
             "finite_on_main": [finite_before, finite_after],
+            "fsdp_vs_single_process": fsdp_vs_single_process,
         }
         # The gathered weights load with transformers / peft like any checkpoint.
         if method == "full":

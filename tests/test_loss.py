@@ -1,0 +1,118 @@
+"""The chunked loss gives the loss and the gradients of the usual full-logits cross-entropy, for every parameter."""
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from studykit import loss
+from studykit.data import collate
+from studykit.loss import batch_nll, token_nll_per_sequence
+from studykit.modeling import load_base_model, wrap_with_lora
+
+# Uneven lengths, so the padded positions of the shorter rows must be left out of the output layer.
+SEQUENCES = [[5, 17, 923, 44, 8, 50256], [70, 71, 50256], [3000, 12, 9, 88, 431, 2, 19, 50256], [7, 50256]]
+
+
+@pytest.fixture
+def three_positions_a_chunk(monkeypatch):
+    """Chunks of 3 predicted positions: every response spans chunks, most chunks hold two responses."""
+    monkeypatch.setitem(loss.LOGIT_CHUNK_BYTES, "cpu", 3 * 4 * 50257)
+    assert loss.logit_chunk_positions(50257, "cpu") == 3
+
+
+def build(model_dir, method):
+    model = load_base_model(str(model_dir))
+    torch.manual_seed(0)
+    if method == "lora":
+        model = wrap_with_lora(model, 4, 8.0, 0.0, ["attention"])
+        with torch.no_grad():  # LoRA B starts at zero, which would hide a wrong gradient for A
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.05)
+    return model.eval()  # no dropout: the two computations must see the same network
+
+
+def loss_and_gradients(model, compute_loss):
+    model.zero_grad(set_to_none=True)
+    total, per_sequence = compute_loss(model)
+    (total / 7.0).backward()  # an arbitrary scale, as the trainer's 1 / step_tokens
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return float(total.detach()), per_sequence.tolist(), gradients
+
+
+def full_logits(model):
+    batch = collate(SEQUENCES, 50256)
+    per_sequence = token_nll_per_sequence(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    return per_sequence.sum(), per_sequence.detach()
+
+
+def chunked(model):
+    result = batch_nll(model, collate(SEQUENCES, 50256), contextlib.nullcontext)
+    return result.total, result.per_sequence
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_loss_has_the_full_logits_loss_and_gradients(method, tiny_model_dir, three_positions_a_chunk):
+    expected_total, expected_rows, expected_gradients = loss_and_gradients(build(tiny_model_dir, method), full_logits)
+    total, rows, gradients = loss_and_gradients(build(tiny_model_dir, method), chunked)
+    assert total == pytest.approx(expected_total, rel=1e-6)
+    assert rows == pytest.approx(expected_rows, rel=1e-6)
+    assert gradients.keys() == expected_gradients.keys()
+    if method == "full":  # the output layer (tied to the embedding) gets its gradient from the chunks
+        assert "transformer.wte.weight" in gradients
+    else:
+        assert len(gradients) == 2 * 2 * 2
+    for name, gradient in gradients.items():
+        scale = float(expected_gradients[name].abs().max())
+        assert scale > 0, name
+        # Float32 sums in another order: entries near zero differ by ~1e-7 of the largest one.
+        torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close_to_fp32(tiny_model_dir):
+    model = build(tiny_model_dir, "full")
+    batch = collate(SEQUENCES, 50256)
+    exact = batch_nll(model, batch, contextlib.nullcontext).per_sequence
+    mixed = batch_nll(model, batch, lambda: torch.autocast("cpu", dtype=torch.bfloat16)).per_sequence
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0.0)
+
+
+class LargestNewTensor(TorchDispatchMode):
+    """The most elements any tensor made inside holds in its own memory (views of the weights do not count)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.weights:
+                self.numel = max(self.numel, tensor.untyped_storage().nbytes() // tensor.element_size())
+        return result
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_no_tensor_the_size_of_the_batch_logits_is_ever_made(method, tiny_model_dir, three_positions_a_chunk):
+    model = build(tiny_model_dir, method)
+    batch = collate(SEQUENCES, 50256)
+    with LargestNewTensor(model) as full_logits_step:
+        full_logits(model)[0].backward()
+    assert full_logits_step.numel >= batch["input_ids"].numel() * 50257  # the check sees the logits where they exist
+    with LargestNewTensor(model) as chunked_step:
+        chunked(model)[0].backward()
+    # The largest is the last position's logits the model still returns (4 rows x 50,257; a chunk is 3 x 50,257),
+    # or with full FT the output weights' 50,257 x 64 gradient.
+    assert chunked_step.numel == max(len(SEQUENCES) * 50257, 50257 * 64 if method == "full" else 0)
+
+
+def test_evaluation_computes_no_gradients(tiny_model_dir):
+    model = build(tiny_model_dir, "full")
+    with torch.no_grad():
+        result = batch_nll(model, collate(SEQUENCES, 50256), contextlib.nullcontext)
+    assert not result.total.requires_grad
+    assert all(p.grad is None for p in model.parameters())
