@@ -74,16 +74,17 @@ class ChunkedOutputLayerNLL(torch.autograd.Function):
                 logits = (chunk_hidden @ compute_weight.T).float()
                 log_normalizer = logits.logsumexp(dim=-1)
                 nll[chunk] = log_normalizer - logits.gather(1, chunk_targets[:, None]).squeeze(1)
-                if grad_hidden is None and grad_weight is None:
-                    continue
-                # d nll / d logits = softmax - one_hot(target), built in place of the logits.
-                grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-                grad_logits[torch.arange(chunk_targets.numel(), device=grad_logits.device), chunk_targets] -= 1
-                grad_logits = grad_logits.to(compute_dtype)
-                if grad_hidden is not None:
-                    grad_hidden[chunk] = grad_logits @ compute_weight
-                if grad_weight is not None:
-                    grad_weight.add_(grad_logits.T @ chunk_hidden)
+                if grad_hidden is not None or grad_weight is not None:
+                    # d nll / d logits = softmax - one_hot(target), built in place of the logits.
+                    grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+                    grad_logits[torch.arange(chunk_targets.numel(), device=grad_logits.device), chunk_targets] -= 1
+                    grad_logits = grad_logits.to(compute_dtype)
+                    if grad_hidden is not None:
+                        grad_hidden[chunk] = grad_logits @ compute_weight
+                    if grad_weight is not None:
+                        grad_weight.add_(grad_logits.T @ chunk_hidden)
+                    del grad_logits
+                del logits  # or this chunk's logits would still be alive while the next one's are made
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(nll)
         return nll.sum(), nll

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from studykit.errors import UserError
 from studykit.loss import logit_chunk_positions, output_layer
@@ -94,7 +96,8 @@ def compute_bytes(precision: str) -> int:
     return 2 if precision in ("fp16", "bf16") else FP32_BYTES
 
 
-def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_checkpointing: bool, attention_scores_kept: bool, seq_len: int) -> float:
+def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_checkpointing: bool, attention_scores_kept: bool, seq_len: int,
+                               adapter_dropout_features: int = 0) -> float:
     """Per token, summed over layers, what autograd keeps for the backward pass.
 
     Without checkpointing each block keeps (Korthikanti et al. 2022, generalised to any MLP width) the inputs of
@@ -102,9 +105,12 @@ def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_check
     masks; eager attention also keeps its heads x seq_len score and probability matrices (SDPA kernels do not).
     With checkpointing only each block's input survives (kept in fp32 by the residual stream), and one block's
     activations are rebuilt at a time during the backward pass.
+    LoRA dropout keeps, for each adapted layer, a dropped copy of its input (fp32 at most), the mask (a byte per
+    element) and the half-precision cast the adapter multiplies: `adapter_dropout_features` sums their inputs' widths.
     """
     element = compute_bytes(precision)
     block = element * (8 * shape.hidden_size + 2 * shape.intermediate_size) + 2 * shape.hidden_size
+    block += adapter_dropout_features * (FP32_BYTES + 1 + element) / shape.layers
     if attention_scores_kept:
         block += 5 * shape.heads * seq_len
     if gradient_checkpointing:
@@ -112,7 +118,7 @@ def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_check
     return shape.layers * block
 
 
-def loss_bytes(shape: ModelShape, precision: str, tokens: int, chunked: bool, output_layer_trainable: bool) -> int:
+def loss_bytes(shape: ModelShape, precision: str, tokens: int, chunked: bool, output_layer_trainable: bool, device_type: str = "cuda") -> int:
     """The output layer and the loss at their peak.
 
     Chunked (studykit.loss): one chunk's fp32 logits, which become their gradient in place, beside a half-precision
@@ -126,7 +132,7 @@ def loss_bytes(shape: ModelShape, precision: str, tokens: int, chunked: bool, ou
     element = compute_bytes(precision)
     half_copy = element if element < FP32_BYTES else 0
     output_weights = shape.vocab_size * shape.hidden_size
-    chunk = min(tokens, logit_chunk_positions(shape.vocab_size, "cuda"))
+    chunk = min(tokens, logit_chunk_positions(shape.vocab_size, device_type))
     logits = chunk * shape.vocab_size * (FP32_BYTES + half_copy)
     weight_gradient = output_weights * (FP32_BYTES + element) if output_layer_trainable else 0
     return logits + weight_gradient + output_weights * half_copy + tokens * shape.hidden_size * FP32_BYTES
@@ -143,6 +149,8 @@ def estimate_training_memory(
     attention_scores_kept: bool = False,
     chunked_loss: bool = True,
     output_layer_trainable: Optional[bool] = None,
+    adapter_dropout_features: int = 0,
+    device_type: str = "cuda",
 ) -> MemoryEstimate:
     """Full fine-tuning: trainable == total. LoRA: trainable is the adapters, the frozen base has no gradients
     or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies.
@@ -150,7 +158,8 @@ def estimate_training_memory(
     shape = ModelShape.from_config(model_config)
     tokens = micro_batch * seq_len
     per_token = {
-        setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len) for setting in (True, False)
+        setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len, adapter_dropout_features)
+        for setting in (True, False)
     }
     return MemoryEstimate(
         micro_batch=micro_batch,
@@ -164,12 +173,12 @@ def estimate_training_memory(
         activations=int(tokens * per_token[gradient_checkpointing]),
         activations_other_setting=int(tokens * per_token[not gradient_checkpointing]),
         loss=loss_bytes(shape, precision, tokens, chunked_loss,
-                        trainable_params == total_params if output_layer_trainable is None else output_layer_trainable),
+                        trainable_params == total_params if output_layer_trainable is None else output_layer_trainable, device_type),
         chunked_loss=chunked_loss,
     )
 
 
-def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool) -> MemoryEstimate:
+def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool, device_type: str = "cuda") -> MemoryEstimate:
     """The estimate for a loaded (possibly LoRA-wrapped) model, counting its trainable parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -177,7 +186,49 @@ def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gr
     eager = getattr(config, "_attn_implementation", None) == "eager"
     head = output_layer(model)
     return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, eager,
-                                    chunked_loss=head is not None, output_layer_trainable=head is not None and head.weight.requires_grad)
+                                    chunked_loss=head is not None, output_layer_trainable=head is not None and head.weight.requires_grad,
+                                    adapter_dropout_features=adapter_dropout_features(model), device_type=device_type)
+
+
+def adapter_dropout_features(model) -> int:
+    """The summed input widths of the LoRA-adapted layers whose adapter applies dropout."""
+    features = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in dropouts.values()):
+            features += int(module.in_features)
+    return features
+
+
+class TensorMemoryPeak(TorchDispatchMode):
+    """The most bytes tensors held at once while inside, on any device: `already_alive` (the weights) count from the
+    start, every tensor made inside from its first op until its storage is freed. What a step really keeps, without
+    a GPU; the allocator's rounding and the CUDA context are not in it."""
+
+    def __init__(self, already_alive=()) -> None:
+        super().__init__()
+        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        for tensor in already_alive:
+            self._count(tensor)
+        self.peak = self.current
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key and key not in self.alive:
+            self.alive[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.current += storage.nbytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for key in [key for key, (storage, _) in self.alive.items() if storage.expired()]:
+            self.current -= self.alive.pop(key)[1]
+        for tensor in torch.utils._pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor)
+        self.peak = max(self.peak, self.current)
+        return result
 
 
 def apply_memory_cap(max_gpu_memory_gb: Optional[float], device: torch.device, say=print) -> Optional[int]:
@@ -262,7 +313,8 @@ def plan_memory(config, model, accelerator, longest_sequence: list[int]) -> tupl
     precision = accelerator.mixed_precision
 
     def estimate_at(batch_size: int) -> MemoryEstimate:
-        return estimate_for_model(accelerator.unwrap_model(model), batch_size, seq_len, precision, config.gradient_checkpointing)
+        return estimate_for_model(accelerator.unwrap_model(model), batch_size, seq_len, precision, config.gradient_checkpointing,
+                                  accelerator.device.type)
 
     cap = apply_memory_cap(config.max_gpu_memory_gb, accelerator.device, accelerator.print)
     requested = (config.batch_size, config.grad_accum)
