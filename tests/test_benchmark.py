@@ -19,3 +19,14 @@ def test_benchmark_measures_every_case_and_batching_keeps_the_perplexity(gpt2_to
     assert re.search(r"data preparation: [\d,]+ messages/s", output)
     difference = float(re.search(r"perplexity relative difference ([\d.e+-]+)", output).group(1))
     assert difference < 1e-5
+
+
+def test_memory_benchmark_measures_both_setups_and_the_estimate_holds():
+    result = run_script("bench/memory.py", "--batch-size", "4", "--seq-len", "128")
+    rows = {(method, setup): [float(number) for number in numbers.split()]
+            for method, setup, numbers in re.findall(r"^(full|lora) +(studykit|usual setup) +([\d. ]+)$", result.stdout, re.MULTILINE)}
+    assert len(rows) == 4, result.stdout
+    for method in ("full", "lora"):
+        peak, estimate = rows[(method, "studykit")]
+        (usual_peak,) = rows[(method, "usual setup")]
+        assert peak <= estimate and peak < usual_peak, result.stdout
