@@ -93,6 +93,26 @@ def use_fused_gelu(model) -> int:
     return replaced
 
 
+def describe_kernels(model) -> dict[str, str]:
+    """How the model computes, beside what it is: recorded with every run, since each choice moves the last digits."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from studykit.loss import output_layer
+
+    modules = list(model.modules())
+    if any(isinstance(module, GELUTanh) for module in modules):
+        activation = "tanh GELU, one kernel (replaces gelu_new)"
+    elif any(isinstance(module, NewGELUActivation) for module in modules):
+        activation = "gelu_new (Python)"
+    else:
+        activation = str(getattr(model.config, "activation_function", None) or getattr(model.config, "hidden_act", "unknown"))
+    return {
+        "attention": str(getattr(model.config, "_attn_implementation", "unknown")),
+        "mlp_activation": activation,
+        "loss": "output layer in chunks (studykit.loss)" if output_layer(model) is not None else "full logits",
+    }
+
+
 def base_model_fingerprint(model) -> str:
     """Identifies a base model's weights cheaply (every tensor's name, shape and first values), so an adapter is
     never applied to another base than the one it was trained on."""

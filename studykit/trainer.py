@@ -21,7 +21,8 @@ from studykit.errors import UserError
 from studykit.io import check_writable_location, ensure_writable_directory
 from studykit.loss import batch_nll
 from studykit.metrics import score_sequences
-from studykit.modeling import base_model_fingerprint, count_parameters, enable_activation_checkpointing, load_base_model, load_tokenizer, model_context_length
+from studykit.modeling import (base_model_fingerprint, count_parameters, describe_kernels, enable_activation_checkpointing, load_base_model,
+                               load_tokenizer, model_context_length)
 from studykit.runtime import build_accelerator, parallelism, peak_memory_bytes, reset_peak_memory
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
@@ -106,7 +107,8 @@ def prepare_run(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
-    description.update(trainable_params=trainable, total_params=total, trainable_percent=100.0 * trainable / total)
+    description.update(trainable_params=trainable, total_params=total, trainable_percent=100.0 * trainable / total,
+                       kernels=describe_kernels(model))
 
     train_sequences = list(data.train["input_ids"])
     if config.packing:
@@ -369,6 +371,7 @@ def describe_run(run: PreparedRun) -> None:
     print(f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
           f"{run.config.effective_batch * accelerator.num_processes} sequences, processes: {accelerator.num_processes} "
           f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {accelerator.mixed_precision}")
+    print("kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items()))
 
 
 def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:

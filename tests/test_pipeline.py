@@ -54,6 +54,10 @@ def test_both_runs_share_the_budget_and_record_it(study):
         assert full[key] == lora[key], key
     assert full["steps"] == 4 and full["effective_batch"] == 8
     assert full["method"] == "full" and lora["method"] == "lora"
+    # Both computed the same way, and say how.
+    assert full["kernels"] == lora["kernels"] == {"attention": "sdpa", "mlp_activation": "tanh GELU, one kernel (replaces gelu_new)",
+                                                  "loss": "output layer in chunks (studykit.loss)"}
+    assert "kernels: attention sdpa, mlp activation tanh GELU" in study["stages"]["full"].stdout
     assert full["trainable_params"] == full["total_params"]
     for record in (full, lora):
         assert record["tokens_per_second"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_time_seconds"] > 0
