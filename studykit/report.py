@@ -11,8 +11,9 @@ import numpy as np
 from studykit.errors import UserError
 
 # What two runs must share to be compared at all; each is recorded in the run's run.json. The learning rate is
-# left out on purpose: it is the one setting the methods are expected to need differently.
-BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed")
+# left out on purpose: it is the one setting the methods are expected to need differently. `kernels` (attention,
+# MLP activation, loss) is there so both methods are computed alike.
+BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels")
 CONFIDENCE = 0.95
 # Bootstrap resamples are drawn this many at a time, so memory stays at CHUNK x responses indices.
 BOOTSTRAP_CHUNK = 200

@@ -265,10 +265,15 @@ def test_paired_ratio_cancels_what_both_models_share():
 
 
 def test_budget_differences_name_each_differing_field_and_ignore_the_learning_rate():
-    shared = {"data_fingerprint": "a", "validation_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1}
+    kernels = {"attention": "sdpa", "mlp_activation": "tanh GELU", "loss": "chunks"}
+    shared = {"data_fingerprint": "a", "validation_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1,
+              "kernels": kernels}
+    eager = {**kernels, "attention": "eager"}
     records = {"full": {**shared, "config": {"lr": 1e-4}}, "lora": {**shared, "config": {"lr": 1e-3}},
-               "other": {**shared, "seed": 2, "effective_batch": 16, "config": {"lr": 1e-3}}}
-    assert report.budget_differences(records, "full") == {"full": {}, "lora": {}, "other": {"effective_batch": 16, "seed": 2}}
+               "other": {**shared, "seed": 2, "effective_batch": 16, "config": {"lr": 1e-3}},
+               "eager": {**shared, "kernels": eager, "config": {"lr": 1e-3}}}
+    assert report.budget_differences(records, "full") == {"full": {}, "lora": {}, "other": {"effective_batch": 16, "seed": 2},
+                                                          "eager": {"kernels": eager}}
 
 
 def test_study_file_mistakes_are_one_sentence(tmp_path):
