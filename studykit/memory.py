@@ -97,12 +97,13 @@ def compute_bytes(precision: str) -> int:
 
 
 def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_checkpointing: bool, attention_scores_kept: bool, seq_len: int,
-                               adapter_dropout_features: int = 0) -> float:
+                               adapter_dropout_features: int = 0, device_type: str = "cuda") -> float:
     """Per token, summed over layers, what autograd keeps for the backward pass.
 
     Without checkpointing each block keeps (Korthikanti et al. 2022, generalised to any MLP width) the inputs of
     its matmuls and norms: 8h + 2m elements (h: hidden, m: MLP width) plus one byte per element of its two dropout
-    masks; eager attention also keeps its heads x seq_len score and probability matrices (SDPA kernels do not).
+    masks; attention computed step by step keeps its heads x seq_len probabilities, dropout mask and dropped
+    probabilities (a dropout mask is a byte per element on CUDA, a full element on a CPU); SDPA's kernels do not.
     With checkpointing only each block's input survives (kept in fp32 by the residual stream), and one block's
     activations are rebuilt at a time during the backward pass.
     LoRA dropout keeps, for each adapted layer, a dropped copy of its input (fp32 at most), the mask (a byte per
@@ -112,7 +113,7 @@ def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_check
     block = element * (8 * shape.hidden_size + 2 * shape.intermediate_size) + 2 * shape.hidden_size
     block += adapter_dropout_features * (FP32_BYTES + 1 + element) / shape.layers
     if attention_scores_kept:
-        block += 5 * shape.heads * seq_len
+        block += (2 * element + (1 if device_type == "cuda" else element)) * shape.heads * seq_len
     if gradient_checkpointing:
         return shape.layers * FP32_BYTES * shape.hidden_size + block
     return shape.layers * block
@@ -158,7 +159,7 @@ def estimate_training_memory(
     shape = ModelShape.from_config(model_config)
     tokens = micro_batch * seq_len
     per_token = {
-        setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len, adapter_dropout_features)
+        setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len, adapter_dropout_features, device_type)
         for setting in (True, False)
     }
     return MemoryEstimate(
@@ -183,9 +184,11 @@ def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gr
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     config = model.config
-    eager = getattr(config, "_attn_implementation", None) == "eager"
+    # On a CPU, SDPA with attention dropout falls back to the step-by-step computation, as eager attention is.
+    attention_dropout = float(getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0)
+    scores_kept = getattr(config, "_attn_implementation", None) == "eager" or (device_type == "cpu" and attention_dropout > 0)
     head = output_layer(model)
-    return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, eager,
+    return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, scores_kept,
                                     chunked_loss=head is not None, output_layer_trainable=head is not None and head.weight.requires_grad,
                                     adapter_dropout_features=adapter_dropout_features(model), device_type=device_type)
 
