@@ -149,13 +149,12 @@ def estimate_training_memory(
     gradient_checkpointing: bool,
     attention_scores_kept: bool = False,
     chunked_loss: bool = True,
-    output_layer_trainable: Optional[bool] = None,
+    output_layer_trainable: bool = True,
     adapter_dropout_features: int = 0,
     device_type: str = "cuda",
 ) -> MemoryEstimate:
     """Full fine-tuning: trainable == total. LoRA: trainable is the adapters, the frozen base has no gradients
-    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies.
-    The output layer counts as trainable with full fine-tuning unless told."""
+    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies."""
     shape = ModelShape.from_config(model_config)
     tokens = micro_batch * seq_len
     per_token = {
@@ -173,8 +172,7 @@ def estimate_training_memory(
         optimizer_state=ADAM_STATES * FP32_BYTES * trainable_params,
         activations=int(tokens * per_token[gradient_checkpointing]),
         activations_other_setting=int(tokens * per_token[not gradient_checkpointing]),
-        loss=loss_bytes(shape, precision, tokens, chunked_loss,
-                        trainable_params == total_params if output_layer_trainable is None else output_layer_trainable, device_type),
+        loss=loss_bytes(shape, precision, tokens, chunked_loss, output_layer_trainable, device_type),
         chunked_loss=chunked_loss,
     )
 
