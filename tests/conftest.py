@@ -156,3 +156,34 @@ def run_script(script: str, *args: str, check: bool = True, timeout: float = 600
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture
+def fp16_mixed_precision(monkeypatch):
+    """`--precision fp16` as accelerate sets it up on CUDA (fp16 autocast and a loss scaler), on any machine.
+
+    fp16 is the default on every GPU, but these machines have none, and accelerate turns fp16 off on a CPU. The
+    trainer only sees accelerate's autocast and scaler, so giving it a CPU scaler runs the same code path here.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    import accelerate
+
+    from studykit import runtime
+
+    resolve_precision = runtime.resolve_precision
+
+    class CpuFp16Accelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.mixed_precision == "fp16":
+                self.native_amp = True
+                self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(runtime, "resolve_precision",
+                        lambda precision, device_type: "fp16" if precision == "fp16" else resolve_precision(precision, device_type))
+    monkeypatch.setattr(accelerate, "Accelerator", CpuFp16Accelerator)
+    yield

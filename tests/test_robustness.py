@@ -344,11 +344,13 @@ class InfiniteGradient(torch.autograd.Function):
         return gradient * math.inf
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("fp16", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="fp16 loss scaling needs CUDA"))])
-def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, tmp_path, small_vocab_inputs, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, tmp_path, small_vocab_inputs, monkeypatch, request):
     """fp16: the loss scaler skips the step; fp32/bf16 (no scaler): the trainer skips it on the non-finite norm."""
     from studykit import trainer
+
+    if precision == "fp16":
+        request.getfixturevalue("fp16_mixed_precision")
 
     real_nll, calls = trainer.batch_nll, []
 
@@ -358,10 +360,16 @@ def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, t
         return BatchNLL(InfiniteGradient.apply(nll.total), nll.per_sequence) if len(calls) == 2 else nll
 
     monkeypatch.setattr(trainer, "batch_nll", overflow_at_step_two)
-    record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision=precision)
+    record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision=precision,
+                              save_every=1, keep=3)
     log = checkpointing.read_run_log(tmp_path / "run" / checkpointing.RUN_LOG)
     if precision == "fp32":
         assert [entry["skipped_steps"] for entry in log] == [0, 1, 1, 1]
+    else:
+        # The scaler halved its scale at the overflow, and each checkpoint keeps the scale a resumed run goes on with.
+        scales = [checkpointing._load_tensors(path / "scaler.pt")["scale"] for path in checkpointing.resumable_checkpoints(tmp_path / "run")]
+        assert len(scales) == 3 and scales[1] == scales[0] / 2
+    assert record["precision"] == ("fp16" if precision == "fp16" else "no")
     assert record["skipped_steps"] >= 1 and log[-1]["skipped_steps"] == record["skipped_steps"]
     assert record["steps"] == 4 and math.isfinite(record["final_validation_loss"])
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "model.safetensors").values())
