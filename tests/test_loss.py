@@ -80,6 +80,40 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_fp32(tiny_model_dir):
     torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0.0)
 
 
+def relative_errors(gradients, reference):
+    return {name: float((gradients[name] - reference[name]).norm() / reference[name].norm()) for name in reference}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_loss_under_fp16_loses_no_more_gradient_precision_than_the_usual_fp16_loss(method, tiny_model_dir, three_positions_a_chunk):
+    """fp16, the default on a GPU: each chunk's softmax gradient is made in fp32 and cast to fp16 before the
+    matmuls, unscaled (the loss scale only reaches it in backward). Its gradients must be as close to fp32's as
+    those of the usual fp16 step (full logits, autocast's fp32 cross-entropy, gradients scaled as GradScaler does)."""
+    fp16 = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    # Each token's gradient enters backward scaled as at the defaults: GradScaler's 65,536 over ~6,000 tokens a step,
+    # here 64 over loss_and_gradients' 7.
+    loss_scale = 64.0
+
+    def scaled(compute_loss, autocast):
+        def compute(model):
+            with autocast():
+                total, per_sequence = compute_loss(model)
+            return total * loss_scale, per_sequence
+        return compute
+
+    reference_total, _, reference = loss_and_gradients(build(tiny_model_dir, method), full_logits)
+    _, _, usual = loss_and_gradients(build(tiny_model_dir, method), scaled(full_logits, fp16))
+    total, _, ours = loss_and_gradients(build(tiny_model_dir, method), scaled(chunked, fp16))
+    assert total / loss_scale == pytest.approx(reference_total, rel=1e-2)
+    usual_errors = relative_errors({name: gradient / loss_scale for name, gradient in usual.items()}, reference)
+    our_errors = relative_errors({name: gradient / loss_scale for name, gradient in ours.items()}, reference)
+    assert max(usual_errors.values()) < 1e-2  # fp16 did run: the usual step itself is not exact
+    assert min(usual_errors.values()) > 1e-5
+    for name, error in our_errors.items():
+        assert error <= 2 * usual_errors[name] + 1e-4, (name, error, usual_errors[name])
+    assert sum(our_errors.values()) <= 1.25 * sum(usual_errors.values())
+
+
 class LargestNewTensor(TorchDispatchMode):
     """The most elements any tensor made inside holds in its own memory (views of the weights do not count)."""
 
