@@ -279,7 +279,8 @@ def probe_fits(model, accelerator, sequence: list[int], batch_size: int, reserve
     batch = {key: value.to(accelerator.device) for key, value in collate([sequence] * batch_size, 0).items()}
     try:
         # The probe must not move the run's random streams (dropout), so the run is the same with or without it.
-        with torch.random.fork_rng(devices=[accelerator.device]):
+        device = accelerator.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
             reserve = torch.empty(reserved_bytes, dtype=torch.uint8, device=accelerator.device)
             with accelerator.no_sync(model):
                 batch_nll(model, batch, accelerator.autocast).total.backward()

@@ -114,6 +114,43 @@ def test_auto_batch_with_a_smaller_micro_batch_gives_the_same_losses(determinist
     assert [entry["tokens_seen"] for entry in auto] == [entry["tokens_seen"] for entry in reference]
 
 
+def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(tiny_model_dir, train_sequences, monkeypatch):
+    """The CUDA path of --auto-batch, run on a CPU: the step itself raises CUDA's out-of-memory error above three
+    sequences, as the allocator under a cap would, after its forward and backward have made gradients."""
+    from studykit import loss, memory
+    from studykit.runtime import build_accelerator
+
+    accelerator = build_accelerator("fp32", seed=0)
+    model = accelerator.prepare(load_base_model(str(tiny_model_dir)))
+    model.train()  # dropout on: the probe must not move the run's random stream
+    real_batch_nll, tried = loss.batch_nll, []
+
+    def out_of_memory_above_three(model, batch, autocast):
+        tried.append(batch["input_ids"].size(0))
+        nll = real_batch_nll(model, batch, autocast)
+        if batch["input_ids"].size(0) > 3:
+            nll.total.backward()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return nll
+
+    monkeypatch.setattr(loss, "batch_nll", out_of_memory_above_three)
+    longest = max(train_sequences, key=len)
+    rng_before = torch.get_rng_state()
+    config = TrainConfig(batch_size=8, grad_accum=1)
+    assert memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024) == 2
+    assert tried == [8, 4, 2]
+    assert all(parameter.grad is None for parameter in model.parameters())  # neither failed nor fitting probes leave gradients
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    # From 6 the next try is half, 3, which still divides the effective batch of 12 exactly.
+    tried.clear()
+    assert memory.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024) == 3
+    assert tried == [6, 3]
+
+    monkeypatch.setattr(loss, "batch_nll", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(UserError, match="even a micro-batch of 1 sequences .*--gradient-checkpointing"):
+        memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024)
+
+
 def lora_model(model_dir):
     torch.manual_seed(0)  # the same adapter initialisation in both models
     model = wrap_with_lora(load_base_model(str(model_dir)), rank=4, alpha=8, dropout=0.1, targets=["attention"])
