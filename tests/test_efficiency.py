@@ -295,3 +295,32 @@ def test_out_of_memory_becomes_a_user_error_naming_the_flags():
 def test_memory_cap_must_be_positive():
     with pytest.raises(UserError, match="--max-gpu-memory-gb"):
         TrainConfig(max_gpu_memory_gb=0).validate()
+
+
+def test_precision_resolves_per_device(monkeypatch):
+    from studykit.runtime import resolve_precision
+
+    assert [resolve_precision("auto", device) for device in ("cuda", "cpu")] == ["fp16", "no"]
+    assert [resolve_precision("fp32", device) for device in ("cuda", "cpu")] == ["no", "no"]
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a T4 or a GTX 1060
+    with pytest.raises(UserError, match="does not support bf16; use --precision fp16"):
+        resolve_precision("bf16", "cuda")
+
+
+def test_memory_cap_on_a_gpu_limits_the_allocator_to_that_share_of_the_card(monkeypatch):
+    from types import SimpleNamespace
+
+    from studykit.memory import apply_memory_cap
+
+    fractions, said = [], []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append(fraction))
+    gpu = torch.device("cuda", 0)
+    assert apply_memory_cap(6, gpu, said.append) == 6 * GIB
+    assert fractions == [0.25] and said == ["GPU memory capped at 6 GiB (25.0% of 24.0 GiB)"]
+    apply_memory_cap(48, gpu, said.append)  # a cap above the card's memory is the whole card
+    assert fractions[-1] == 1.0
+    assert apply_memory_cap(None, gpu, said.append) is None and len(fractions) == 2
