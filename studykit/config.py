@@ -138,7 +138,7 @@ class TrainConfig:
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
     packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
     eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
-    eval_batch_size: int = option(16, "sequences per validation batch")
+    eval_batch_size: int = option(16, "longest validation responses per batch; shorter ones fill batches of as many tokens")
     log_every: int = option(10, "optimizer steps between log.jsonl lines")
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
@@ -213,7 +213,7 @@ class EvalConfig:
     data_dir: str = option("data/processed", "processed dataset; its validation split is scored")
     checkpoints: str = option("checkpoints", "directory whose run directories (full models or adapters) are scored")
     output_dir: str = option("results", "where perplexity.json and results.md are written")
-    batch_size: int = option(16, "sequences per evaluation batch")
+    batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
     include_base: bool = option(True, "also score the base model")
     extra_eval: Optional[str] = option(None, "general text scored beside OASST, to show what a method forgets: a local text file "

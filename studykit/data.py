@@ -151,7 +151,25 @@ def split_window(window: Sequence[int], lengths: Sequence[int], micro_batches: i
     return [ordered[k * size : (k + 1) * size] for k in range(micro_batches)]
 
 
+# A batch of short responses holds at most this many times --batch-size of them: besides its tokens, each row costs
+# the model's last-position logits (a vocabulary of floats), which the token budget does not see.
+SHORT_BATCH_GROWTH = 8
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Evaluation batches of similar length: the result does not depend on order, and padding stays small."""
+    """Evaluation batches of similar length, longest first; the sums do not depend on how they are cut.
+
+    The first batch holds `batch_size` of the longest sequences. Each later one holds as many shorter ones as fit in
+    the same number of padded positions (up to SHORT_BATCH_GROWTH x batch_size), so memory peaks at the first batch
+    and the short responses most of OASST is made of do not leave a GPU idle in batches of a few hundred tokens.
+    """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if not order:
+        return []
+    padded_positions = batch_size * max(1, lengths[order[0]])
+    batches, start = [], 0
+    while start < len(order):
+        rows = min(max(1, padded_positions // max(1, lengths[order[start]])), SHORT_BATCH_GROWTH * batch_size)
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches

@@ -76,6 +76,23 @@ def test_length_sorted_evaluation_gives_the_perplexity_of_fixed_length_padding(d
     assert scores.perplexity == pytest.approx(math.exp(float(fixed_nll.sum()) / fixed_tokens), rel=1e-6)
 
 
+def test_evaluation_batches_of_short_responses_hold_as_many_tokens_as_the_first():
+    from studykit.data import SHORT_BATCH_GROWTH, length_sorted_batches
+
+    lengths = [512] * 20 + [300] * 7 + [100] * 200 + [40] * 50 + [3] * 500
+    batches = length_sorted_batches(lengths, 16)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths, reverse=True)
+    padded = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
+    assert len(batches[0]) == 16 and padded[0] == 16 * 512
+    assert max(padded) == padded[0]  # memory peaks at the first batch, as with fixed batches of 16
+    assert max(len(batch) for batch in batches) == SHORT_BATCH_GROWTH * 16  # the 3-token responses hit the row cap
+    assert [len(batch) for batch in batches if max(lengths[i] for i in batch) == 100][0] == 16 * 512 // 100
+    assert len(batches) < len(lengths) / 16 / 3
+    assert length_sorted_batches([], 16) == [] and length_sorted_batches([5, 4, 3], 2) == [[0, 1], [2]]
+
+
 def test_packing_makes_full_blocks_of_the_response_stream(train_sequences):
     block = 16
     blocks = pack_sequences(train_sequences, block)
