@@ -43,11 +43,8 @@ from studykit.data import collate, load_processed  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
 from studykit.loss import token_nll_per_sequence
 from studykit.metrics import score_sequences  # noqa: E402
-from studykit.runtime import default_device  # noqa: E402
+from studykit.runtime import default_device, model_flops_utilization, peak_flops_per_second, training_flops_per_token  # noqa: E402
 
-# Dense fp16/bf16 tensor-core peaks (TFLOPs) by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "A10": 125.0, "L4": 121.0,
-               "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
 MEDIAN_TOKENS, SIGMA = 160, 0.9
 WORDS = ("the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
          "data list code step each first also when which then like should about example other value using good some into "
@@ -92,15 +89,6 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-
-
-def peak_flops(args, device: torch.device) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -355,11 +343,9 @@ def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def mfu(case: dict, method: str, total_params: int, flops: float | None) -> str:
-    if flops is None:
-        return "n/a"
-    per_token = (4 if method == "lora" else 6) * total_params
-    return f"{100 * per_token * tokens_per_second(case, 'real') / flops:.1f}%"
+def mfu(case: dict, method: str, total_params: int, peak: float | None) -> str:
+    utilization = model_flops_utilization(tokens_per_second(case, "real"), training_flops_per_token(total_params, method), peak, 1)
+    return "n/a" if utilization is None else f"{utilization:.1%}"
 
 
 def main() -> None:
@@ -380,7 +366,7 @@ def main() -> None:
         from studykit.modeling import load_base_model
 
         total_params = sum(p.numel() for p in load_base_model(model).parameters())
-        flops = peak_flops(args, device)
+        flops = peak_flops_per_second(device, args.peak_tflops)
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
               f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
               f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}")

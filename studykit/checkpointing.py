@@ -39,7 +39,7 @@ CHECKPOINT_NAME = re.compile(r"step-\d+")
 # never which examples a step sees or how the weights move.
 RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "save_every", "keep", "log_every", "eval_every", "eval_batch_size",
                                "compile", "gradient_checkpointing", "max_gpu_memory_gb", "auto_batch", "batch_size",
-                               "grad_accum", "trust_remote_code", "data_dir", "output_dir"})
+                               "grad_accum", "trust_remote_code", "data_dir", "output_dir", "peak_tflops"})
 
 
 class Interrupted(UserError):

@@ -144,6 +144,7 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     max_gpu_memory_gb: Optional[float] = option(None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)")
     auto_batch: bool = option(False, "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch")
+    peak_tflops: Optional[float] = option(None, "one device's peak TFLOP/s, for the MFU figure (default: looked up by GPU name; none on a CPU)")
     save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
     keep: int = option(2, "resumable checkpoints to keep")
     resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
@@ -174,6 +175,8 @@ class TrainConfig:
             raise UserError("--resume and --overwrite contradict each other; pass one of them.")
         if self.max_gpu_memory_gb is not None and self.max_gpu_memory_gb <= 0:
             raise UserError(f"--max-gpu-memory-gb must be above 0 (got {self.max_gpu_memory_gb}); leave it out for no cap.")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise UserError(f"--peak-tflops must be above 0 (got {self.peak_tflops}); leave it out to look it up by GPU name.")
 
 
 @dataclasses.dataclass

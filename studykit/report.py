@@ -131,7 +131,7 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
         if f"extra/{name}/nll" in per_response:
             row["extra_eval_perplexity_ci"] = list(perplexity_interval(per_response[f"extra/{name}/nll"], per_response[f"extra/{name}/tokens"], resamples, seed))
         if record:
-            row.update({key: record.get(key) for key in ("steps", "tokens_seen", "wall_time_seconds", "tokens_per_second",
+            row.update({key: record.get(key) for key in ("steps", "tokens_seen", "wall_time_seconds", "tokens_per_second", "mfu",
                                                          "peak_memory_bytes", "peak_memory_kind", "checkpoint_bytes", "effective_batch", "seed")})
         rows.append(row)
     return {"reference_run": reference, "budget_fields": list(BUDGET_FIELDS), "confidence": CONFIDENCE,
@@ -196,11 +196,17 @@ def format_study_table(report: dict[str, Any]) -> str:
         memory_kind = "GPU" if row.get("peak_memory_kind", "").startswith("cuda") else "RSS"
         cells += [f"{row['tokens_seen']:,}" if trained else "-", str(row["steps"]) if trained else "-",
                   format_seconds(row.get("wall_time_seconds")) if trained else "-",
-                  f"{row['tokens_per_second']:,.0f}" if trained else "-",
+                  format_throughput(row) if trained else "-",
                   f"{format_bytes(row.get('peak_memory_bytes'))} ({memory_kind})" if trained else "-",
                   format_bytes(row.get("checkpoint_bytes")) if trained else "-", budget_cell(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def format_throughput(row: dict[str, Any]) -> str:
+    """Real tokens per second, with the model FLOPs utilisation where the device's peak is known."""
+    mfu = row.get("mfu")
+    return f"{row['tokens_per_second']:,.0f}" + (f" ({mfu:.1%} MFU)" if mfu is not None else "")
 
 
 def budget_cell(row: dict[str, Any]) -> str:

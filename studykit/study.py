@@ -35,7 +35,7 @@ METHODS = {"full": TrainConfig, "lora": LoraTrainConfig}
 # Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
 # Settings that say where or how often things are written: they do not change a run's result.
-NOT_INPUTS = RUNNER_OWNED | {"trust_remote_code", "keep", "save_every", "log_every", "eval_batch_size", "auto_batch", "max_gpu_memory_gb"}
+NOT_INPUTS = RUNNER_OWNED | {"trust_remote_code", "keep", "save_every", "log_every", "eval_batch_size", "auto_batch", "max_gpu_memory_gb", "peak_tflops"}
 STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
 TINY_MODEL_DEFAULTS = {"data_file": "data/sample/oasst_sample.jsonl", "vocab_size": 512, "n_layer": 2, "n_embd": 64}
 REPORT_DEFAULTS = {"bootstrap_resamples": 2000, "bootstrap_seed": 0, "sample_prompts": 4, "sample_new_tokens": 40}

@@ -23,7 +23,8 @@ from studykit.loss import batch_nll
 from studykit.metrics import score_sequences
 from studykit.modeling import (base_model_fingerprint, count_parameters, describe_kernels, enable_activation_checkpointing, load_base_model,
                                load_tokenizer, model_context_length)
-from studykit.runtime import build_accelerator, parallelism, peak_memory_bytes, reset_peak_memory
+from studykit.runtime import (build_accelerator, model_flops_utilization, parallelism, peak_flops_per_second, peak_memory_bytes,
+                              reset_peak_memory, training_flops_per_token)
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
 NONFINITE_PATIENCE = 3
@@ -107,8 +108,10 @@ def prepare_run(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
+    peak = peak_flops_per_second(accelerator.device, config.peak_tflops)
     description.update(trainable_params=trainable, total_params=total, trainable_percent=100.0 * trainable / total,
-                       kernels=describe_kernels(model))
+                       kernels=describe_kernels(model), flops_per_token=training_flops_per_token(total, config.method),
+                       peak_tflops_per_device=peak / 1e12 if peak else None)
 
     train_sequences = list(data.train["input_ids"])
     if config.packing:
@@ -326,7 +329,9 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
             lr = run.scheduler.get_last_lr()[0]
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            mfu = run_mfu(run, tokens_per_second)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}",
+                                 **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
 
             validate_now = config.eval_every and state.step % config.eval_every == 0 or state.step == run.total_steps
             entry = {"step": state.step, "train_loss": step_loss, "lr": lr, "tokens_seen": state.tokens_seen, "tokens_per_second": tokens_per_second}
@@ -359,6 +364,12 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     return record
 
 
+def run_mfu(run: PreparedRun, tokens_per_second: float) -> Optional[float]:
+    peak_tflops = run.description["peak_tflops_per_device"]
+    return model_flops_utilization(tokens_per_second, run.description["flops_per_token"], peak_tflops * 1e12 if peak_tflops else None,
+                                   run.accelerator.num_processes)
+
+
 def describe_run(run: PreparedRun) -> None:
     description = run.description
     print(f"trainable parameters: {description['trainable_params']:,} of {description['total_params']:,} "
@@ -372,6 +383,9 @@ def describe_run(run: PreparedRun) -> None:
           f"{run.config.effective_batch * accelerator.num_processes} sequences, processes: {accelerator.num_processes} "
           f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {accelerator.mixed_precision}")
     print("kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items()))
+    peak = description["peak_tflops_per_device"]
+    print(f"model FLOPs per token: {description['flops_per_token']:,}; MFU "
+          + (f"against {peak:g} TFLOP/s per device" if peak else f"not reported: no known peak for {accelerator.device.type} (--peak-tflops sets one)"))
 
 
 def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
@@ -396,6 +410,7 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
         "padded_tokens_seen": state.padded_tokens_seen,
         "wall_time_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "mfu": run_mfu(run, state.tokens_seen / max(state.train_seconds, 1e-9)),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "process_max_rss",
         "skipped_steps": state.skipped_steps,

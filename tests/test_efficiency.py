@@ -341,3 +341,50 @@ def test_memory_cap_on_a_gpu_limits_the_allocator_to_that_share_of_the_card(monk
     apply_memory_cap(48, gpu, said.append)  # a cap above the card's memory is the whole card
     assert fractions[-1] == 1.0
     assert apply_memory_cap(None, gpu, said.append) is None and len(fractions) == 2
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_model_flops_per_token_match_a_count_of_the_training_steps_matmuls(method, deterministic_model_dir):
+    """6N per token for full fine-tuning, 4N for LoRA (no weight gradients for the frozen base), against torch's
+    count of every matmul in a real step: forward, the chunked loss, backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from studykit.modeling import count_parameters
+    from studykit.runtime import training_flops_per_token
+
+    model = load_base_model(str(deterministic_model_dir)) if method == "full" else lora_model(deterministic_model_dir)
+    # 100-token responses: each one's last token is counted but predicts nothing, which short ones would overweight.
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 50257, (100 - k,), generator=generator).tolist() for k in range(8)]
+    with FlopCounterMode(display=False) as counter:
+        batch_nll(model, collate(sequences, 0), contextlib.nullcontext).total.backward()
+    counted_per_token = counter.get_total_flops() / sum(len(ids) for ids in sequences)
+    assert training_flops_per_token(count_parameters(model)[1], method) == pytest.approx(counted_per_token, rel=0.015)
+
+
+def test_device_peak_for_mfu_is_looked_up_by_gpu_name(monkeypatch):
+    from studykit.runtime import peak_flops_per_second
+
+    gpu, name = torch.device("cuda", 0), {}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name["gpu"])
+    expected = {"NVIDIA A100-SXM4-80GB": 312, "NVIDIA A10": 125, "NVIDIA A10G": 70, "NVIDIA L40S": 362, "NVIDIA L4": 121,
+                "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "Tesla T4": 65, "NVIDIA GeForce GTX 1660 SUPER": None}
+    for name["gpu"], tflops in expected.items():
+        assert peak_flops_per_second(gpu) == (tflops * 1e12 if tflops else None), name["gpu"]
+    assert peak_flops_per_second(gpu, peak_tflops=40) == 40e12  # --peak-tflops, for a GPU the table lacks
+    assert peak_flops_per_second(torch.device("cpu")) is None
+
+
+def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, processed_dir, tmp_path, capsys):
+    from studykit.report import format_throughput
+
+    common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=2, grad_accum=2)
+    unknown, _ = train_in_process(TrainConfig, tmp_path, "cpu", **common)
+    assert unknown["mfu"] is None and unknown["peak_tflops_per_device"] is None
+    assert "MFU not reported: no known peak for cpu (--peak-tflops sets one)" in capsys.readouterr().out
+    record, _ = train_in_process(TrainConfig, tmp_path, "given", peak_tflops=0.5, **common)
+    assert record["flops_per_token"] == 6 * record["total_params"] and record["peak_tflops_per_device"] == 0.5
+    assert record["mfu"] == pytest.approx(record["tokens_per_second"] * record["flops_per_token"] / 0.5e12)
+    assert "MFU against 0.5 TFLOP/s per device" in capsys.readouterr().out
+    assert format_throughput({"tokens_per_second": 12345.6, "mfu": 0.4123}) == "12,346 (41.2% MFU)"
+    assert format_throughput({"tokens_per_second": 12345.6, "mfu": None}) == "12,346"
