@@ -384,8 +384,9 @@ def describe_run(run: PreparedRun) -> None:
           f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {accelerator.mixed_precision}")
     print("kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items()))
     peak = description["peak_tflops_per_device"]
+    device_name = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type
     print(f"model FLOPs per token: {description['flops_per_token']:,}; MFU "
-          + (f"against {peak:g} TFLOP/s per device" if peak else f"not reported: no known peak for {accelerator.device.type} (--peak-tflops sets one)"))
+          + (f"against {peak:g} TFLOP/s per device" if peak else f"not reported: no known peak for {device_name} (--peak-tflops sets one)"))
 
 
 def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
