@@ -309,6 +309,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     with InterruptFlag() as interrupt, memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]):
         while state.step < run.total_steps:
             step_started = time.perf_counter()
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step trains with; optimizer_step moves the schedule on
             micro_batches, step_tokens = micro_batches_for_step(run, state.step, lengths)
             step_loss = forward_backward(run, micro_batches, step_tokens, state)
             finite = optimizer_step(run, step_loss, state)
@@ -327,7 +328,6 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             state.train_seconds += time.perf_counter() - step_started
             state.last_train_loss = step_loss
             tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
-            lr = run.scheduler.get_last_lr()[0]
             progress.update(1)
             mfu = run_mfu(run, tokens_per_second)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}",

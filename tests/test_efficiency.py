@@ -388,3 +388,22 @@ def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, proce
     assert "MFU against 0.5 TFLOP/s per device" in capsys.readouterr().out
     assert format_throughput({"tokens_per_second": 12345.6, "mfu": 0.4123}) == "12,346 (41.2% MFU)"
     assert format_throughput({"tokens_per_second": 12345.6, "mfu": None}) == "12,346"
+
+
+def test_log_gives_the_learning_rate_each_step_trained_with(deterministic_model_dir, processed_dir, tmp_path, monkeypatch):
+    """3 steps, 2 of them linear warmup to 1e-3 (0.7 x 3, rounded down), then cosine: by hand, 5e-4, 1e-3, 1e-3 (cosine at 0).
+    The log once gave the rate of the step after: 1e-3, 1e-3, 0."""
+    from studykit import trainer
+
+    used = []
+    step = trainer.optimizer_step
+
+    def record_the_rate(run, step_loss, state):
+        used.append(run.optimizer.param_groups[0]["lr"])
+        return step(run, step_loss, state)
+
+    monkeypatch.setattr(trainer, "optimizer_step", record_the_rate)
+    _, log = train_in_process(TrainConfig, tmp_path, "schedule", model=str(deterministic_model_dir), data_dir=str(processed_dir),
+                              batch_size=2, grad_accum=1, lr=1e-3, warmup_ratio=0.7)
+    assert used == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert [entry["lr"] for entry in log] == pytest.approx(used)
