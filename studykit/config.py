@@ -34,8 +34,15 @@ def _flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default, unless its help already says what the default means ('2 x rank' rather than None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         annotation, optional = _unwrap_optional(hints[field.name])

@@ -96,3 +96,16 @@ def test_evaluation_reports_every_run_and_matches_an_independent_score(study):
     table = (study["results"] / "results.md").read_text()
     assert "| Method | Trainable params | Perplexity |" in table and "lora_r8" in table
     assert table.strip() in study["stages"]["eval"].stdout
+
+
+def test_every_flag_shows_its_default_once():
+    import re
+
+    from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, build_parser
+
+    for config_cls in (PrepareConfig, LoraTrainConfig, EvalConfig, StudyConfig):
+        text = " ".join(build_parser(config_cls, "").format_help().split())
+        flags = re.split(r" (?=--[a-z])", text.split("options:")[1])
+        assert all(flag.count("(default:") <= 1 for flag in flags), [flag for flag in flags if flag.count("(default:") > 1]
+    lora_help = " ".join(build_parser(LoraTrainConfig, "").format_help().split())
+    assert "LoRA alpha (default: 2 x rank)" in lora_help and "LoRA rank r (default: 8)" in lora_help
