@@ -27,7 +27,7 @@ from studykit.data import collate  # noqa: E402
 from studykit.loss import batch_nll  # noqa: E402
 from studykit.memory import TensorMemoryPeak, estimate_for_model, gib  # noqa: E402
 from studykit.modeling import use_fused_gelu, wrap_with_lora  # noqa: E402
-from studykit.runtime import autocast_for, default_device, resolve_precision  # noqa: E402
+from studykit.runtime import autocast_for, default_device, precision_name, resolve_precision  # noqa: E402
 
 SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2}, "small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}
 
@@ -79,7 +79,7 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     device = default_device()
-    precision = resolve_precision(args.precision, device.type)
+    precision = precision_name(resolve_precision(args.precision, device.type))
     autocast = autocast_for(device, args.precision) or contextlib.nullcontext
     batch = {key: value.to(device) for key, value in collate([list(range(1, args.seq_len + 1))] * args.batch_size, 0).items()}
     print(f"device: {device.type}, model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, precision {precision}")

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from studykit.errors import UserError
 from studykit.loss import logit_chunk_positions, output_layer
+from studykit.runtime import precision_name
 
 GIB = 1024**3
 FP32_BYTES = 4
@@ -92,7 +93,7 @@ def gib(size: float) -> float:
 
 
 def compute_bytes(precision: str) -> int:
-    """Bytes per activation element: accelerate's mixed_precision name ('fp16', 'bf16' or 'no')."""
+    """Bytes per activation element: 2 under 'fp16' or 'bf16' autocast, else 4."""
     return 2 if precision in ("fp16", "bf16") else FP32_BYTES
 
 
@@ -312,7 +313,7 @@ def plan_memory(config, model, accelerator, longest_sequence: list[int]) -> tupl
     """Cap memory, pick the micro-batch (--auto-batch), print the estimate; returns the config to train with and
     the record for run.json."""
     seq_len = len(longest_sequence)
-    precision = accelerator.mixed_precision
+    precision = precision_name(accelerator.mixed_precision)
 
     def estimate_at(batch_size: int) -> MemoryEstimate:
         return estimate_for_model(accelerator.unwrap_model(model), batch_size, seq_len, precision, config.gradient_checkpointing,

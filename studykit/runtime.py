@@ -29,6 +29,11 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "no" if precision == "fp32" else precision
 
 
+def precision_name(mixed_precision: str) -> str:
+    """accelerate's mixed_precision as --precision names it: 'fp16', 'bf16' or 'fp32' (accelerate's 'no')."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
 def build_accelerator(precision: str, seed: int):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState

@@ -24,7 +24,7 @@ from studykit.metrics import score_sequences
 from studykit.modeling import (base_model_fingerprint, count_parameters, describe_kernels, enable_activation_checkpointing, load_base_model,
                                load_tokenizer, model_context_length)
 from studykit.runtime import (build_accelerator, model_flops_utilization, parallelism, peak_flops_per_second, peak_memory_bytes,
-                              reset_peak_memory, training_flops_per_token)
+                              precision_name, reset_peak_memory, training_flops_per_token)
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
 NONFINITE_PATIENCE = 3
@@ -381,7 +381,7 @@ def describe_run(run: PreparedRun) -> None:
     accelerator = run.accelerator
     print(f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
           f"{run.config.effective_batch * accelerator.num_processes} sequences, processes: {accelerator.num_processes} "
-          f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {accelerator.mixed_precision}")
+          f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {precision_name(accelerator.mixed_precision)}")
     print("kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items()))
     peak = description["peak_tflops_per_device"]
     device_name = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type
@@ -418,7 +418,7 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
         "final_train_loss": state.last_train_loss,
         "final_validation_loss": state.last_validation_loss,
         "device": str(accelerator.device),
-        "precision": accelerator.mixed_precision,
+        "precision": precision_name(accelerator.mixed_precision),
         "versions": runtime_versions(),
     }
 

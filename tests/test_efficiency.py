@@ -268,7 +268,7 @@ def test_activation_estimate_is_close_to_what_autograd_keeps(tiny_model_dir):
 
     model = load_base_model(str(tiny_model_dir)).train()
     batch = collate([[1] * 64] * 4, 0)
-    estimate = estimate_for_model(model, 4, 64, "no", gradient_checkpointing=False)
+    estimate = estimate_for_model(model, 4, 64, "fp32", gradient_checkpointing=False)
     weights = sum(p.numel() * 4 for p in model.parameters())
     # Saved tensors include the weights themselves (matmul inputs). Of the loss, autograd keeps the gradients the
     # chunks worked out: the output weights' (50,257 x 64, fp32) and the final hidden states' (4 x 63 positions);
@@ -295,7 +295,7 @@ def test_estimate_bounds_the_measured_peak_of_two_training_steps(method, dropout
             batch_nll(model, batch, contextlib.nullcontext).total.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    estimate = estimate_for_model(model, 8, 128, "no", gradient_checkpointing=False, device_type="cpu")
+    estimate = estimate_for_model(model, 8, 128, "fp32", gradient_checkpointing=False, device_type="cpu")
     # Measured: 0.89-0.95 of the estimate. Above it, a 6 GB run could fail that the estimate passed.
     assert 0.75 * estimate.total <= measured.peak <= estimate.total, estimate.describe()
 
