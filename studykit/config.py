@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from studykit.io import atomic_write_text
 
@@ -34,6 +35,14 @@ def _flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def require(flag: str, value: float, expected: str, holds: Callable[[float], bool]) -> None:
+    """A numeric setting must be a finite number for which `holds` is true (NaN and inf never are)."""
+    from studykit.errors import UserError
+
+    if not (math.isfinite(value) and holds(value)):
+        raise UserError(f"{flag} must be {expected} (got {value}).")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends each flag's default, unless its help already says what the default means ('2 x rank' rather than None)."""
 
@@ -41,8 +50,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistyped command line reads like every other user error: one `error:` line and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help).\n")
+
+
 def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         annotation, optional = _unwrap_optional(hints[field.name])
@@ -174,16 +190,19 @@ class TrainConfig:
                 raise UserError(f"{flag} must be at least 1 (got {value}).")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1 (got {self.max_steps}).")
-        if self.max_steps is None and self.epochs <= 0:
-            raise UserError(f"--epochs must be above 0 (got {self.epochs}).")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be above 0 (got {self.lr}).")
+        if self.max_steps is None:
+            require("--epochs", self.epochs, "above 0", lambda value: value > 0)
+        require("--lr", self.lr, "above 0", lambda value: value > 0)
+        require("--weight-decay", self.weight_decay, "0 or more", lambda value: value >= 0)
+        require("--warmup-ratio", self.warmup_ratio, "from 0 to 1", lambda value: 0 <= value <= 1)
+        # A negative norm would make torch scale the gradients by a negative factor: training would climb the loss.
+        require("--max-grad-norm", self.max_grad_norm, "0 (no clipping) or more", lambda value: value >= 0)
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them.")
-        if self.max_gpu_memory_gb is not None and self.max_gpu_memory_gb <= 0:
-            raise UserError(f"--max-gpu-memory-gb must be above 0 (got {self.max_gpu_memory_gb}); leave it out for no cap.")
-        if self.peak_tflops is not None and self.peak_tflops <= 0:
-            raise UserError(f"--peak-tflops must be above 0 (got {self.peak_tflops}); leave it out to look it up by GPU name.")
+        if self.max_gpu_memory_gb is not None:
+            require("--max-gpu-memory-gb", self.max_gpu_memory_gb, "above 0; leave it out for no cap", lambda value: value > 0)
+        if self.peak_tflops is not None:
+            require("--peak-tflops", self.peak_tflops, "above 0; leave it out to look it up by GPU name", lambda value: value > 0)
 
 
 @dataclasses.dataclass
@@ -211,10 +230,11 @@ class LoraTrainConfig(TrainConfig):
         from studykit.errors import UserError
 
         super().validate()
-        if self.rank <= 0 or self.alpha <= 0:
+        if not (self.rank > 0 and math.isfinite(self.alpha) and self.alpha > 0):
             raise UserError(f"LoRA needs a positive rank and alpha (got rank={self.rank}, alpha={self.alpha}); pass --rank and --alpha above 0.")
-        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
-            raise UserError(f"--loraplus-lr-ratio must be above 0 (got {self.loraplus_lr_ratio}).")
+        require("--dropout", self.dropout, "from 0 to below 1", lambda value: 0 <= value < 1)
+        if self.loraplus_lr_ratio is not None:
+            require("--loraplus-lr-ratio", self.loraplus_lr_ratio, "above 0", lambda value: value > 0)
 
 
 @dataclasses.dataclass

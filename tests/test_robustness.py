@@ -187,6 +187,26 @@ def test_non_positive_lora_rank_or_alpha_is_refused(flags, in_process, tmp_path,
     assert "positive rank and alpha" in message
 
 
+@pytest.mark.parametrize("script, flags, expected", [
+    (FULL, ["--lr", "nan"], "--lr must be above 0 (got nan)"),
+    (FULL, ["--epochs", "nan", "--max-steps", "none"], "--epochs must be above 0"),
+    (FULL, ["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
+    (FULL, ["--warmup-ratio", "2"], "--warmup-ratio must be from 0 to 1"),
+    (FULL, ["--max-grad-norm", "-1"], "--max-grad-norm must be 0 (no clipping) or more"),
+    (FULL, ["--peak-tflops", "inf"], "--peak-tflops must be above 0"),
+    (LORA, ["--dropout", "1.5"], "--dropout must be from 0 to below 1"),
+    (LORA, ["--alpha", "nan"], "positive rank and alpha"),
+    (FULL, ["--lr", "-1e-3"], "argument --lr: expected one argument (see train_full_ft.py --help)"),
+    (FULL, ["--learning-rate", "1e-3"], "unrecognized arguments: --learning-rate 1e-3"),
+])
+def test_settings_that_cannot_train_are_refused_before_anything_is_written(script, flags, expected, in_process, tmp_path, small_vocab_inputs):
+    """NaN, inf and out-of-range values once reached torch (a traceback) or trained wrongly without a word (a negative
+    clipping norm climbs the loss); a mistyped flag printed argparse's usage block instead of one error line."""
+    message = refused(script, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags),
+                      watch=[tmp_path], runner=in_process)
+    assert expected in message
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, small_vocab_inputs):
     run_dir = tmp_path_factory.mktemp("finished") / "run"
