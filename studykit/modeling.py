@@ -57,6 +57,10 @@ def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code:
 
     ensure_hub_reachable(name_or_path, f"{flag} PATH (a local model directory)")
     path = Path(name_or_path)
+    if is_adapter_directory(path):
+        # transformers would quietly load the adapter's base model with the adapter applied, and train on top of it.
+        raise UserError(f"{path} is a LoRA adapter, not a base model; pass the model it was trained on with {flag} "
+                        "(evaluation/perplexity.py applies adapters it finds in --checkpoints).")
     if path.is_dir() and not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
         found = f" (only {', '.join(pickled[:2])}: pickled weights are never loaded, because unpickling can run code)" if pickled else ""
@@ -148,13 +152,20 @@ def wrap_with_lora(model, rank: int, alpha: float, dropout: float, targets: Sequ
     try:
         return get_peft_model(model, lora_config)
     except ValueError as error:
+        # peft refuses names that match no module and names of modules it cannot adapt (an activation, a block).
         if "not found" in str(error) or "did not find" in str(error).lower() or "target" in str(error).lower():
-            names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
             raise UserError(
-                f"LoRA target modules {list(targets)} match nothing in this model; use a preset "
-                f"({', '.join(TARGET_PRESETS)}) or module names such as {names[:8]}."
+                f"LoRA target modules {list(targets)} match nothing LoRA can adapt in this model; use a preset "
+                f"({', '.join(TARGET_PRESETS)}) or linear layers such as {adaptable_layer_names(model)[:8]}."
             ) from None
         raise
+
+
+def adaptable_layer_names(model) -> list[str]:
+    """Name suffixes (`attn.c_attn`) of the layers LoRA can adapt: linear layers, GPT-2's Conv1D among them."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({".".join(name.split(".")[-2:]) for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))})
 
 
 def adapted_module_names(model) -> list[str]:

@@ -174,10 +174,23 @@ def test_data_from_another_tokenizer_is_refused(in_process, tmp_path, small_voca
     assert "was tokenized with" in message and "prepare the data again" in message
 
 
-def test_lora_targets_that_match_nothing_are_refused(in_process, tmp_path, small_vocab_inputs):
-    args = train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", "--target-modules", "attn.q_proj")
+@pytest.mark.parametrize("target", ["attn.q_proj", "act", "attn_dropout", "0"])
+def test_lora_targets_that_match_nothing_are_refused(target, in_process, tmp_path, small_vocab_inputs):
+    """A name that matches no module, or only modules LoRA cannot adapt (an activation, dropout, a whole block)."""
+    args = train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", "--target-modules", target)
     message = refused(LORA, *args, watch=[tmp_path], runner=in_process)
-    assert "match nothing" in message and "attn.q_proj" in message
+    assert "match nothing" in message and f"['{target}']" in message
+    suggested = message.split("such as ")[1]
+    assert "attn.c_attn" in suggested and "mlp.c_proj" in suggested and "'act'" not in suggested and "dropout" not in suggested
+
+
+def test_a_lora_adapter_passed_as_the_base_model_is_refused(in_process, tmp_path, small_vocab_inputs, lora_checkpoints):
+    """transformers would load the adapter's base with the adapter applied and train on top of it, without a word."""
+    lora_adapter = lora_checkpoints / "lora_r8"
+    for script in (FULL, LORA):
+        message = refused(script, *train_args(lora_adapter, small_vocab_inputs["data"], tmp_path / "run"), watch=[tmp_path, lora_adapter],
+                          runner=in_process)
+        assert "is a LoRA adapter, not a base model" in message and "--model" in message
 
 
 @pytest.mark.parametrize("flags", [["--rank", "0"], ["--alpha", "-1"]])
