@@ -33,21 +33,27 @@ class EvalTarget:
     run_record: Optional[dict[str, Any]]
 
 
+# Files that mark a directory as a training run's, finished or not (train_config.json is written before step 1).
+RUN_MARKERS = (RUN_RECORD, "train_config.json", "log.jsonl", "adapter_config.json")
+
+
 def find_runs(checkpoints: Path) -> list[EvalTarget]:
     """Run directories are told apart by their files: an adapter config means LoRA, config + weights a full model."""
     checkpoints = Path(checkpoints)
     if not checkpoints.is_dir():
-        return []
+        raise UserError(f"--checkpoints {checkpoints} is not a directory; pass the directory that holds your training runs "
+                        "(each run's --output-dir inside it).")
     for partial in find_partial_directories(checkpoints):
         print(f"warning: skipping {partial}, an unfinished write left by a crash.")
     targets = []
     for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")):
         finished = (run_dir / RUN_RECORD).exists()
         has_weights = (run_dir / "adapter_model.safetensors").exists() if is_adapter_directory(run_dir) else is_full_model_directory(run_dir)
-        if not (finished or has_weights or is_adapter_directory(run_dir)):
+        if not (has_weights or any((run_dir / marker).exists() for marker in RUN_MARKERS)):
             continue
         if not finished:
-            print(f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish.")
+            print(f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish "
+                  "(run its training command again with --resume to finish it).")
             continue
         if not has_weights:
             raise UserError(f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
@@ -64,9 +70,12 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(config.model, "--model", config.trust_remote_code)
     check_tokenizer_matches(data, tokenizer, config.model)
     extra_sequences = load_extra_eval(config.extra_eval, tokenizer, data.meta["seq_len"]) if config.extra_eval else None
-    targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + find_runs(Path(config.checkpoints))
-    if not targets:
+    runs = find_runs(Path(config.checkpoints))
+    if not runs and not config.include_base:
         raise UserError(f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base.")
+    if not runs:
+        print(f"warning: no finished runs in {config.checkpoints}; only the base model is scored.")
+    targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + runs
     check_adapter_bases([target for target in targets if target.method == "lora"], config)
     # Checked after the inputs, so a mistake in them creates nothing, and before scoring, so no work is lost.
     output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")

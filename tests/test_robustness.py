@@ -436,3 +436,25 @@ def test_a_finished_run_without_weights_is_refused_at_evaluation(in_process, lor
     message = refused(EVALUATE, "--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"], "--checkpoints",
                       checkpoints, "--output-dir", tmp_path / "results", watch=[tmp_path], runner=in_process)
     assert "without its weights" in message
+
+
+def test_missing_checkpoints_directory_is_refused_and_unfinished_runs_are_named(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
+    evaluate = ["--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"], "--output-dir", tmp_path / "results"]
+    message = refused(EVALUATE, *evaluate, "--checkpoints", tmp_path / "chekpoints", watch=[tmp_path], runner=in_process)
+    assert f"--checkpoints {tmp_path / 'chekpoints'} is not a directory" in message
+
+    (tmp_path / "empty").mkdir()
+    result = in_process(EVALUATE, *evaluate, "--checkpoints", tmp_path / "empty", env=QUIET)
+    assert result.returncode == 0 and "no finished runs in" in result.stdout and "only the base model is scored" in result.stdout
+
+    # A run stopped before its end: its config and log are there, its weights and run.json are not.
+    checkpoints = shutil.copytree(lora_checkpoints, tmp_path / "checkpoints")
+    stopped = checkpoints / "full_ft"
+    stopped.mkdir()
+    for name in ("train_config.json", "log.jsonl"):
+        shutil.copy(checkpoints / "lora_r8" / name, stopped / name)
+    result = in_process(EVALUATE, *evaluate, "--checkpoints", checkpoints, env=QUIET)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: skipping {stopped}: it has no run.json, so its training did not finish" in result.stdout and "--resume" in result.stdout
+    rows = json.loads((tmp_path / "results" / "perplexity.json").read_text())
+    assert [row["name"] for row in rows] == ["base", "lora_r8"]
