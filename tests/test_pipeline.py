@@ -75,8 +75,15 @@ def test_checkpoints_load_directly_with_transformers_and_peft(study, processed_d
     assert (study["checkpoints"] / "full_ft" / "model.safetensors").exists()
     lora_dir = study["checkpoints"] / "lora_r8"
     assert not (lora_dir / "model.safetensors").exists(), "LoRA saves only the adapter"
-    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(study["model"]), lora_dir)
-    assert full is not None and lora is not None
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(study["model"]), lora_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lora_dir)
+    ids = tokenizer("Here is how to water a plant.", return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(study["model"]).eval()
+    with torch.no_grad():
+        base_logits, full_logits, lora_logits = (model(ids).logits for model in (base, full.eval(), lora))
+        merged_logits = lora.merge_and_unload()(ids).logits  # a plain GPT-2 with the adapter folded into its weights
+    assert not torch.allclose(full_logits, base_logits) and not torch.allclose(lora_logits, base_logits, atol=1e-6)
+    torch.testing.assert_close(merged_logits, lora_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_evaluation_reports_every_run_and_matches_an_independent_score(study):
