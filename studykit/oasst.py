@@ -33,9 +33,10 @@ class OasstSource:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: Windows editors start a file with a byte-order mark, which is not part of the first record.
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[list[dict[str, Any]], list[int]]:
@@ -47,6 +48,12 @@ def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[list[dict[str,
             for line_number, line in enumerate(stream, start=1):
                 if not line.strip():
                     continue
+                if not records and not bad_lines and line.lstrip().startswith("["):
+                    # Every line of it would be "corrupt", and --skip-bad-lines would drop the whole file.
+                    raise UserError(
+                        f"{path} holds one JSON array, but OASST exports are JSON Lines (one message or tree per line); "
+                        f"convert it (e.g. `jq -c '.[]' {path} > messages.jsonl`) and pass that file with --data-file."
+                    )
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
@@ -58,6 +65,8 @@ def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[list[dict[str,
                 records.append(record)
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
         raise UserError(f"{path} is not a readable JSONL file ({error}); pass an OASST export with --data-file.") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); pass a readable OASST export with --data-file.") from None
     if bad_lines and not skip_bad_lines:
         shown = ", ".join(map(str, bad_lines[:10])) + (" ..." if len(bad_lines) > 10 else "")
         raise UserError(
@@ -93,6 +102,8 @@ def flatten_tree(tree: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def read_local_file(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
     if not path.exists():
         raise UserError(f"data file {path} does not exist; pass an OASST export (.jsonl, .jsonl.gz or .parquet) with --data-file.")
+    if path.is_dir():
+        raise UserError(f"data file {path} is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) with --data-file.")
     if path.suffix == ".parquet":
         import pyarrow.parquet
 
