@@ -100,6 +100,15 @@ def find_partial_directories(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if PARTIAL_MARKER in p.name)
 
 
+def visible_entries(directory: Path) -> list[str]:
+    """Names in a directory that make it someone's: hidden files (.DS_Store, .gitkeep) and leftovers of crashed
+    writes do not. Empty for a directory that does not exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and PARTIAL_MARKER not in p.name)
+
+
 def check_writable_location(path: Path, flag: str) -> None:
     """Fail before hours of work, without creating anything: the nearest existing ancestor must be a writable directory."""
     ancestor = Path(path).absolute()

@@ -9,7 +9,7 @@ from typing import Any
 from studykit.config import PrepareConfig, config_to_dict, print_config, save_config
 from studykit.data import META_FILE, SPLITS, combine_fingerprints, sequences_fingerprint, tokenize_responses, tokenizer_fingerprint
 from studykit.errors import UserError
-from studykit.io import atomic_directory, atomic_write_json, ensure_writable_directory
+from studykit.io import atomic_directory, atomic_write_json, check_writable_location, visible_entries
 from studykit.modeling import load_tokenizer
 from studykit.oasst import FILTER_STAGES, load_source, filter_messages, opening_prompts, parse_languages
 
@@ -18,6 +18,21 @@ UNSET_CONTEXT = 1_000_000
 # Opening prompts of validation trees, kept as text: the processed data holds only tokenized responses.
 PROMPTS_FILE = "prompts.json"
 PROMPTS_KEPT = 16
+# Written beside meta.json; the two together mark a directory as a dataset this stage made.
+PREPARE_CONFIG_FILE = "prepare_config.json"
+
+
+def check_output_directory(output_dir: Path) -> None:
+    """Creates nothing. The new dataset replaces the whole directory in one rename, so a directory holding anything
+    but an earlier prepared dataset (a model, someone's files) is refused rather than deleted."""
+    check_writable_location(output_dir, "--output-dir")
+    # The rename that puts the dataset in place happens in the parent.
+    check_writable_location(output_dir.parent, "--output-dir")
+    holds_dataset = (output_dir / META_FILE).is_file() and (output_dir / PREPARE_CONFIG_FILE).is_file()
+    others = visible_entries(output_dir)
+    if others and not holds_dataset:
+        raise UserError(f"{output_dir} is not empty and holds no prepared dataset ({', '.join(others[:3])}); "
+                        "choose an empty or new --output-dir.")
 
 
 def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
@@ -32,7 +47,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     print_config(config)
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    ensure_writable_directory(output_dir.parent, "--output-dir")
+    check_output_directory(output_dir)
     tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
     check_seq_len(config.seq_len, tokenizer, config.tokenizer)
     source = load_source(config.data_file, config.dataset, config.val_fraction, config.skip_bad_lines)
@@ -82,7 +97,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     with atomic_directory(output_dir) as staging:
         datasets.DatasetDict(splits).save_to_disk(str(staging))
         atomic_write_json(staging / META_FILE, meta)
-        save_config(config, staging / "prepare_config.json")
+        save_config(config, staging / PREPARE_CONFIG_FILE)
         if source.tree_split is not None:
             atomic_write_json(staging / "tree_split.json", source.tree_split)
         atomic_write_json(staging / PROMPTS_FILE, opening_prompts(source.messages_by_split["validation"], languages, PROMPTS_KEPT))

@@ -2,10 +2,12 @@
 
 import gzip
 import json
+import shutil
 
 import pytest
 
 from conftest import oasst_message, run_script
+from test_robustness import PREPARE, in_process, refused  # noqa: F401  (in_process is a fixture used by name)
 from studykit.config import PrepareConfig
 from studykit.data import load_processed, tokenize_responses
 from studykit.errors import UserError
@@ -124,3 +126,91 @@ def test_hub_unreachable_fails_fast_with_the_local_flag(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--tokenizer PATH" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mistakes in --output-dir and --data-file: one sentence, exit 2, nothing created or changed.
+# ---------------------------------------------------------------------------------------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def prepare_args(data_file, tokenizer, output_dir, *extra):
+    return ["--data-file", data_file, "--tokenizer", tokenizer, "--output-dir", output_dir, "--seq-len", "64", "--val-fraction", "0.2", *extra]
+
+
+def test_a_model_directory_is_never_replaced_by_the_dataset(in_process, tmp_path, tiny_model_dir, oasst_trees_file):
+    # The audit's case: the model directory as both tokenizer and output; the dataset's rename used to delete it.
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    message = refused(PREPARE, *prepare_args(oasst_trees_file, model, model), watch=[tmp_path], runner=in_process)
+    assert f"{model} is not empty and holds no prepared dataset (config.json" in message
+    assert message.endswith("choose an empty or new --output-dir.")
+
+
+def test_a_prepared_dataset_is_replaced_in_place(in_process, tmp_path, processed_dir, oasst_trees_file, gpt2_tokenizer_dir):
+    output = shutil.copytree(processed_dir, tmp_path / "data")
+    assert json.loads((output / "meta.json").read_text())["seq_len"] == 64
+    result = in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_processed(output).meta["seq_len"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "the old dataset or a staging directory was left behind"
+
+
+def test_an_existing_file_as_output_dir_is_refused(in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    message = refused(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, notes), watch=[tmp_path], runner=in_process)
+    assert message == f"error: cannot write to {notes}: {notes} is a file, not a directory; choose another directory with --output-dir."
+    assert notes.read_text() == "keep me\n"
+
+
+def write_array(path, trees_file, indent=None):
+    path.write_text(json.dumps([json.loads(line) for line in trees_file.read_text().splitlines()], indent=indent))
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("directory", "is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) with --data-file."),
+    ("empty", "holds no records; pass a non-empty OASST export with --data-file."),
+    ("array.json", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
+    ("array.jsonl", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
+    ("indented array.json", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
+])
+@pytest.mark.parametrize("skip_bad_lines", [False, True])
+def test_an_unusable_data_file_is_refused_before_anything_is_created(kind, expected, skip_bad_lines, in_process, tmp_path,
+                                                                      oasst_trees_file, gpt2_tokenizer_dir):
+    data_file = tmp_path / ("export.jsonl" if kind in ("directory", "empty") else kind.split()[-1])
+    if kind == "directory":
+        data_file.mkdir()
+    elif kind == "empty":
+        data_file.touch()
+    else:
+        write_array(data_file, oasst_trees_file, indent=2 if kind.startswith("indented") else None)
+    # The output's parent does not exist either: a refusal must not create it.
+    output = tmp_path / "new" / "data"
+    extra = ["--skip-bad-lines"] if skip_bad_lines else []
+    message = refused(PREPARE, *prepare_args(data_file, gpt2_tokenizer_dir, output, *extra), watch=[tmp_path], runner=in_process)
+    assert message.startswith(f"error: {data_file} ") or message.startswith(f"error: data file {data_file} "), message
+    assert expected in message
+    # --skip-bad-lines would drop the whole array: the message must not offer it.
+    assert "--skip-bad-lines" not in message
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, oasst_trees_file, suffix):
+    path = tmp_path / f"bom{suffix}"
+    opener = gzip.open if suffix.endswith(".gz") else open
+    with opener(path, "wb") as stream:
+        stream.write(BOM + oasst_trees_file.read_bytes())
+    assert read_local_file(path, skip_bad_lines=False) == read_local_file(oasst_trees_file, skip_bad_lines=False)
+
+
+def test_prepare_reads_a_file_with_a_byte_order_mark_like_one_without(in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir, processed_dir):
+    bom_file = tmp_path / "windows.jsonl"
+    bom_file.write_bytes(BOM + oasst_trees_file.read_bytes())
+    result = in_process(PREPARE, *prepare_args(bom_file, gpt2_tokenizer_dir, tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta, expected = load_processed(tmp_path / "out").meta, load_processed(processed_dir).meta
+    assert meta["bad_lines_skipped"] == [] and meta["counts"] == expected["counts"]
+    # processed_dir was prepared from the same file without the mark: the same sequences, the same fingerprint.
+    assert meta["fingerprint"] == expected["fingerprint"]
