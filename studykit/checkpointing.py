@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from studykit.errors import UserError
-from studykit.io import PARTIAL_MARKER, atomic_directory, atomic_write_json, atomic_write_text, find_partial_directories, read_json
+from studykit.io import atomic_directory, atomic_write_json, atomic_write_text, find_partial_directories, read_json, visible_entries
 from studykit.modeling import is_adapter_directory
 
 if TYPE_CHECKING:
@@ -88,11 +88,10 @@ def check_output_directory(output_dir: Path, resume: bool, overwrite: bool) -> O
     holds_run = any((output_dir / name).exists() for name in (RUN_RECORD, RUN_LOG, "train_config.json", RESUME_DIRECTORY))
     if holds_run and not overwrite:
         raise UserError(f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir.")
-    # Hidden files (.DS_Store, .gitkeep, leftovers of crashed writes) do not make a directory someone else's.
-    others = [p.name for p in output_dir.iterdir() if not p.name.startswith(".") and PARTIAL_MARKER not in p.name] if output_dir.is_dir() else []
+    others = visible_entries(output_dir)
     if others and not holds_run:
         # A model directory, a dataset, anything else: the final save would write over files it does not own.
-        raise UserError(f"{output_dir} is not empty and holds no training run ({', '.join(sorted(others)[:3])}); "
+        raise UserError(f"{output_dir} is not empty and holds no training run ({', '.join(others[:3])}); "
                         "choose an empty or new --output-dir.")
     return None
 
