@@ -7,19 +7,22 @@ is kept, not redone: each step's directory holds a study_inputs.json with the in
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
 import tomllib
+import typing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import report
 from studykit.checkpointing import RUN_LOG, RUN_RECORD, Interrupted, UnusableCheckpoint, load_run_record, read_run_log, resumable_checkpoints
-from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, build_parser, config_to_dict, print_config
+from studykit.config import (EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, _unwrap_optional, build_parser,
+                             config_to_dict, print_config)
 from studykit.data import META_FILE
 from studykit.errors import UserError
 from studykit.io import atomic_write_json, atomic_write_text, read_json
@@ -37,6 +40,9 @@ RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
 # Settings that say where or how often things are written: they do not change a run's result.
 NOT_INPUTS = RUNNER_OWNED | {"trust_remote_code", "keep", "save_every", "log_every", "eval_batch_size", "auto_batch", "max_gpu_memory_gb", "peak_tflops"}
 STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
+STUDY_HEADER_TYPES = {"name": str, "output_dir": str, "readme": str}
+# Every run of a study trains and is scored on one base model and one tokenization: these are set once, in [budget].
+SHARED_BY_ALL_RUNS = {"model", "tokenizer"}
 TINY_MODEL_DEFAULTS = {"data_file": "data/sample/oasst_sample.jsonl", "vocab_size": 512, "n_layer": 2, "n_embd": 64}
 REPORT_DEFAULTS = {"bootstrap_resamples": 2000, "bootstrap_seed": 0, "sample_prompts": 4, "sample_new_tokens": 40}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -107,13 +113,71 @@ def _table(settings: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
     return dict(value)
 
 
-def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
-    """A stage config from study-file values; a misspelt or runner-owned key is named, with what is accepted."""
-    fields = {field.name for field in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - fields)
+def _field_types(config_cls: type) -> dict[str, tuple[Any, Optional[Sequence[str]]]]:
+    """Each field's type and, where its flag has them, its choices."""
+    hints = typing.get_type_hints(config_cls)
+    return {field.name: (hints[field.name], field.metadata.get("choices")) for field in dataclasses.fields(config_cls)}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """TOML has no null, so Optional[X] takes an X; an integer is a fine float, but true is no number."""
+    annotation, _ = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is list:
+        return isinstance(value, list) and all(_fits(item, typing.get_args(annotation)[0]) for item in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    annotation, _ = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('a ')}s"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _value_kind(value: Any) -> str:
+    kinds = {bool: "true/false", int: "a whole number", float: "a decimal number", str: "a string", list: "a list", dict: "a table"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _how_to_write(key: str, value: Any, annotation: Any) -> str:
+    annotation, _ = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is list and _fits(value, typing.get_args(annotation)[0]):
+        return f"put it in brackets: {key} = {json.dumps([value])}"
+    if isinstance(value, str) and annotation in (bool, int, float):
+        return f"write {key} as {_type_name(annotation)}, without quotes"
+    return f"write {key} as {_type_name(annotation)}"
+
+
+def check_settings(values: dict[str, Any], types: dict[str, tuple[Any, Optional[Sequence[str]]]], where: str, source: Path,
+                   accepted: str) -> None:
+    """Every key of a study-file table is one its stage knows, and every value has that setting's type (and is one of
+    its choices): TOML values reach the configs unconverted, where a string lr would fail deep inside training."""
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise UserError(f"{where} in {source} has unknown setting(s) {unknown}; use fields of {config_cls.__name__} "
-                        "(the stage's flags with _ for -).")
+        meant = [guess for key in unknown for guess in difflib.get_close_matches(key, list(types), n=1)]
+        raise UserError(f"{where} in {source} has unknown setting(s) {unknown}" + (f" (did you mean {meant}?)" if meant else "")
+                        + f"; use {accepted}.")
+    for key, value in values.items():
+        annotation, choices = types[key]
+        shown = json.dumps(value, default=str)
+        if not _fits(value, annotation):
+            raise UserError(f"{where} in {source} sets {key} = {shown}, {_value_kind(value)}, but {key} takes {_type_name(annotation)}; "
+                            f"{_how_to_write(key, value, annotation)}.")
+        if choices and value not in choices:
+            raise UserError(f"{where} in {source} sets {key} = {shown}; use one of {list(choices)}.")
+
+
+def check_stage_settings(values: dict[str, Any], config_cls: type, where: str, source: Path, accepted: Optional[str] = None) -> None:
+    check_settings(values, _field_types(config_cls), where, source,
+                   accepted or f"fields of {config_cls.__name__} (the stage's flags with _ for -)")
+
+
+def _build(config_cls: type, values: dict[str, Any]):
+    """A stage config from study-file values already checked by check_settings, validated as its script would."""
     config = config_cls(**values)
     config.validate()
     return config
@@ -126,8 +190,14 @@ def _reject_runner_owned(values: dict[str, Any], owned: set[str], where: str, so
                         "(use [study] output_dir or --output-dir to move the study).")
 
 
+def _types_of_defaults(defaults: dict[str, Any]) -> dict[str, tuple[Any, None]]:
+    return {key: (type(value), None) for key, value in defaults.items()}
+
+
 def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[str] = None) -> Study:
-    """Stage configs for every step of the study: [data] -> prepare, [budget] + [[runs]] -> training, [eval]."""
+    """Stage configs for every step of the study: [data] -> prepare, [budget] + [[runs]] -> training, [eval].
+    The whole file is checked here, before any step runs: a mistake in the last run must not surface after the
+    first runs have trained."""
     try:
         settings = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
@@ -136,14 +206,21 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     if unknown:
         raise UserError(f"{path} has unknown table(s) {unknown}; a study file has {sorted(STUDY_TABLES)}.")
     header = _table(settings, "study", path)
-    name = str(header.get("name", Path(path).stem))
+    check_settings(header, {key: (kind, None) for key, kind in STUDY_HEADER_TYPES.items()}, "[study]", path,
+                   f"the keys {sorted(STUDY_HEADER_TYPES)}")
+    name = header.get("name", Path(path).stem)
     root = Path(output_dir) if output_dir else repo_path(header.get("output_dir", f"runs/{name}"))
     readme_path = None if readme == "" else Path(readme) if readme else repo_path(header["readme"]) if header.get("readme") else None
 
     budget = _table(settings, "budget", path)
+    # LoRA settings may sit in [budget] when every run is a LoRA run; _run_spec refuses them for a full run.
+    check_stage_settings(budget, LoraTrainConfig, "[budget]", path, "fields of TrainConfig or LoraTrainConfig (the training flags with _ for -)")
+    _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", path)
     tiny_model = None
     if "tiny_model" in settings:
-        tiny_model = {**TINY_MODEL_DEFAULTS, **_table(settings, "tiny_model", path)}
+        tiny_table = _table(settings, "tiny_model", path)
+        check_settings(tiny_table, _types_of_defaults(TINY_MODEL_DEFAULTS), "[tiny_model]", path, f"the keys {sorted(TINY_MODEL_DEFAULTS)}")
+        tiny_model = {**TINY_MODEL_DEFAULTS, **tiny_table}
         tiny_model["data_file"] = str(repo_path(tiny_model["data_file"]))
         if "model" in budget:
             raise UserError(f"{path} has both [tiny_model] and [budget] model; keep one of them.")
@@ -153,12 +230,15 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
 
     data = _table(settings, "data", path)
     _reject_runner_owned(data, {"output_dir", "tokenizer"}, "[data]", path)
+    check_stage_settings(data, PrepareConfig, "[data]", path)
     if data.get("data_file"):
         data["data_file"] = str(repo_path(data["data_file"]))
-    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed")}, "[data]", path)
+    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed")})
 
-    _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", path)
-    runs = [_run_spec(entry, budget, root, path) for entry in settings.get("runs", [])]
+    entries = settings.get("runs", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise UserError(f"runs in {path} must be [[runs]] tables, one per run; see studies/default.toml.")
+    runs = [_run_spec(entry, budget, root, path) for entry in entries]
     if not runs:
         raise UserError(f"{path} lists no [[runs]]; add at least one run (see studies/default.toml).")
     names = [spec.name for spec in runs]
@@ -167,14 +247,13 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
 
     evaluation = _table(settings, "eval", path)
     _reject_runner_owned(evaluation, {"model", "data_dir", "checkpoints", "output_dir"}, "[eval]", path)
+    check_stage_settings(evaluation, EvalConfig, "[eval]", path)
     if evaluation.get("extra_eval") and repo_path(evaluation["extra_eval"]).is_file():
         evaluation["extra_eval"] = str(repo_path(evaluation["extra_eval"]))
     eval_config = _build(EvalConfig, {**evaluation, "model": model, "data_dir": str(root / "processed"),
-                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", path)
+                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")})
     report_settings = _table(settings, "report", path)
-    unknown = sorted(set(report_settings) - set(REPORT_DEFAULTS))
-    if unknown:
-        raise UserError(f"[report] in {path} has unknown setting(s) {unknown}; it accepts {sorted(REPORT_DEFAULTS)}.")
+    check_settings(report_settings, _types_of_defaults(REPORT_DEFAULTS), "[report]", path, f"the keys {sorted(REPORT_DEFAULTS)}")
     return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config,
                  {**REPORT_DEFAULTS, **report_settings}, readme_path)
 
@@ -184,11 +263,21 @@ def _run_spec(entry: dict[str, Any], budget: dict[str, Any], root: Path, source:
     name, method = str(entry.pop("name", "")), entry.pop("method", None)
     if not RUN_NAME.fullmatch(name):
         raise UserError(f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . -.")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise UserError(f"run '{name}' in {source} has method {method!r}; use one of {sorted(METHODS)}.")
+    config_cls = METHODS[method]
+    shared = sorted(SHARED_BY_ALL_RUNS & set(entry))
+    if shared:
+        raise UserError(f"run '{name}' in {source} sets {shared}, but the runs of a study are compared on one base model and one "
+                        f"tokenization; set {' and '.join(shared)} once for the whole study in [budget] (or build a [tiny_model]).")
     _reject_runner_owned(entry, RUNNER_OWNED, f"run '{name}'", source)
+    check_stage_settings(entry, config_cls, f"run '{name}'", source)
+    not_taken = sorted(set(budget) - set(_field_types(config_cls)))
+    if not_taken:
+        raise UserError(f"[budget] in {source} sets {not_taken}, which run '{name}' (method '{method}') does not take; "
+                        "set them in the [[runs]] entries that use them.")
     values = {**budget, **entry, "output_dir": str(root / "checkpoints" / name), "data_dir": str(root / "processed")}
-    return RunSpec(name, method, _build(METHODS[method], values, f"run '{name}'", source))
+    return RunSpec(name, method, _build(config_cls, values))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,6 +454,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     if config.dry_run:
         return done
     check_extra_eval_reachable(study)
+    check_lora_targets(study)
 
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
@@ -414,6 +504,49 @@ def check_extra_eval_reachable(study: Study) -> None:
         from studykit.hub import ensure_hub_reachable
 
         ensure_hub_reachable(extra.partition(":")[0], "a local text file as [eval] extra_eval", repo_type="dataset")
+
+
+def base_model_skeleton(study: Study):
+    """The base model's modules with no weights (on the meta device): enough to match LoRA targets, and nothing is
+    read but the model's config, nor written; the tiny model is described by its [tiny_model] table, not yet built."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+    from studykit.hub import ensure_hub_reachable
+
+    trust_remote_code = study.runs[0].config.trust_remote_code
+    if study.tiny_model is not None:
+        # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
+        config = GPT2Config(n_layer=study.tiny_model["n_layer"], n_embd=study.tiny_model["n_embd"], n_head=1)
+    else:
+        ensure_hub_reachable(study.model, "a local model directory as [budget] model")
+        try:
+            config = AutoConfig.from_pretrained(study.model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"could not read a model config from '{study.model}' ({reason}); set [budget] model to a model "
+                            "directory or hub id (and trust_remote_code = true for a model with its own code).") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_lora_targets(study: Study) -> None:
+    """Every LoRA run's target modules are matched against the base model before the first run trains, the same way
+    its training will match them, so a run that cannot start is found before the runs ahead of it spend their time."""
+    from studykit.modeling import wrap_with_lora
+
+    checked = set()
+    for spec in study.runs:
+        config = spec.config
+        adapters = (tuple(config.target_modules), config.use_dora) if spec.method == "lora" else None
+        if adapters is None or adapters in checked:
+            continue
+        checked.add(adapters)
+        skeleton = base_model_skeleton(study)
+        try:
+            wrap_with_lora(skeleton, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
+        except UserError as error:
+            raise UserError(f"run '{spec.name}' in {study.source} cannot train: {error}") from None
 
 
 def warn_about_stale_runs(study: Study) -> None:

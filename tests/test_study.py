@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_script
+from test_robustness import in_process, refused  # noqa: F401 (in_process is a fixture)
 
 from studykit import report
 from studykit.config import StudyConfig, TrainConfig
@@ -307,3 +308,87 @@ def test_shipped_studies_load_and_share_one_budget():
         ("full_ft", "full", None), ("lora_r8", "lora", 8), ("lora_r32", "lora", 32)]
     assert default.model == "gpt2" and default.readme == REPO_ROOT / "README.md"
     assert load_study(QUICK).readme is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A study file is checked whole before anything is built: a mistake in it never costs the runs ahead of it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def refused_study(runner, study_file: Path, output_dir: Path) -> str:
+    """run_study.py on a study it must refuse: one `error:` line, exit 2, and the study's directory never made."""
+    line = refused("run_study.py", "--config", study_file, "--no-readme", "--output-dir", output_dir, watch=(study_file.parent,), runner=runner)
+    assert not output_dir.exists()
+    return line
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (('lr = 1e-3', 'lr = "1e-3"'), ["run 'full_ft'", 'lr = "1e-3"', "a string", "takes a number", "without quotes"]),
+    (("[budget]\n", '[budget]\nlr = "1e-3"\n'), ["[budget]", 'lr = "1e-3"', "takes a number", "without quotes"]),
+    (("rank = 8\n", "rank = 8.5\n"), ["run 'lora_r8'", "rank = 8.5", "takes a whole number"]),
+    (("rank = 8\n", 'rank = 8\ntarget_modules = "attention"\n'),
+     ["run 'lora_r8'", "target_modules = \"attention\"", "takes a list of strings", 'target_modules = ["attention"]']),
+    (("rank = 32\n", "rank = 32\nuse_rslora = 1\n"), ["run 'lora_r32'", "use_rslora = 1", "takes true or false"]),
+    (("seq_len = 128", 'seq_len = "128"'), ["[data]", 'seq_len = "128"', "takes a whole number"]),
+    (("batch_size = 16", "batch_size = [16]"), ["[eval]", "batch_size = [16]", "a list", "takes a whole number"]),
+    (('precision = "fp32"', 'precision = "fp64"'), ["[budget]", 'precision = "fp64"', "use one of ['auto', 'fp16', 'bf16', 'fp32']"]),
+    (("n_layer = 2", 'n_layer = "2"'), ["[tiny_model]", 'n_layer = "2"', "takes a whole number"]),
+    (("sample_prompts = 3", "sample_prompts = 3.5"), ["[report]", "sample_prompts = 3.5", "takes a whole number"]),
+], ids=["run-lr-string", "budget-lr-string", "rank-fraction", "targets-not-a-list", "bool-as-number", "data", "eval", "choice",
+        "tiny-model", "report"])
+def test_a_value_of_the_wrong_type_is_refused_naming_table_key_value_and_type(tmp_path, in_process, edit, expected):
+    line = refused_study(in_process, shortened_quick_study(tmp_path / "study.toml", edit), tmp_path / "out")
+    for text in expected:
+        assert text in line, (text, line)
+
+
+def test_a_value_of_the_wrong_type_is_refused_by_the_real_interpreter(tmp_path):
+    study_file = shortened_quick_study(tmp_path / "study.toml", ('lr = 1e-3', 'lr = "1e-3"'))
+    line = refused_study(None, study_file, tmp_path / "out")
+    assert "run 'full_ft'" in line and 'lr = "1e-3"' in line and "takes a number" in line
+
+
+def test_lora_targets_of_the_last_run_are_checked_before_the_first_run_trains(tmp_path):
+    # A real interpreter: the check builds the model's skeleton, and nothing it logs may join the error line.
+    study_file = shortened_quick_study(tmp_path / "study.toml", ("rank = 32\n", 'rank = 32\ntarget_modules = ["nope"]\n'))
+    line = refused_study(None, study_file, tmp_path / "out")
+    assert "run 'lora_r32'" in line and "['nope']" in line and "use a preset" in line
+
+
+def test_lora_targets_are_checked_on_a_local_base_model_and_its_config_must_load(tmp_path, in_process, tiny_model_dir):
+    def study_on(model: Path, *edits) -> Path:
+        text = shortened_quick_study(tmp_path / "study.toml", *edits).read_text()
+        # The quick study without its [tiny_model]: [budget] names the base model, as studies/default.toml does.
+        text = text[: text.index("[tiny_model]")] + text[text.index("[data]"):]
+        (tmp_path / "study.toml").write_text(text.replace("[budget]\n", f'[budget]\nmodel = "{model}"\n'))
+        return tmp_path / "study.toml"
+
+    line = refused_study(in_process, study_on(tiny_model_dir, ("rank = 8\n", 'rank = 8\ntarget_modules = ["mlp.nope"]\n')), tmp_path / "out")
+    assert "run 'lora_r8'" in line and "['mlp.nope']" in line and "use a preset" in line
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    line = refused_study(in_process, study_on(empty), tmp_path / "out")
+    assert f"could not read a model config from '{empty}'" in line and "set [budget] model" in line
+
+
+def test_a_run_cannot_change_the_base_model_or_tokenizer(tmp_path, in_process):
+    for key in ("model", "tokenizer"):
+        study_file = shortened_quick_study(tmp_path / f"{key}.toml", ("rank = 8\n", f'rank = 8\n{key} = "gpt2"\n'))
+        line = refused_study(in_process, study_file, tmp_path / "out")
+        assert "run 'lora_r8'" in line and f"sets ['{key}']" in line and f"set {key} once for the whole study in [budget]" in line
+
+
+def test_a_mistyped_budget_key_is_blamed_on_budget_not_a_run(tmp_path, in_process):
+    study_file = shortened_quick_study(tmp_path / "study.toml", ("grad_accum = 2", "grad_acum = 2"))
+    line = refused_study(in_process, study_file, tmp_path / "out")
+    assert line.startswith("error: [budget] in ") and "unknown setting(s) ['grad_acum']" in line and "did you mean ['grad_accum']" in line
+    assert "run '" not in line
+
+
+def test_a_lora_setting_in_budget_is_refused_for_a_full_run_and_shared_by_lora_runs(tmp_path, in_process):
+    study_file = shortened_quick_study(tmp_path / "study.toml", ("[budget]\n", '[budget]\ntarget_modules = ["attention+mlp"]\n'))
+    line = refused_study(in_process, study_file, tmp_path / "out")
+    assert "[budget]" in line and "['target_modules']" in line and "run 'full_ft' (method 'full') does not take" in line
+    text = study_file.read_text()
+    study_file.write_text(text[: text.index("[[runs]]")] + text[text.index('[[runs]]\nname = "lora_r8"'):])
+    assert [spec.config.target_modules for spec in load_study(study_file).runs] == [["attention+mlp"], ["attention+mlp"]]
