@@ -176,10 +176,14 @@ def check_stage_settings(values: dict[str, Any], config_cls: type, where: str, s
                    accepted or f"fields of {config_cls.__name__} (the stage's flags with _ for -)")
 
 
-def _build(config_cls: type, values: dict[str, Any]):
-    """A stage config from study-file values already checked by check_settings, validated as its script would."""
+def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
+    """A stage config from study-file values already checked by check_settings, validated as its script would; the
+    stage names its flag, so the error is told where in the study file that setting is."""
     config = config_cls(**values)
-    config.validate()
+    try:
+        config.validate()
+    except UserError as error:
+        raise UserError(f"{where} in {source}: {error}") from None
     return config
 
 
@@ -233,7 +237,7 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     check_stage_settings(data, PrepareConfig, "[data]", path)
     if data.get("data_file"):
         data["data_file"] = str(repo_path(data["data_file"]))
-    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed")})
+    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed")}, "[data]", path)
 
     entries = settings.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
@@ -251,7 +255,7 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     if evaluation.get("extra_eval") and repo_path(evaluation["extra_eval"]).is_file():
         evaluation["extra_eval"] = str(repo_path(evaluation["extra_eval"]))
     eval_config = _build(EvalConfig, {**evaluation, "model": model, "data_dir": str(root / "processed"),
-                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")})
+                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", path)
     report_settings = _table(settings, "report", path)
     check_settings(report_settings, _types_of_defaults(REPORT_DEFAULTS), "[report]", path, f"the keys {sorted(REPORT_DEFAULTS)}")
     return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config,
@@ -277,7 +281,7 @@ def _run_spec(entry: dict[str, Any], budget: dict[str, Any], root: Path, source:
         raise UserError(f"[budget] in {source} sets {not_taken}, which run '{name}' (method '{method}') does not take; "
                         "set them in the [[runs]] entries that use them.")
     values = {**budget, **entry, "output_dir": str(root / "checkpoints" / name), "data_dir": str(root / "processed")}
-    return RunSpec(name, method, _build(config_cls, values))
+    return RunSpec(name, method, _build(config_cls, values, f"run '{name}'", source))
 
 
 # ---------------------------------------------------------------------------------------------------------

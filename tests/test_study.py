@@ -342,6 +342,17 @@ def test_a_value_of_the_wrong_type_is_refused_naming_table_key_value_and_type(tm
         assert text in line, (text, line)
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (("batch_size = 16", "batch_size = 0"), ["[eval] in ", "--batch-size must be at least 1 (got 0)"]),
+    (("rank = 32\n", "rank = 0\n"), ["run 'lora_r32' in ", "positive rank", "rank=0"]),
+    (("val_fraction = 0.1", "val_fraction = 1.5"), ["[data] in ", "--val-fraction must lie between 0 and 1"]),
+], ids=["eval", "last-run", "data"])
+def test_a_value_its_stage_refuses_is_reported_where_the_study_file_sets_it(tmp_path, in_process, edit, expected):
+    line = refused_study(in_process, shortened_quick_study(tmp_path / "study.toml", edit), tmp_path / "out")
+    for text in expected:
+        assert text in line, (text, line)
+
+
 def test_a_value_of_the_wrong_type_is_refused_by_the_real_interpreter(tmp_path):
     study_file = shortened_quick_study(tmp_path / "study.toml", ('lr = 1e-3', 'lr = "1e-3"'))
     line = refused_study(None, study_file, tmp_path / "out")
