@@ -23,7 +23,7 @@ def option(default: Any, help: str, **extra: Any) -> Any:
     return dataclasses.field(metadata={"help": help, **extra}, **factory)
 
 
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+def unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -61,7 +61,7 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     parser = _Parser(description=description, formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        annotation, optional = _unwrap_optional(hints[field.name])
+        annotation, optional = unwrap_optional(hints[field.name])
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         kwargs: dict[str, Any] = {"default": default, "help": field.metadata.get("help", ""), "dest": field.name}
         if "choices" in field.metadata:

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from studykit import report
 from studykit.checkpointing import RUN_LOG, RUN_RECORD, Interrupted, UnusableCheckpoint, load_run_record, read_run_log, resumable_checkpoints
-from studykit.config import (EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, _unwrap_optional, build_parser,
+from studykit.config import (EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, unwrap_optional, build_parser,
                              config_to_dict, print_config)
 from studykit.data import META_FILE
 from studykit.errors import UserError
@@ -121,7 +121,7 @@ def _field_types(config_cls: type) -> dict[str, tuple[Any, Optional[Sequence[str
 
 def _fits(value: Any, annotation: Any) -> bool:
     """TOML has no null, so Optional[X] takes an X; an integer is a fine float, but true is no number."""
-    annotation, _ = _unwrap_optional(annotation)
+    annotation, _ = unwrap_optional(annotation)
     if typing.get_origin(annotation) is list:
         return isinstance(value, list) and all(_fits(item, typing.get_args(annotation)[0]) for item in value)
     if annotation is float:
@@ -132,7 +132,7 @@ def _fits(value: Any, annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
-    annotation, _ = _unwrap_optional(annotation)
+    annotation, _ = unwrap_optional(annotation)
     if typing.get_origin(annotation) is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('a ')}s"
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(annotation, str(annotation))
@@ -144,7 +144,7 @@ def _value_kind(value: Any) -> str:
 
 
 def _how_to_write(key: str, value: Any, annotation: Any) -> str:
-    annotation, _ = _unwrap_optional(annotation)
+    annotation, _ = unwrap_optional(annotation)
     if typing.get_origin(annotation) is list and _fits(value, typing.get_args(annotation)[0]):
         return f"put it in brackets: {key} = {json.dumps([value])}"
     if isinstance(value, str) and annotation in (bool, int, float):

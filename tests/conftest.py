@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The four stage commands, relative to REPO_ROOT.
+PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
 sys.path.insert(0, str(REPO_ROOT))
 
 from studykit.config import PrepareConfig  # noqa: E402
@@ -187,3 +190,60 @@ def fp16_mixed_precision(monkeypatch):
                         lambda precision, device_type: "fp16" if precision == "fp16" else resolve_precision(precision, device_type))
     monkeypatch.setattr(accelerate, "Accelerator", CpuFp16Accelerator)
     yield
+
+
+# Loading progress bars of transformers and datasets would share stderr with the error line.
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def snapshot(*roots):
+    """Every path under the roots, with size and modification time for files: any write shows up."""
+    state = {}
+    for root in roots:
+        if root.exists():
+            for path in [root, *root.rglob("*")]:
+                state[str(path)] = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else "dir"
+    return state
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """Run a repository script as `python script args` would, in this process: returns exit code, stdout, stderr."""
+
+    from transformers.utils import logging as transformers_logging
+
+    def run(script, *args, env=None):
+        for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        monkeypatch.setattr(sys, "path", list(sys.path))
+        capsys.readouterr()
+        # What HF_HUB_DISABLE_PROGRESS_BARS does for a subprocess, which in this process was read at import.
+        transformers_logging.disable_progress_bar()
+        try:
+            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        finally:
+            transformers_logging.enable_progress_bar()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+
+    return run
+
+
+def refused(script, *args, watch=(), code=2, runner=None):
+    """Run a command that must refuse: one `error:` sentence on stderr, no traceback, exit `code`, no file changed.
+    A subprocess unless `runner` (the in_process fixture) is given."""
+    before = snapshot(*watch)
+    if runner is None:
+        result = run_script(script, *args, check=False, env=QUIET, timeout=300)
+    else:
+        result = runner(script, *args, env=QUIET)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert result.returncode == code, result.stderr
+    assert snapshot(*watch) == before, "a refused command changed files"
+    return lines[0]

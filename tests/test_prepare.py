@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import oasst_message, run_script
-from test_robustness import PREPARE, in_process, refused  # noqa: F401  (in_process is a fixture used by name)
+from conftest import PREPARE, oasst_message, refused, run_script
 from studykit.config import PrepareConfig
 from studykit.data import load_processed, tokenize_responses
 from studykit.errors import UserError

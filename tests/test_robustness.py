@@ -10,76 +10,17 @@ import json
 import math
 import os
 import pickle
-import runpy
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers.utils import logging as transformers_logging
 
-from conftest import REPO_ROOT, build_tiny_model, run_script, train_in_process, write_oasst_trees
+from conftest import EVALUATE, FULL, LORA, PREPARE, QUIET, build_tiny_model, refused, train_in_process, write_oasst_trees
 from studykit import checkpointing
 from studykit.errors import UserError
 from studykit.io import PARTIAL_MARKER
 from studykit.loss import BatchNLL
-
-PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
-# Loading progress bars of transformers and datasets would share stderr with the error line.
-QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-
-
-def snapshot(*roots):
-    """Every path under the roots, with size and modification time for files: any write shows up."""
-    state = {}
-    for root in roots:
-        if root.exists():
-            for path in [root, *root.rglob("*")]:
-                state[str(path)] = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else "dir"
-    return state
-
-
-@pytest.fixture
-def in_process(capsys, monkeypatch):
-    """Run a repository script as `python script args` would, in this process: returns exit code, stdout, stderr."""
-
-    def run(script, *args, env=None):
-        for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-        monkeypatch.setattr(sys, "path", list(sys.path))
-        capsys.readouterr()
-        # What HF_HUB_DISABLE_PROGRESS_BARS does for a subprocess, which in this process was read at import.
-        transformers_logging.disable_progress_bar()
-        try:
-            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
-            code = 0
-        except SystemExit as exit:
-            code = exit.code
-        finally:
-            transformers_logging.enable_progress_bar()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess([script, *args], code, out, err)
-
-    return run
-
-
-def refused(script, *args, watch=(), code=2, runner=None):
-    """Run a command that must refuse: one `error:` sentence on stderr, no traceback, exit `code`, no file changed.
-    A subprocess unless `runner` (the in_process fixture) is given."""
-    before = snapshot(*watch)
-    if runner is None:
-        result = run_script(script, *args, check=False, env=QUIET, timeout=300)
-    else:
-        result = runner(script, *args, env=QUIET)
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert result.returncode == code, result.stderr
-    assert snapshot(*watch) == before, "a refused command changed files"
-    return lines[0]
 
 
 def train_args(model, data, output_dir, *extra):

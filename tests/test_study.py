@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, run_script
-from test_robustness import in_process, refused  # noqa: F401 (in_process is a fixture)
+from conftest import REPO_ROOT, refused, run_script
 
 from studykit import report
 from studykit.config import StudyConfig, TrainConfig
