@@ -285,7 +285,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
         # (The launcher's RANK, read before the accelerator exists, which needs the checks above to pass first.)
         print_config(config)
     run = prepare_run(config, wrap_model)
-    accelerator = run.accelerator
+    config, accelerator = run.config, run.accelerator  # --auto-batch may have chosen another micro-batch: save what is used
     state = TrainingState()
     if resume_from is not None:
         state = checkpointing.load_resumable(resume_from, run)
@@ -333,7 +333,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}",
                                  **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
 
-            validate_now = config.eval_every and state.step % config.eval_every == 0 or state.step == run.total_steps
+            validate_now = bool(config.eval_every and state.step % config.eval_every == 0) or state.step == run.total_steps
             entry = {"step": state.step, "train_loss": step_loss, "lr": lr, "tokens_seen": state.tokens_seen, "tokens_per_second": tokens_per_second}
             if validate_now:
                 state.last_validation_loss = validation_loss(run)
@@ -346,7 +346,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             stop = interrupt.requested(accelerator)
             due = config.save_every and state.step % config.save_every == 0 and state.step < run.total_steps
             # During a NaN streak a scheduled save waits (the weights are suspect); an interrupt still saves its position.
-            if due and not nonfinite_streak or stop:
+            if (due and not nonfinite_streak) or stop:
                 if not weights_are_finite(run):
                     progress.close()
                     raise diverged_error(run, f"the weights became NaN or inf at step {state.step}", state.step)

@@ -126,6 +126,8 @@ def test_auto_batch_with_a_smaller_micro_batch_gives_the_same_losses(determinist
     record, auto = train_in_process(TrainConfig, tmp_path, "auto", auto_batch=True, max_gpu_memory_gb=1e-4, **common)
     assert "only applies to CUDA" in capsys.readouterr().out
     assert (record["memory"]["batch_size"], record["memory"]["grad_accum"]) == (1, 8)
+    saved = json.loads((tmp_path / "auto" / "train_config.json").read_text())  # the config the run used, beside its output
+    assert (saved["batch_size"], saved["grad_accum"]) == (1, 8) == (record["config"]["batch_size"], record["config"]["grad_accum"])
     assert record["effective_batch"] == 8
     assert [entry["train_loss"] for entry in auto] == pytest.approx([entry["train_loss"] for entry in reference], rel=1e-5)
     assert [entry["tokens_seen"] for entry in auto] == [entry["tokens_seen"] for entry in reference]
