@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 RUN_RECORD = "run.json"
 RUN_LOG = "log.jsonl"
 RESUME_DIRECTORY = "resume"
-# Files a training run writes into its output directory; --overwrite removes exactly these.
+# Files a training run writes into its output directory; --overwrite removes these and the resume/ directory.
 RUN_ARTIFACTS = (RUN_RECORD, RUN_LOG, "train_config.json", "model.safetensors", "config.json", "generation_config.json",
                  "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")

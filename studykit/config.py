@@ -141,7 +141,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Full fine-tuning. The LoRA config below only adds adapter settings and a larger learning rate."""
+    """Full fine-tuning. The LoRA config below adds adapter settings, a larger learning rate and its own output directory."""
 
     model: str = option("gpt2", "hub id or local directory of the base model")
     tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")

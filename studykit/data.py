@@ -62,10 +62,6 @@ class ProcessedData:
     validation: Any
     meta: dict[str, Any]
 
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
 
 def load_processed(data_dir: str | Path) -> ProcessedData:
     import datasets

@@ -37,7 +37,8 @@ STARTED_FILE = ".study_inputs_started.json"
 METHODS = {"full": TrainConfig, "lora": LoraTrainConfig}
 # Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
-# Settings that say where or how often things are written: they do not change a run's result.
+# Settings that do not change a run's result: where or how often things are written or checked, how memory is
+# managed (the effective batch is kept), what may load, and how MFU is reported.
 NOT_INPUTS = RUNNER_OWNED | {"trust_remote_code", "keep", "save_every", "log_every", "eval_batch_size", "auto_batch", "max_gpu_memory_gb", "peak_tflops"}
 STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
 STUDY_HEADER_TYPES = {"name": str, "output_dir": str, "readme": str}
@@ -612,7 +613,7 @@ def protocol_paragraph(study: Study, meta: dict[str, Any], records: dict[str, di
         f"(data fingerprint `{meta['fingerprint']}`). {budget}: {first['steps']:,} optimizer steps of "
         f"{first['effective_batch']} sequences ({config['batch_size']} x {config['grad_accum']} accumulation), "
         f"seed {first['seed']}, AdamW with {config['warmup_ratio']:.0%} warmup then {config['lr_schedule']} decay, "
-        f"precision {'fp32' if first['precision'] == 'no' else first['precision']} on {first['device']}; only the learning rate differs ({learning_rates}). "
+        f"precision {first['precision']} on {first['device']}; only the learning rate differs ({learning_rates}). "
         f"Perplexity is exp(total NLL / predicted tokens) over all validation responses, with "
         f"{report.CONFIDENCE:.0%} bootstrap intervals over responses. Study file `{study.source.name}`, code version `{code_version()}`."
     )
@@ -637,12 +638,14 @@ def generate_continuations(study: Study, prompts: Sequence[dict[str, str]], max_
     from studykit.modeling import load_base_model, load_checkpoint_for_eval, load_tokenizer, model_context_length
     from studykit.runtime import default_device
 
-    tokenizer = load_tokenizer(study.model, "--model")
+    trust_remote_code = study.eval.trust_remote_code
+    tokenizer = load_tokenizer(study.model, "--model", trust_remote_code)
     device = default_device()
     targets = {"base": None, **{spec.name: Path(spec.config.output_dir) for spec in study.runs}}
     continuations = {}
     for name, path in targets.items():
-        model = load_base_model(study.model) if path is None else load_checkpoint_for_eval(path, study.model)
+        model = (load_base_model(study.model, "--model", trust_remote_code) if path is None
+                 else load_checkpoint_for_eval(path, study.model, trust_remote_code))
         model.to(device).eval()
         room = model_context_length(model) - max_new_tokens
         texts = []
