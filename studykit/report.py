@@ -15,6 +15,8 @@ from studykit.errors import UserError
 # MLP activation, loss) is there so both methods are computed alike.
 BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels")
 CONFIDENCE = 0.95
+# Below this many texts a bootstrap "interval" only lists the few texts' own perplexities; none is given.
+MIN_TEXTS_FOR_INTERVAL = 20
 # Bootstrap resamples are drawn this many at a time, so memory stays at CHUNK x responses indices.
 BOOTSTRAP_CHUNK = 200
 README_START = "<!-- results:start -->"
@@ -57,8 +59,11 @@ def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """95% interval of the token-weighted perplexity exp(sum NLL / sum tokens), resampling whole responses."""
+def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int) -> Optional[tuple[float, float]]:
+    """95% interval of the token-weighted perplexity exp(sum NLL / sum tokens), resampling whole responses
+    (None for fewer than MIN_TEXTS_FOR_INTERVAL)."""
+    if len(nll) < MIN_TEXTS_FOR_INTERVAL:
+        return None
     nll_sums, token_sums = _resampled_sums([nll, tokens], resamples, seed)
     return _percentile_interval(np.exp(nll_sums / token_sums))
 
@@ -68,6 +73,8 @@ def paired_ratio(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray,
     each resample takes the same responses for both, so what the two share (hard responses) cancels."""
     difference = np.asarray(nll, dtype=np.float64) - np.asarray(reference_nll, dtype=np.float64)
     ratio = math.exp(difference.sum() / np.sum(tokens))
+    if len(difference) < MIN_TEXTS_FOR_INTERVAL:
+        return {"ratio": ratio, "ci_low": None, "ci_high": None}
     difference_sums, token_sums = _resampled_sums([difference, tokens], resamples, seed)
     low, high = _percentile_interval(np.exp(difference_sums / token_sums))
     return {"ratio": ratio, "ci_low": low, "ci_high": high}
@@ -106,7 +113,7 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
     for name in names:
         eval_row, record = rows_by_name[name], run_records.get(name, {})
         nll = per_response[f"{name}/nll"]
-        low, high = perplexity_interval(nll, tokens, resamples, seed)
+        interval = perplexity_interval(nll, tokens, resamples, seed)
         total = record.get("total_params") or eval_row.get("total_params")
         row = {
             "name": name,
@@ -117,7 +124,7 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
             "total_params": total,
             "trainable_percent": 100.0 * record.get("trainable_params", 0) / total if total else 0.0,
             "perplexity": eval_row["perplexity"],
-            "perplexity_ci": [low, high],
+            "perplexity_ci": list(interval) if interval else None,
             "validation_tokens": eval_row["tokens"],
             "validation_responses": eval_row["responses"],
             "vs_full_ft": paired_ratio(nll, per_response[f"{reference}/nll"], tokens, resamples, seed) if reference and name != reference else None,
@@ -129,7 +136,8 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
             if key in eval_row:
                 row[key] = eval_row[key]
         if f"extra/{name}/nll" in per_response:
-            row["extra_eval_perplexity_ci"] = list(perplexity_interval(per_response[f"extra/{name}/nll"], per_response[f"extra/{name}/tokens"], resamples, seed))
+            extra_interval = perplexity_interval(per_response[f"extra/{name}/nll"], per_response[f"extra/{name}/tokens"], resamples, seed)
+            row["extra_eval_perplexity_ci"] = list(extra_interval) if extra_interval else None
         if record:
             row.update({key: record.get(key) for key in ("steps", "tokens_seen", "wall_time_seconds", "tokens_per_second", "mfu",
                                                          "peak_memory_bytes", "peak_memory_kind", "checkpoint_bytes", "effective_batch", "seed")})
@@ -158,7 +166,9 @@ def format_seconds(seconds: Optional[float]) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def format_interval(value: float, interval: Sequence[float]) -> str:
+def format_interval(value: float, interval: Optional[Sequence[Optional[float]]]) -> str:
+    if not interval or interval[0] is None:
+        return f"{value:.3f} (under {MIN_TEXTS_FOR_INTERVAL} texts: no interval)"
     return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
@@ -242,7 +252,8 @@ def format_results_markdown(report: dict[str, Any], protocol: str, figures: Sequ
     parts = ["# Study results", "", protocol, "", format_study_table(report), format_budget_check(report)]
     confidence = f"{report['confidence']:.0%}"
     parts.append(f"Intervals: {confidence} percentile bootstrap over held-out responses ({report['bootstrap_resamples']:,} resamples); "
-                 "a ratio's interval is paired (the same resampled responses for both models). Peak memory: GPU memory "
+                 "a ratio's interval is paired (the same resampled responses for both models). They cover the choice of "
+                 "responses, not training's randomness: runs with another seed can differ by more. Peak memory: GPU memory "
                  "allocated by tensors on CUDA, else the training process's peak resident set size.\n")
     parts += [f"![{Path(figure).stem}]({Path(figure).name})" for figure in figures]
     return "\n".join(parts) + "\n"
@@ -323,13 +334,14 @@ def plot_perplexity_vs_params(rows: Sequence[dict[str, Any]], path: Path) -> Pat
     figure, axes = pyplot.subplots(figsize=(6.5, 4.5))
     # Runs keep the colours they have in the loss curves; the base model is not a run.
     for index, row in enumerate(row for row in rows if row["trainable_params"]):
-        low, high = row["perplexity_ci"]
+        low, high = row["perplexity_ci"] or (row["perplexity"], row["perplexity"])
         axes.errorbar(row["trainable_params"], row["perplexity"], yerr=[[row["perplexity"] - low], [high - row["perplexity"]]],
                       fmt="o", capsize=4, color=f"C{index % 10}", label=row["name"])
     for row in rows:
         if not row["trainable_params"]:
             axes.axhline(row["perplexity"], color="gray", linestyle="--", label=f"{row['name']} (frozen)")
-            axes.axhspan(*row["perplexity_ci"], color="gray", alpha=0.15)
+            if row["perplexity_ci"]:
+                axes.axhspan(*row["perplexity_ci"], color="gray", alpha=0.15)
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters")
     axes.set_ylabel("validation perplexity (95% CI)")

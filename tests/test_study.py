@@ -251,6 +251,17 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
     assert widths[1] < widths[0] / 4
 
 
+def test_too_few_texts_get_no_interval_rather_than_a_misleading_one():
+    """Two texts: resampling them gives back their own perplexities, which the table would show as a narrow '95% interval'."""
+    nll, tokens = np.array([300.0, 510.0]), np.array([50, 80])
+    assert report.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
+    assert report.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
+    assert report.format_interval(502.2, None) == "502.200 (under 20 texts: no interval)"
+    assert report.format_interval(1.5, [None, None]) == "1.500 (under 20 texts: no interval)"
+    count = report.MIN_TEXTS_FOR_INTERVAL
+    assert report.perplexity_interval(np.full(count, 100.0), np.full(count, 20), resamples=200, seed=0) is not None
+
+
 def test_paired_ratio_cancels_what_both_models_share():
     rng = np.random.default_rng(2)
     tokens = rng.integers(5, 60, size=500)
