@@ -240,6 +240,7 @@ class LoraTrainConfig(TrainConfig):
 @dataclasses.dataclass
 class EvalConfig:
     model: str = option("gpt2", "base model: scored as row 'base', and the base every adapter is applied to")
+    tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")
     data_dir: str = option("data/processed", "processed dataset; its validation split is scored")
     checkpoints: str = option("checkpoints", "directory whose run directories (full models or adapters) are scored")
     output_dir: str = option("results", "where perplexity.json and results.md are written")

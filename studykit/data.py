@@ -91,7 +91,7 @@ def check_tokenizer_matches(data: ProcessedData, tokenizer, tokenizer_name: str)
     if recorded and recorded != tokenizer_fingerprint(tokenizer):
         raise UserError(
             f"{data.path} was tokenized with '{data.meta.get('tokenizer')}', which differs from the tokenizer of "
-            f"'{tokenizer_name}'; prepare the data again with --tokenizer {tokenizer_name}."
+            f"'{tokenizer_name}'; pass the data's tokenizer with --tokenizer, or prepare the data again with --tokenizer {tokenizer_name}."
         )
 
 

@@ -67,8 +67,9 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
 def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     print_config(config)
     data = load_processed(config.data_dir)
-    tokenizer = load_tokenizer(config.model, "--model", config.trust_remote_code)
-    check_tokenizer_matches(data, tokenizer, config.model)
+    tokenizer_name = config.tokenizer or config.model
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
+    check_tokenizer_matches(data, tokenizer, tokenizer_name)
     extra_sequences = load_extra_eval(config.extra_eval, tokenizer, data.meta["seq_len"]) if config.extra_eval else None
     runs = find_runs(Path(config.checkpoints))
     if not runs and not config.include_base:

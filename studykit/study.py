@@ -251,11 +251,11 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
         raise UserError(f"{path} names a run twice ({names}); give every [[runs]] entry its own name.")
 
     evaluation = _table(settings, "eval", path)
-    _reject_runner_owned(evaluation, {"model", "data_dir", "checkpoints", "output_dir"}, "[eval]", path)
+    _reject_runner_owned(evaluation, {"model", "tokenizer", "data_dir", "checkpoints", "output_dir"}, "[eval]", path)
     check_stage_settings(evaluation, EvalConfig, "[eval]", path)
     if evaluation.get("extra_eval") and repo_path(evaluation["extra_eval"]).is_file():
         evaluation["extra_eval"] = str(repo_path(evaluation["extra_eval"]))
-    eval_config = _build(EvalConfig, {**evaluation, "model": model, "data_dir": str(root / "processed"),
+    eval_config = _build(EvalConfig, {**evaluation, "model": model, "tokenizer": budget.get("tokenizer"), "data_dir": str(root / "processed"),
                                       "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", path)
     report_settings = _table(settings, "report", path)
     check_settings(report_settings, _types_of_defaults(REPORT_DEFAULTS), "[report]", path, f"the keys {sorted(REPORT_DEFAULTS)}")
@@ -639,7 +639,7 @@ def generate_continuations(study: Study, prompts: Sequence[dict[str, str]], max_
     from studykit.runtime import default_device
 
     trust_remote_code = study.eval.trust_remote_code
-    tokenizer = load_tokenizer(study.model, "--model", trust_remote_code)
+    tokenizer = load_tokenizer(study.eval.tokenizer or study.model, "--tokenizer", trust_remote_code)
     device = default_device()
     targets = {"base": None, **{spec.name: Path(spec.config.output_dir) for spec in study.runs}}
     continuations = {}

@@ -399,3 +399,18 @@ def test_missing_checkpoints_directory_is_refused_and_unfinished_runs_are_named(
     assert f"warning: skipping {stopped}: it has no run.json, so its training did not finish" in result.stdout and "--resume" in result.stdout
     rows = json.loads((tmp_path / "results" / "perplexity.json").read_text())
     assert [row["name"] for row in rows] == ["base", "lora_r8"]
+
+
+def test_evaluation_takes_a_tokenizer_from_tokenizer_when_the_base_model_has_none(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
+    bare_model = tmp_path / "bare-model"  # weights and config only, as some exports are
+    bare_model.mkdir()
+    for path in small_vocab_inputs["model"].iterdir():
+        if path.name == "config.json" or path.suffix == ".safetensors":
+            shutil.copy(path, bare_model / path.name)
+    args = ["--model", bare_model, "--data-dir", small_vocab_inputs["data"], "--checkpoints", lora_checkpoints, "--output-dir", tmp_path / "results"]
+    message = refused(EVALUATE, *args, watch=[tmp_path, lora_checkpoints], runner=in_process)
+    # transformers finds some GPT-2 tokenizer for a bare GPT-2 config; the data's fingerprint tells it is not the data's.
+    assert "was tokenized with" in message and "pass the data's tokenizer with --tokenizer" in message
+    result = in_process(EVALUATE, *args, "--tokenizer", small_vocab_inputs["model"], env=QUIET)
+    assert result.returncode == 0, result.stderr
+    assert [row["name"] for row in json.loads((tmp_path / "results" / "perplexity.json").read_text())] == ["base", "lora_r8"]
