@@ -70,7 +70,7 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(complete, key=lambda p: p.name)
 
 
-def check_output_directory(output_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
+def check_run_directory(output_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any. Changes nothing:
     --overwrite clears the old run only once every input has been checked (clear_previous_run)."""
     output_dir = Path(output_dir)

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
+from studykit.errors import UserError
 from studykit.io import atomic_write_text
 
 ConfigT = TypeVar("ConfigT")
@@ -37,8 +38,6 @@ def _flag_name(field_name: str) -> str:
 
 def require(flag: str, value: float, expected: str, holds: Callable[[float], bool]) -> None:
     """A numeric setting must be a finite number for which `holds` is true (NaN and inf never are)."""
-    from studykit.errors import UserError
-
     if not (math.isfinite(value) and holds(value)):
         raise UserError(f"{flag} must be {expected} (got {value}).")
 
@@ -128,8 +127,6 @@ class PrepareConfig:
     skip_bad_lines: bool = option(False, "drop corrupt JSONL lines instead of stopping")
 
     def validate(self) -> None:
-        from studykit.errors import UserError
-
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2 (got {self.seq_len}).")
         if not 0 < self.val_fraction < 1:
@@ -181,8 +178,6 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
     def validate(self) -> None:
-        from studykit.errors import UserError
-
         positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size,
                     "--log-every": self.log_every, "--keep": self.keep}
         for flag, value in positive.items():
@@ -227,8 +222,6 @@ class LoraTrainConfig(TrainConfig):
         self.output_dir = self.output_dir.replace("{rank}", str(self.rank))
 
     def validate(self) -> None:
-        from studykit.errors import UserError
-
         super().validate()
         if not (self.rank > 0 and math.isfinite(self.alpha) and self.alpha > 0):
             raise UserError(f"LoRA needs a positive rank and alpha (got rank={self.rank}, alpha={self.alpha}); pass --rank and --alpha above 0.")
@@ -253,8 +246,6 @@ class EvalConfig:
     trust_remote_code: bool = option(False, "allow model code from the hub to run")
 
     def validate(self) -> None:
-        from studykit.errors import UserError
-
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size}).")
 

@@ -22,7 +22,7 @@ PROMPTS_KEPT = 16
 PREPARE_CONFIG_FILE = "prepare_config.json"
 
 
-def check_output_directory(output_dir: Path) -> None:
+def check_dataset_directory(output_dir: Path) -> None:
     """Creates nothing. The new dataset replaces the whole directory in one rename, so a directory holding anything
     but an earlier prepared dataset (a model, someone's files) is refused rather than deleted."""
     check_writable_location(output_dir, "--output-dir")
@@ -47,7 +47,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     print_config(config)
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    check_output_directory(output_dir)
+    check_dataset_directory(output_dir)
     tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
     check_seq_len(config.seq_len, tokenizer, config.tokenizer)
     source = load_source(config.data_file, config.dataset, config.val_fraction, config.skip_bad_lines)

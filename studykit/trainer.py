@@ -279,7 +279,7 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     """Run one training job end to end and return its run record (also written to run.json)."""
     output_dir = Path(config.output_dir)
     check_writable_location(output_dir, "--output-dir")
-    resume_from = checkpointing.check_output_directory(output_dir, config.resume, config.overwrite)
+    resume_from = checkpointing.check_run_directory(output_dir, config.resume, config.overwrite)
     if os.environ.get("RANK", "0") == "0":
         # Under `accelerate launch` every process parses the same flags; one copy of the config is enough.
         # (The launcher's RANK, read before the accelerator exists, which needs the checks above to pass first.)
