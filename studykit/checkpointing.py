@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from studykit.config import RESUME_MAY_CHANGE, config_to_dict
 from studykit.errors import UserError
 from studykit.io import atomic_directory, atomic_write_json, atomic_write_text, find_partial_directories, read_json, visible_entries
 from studykit.modeling import is_adapter_directory
@@ -34,12 +35,6 @@ RUN_ARTIFACTS = (RUN_RECORD, RUN_LOG, "train_config.json", "model.safetensors", 
 # Files every resumable checkpoint holds besides its weights; trainer_state.json, written last, marks it complete.
 CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "run_identity.json", "trainer_state.json")
 CHECKPOINT_NAME = re.compile(r"step-\d+")
-# Settings a resumed run may change: they decide how often things are saved, logged or checked, how a step's
-# examples are cut into micro-batches, or where things lie (the data itself is checked by its fingerprint),
-# never which examples a step sees or how the weights move.
-RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "save_every", "keep", "log_every", "eval_every", "eval_batch_size",
-                               "compile", "gradient_checkpointing", "max_gpu_memory_gb", "auto_batch", "batch_size",
-                               "grad_accum", "trust_remote_code", "data_dir", "output_dir", "peak_tflops"})
 
 
 class Interrupted(UserError):
@@ -166,8 +161,6 @@ def is_sharded(run: "PreparedRun") -> bool:
 def run_identity(run: "PreparedRun") -> dict[str, Any]:
     """What a resumed run must share with the checkpoint for its remaining steps to be the ones the first run
     would have taken: the settings, the data, the step count that shapes the schedule, the examples per step."""
-    from studykit.config import config_to_dict
-
     return {"config": config_to_dict(run.config), "data_fingerprint": run.data_meta["fingerprint"], "total_steps": run.total_steps,
             "examples_per_step": run.config.effective_batch * run.accelerator.num_processes,
             # FSDP checkpoints key the optimizer state by parameter name, the others by position.

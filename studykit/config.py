@@ -200,6 +200,16 @@ class TrainConfig:
             require("--peak-tflops", self.peak_tflops, "above 0; leave it out to look it up by GPU name", lambda value: value > 0)
 
 
+# Training settings that never change which examples a step sees or how the weights move: where things are read
+# and written, how often things are saved or logged, what may load, how memory is managed (the effective batch is
+# kept) and how MFU is reported. A study does not retrain a run when only these change.
+OUTCOME_NEUTRAL = frozenset({"resume", "overwrite", "output_dir", "data_dir", "save_every", "keep", "log_every", "eval_batch_size",
+                             "trust_remote_code", "auto_batch", "max_gpu_memory_gb", "peak_tflops"})
+# A resumed run may also change how its steps are computed and checked, never what they compute: the micro-batch
+# split of the same effective batch, compilation, gradient checkpointing, and how often validation runs.
+RESUME_MAY_CHANGE = OUTCOME_NEUTRAL | {"batch_size", "grad_accum", "compile", "gradient_checkpointing", "eval_every"}
+
+
 @dataclasses.dataclass
 class LoraTrainConfig(TrainConfig):
     """LoRA: the base model is frozen and only low-rank adapters train, so a larger learning rate is needed."""

@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 
 from studykit import report
 from studykit.checkpointing import RUN_LOG, RUN_RECORD, Interrupted, UnusableCheckpoint, load_run_record, read_run_log, resumable_checkpoints
-from studykit.config import (EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, unwrap_optional, build_parser,
-                             config_to_dict, print_config)
+from studykit.config import (OUTCOME_NEUTRAL, EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, build_parser,
+                             config_to_dict, print_config, unwrap_optional)
 from studykit.data import META_FILE
 from studykit.errors import UserError
 from studykit.io import atomic_write_json, atomic_write_text, read_json
@@ -37,9 +37,6 @@ STARTED_FILE = ".study_inputs_started.json"
 METHODS = {"full": TrainConfig, "lora": LoraTrainConfig}
 # Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
-# Settings that do not change a run's result: where or how often things are written or checked, how memory is
-# managed (the effective batch is kept), what may load, and how MFU is reported.
-NOT_INPUTS = RUNNER_OWNED | {"trust_remote_code", "keep", "save_every", "log_every", "eval_batch_size", "auto_batch", "max_gpu_memory_gb", "peak_tflops"}
 STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
 STUDY_HEADER_TYPES = {"name": str, "output_dir": str, "readme": str}
 # Every run of a study trains and is scored on one base model and one tokenization: these are set once, in [budget].
@@ -305,7 +302,7 @@ def mark_current(directory: Path, inputs: dict[str, Any], record: str = INPUTS_F
 
 
 def _settings(config: Any) -> dict[str, Any]:
-    return {key: value for key, value in config_to_dict(config).items() if key not in NOT_INPUTS}
+    return {key: value for key, value in config_to_dict(config).items() if key not in OUTCOME_NEUTRAL}
 
 
 def tiny_model_inputs(study: Study) -> dict[str, Any]:
