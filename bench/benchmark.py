@@ -43,7 +43,7 @@ from studykit.data import collate, load_processed  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
 from studykit.loss import token_nll_per_sequence
 from studykit.metrics import score_sequences  # noqa: E402
-from studykit.runtime import default_device, model_flops_utilization, peak_flops_per_second, training_flops_per_token  # noqa: E402
+from studykit.runtime import default_device, device_peak_tflops, model_flops_utilization, training_flops_per_token  # noqa: E402
 
 MEDIAN_TOKENS, SIGMA = 160, 0.9
 WORDS = ("the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
@@ -343,8 +343,8 @@ def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def mfu(case: dict, method: str, total_params: int, peak: float | None) -> str:
-    utilization = model_flops_utilization(tokens_per_second(case, "real"), training_flops_per_token(total_params, method), peak, 1)
+def mfu(case: dict, method: str, total_params: int, peak_tflops: float | None) -> str:
+    utilization = model_flops_utilization(tokens_per_second(case, "real"), training_flops_per_token(total_params, method), peak_tflops, 1)
     return "n/a" if utilization is None else f"{utilization:.1%}"
 
 
@@ -366,7 +366,7 @@ def main() -> None:
         from studykit.modeling import load_base_model
 
         total_params = sum(p.numel() for p in load_base_model(model).parameters())
-        flops = peak_flops_per_second(device, args.peak_tflops)
+        peak_tflops = device_peak_tflops(device, args.peak_tflops)
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
               f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
               f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}")
@@ -394,7 +394,7 @@ def main() -> None:
                     peak = f"{case['peak_gib']:.2f}" if case["peak_gib"] is not None else "n/a"
                     print(f"{name + ' ' + method:<22} {setup:<22} {tokens_per_second(case, 'padded'):>10,.0f} "
                           f"{tokens_per_second(case, 'real'):>11,.0f} {case['step_real'].sum() / case['step_padded'].sum():>9.2f} {peak:>9} "
-                          f"{mfu(case, method, total_params, flops):>7} {case['loss']:>8.4f}")
+                          f"{mfu(case, method, total_params, peak_tflops):>7} {case['loss']:>8.4f}")
                 if not any("error" in case for case in results.values()):
                     speedup = tokens_per_second(results["studykit trainer"], "real") / tokens_per_second(results["transformers.Trainer"], "real")
                     ratios.append((f"{name} {method}", speedup))

@@ -108,15 +108,16 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "A100": 312.0, 
                "A10": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
 
 
-def peak_flops_per_second(device: torch.device, peak_tflops: Optional[float] = None) -> Optional[float]:
-    """One device's peak for MFU: `peak_tflops` when given, else looked up by GPU name; None where unknown (a CPU)."""
-    if peak_tflops:
-        return peak_tflops * 1e12
+def device_peak_tflops(device: torch.device, given: Optional[float] = None) -> Optional[float]:
+    """One device's peak TFLOP/s for MFU: `given` (--peak-tflops) if set, else looked up by GPU name; None where
+    unknown (a CPU)."""
+    if given:
+        return given
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     matches = [part for part in PEAK_TFLOPS if part in name]
-    return PEAK_TFLOPS[max(matches, key=len)] * 1e12 if matches else None
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
 def training_flops_per_token(total_params: int, method: str) -> int:
@@ -126,6 +127,6 @@ def training_flops_per_token(total_params: int, method: str) -> int:
     return (6 if method == "full" else 4) * total_params
 
 
-def model_flops_utilization(tokens_per_second: float, flops_per_token: int, peak_per_device: Optional[float], devices: int) -> Optional[float]:
+def model_flops_utilization(tokens_per_second: float, flops_per_token: int, peak_tflops: Optional[float], devices: int) -> Optional[float]:
     """Share of the devices' peak spent on the model's FLOPs (None when the peak is unknown)."""
-    return tokens_per_second * flops_per_token / (peak_per_device * devices) if peak_per_device else None
+    return tokens_per_second * flops_per_token / (peak_tflops * 1e12 * devices) if peak_tflops else None

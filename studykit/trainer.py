@@ -23,7 +23,7 @@ from studykit.loss import batch_nll
 from studykit.metrics import score_sequences
 from studykit.modeling import (base_model_fingerprint, count_parameters, describe_kernels, enable_activation_checkpointing, load_base_model,
                                load_tokenizer, model_context_length)
-from studykit.runtime import (build_accelerator, model_flops_utilization, parallelism, peak_flops_per_second, peak_memory_bytes,
+from studykit.runtime import (build_accelerator, device_peak_tflops, model_flops_utilization, parallelism, peak_memory_bytes,
                               precision_name, reset_peak_memory, training_flops_per_token)
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
@@ -108,10 +108,9 @@ def prepare_run(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
-    peak = peak_flops_per_second(accelerator.device, config.peak_tflops)
     description.update(trainable_params=trainable, total_params=total, trainable_percent=100.0 * trainable / total,
                        kernels=describe_kernels(model), flops_per_token=training_flops_per_token(total, config.method),
-                       peak_tflops_per_device=peak / 1e12 if peak else None)
+                       peak_tflops_per_device=device_peak_tflops(accelerator.device, config.peak_tflops))
 
     train_sequences = list(data.train["input_ids"])
     if config.packing:
@@ -365,8 +364,8 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
 
 
 def run_mfu(run: PreparedRun, tokens_per_second: float) -> Optional[float]:
-    peak_tflops = run.description["peak_tflops_per_device"]
-    return model_flops_utilization(tokens_per_second, run.description["flops_per_token"], peak_tflops * 1e12 if peak_tflops else None,
+    description = run.description
+    return model_flops_utilization(tokens_per_second, description["flops_per_token"], description["peak_tflops_per_device"],
                                    run.accelerator.num_processes)
 
 
@@ -391,6 +390,7 @@ def describe_run(run: PreparedRun) -> None:
 
 def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
     config, accelerator = run.config, run.accelerator
+    tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
     return {
         "method": config.method,
         "config": config_to_dict(config),
@@ -410,8 +410,8 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> dict[str, Any]:
         "tokens_seen": state.tokens_seen,
         "padded_tokens_seen": state.padded_tokens_seen,
         "wall_time_seconds": state.train_seconds,
-        "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "mfu": run_mfu(run, state.tokens_seen / max(state.train_seconds, 1e-9)),
+        "tokens_per_second": tokens_per_second,
+        "mfu": run_mfu(run, tokens_per_second),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "process_max_rss",
         "skipped_steps": state.skipped_steps,

@@ -365,16 +365,16 @@ def test_model_flops_per_token_match_a_count_of_the_training_steps_matmuls(metho
 
 
 def test_device_peak_for_mfu_is_looked_up_by_gpu_name(monkeypatch):
-    from studykit.runtime import peak_flops_per_second
+    from studykit.runtime import device_peak_tflops
 
     gpu, name = torch.device("cuda", 0), {}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name["gpu"])
     expected = {"NVIDIA A100-SXM4-80GB": 312, "NVIDIA A10": 125, "NVIDIA A10G": 70, "NVIDIA L40S": 362, "NVIDIA L4": 121,
                 "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "Tesla T4": 65, "NVIDIA GeForce GTX 1660 SUPER": None}
     for name["gpu"], tflops in expected.items():
-        assert peak_flops_per_second(gpu) == (tflops * 1e12 if tflops else None), name["gpu"]
-    assert peak_flops_per_second(gpu, peak_tflops=40) == 40e12  # --peak-tflops, for a GPU the table lacks
-    assert peak_flops_per_second(torch.device("cpu")) is None
+        assert device_peak_tflops(gpu) == tflops, name["gpu"]
+    assert device_peak_tflops(gpu, given=40) == 40  # --peak-tflops, for a GPU the table lacks
+    assert device_peak_tflops(torch.device("cpu")) is None
 
 
 def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, processed_dir, tmp_path, capsys):
