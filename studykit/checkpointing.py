@@ -32,6 +32,8 @@ RUN_ARTIFACTS = (RUN_RECORD, RUN_LOG, "train_config.json", "model.safetensors", 
                  "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
+# Files that mark a directory as a training run's, finished or not (train_config.json is written before step 1).
+RUN_MARKERS = (RUN_RECORD, RUN_LOG, "train_config.json", RESUME_DIRECTORY)
 # Files every resumable checkpoint holds besides its weights; trainer_state.json, written last, marks it complete.
 CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "run_identity.json", "trainer_state.json")
 CHECKPOINT_NAME = re.compile(r"step-\d+")
@@ -65,6 +67,10 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(complete, key=lambda p: p.name)
 
 
+def is_run_directory(directory: Path) -> bool:
+    return any((Path(directory) / name).exists() for name in RUN_MARKERS)
+
+
 def check_run_directory(output_dir: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any. Changes nothing:
     --overwrite clears the old run only once every input has been checked (clear_previous_run)."""
@@ -80,7 +86,7 @@ def check_run_directory(output_dir: Path, resume: bool, overwrite: bool) -> Opti
             raise UserError(f"--resume found no complete resumable checkpoint in {output_dir / RESUME_DIRECTORY}; "
                             "start again with --overwrite instead of --resume.")
         return checkpoints[-1]
-    holds_run = any((output_dir / name).exists() for name in (RUN_RECORD, RUN_LOG, "train_config.json", RESUME_DIRECTORY))
+    holds_run = is_run_directory(output_dir)
     if holds_run and not overwrite:
         raise UserError(f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir.")
     others = visible_entries(output_dir)

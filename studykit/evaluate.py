@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from studykit.checkpointing import RUN_RECORD, load_run_record
+from studykit.checkpointing import RUN_RECORD, is_run_directory, load_run_record
 from studykit.config import EvalConfig, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
 from studykit.errors import UserError
@@ -33,10 +33,6 @@ class EvalTarget:
     run_record: Optional[dict[str, Any]]
 
 
-# Files that mark a directory as a training run's, finished or not (train_config.json is written before step 1).
-RUN_MARKERS = (RUN_RECORD, "train_config.json", "log.jsonl", "adapter_config.json")
-
-
 def find_runs(checkpoints: Path) -> list[EvalTarget]:
     """Run directories are told apart by their files: an adapter config means LoRA, config + weights a full model."""
     checkpoints = Path(checkpoints)
@@ -49,7 +45,7 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
     for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")):
         finished = (run_dir / RUN_RECORD).exists()
         has_weights = (run_dir / "adapter_model.safetensors").exists() if is_adapter_directory(run_dir) else is_full_model_directory(run_dir)
-        if not (has_weights or any((run_dir / marker).exists() for marker in RUN_MARKERS)):
+        if not (has_weights or is_adapter_directory(run_dir) or is_run_directory(run_dir)):
             continue
         if not finished:
             print(f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish "
