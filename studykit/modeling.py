@@ -33,7 +33,7 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
         if "trust_remote_code" in str(error):
             raise UserError(f"the tokenizer '{name_or_path}' needs its own Python code to load, which runs only with "
                             "--trust-remote-code; pass it if you trust that code, or use a standard tokenizer.") from None
-        raise UserError(f"could not load a tokenizer from '{name_or_path}' ({_first_line(error)}); pass {flag} PATH.") from None
+        raise UserError(f"could not load a tokenizer from '{name_or_path}' ({first_line(error)}); pass {flag} PATH.") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer '{name_or_path}' has no EOS token; responses must end with one.")
     if tokenizer.pad_token_id is None:
@@ -42,7 +42,8 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
     return tokenizer
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """An exception's first line, for a one-sentence error that names its cause."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
@@ -75,7 +76,7 @@ def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code:
         if "trust_remote_code" in str(error):
             raise UserError(f"'{name_or_path}' needs its own Python code to load, which runs only with --trust-remote-code; "
                             "pass it if you trust that code, or use a standard model.") from None
-        raise UserError(f"could not load a model from '{name_or_path}' ({_first_line(error)}); pass {flag} PATH.") from None
+        raise UserError(f"could not load a model from '{name_or_path}' ({first_line(error)}); pass {flag} PATH.") from None
     use_fused_gelu(model)
     return model
 
@@ -215,7 +216,7 @@ def load_checkpoint_for_eval(path: Path, base_model: str, trust_remote_code: boo
             return PeftModel.from_pretrained(model, str(path))
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(
-                f"the adapter in {path} does not fit the base model '{base_model}' ({_first_line(error)}); "
+                f"the adapter in {path} does not fit the base model '{base_model}' ({first_line(error)}); "
                 "evaluate it with the base model it was trained on."
             ) from None
     if is_full_model_directory(path):

@@ -508,43 +508,44 @@ def check_extra_eval_reachable(study: Study) -> None:
         ensure_hub_reachable(extra.partition(":")[0], "a local text file as [eval] extra_eval", repo_type="dataset")
 
 
-def base_model_skeleton(study: Study):
-    """The base model's modules with no weights (on the meta device): enough to match LoRA targets, and nothing is
-    read but the model's config, nor written; the tiny model is described by its [tiny_model] table, not yet built."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+def base_model_config(study: Study):
+    """The base model's config, all that matching LoRA targets needs: nothing else is read, nothing written; the tiny
+    model is described by its [tiny_model] table, not yet built."""
+    from transformers import AutoConfig, GPT2Config
 
     from studykit.hub import ensure_hub_reachable
+    from studykit.modeling import first_line
 
-    trust_remote_code = study.runs[0].config.trust_remote_code
     if study.tiny_model is not None:
         # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
-        config = GPT2Config(n_layer=study.tiny_model["n_layer"], n_embd=study.tiny_model["n_embd"], n_head=1)
-    else:
-        ensure_hub_reachable(study.model, "a local model directory as [budget] model")
-        try:
-            config = AutoConfig.from_pretrained(study.model, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"could not read a model config from '{study.model}' ({reason}); set [budget] model to a model "
-                            "directory or hub id (and trust_remote_code = true for a model with its own code).") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return GPT2Config(n_layer=study.tiny_model["n_layer"], n_embd=study.tiny_model["n_embd"], n_head=1)
+    ensure_hub_reachable(study.model, "a local model directory as [budget] model")
+    try:
+        return AutoConfig.from_pretrained(study.model, trust_remote_code=study.runs[0].config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read a model config from '{study.model}' ({first_line(error)}); set [budget] model to a model "
+                        "directory or hub id (and trust_remote_code = true for a model with its own code).") from None
 
 
 def check_lora_targets(study: Study) -> None:
     """Every LoRA run's target modules are matched against the base model before the first run trains, the same way
     its training will match them, so a run that cannot start is found before the runs ahead of it spend their time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from studykit.modeling import wrap_with_lora
 
-    checked = set()
+    checked, base_config = set(), None
     for spec in study.runs:
         config = spec.config
         adapters = (tuple(config.target_modules), config.use_dora) if spec.method == "lora" else None
         if adapters is None or adapters in checked:
             continue
         checked.add(adapters)
-        skeleton = base_model_skeleton(study)
+        base_config = base_config or base_model_config(study)
+        # Modules without weights (the meta device); a fresh one each time, as wrapping adds the adapters in place.
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(base_config, trust_remote_code=config.trust_remote_code)
         try:
             wrap_with_lora(skeleton, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
         except UserError as error:
