@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from studykit.errors import UserError
 from studykit.loss import logit_chunk_positions, output_layer
+from studykit.modeling import count_parameters
 from studykit.runtime import precision_name
 
 GIB = 1024**3
@@ -180,8 +181,7 @@ def estimate_training_memory(
 
 def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool, device_type: str = "cuda") -> MemoryEstimate:
     """The estimate for a loaded (possibly LoRA-wrapped) model, counting its trainable parameters."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     config = model.config
     # On a CPU, SDPA with attention dropout falls back to the step-by-step computation, as eager attention is.
     attention_dropout = float(getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0)
