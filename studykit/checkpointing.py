@@ -17,8 +17,9 @@ import torch
 
 from studykit.config import RESUME_MAY_CHANGE, config_to_dict
 from studykit.errors import UserError
-from studykit.io import atomic_directory, atomic_write_json, atomic_write_text, find_partial_directories, read_json, visible_entries
-from studykit.modeling import is_adapter_directory
+from studykit.io import (DamagedFile, DiskFull, atomic_directory, atomic_write_json, atomic_write_text, disk_space_for, find_partial_directories,
+                         is_out_of_space, read_json, visible_entries)
+from studykit.modeling import count_parameters, is_adapter_directory
 
 if TYPE_CHECKING:
     from studykit.trainer import PreparedRun, TrainingState
@@ -37,6 +38,11 @@ RUN_MARKERS = (RUN_RECORD, RUN_LOG, "train_config.json", RESUME_DIRECTORY)
 # Files every resumable checkpoint holds besides its weights; trainer_state.json, written last, marks it complete.
 CHECKPOINT_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "run_identity.json", "trainer_state.json")
 CHECKPOINT_NAME = re.compile(r"step-\d+")
+# What a save writes beside the tensors: configs, JSON records, a model card, the RNG state (kilobytes on a CPU,
+# more per GPU).
+SAVE_OVERHEAD_BYTES = 256 * 1024
+# The tokenizer files per vocabulary entry (GPT-2's vocab.json, merges.txt and tokenizer.json: about 3.5 MB for 50,257).
+TOKENIZER_BYTES_PER_TOKEN = 80
 
 
 class Interrupted(UserError):
@@ -119,24 +125,53 @@ class RunLog:
         atomic_write_text(self.path, "".join(json.dumps(entry) + "\n" for entry in kept))
 
     def write(self, entry: dict[str, Any]) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with open(self.path, "a", encoding="utf-8") as stream:
                 stream.write(json.dumps(entry) + "\n")
+        except OSError as error:
+            if not is_out_of_space(error):
+                raise
+            # A torn last line is dropped when the log is read back.
+            raise DiskFull(f"the disk holding {self.path} is full: appending to the training log failed; free some space, "
+                           f"then {continue_advice(self.path.parent)}") from None
 
 
 def read_run_log(path: Path, until_step: Optional[int] = None) -> list[dict[str, Any]]:
-    """The complete entries of a log.jsonl; a line torn by a crash is dropped."""
+    """The complete entries of a log.jsonl; a line torn by a crash (or garbled on disk) is dropped."""
     entries = []
     if not Path(path).exists():
         return entries
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if until_step is None or entry["step"] <= until_step:
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and (until_step is None or entry["step"] <= until_step):
             entries.append(entry)
     return entries
+
+
+def continue_advice(output_dir: Path) -> str:
+    """What to run once the cause of a stop (a full disk) is gone: resume from the latest complete checkpoint."""
+    checkpoints = resumable_checkpoints(output_dir)
+    if checkpoints:
+        return f"run the same command with --resume to continue from {checkpoints[-1]}, which is intact."
+    return ("run the same command with --overwrite to train again (no resumable checkpoint was saved; --save-every N keeps "
+            "them).")
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict, e.g. an optimizer's."""
+    leaves = torch.utils._pytree.tree_leaves(state)
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+def weight_bytes(model) -> int:
+    """What save_pretrained writes: an adapter's weights only, or every weight of a full model (fp32)."""
+    trainable, total = count_parameters(model)
+    return 4 * (trainable if hasattr(model, "peft_config") else total)
 
 
 @contextlib.contextmanager
@@ -188,7 +223,10 @@ def save_resumable(run: "PreparedRun", state: "TrainingState", output_dir: Path)
         weights, optimizer_state = None, run.optimizer.state_dict()
     if accelerator.is_main_process:
         final = Path(output_dir) / RESUME_DIRECTORY / f"step-{state.step:06d}"
-        with atomic_directory(final) as staging, no_save_progress_bar():
+        needed = weight_bytes(_unwrapped(run)) + tensor_bytes(optimizer_state) + SAVE_OVERHEAD_BYTES
+        with (disk_space_for(output_dir, needed, f"the resumable checkpoint of step {state.step}", f"free some space, then "
+                             f"{continue_advice(output_dir)}"),
+              atomic_directory(final) as staging, no_save_progress_bar()):
             _unwrapped(run).save_pretrained(staging, state_dict=weights)
             atomic_write_json(staging / "run_identity.json", run_identity(run))
             torch.save(optimizer_state, staging / "optimizer.pt")
@@ -222,14 +260,12 @@ def _incomplete(checkpoint: Path, what: str) -> UnusableCheckpoint:
 
 
 def _load_weights(model, checkpoint: Path) -> None:
-    from safetensors.torch import load_file
-
     weight_files = sorted(checkpoint.glob("*.safetensors"))
     if not weight_files:
         raise _incomplete(checkpoint, "holds no weights (no .safetensors file)")
     state_dict = {}
     for weight_file in weight_files:
-        state_dict.update(load_file(weight_file))
+        state_dict.update(_load_safetensors(weight_file))
     if is_adapter_directory(checkpoint):
         from peft import set_peft_model_state_dict
 
@@ -248,19 +284,34 @@ def _load_weights(model, checkpoint: Path) -> None:
 
 
 def _load_sharded(run: "PreparedRun", checkpoint: Path) -> None:
-    from safetensors.torch import load_file
-
     from studykit.sharded import by_parameter_name, scatter_state
 
     model = _unwrapped(run)
     saved = {}
     for weight_file in sorted(checkpoint.glob("*.safetensors")):
-        saved.update(load_file(weight_file))
+        saved.update(_load_safetensors(weight_file))
     adapter_name = getattr(model, "active_adapter", None) if is_adapter_directory(checkpoint) else None
     weights = by_parameter_name(model, saved, adapter_name)
     missing = scatter_state(model, run.optimizer.optimizer, weights, _load_tensors(checkpoint / "optimizer.pt"))
     if missing:
         raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _incomplete(path.parent, f"has {path.name} damaged ({str(error).strip().splitlines()[0]})") from None
+
+
+def _read_checkpoint_json(checkpoint: Path, name: str) -> dict[str, Any]:
+    try:
+        return read_json(checkpoint / name)
+    except DamagedFile:
+        raise _incomplete(checkpoint, f"has {name} damaged") from None
 
 
 def _load_tensors(path: Path) -> Any:
@@ -272,14 +323,14 @@ def _load_tensors(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise _incomplete(path.parent, f"has {path.name} holding more than tensors (refused: unpickling it could run code)") from None
-    except (RuntimeError, EOFError):
-        raise _incomplete(path.parent, f"has {path.name} corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        raise _incomplete(path.parent, f"has {path.name} damaged") from None
 
 
 def check_resume_matches(checkpoint: Path, run: "PreparedRun") -> None:
     """A resumed run continues only under the settings it started with; otherwise its steps would not be the
     steps the first run would have taken (and the optimizer state would silently override a new --lr)."""
-    saved = read_json(checkpoint / "run_identity.json")
+    saved = _read_checkpoint_json(checkpoint, "run_identity.json")
     current = run_identity(run)
     saved_config, current_config = saved.pop("config"), current.pop("config")
     changed = [f"--{key.replace('_', '-')} (was {saved_config[key]}, now {current_config.get(key)})"
@@ -310,7 +361,11 @@ def load_resumable(checkpoint: Path, run: "PreparedRun") -> "TrainingState":
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainingState(**read_json(checkpoint / "trainer_state.json"))
+    saved_state = _read_checkpoint_json(checkpoint, "trainer_state.json")
+    try:
+        return TrainingState(**saved_state)
+    except TypeError:
+        raise _incomplete(checkpoint, "has trainer_state.json damaged (unknown fields)") from None
 
 
 def save_final(run: "PreparedRun", state: "TrainingState", output_dir: Path, record: dict[str, Any]) -> None:
@@ -325,20 +380,22 @@ def save_final(run: "PreparedRun", state: "TrainingState", output_dir: Path, rec
         state_dict = None
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
-        with atomic_directory(output_dir / ".final") as staging, no_save_progress_bar():
-            _unwrapped(run).save_pretrained(staging, state_dict=state_dict)
-            run.tokenizer.save_pretrained(staging)
-        staged = output_dir / ".final"
-        for path in staged.iterdir():
-            os.replace(path, output_dir / path.name)
-        staged.rmdir()
-        record["checkpoint_bytes"] = sum(
-            (output_dir / name).stat().st_size for name in ("model.safetensors", "adapter_model.safetensors") if (output_dir / name).exists()
-        )
-        atomic_write_json(output_dir / RUN_RECORD, record)
+        needed = weight_bytes(_unwrapped(run)) + TOKENIZER_BYTES_PER_TOKEN * len(run.tokenizer) + SAVE_OVERHEAD_BYTES
+        with disk_space_for(output_dir, needed, "the final checkpoint", f"free some space, then {continue_advice(output_dir)}"):
+            with atomic_directory(output_dir / ".final") as staging, no_save_progress_bar():
+                _unwrapped(run).save_pretrained(staging, state_dict=state_dict)
+                run.tokenizer.save_pretrained(staging)
+            staged = output_dir / ".final"
+            for path in staged.iterdir():
+                os.replace(path, output_dir / path.name)
+            staged.rmdir()
+            record["checkpoint_bytes"] = sum(
+                (output_dir / name).stat().st_size for name in ("model.safetensors", "adapter_model.safetensors") if (output_dir / name).exists()
+            )
+            atomic_write_json(output_dir / RUN_RECORD, record)
     accelerator.wait_for_everyone()
 
 
 def load_run_record(run_dir: Path) -> Optional[dict[str, Any]]:
     path = Path(run_dir) / RUN_RECORD
-    return read_json(path) if path.exists() else None
+    return read_json(path, f"train that run again, or move {Path(run_dir)} out of the way") if path.exists() else None

@@ -125,6 +125,8 @@ class PrepareConfig:
     lang: str = option("en", "comma-separated language codes to keep, or 'all'")
     val_fraction: float = option(0.05, "share of conversation trees held out when a local file has no split")
     skip_bad_lines: bool = option(False, "drop corrupt JSONL lines instead of stopping")
+    overwrite: bool = option(False, "replace a dataset in --output-dir that was prepared from other inputs (one from the same "
+                                    "inputs is kept as it is)")
 
     def validate(self) -> None:
         if self.seq_len < 2:

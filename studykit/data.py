@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from studykit.errors import UserError
-from studykit.io import find_partial_directories, read_json
+from studykit.errors import UserError, first_line
+from studykit.io import DamagedFile, find_partial_directories, read_json
 
 # Labels with this value are ignored by the loss: padding only, never EOS.
 IGNORE_INDEX = -100
@@ -75,15 +75,29 @@ def load_processed(data_dir: str | Path) -> ProcessedData:
             f"no processed dataset in {path}{hint}; run `python data/prepare_oasst.py --output-dir {path}` first "
             "or pass --data-dir."
         )
-    meta = read_json(path / META_FILE)
+    remedy = f"prepare it again with `python data/prepare_oasst.py --output-dir {path} --overwrite` (and the data flags you used)"
+    meta = read_json(path / META_FILE, remedy)
     try:
         dataset_dict = datasets.load_from_disk(str(path))
+        for split in SPLITS:
+            if split not in dataset_dict or len(dataset_dict[split]) == 0:
+                raise UserError(f"the processed dataset in {path} has no {split} examples; run data/prepare_oasst.py on more data.")
+            check_split_intact(path, split, dataset_dict[split], meta, remedy)
     except FileNotFoundError as error:
-        raise UserError(f"the processed dataset in {path} is incomplete ({error}); run data/prepare_oasst.py again.") from None
-    for split in SPLITS:
-        if split not in dataset_dict or len(dataset_dict[split]) == 0:
-            raise UserError(f"the processed dataset in {path} has no {split} examples; run data/prepare_oasst.py on more data.")
+        raise UserError(f"the processed dataset in {path} is incomplete ({first_line(error)}); {remedy}.") from None
+    except UserError:
+        raise
+    except Exception as error:  # pyarrow and datasets raise OSError, ValueError or their own types for a damaged file
+        raise DamagedFile(path, first_line(error), remedy) from None
     return ProcessedData(path, dataset_dict["train"], dataset_dict["validation"], meta)
+
+
+def check_split_intact(path: Path, split: str, dataset, meta: dict[str, Any], remedy: str) -> None:
+    """Reads every sequence of the split, so a file cut short fails here rather than mid-run, and compares them with
+    the fingerprint prepare recorded, which catches changed bytes that Arrow would read without complaint."""
+    recorded = meta.get(f"{split}_fingerprint")
+    if recorded and sequences_fingerprint(dataset["input_ids"], dataset["message_id"]) != recorded:
+        raise DamagedFile(path / split, f"its {split} sequences no longer match the fingerprint in {META_FILE}", remedy)
 
 
 def check_tokenizer_matches(data: ProcessedData, tokenizer, tokenizer_name: str) -> None:

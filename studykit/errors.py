@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable
@@ -9,6 +10,11 @@ from typing import Callable
 
 class UserError(Exception):
     """A mistake in the input or environment that the user can fix; the message says how."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, for a one-sentence error that names its cause."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 EXIT_USER_ERROR = 2
@@ -26,6 +32,13 @@ def report_user_errors(main: Callable[[], None]) -> Callable[[], None]:
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(getattr(error, "exit_code", EXIT_USER_ERROR))
+        except OSError as error:
+            # The saves that matter say which disk and how much they need (io.disk_space_for); this catches the rest.
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: the disk is full ({error}); free some space and run the same command again (files being written "
+                  "were discarded, finished ones kept).", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             # Ctrl-C outside the training loop (or a second one inside it). Writes are atomic: what was being
             # written is discarded, what was already in place stays.

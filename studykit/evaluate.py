@@ -11,13 +11,16 @@ from typing import Any, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from studykit import locks
 from studykit.checkpointing import RUN_RECORD, is_run_directory, load_run_record
 from studykit.config import EvalConfig, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
 from studykit.errors import UserError
-from studykit.io import atomic_file, atomic_write_json, atomic_write_text, ensure_writable_directory, find_partial_directories
+from studykit.io import (MIB, atomic_file, atomic_write_json, atomic_write_text, check_writable_location, disk_space_for, ensure_writable_directory,
+                         require_free_space,
+                         find_partial_directories)
 from studykit.metrics import SequenceScores, score_sequences
-from studykit.modeling import base_model_fingerprint, count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
+from studykit.modeling import base_model_fingerprint, check_checkpoint_files, count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
 from studykit.report import format_results_table
 from studykit.runtime import autocast_for, default_device
 
@@ -55,6 +58,7 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
             raise UserError(f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
                             "or move it out of --checkpoints.")
         record = load_run_record(run_dir)
+        check_checkpoint_files(run_dir)
         method = "lora" if is_adapter_directory(run_dir) else "full"
         targets.append(EvalTarget(run_dir.name, method, run_dir, record))
     return targets
@@ -62,6 +66,12 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
 
 def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     print_config(config)
+    check_writable_location(Path(config.output_dir), "--output-dir")
+    with locks.exclusive(Path(config.output_dir), "--output-dir"):
+        return evaluate_holding_lock(config)
+
+
+def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
     data = load_processed(config.data_dir)
     tokenizer_name = config.tokenizer or config.model
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
@@ -76,6 +86,11 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     check_adapter_bases([target for target in targets if target.method == "lora"], config)
     # Checked after the inputs, so a mistake in them creates nothing, and before scoring, so no work is lost.
     output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
+    # The scores: 16 bytes per response and scored model, plus the JSON and Markdown beside them.
+    needed = 16 * (len(data.validation) + len(extra_sequences or [])) * len(targets) + MIB
+    space = (output_dir, needed, "the evaluation results", "free some space and run the same command again (the previous results "
+             "are untouched)")
+    require_free_space(*space)
 
     device = default_device()
     autocast = autocast_for(device, config.precision)
@@ -100,11 +115,13 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
         rows.append(row)
         del model
 
-    atomic_write_json(output_dir / "perplexity.json", rows)
-    save_per_response_scores(output_dir / "per_response_nll.npz", scores_by_name, list(data.validation["message_id"]))
-    table = format_results_table(rows)
-    atomic_write_text(output_dir / "results.md", table)
-    save_config(config, output_dir / "eval_config.json")
+    with disk_space_for(*space):
+        # The largest file first: if it does not fit, the previous results are all still there.
+        save_per_response_scores(output_dir / "per_response_nll.npz", scores_by_name, list(data.validation["message_id"]))
+        atomic_write_json(output_dir / "perplexity.json", rows)
+        table = format_results_table(rows)
+        atomic_write_text(output_dir / "results.md", table)
+        save_config(config, output_dir / "eval_config.json")
     print(table)
     return rows
 

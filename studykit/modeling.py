@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from studykit.errors import UserError
+from studykit.errors import UserError, first_line
 from studykit.hub import ensure_hub_reachable
+from studykit.io import DamagedFile, read_json
 
 # peft still calls transformers' old `is_gradient_checkpointing` name; the warning is theirs, not the user's.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
@@ -23,13 +25,34 @@ TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
+def is_damaged_file_error(error: BaseException) -> bool:
+    """Whether a loader failed on a file that is cut short or overwritten, rather than on a wrong or missing one."""
+    from safetensors import SafetensorError
+
+    text = str(error)
+    return (isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, SafetensorError))
+            or "not a valid JSON file" in text or "Error while deserializing" in text)
+
+
+def damaged_model_files(name_or_path: str, what: str, error: BaseException) -> UserError:
+    if Path(name_or_path).exists():
+        remedy = "save it again with save_pretrained (a checkpoint of this kit: train that run again)"
+    else:
+        remedy = "delete its copy in the Hugging Face cache (~/.cache/huggingface/hub) so that it downloads again"
+    return DamagedFile(Path(name_or_path), f"{what} fails to load: {first_line(error)}", remedy)
+
+
 def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     ensure_hub_reachable(name_or_path, f"{flag} PATH (a local tokenizer directory)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
+    except Exception as error:
+        if is_damaged_file_error(error):
+            raise damaged_model_files(name_or_path, "its tokenizer", error) from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         if "trust_remote_code" in str(error):
             raise UserError(f"the tokenizer '{name_or_path}' needs its own Python code to load, which runs only with "
                             "--trust-remote-code; pass it if you trust that code, or use a standard tokenizer.") from None
@@ -40,11 +63,6 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
         # GPT-2 has no pad token. Padding positions are masked out of attention and labels by position.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def first_line(error: Exception) -> str:
-    """An exception's first line, for a one-sentence error that names its cause."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def model_context_length(model_or_config) -> int:
@@ -72,7 +90,11 @@ def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code:
         kwargs["dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="sdpa", **kwargs)
-    except (OSError, ValueError) as error:
+    except Exception as error:
+        if is_damaged_file_error(error):
+            raise damaged_model_files(name_or_path, "the model", error) from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         if "trust_remote_code" in str(error):
             raise UserError(f"'{name_or_path}' needs its own Python code to load, which runs only with --trust-remote-code; "
                             "pass it if you trust that code, or use a standard model.") from None
@@ -203,6 +225,23 @@ def is_full_model_directory(path: Path) -> bool:
     return (Path(path) / "config.json").exists() and any(Path(path).glob("*.safetensors"))
 
 
+def check_checkpoint_files(path: Path) -> None:
+    """Reads a finished run's config and the headers of its weights (which give every tensor's extent), so a file cut
+    short is reported before any model is scored rather than after."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    for config_name in ("adapter_config.json", "config.json"):
+        if (path / config_name).exists():
+            read_json(path / config_name, "train that run again")
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt") as stream:
+                stream.keys()
+        except (SafetensorError, OSError) as error:
+            raise DamagedFile(weights, first_line(error), "train that run again") from None
+
+
 def load_checkpoint_for_eval(path: Path, base_model: str, trust_remote_code: bool = False):
     """A full model directory loads directly; an adapter is applied to the base it was trained from."""
     path = Path(path)
@@ -214,7 +253,11 @@ def load_checkpoint_for_eval(path: Path, base_model: str, trust_remote_code: boo
         model = load_base_model(base_model, "--model", trust_remote_code)
         try:
             return PeftModel.from_pretrained(model, str(path))
-        except (RuntimeError, ValueError, KeyError) as error:
+        except Exception as error:
+            if is_damaged_file_error(error):
+                raise DamagedFile(path, f"the adapter fails to load: {first_line(error)}", "train that run again") from None
+            if not isinstance(error, (RuntimeError, ValueError, KeyError)):
+                raise
             raise UserError(
                 f"the adapter in {path} does not fit the base model '{base_model}' ({first_line(error)}); "
                 "evaluate it with the base model it was trained on."

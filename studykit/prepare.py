@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from studykit import locks
 from studykit.config import PrepareConfig, config_to_dict, print_config, save_config
 from studykit.data import META_FILE, SPLITS, combine_fingerprints, sequences_fingerprint, tokenize_responses, tokenizer_fingerprint
 from studykit.errors import UserError
-from studykit.io import atomic_directory, atomic_write_json, check_writable_location, visible_entries
+from studykit.io import (DamagedFile, atomic_directory, atomic_write_json, check_writable_location, disk_space_for, read_json,
+                         visible_entries)
 from studykit.modeling import load_tokenizer
-from studykit.oasst import FILTER_STAGES, load_source, filter_messages, opening_prompts, parse_languages
+from studykit.oasst import FILTER_STAGES, OasstSource, filter_messages, load_source, opening_prompts, parse_languages
+from studykit.runtime import code_version
 
 # A tokenizer's model_max_length above this is a placeholder, not a real context length.
 UNSET_CONTEXT = 1_000_000
@@ -22,9 +26,17 @@ PROMPTS_KEPT = 16
 PREPARE_CONFIG_FILE = "prepare_config.json"
 
 
-def check_dataset_directory(output_dir: Path) -> None:
-    """Creates nothing. The new dataset replaces the whole directory in one rename, so a directory holding anything
-    but an earlier prepared dataset (a model, someone's files) is refused rather than deleted."""
+# Settings that do not change what is written.
+NOT_INPUTS = ("output_dir", "overwrite")
+# Bytes the dataset takes per token (int64 ids in Arrow) and per response (offsets, message and tree ids).
+DATASET_BYTES_PER_TOKEN = 8
+DATASET_BYTES_PER_RESPONSE = 120
+
+
+def check_dataset_directory(output_dir: Path) -> bool:
+    """Creates nothing; returns whether the directory holds a prepared dataset. The new dataset replaces the whole
+    directory in one rename, so a directory holding anything but an earlier prepared dataset (a model, someone's
+    files) is refused rather than deleted."""
     check_writable_location(output_dir, "--output-dir")
     # The rename that puts the dataset in place happens in the parent.
     check_writable_location(output_dir.parent, "--output-dir")
@@ -33,6 +45,46 @@ def check_dataset_directory(output_dir: Path) -> None:
     if others and not holds_dataset:
         raise UserError(f"{output_dir} is not empty and holds no prepared dataset ({', '.join(others[:3])}); "
                         "choose an empty or new --output-dir.")
+    return holds_dataset
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def prepare_inputs(config: PrepareConfig, tokenizer) -> dict[str, Any]:
+    """Everything the dataset is made from: the settings, the data itself (a local file by its contents, wherever it
+    lies), the tokenizer's vocabulary and the code. The same inputs make the same dataset."""
+    settings = {key: value for key, value in config_to_dict(config).items() if key not in NOT_INPUTS}
+    source: dict[str, Any] = {"dataset": config.dataset}
+    if config.data_file:
+        settings.pop("data_file")
+        source = {"data_file_sha256": file_digest(Path(config.data_file))} if Path(config.data_file).is_file() else {"data_file": config.data_file}
+    return {"settings": settings, "source": source, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "code": code_version()}
+
+
+INPUT_NAMES = {"source": "the data", "tokenizer_fingerprint": "the tokenizer's vocabulary", "code": "the kit's prepare code"}
+
+
+def existing_inputs(output_dir: Path) -> Optional[dict[str, Any]]:
+    """The inputs recorded by the dataset already in `output_dir`; None when it recorded none or cannot be read."""
+    try:
+        return read_json(output_dir / META_FILE, "prepare it again with --overwrite").get("inputs")
+    except DamagedFile:
+        return None
+
+
+def describe_changes(old: Optional[dict[str, Any]], new: dict[str, Any]) -> str:
+    if old is None:
+        return "it records no inputs (an earlier version of the kit made it, or its meta.json is damaged)"
+    changed = [f"--{key.replace('_', '-')} (was {old.get('settings', {}).get(key)}, now {value})"
+               for key, value in new["settings"].items() if old.get("settings", {}).get(key) != value]
+    changed += [INPUT_NAMES[key] for key in INPUT_NAMES if old.get(key) != new[key]]
+    return "it was made from other inputs: " + ", ".join(changed[:4])
 
 
 def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
@@ -42,19 +94,38 @@ def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Prepare the dataset, or keep the one in --output-dir when it was made from the same inputs."""
+    print_config(config)
+    output_dir = Path(config.output_dir)
+    holds_dataset = check_dataset_directory(output_dir)
+    with locks.exclusive(output_dir, "--output-dir"):
+        tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
+        check_seq_len(config.seq_len, tokenizer, config.tokenizer)
+        inputs = prepare_inputs(config, tokenizer)
+        recorded = existing_inputs(output_dir) if holds_dataset else None
+        if holds_dataset and recorded == inputs:
+            meta = read_json(output_dir / META_FILE)
+            print(f"up to date: {output_dir} was prepared from the same inputs (fingerprint {meta['fingerprint']}); nothing rewritten")
+            return meta
+        started = time.perf_counter()
+        source = load_source(config.data_file, config.dataset, config.val_fraction, config.skip_bad_lines)
+        splits, meta = build_dataset(config, tokenizer, source)
+        # Judged once the data has been read and tokenized: a mistake in the data is the one to report first.
+        if holds_dataset and not config.overwrite:
+            raise UserError(f"{output_dir} holds a prepared dataset, but {describe_changes(recorded, inputs)}; pass --overwrite "
+                            "to replace it, or choose another --output-dir.")
+        meta.update(inputs=inputs, seconds=round(time.perf_counter() - started, 3))
+        save_dataset(config, source, splits, meta, output_dir)
+    return meta
+
+
+def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The filtered, tokenized splits and the meta.json that says how they were made."""
     import datasets
 
-    print_config(config)
-    started = time.perf_counter()
-    output_dir = Path(config.output_dir)
-    check_dataset_directory(output_dir)
-    tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
-    check_seq_len(config.seq_len, tokenizer, config.tokenizer)
-    source = load_source(config.data_file, config.dataset, config.val_fraction, config.skip_bad_lines)
     print(f"read {source.description} ({source.shape}); held-out split: {source.split_method}")
     if source.bad_lines:
         print(f"skipped {len(source.bad_lines)} corrupt line(s): {source.bad_lines[:20]}")
-
     languages = parse_languages(config.lang)
     splits, counts, tokens, truncated, fingerprints = {}, {}, {}, {}, {}
     for split in SPLITS:
@@ -73,7 +144,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             {"input_ids": input_ids, "message_id": message_ids, "message_tree_id": [str(m["message_tree_id"]) for m in kept]}
         )
         print(f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens, {truncated[split]:,} truncated to {config.seq_len}")
-
     meta = {
         "source": source.description,
         "source_shape": source.shape,
@@ -92,14 +162,23 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "train_fingerprint": fingerprints["train"],
         "validation_fingerprint": fingerprints["validation"],
         "config": config_to_dict(config),
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    with atomic_directory(output_dir) as staging:
-        datasets.DatasetDict(splits).save_to_disk(str(staging))
-        atomic_write_json(staging / META_FILE, meta)
-        save_config(config, staging / PREPARE_CONFIG_FILE)
-        if source.tree_split is not None:
-            atomic_write_json(staging / "tree_split.json", source.tree_split)
-        atomic_write_json(staging / PROMPTS_FILE, opening_prompts(source.messages_by_split["validation"], languages, PROMPTS_KEPT))
+    return splits, meta
+
+
+def save_dataset(config: PrepareConfig, source: OasstSource, splits: dict[str, Any], meta: dict[str, Any], output_dir: Path) -> None:
+    """The dataset and its records replace --output-dir in one rename, or nothing changes."""
+    import datasets
+
+    needed = sum(DATASET_BYTES_PER_TOKEN * meta["tokens"][split] + DATASET_BYTES_PER_RESPONSE * len(splits[split]) for split in SPLITS)
+    prompts = opening_prompts(source.messages_by_split["validation"], parse_languages(config.lang), PROMPTS_KEPT)
+    with disk_space_for(output_dir.parent, needed, "the processed dataset", "free some space and run the same command again "
+                        "(an earlier dataset in --output-dir is untouched)"):
+        with atomic_directory(output_dir) as staging:
+            datasets.DatasetDict(splits).save_to_disk(str(staging))
+            atomic_write_json(staging / META_FILE, meta)
+            save_config(config, staging / PREPARE_CONFIG_FILE)
+            if source.tree_split is not None:
+                atomic_write_json(staging / "tree_split.json", source.tree_split)
+            atomic_write_json(staging / PROMPTS_FILE, prompts)
     print(f"wrote {output_dir} (fingerprint {meta['fingerprint']})")
-    return meta

@@ -14,18 +14,19 @@ import multiprocessing
 import os
 import re
 import tomllib
+import zipfile
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from studykit import report
+from studykit import locks, report
 from studykit.checkpointing import RUN_LOG, RUN_RECORD, Interrupted, UnusableCheckpoint, load_run_record, read_run_log, resumable_checkpoints
 from studykit.config import (OUTCOME_NEUTRAL, EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, build_parser,
                              config_to_dict, print_config, unwrap_optional)
 from studykit.data import META_FILE
-from studykit.errors import UserError
-from studykit.io import atomic_write_json, atomic_write_text, read_json
+from studykit.errors import UserError, first_line
+from studykit.io import DamagedFile, MIB, atomic_write_json, atomic_write_text, disk_space_for, read_json
 from studykit.runtime import REPO_ROOT, code_version
 
 STUDIES_DIR = REPO_ROOT / "studies"
@@ -44,6 +45,8 @@ SHARED_BY_ALL_RUNS = {"model", "tokenizer"}
 TINY_MODEL_DEFAULTS = {"data_file": "data/sample/oasst_sample.jsonl", "vocab_size": 512, "n_layer": 2, "n_embd": 64}
 REPORT_DEFAULTS = {"bootstrap_resamples": 2000, "bootstrap_seed": 0, "sample_prompts": 4, "sample_new_tokens": 40}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# results.json, results.md, samples.md and the figures, with room to spare.
+REPORT_BYTES = 2 * MIB
 
 
 @dataclasses.dataclass
@@ -231,11 +234,13 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     tokenizer = budget.get("tokenizer") or model
 
     data = _table(settings, "data", path)
-    _reject_runner_owned(data, {"output_dir", "tokenizer"}, "[data]", path)
+    _reject_runner_owned(data, {"output_dir", "tokenizer", "overwrite"}, "[data]", path)
     check_stage_settings(data, PrepareConfig, "[data]", path)
     if data.get("data_file"):
         data["data_file"] = str(repo_path(data["data_file"]))
-    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed")}, "[data]", path)
+    # The runner decides whether the data is current; a dataset it prepares replaces the one made from older inputs.
+    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed"), "overwrite": True},
+                     "[data]", path)
 
     entries = settings.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
@@ -292,9 +297,20 @@ def digest(inputs: Any) -> str:
 
 
 def is_current(directory: Path, inputs: dict[str, Any], required: str, record: str = INPUTS_FILE) -> bool:
-    """The directory holds a finished result (`required` exists) made from exactly these inputs."""
+    """The directory holds a finished result (`required` exists) made from exactly these inputs. A damaged record or
+    result is not current: the step is done again, as after a crash."""
     recorded = directory / record
-    return (directory / required).exists() and recorded.exists() and read_json(recorded).get("digest") == digest(inputs)
+    if not ((directory / required).exists() and recorded.exists()):
+        return False
+    try:
+        if required.endswith(".json"):
+            read_json(directory / required, expect=None)
+        if required.endswith(".npz"):
+            load_per_response(directory / required)
+        return read_json(recorded).get("digest") == digest(inputs)
+    except DamagedFile as error:
+        print(f"warning: {error.path} is damaged ({error.reason}); the study does that step again.")
+        return False
 
 
 def mark_current(directory: Path, inputs: dict[str, Any], record: str = INPUTS_FILE) -> None:
@@ -310,7 +326,7 @@ def tiny_model_inputs(study: Study) -> dict[str, Any]:
 
 
 def prepare_inputs(study: Study) -> dict[str, Any]:
-    prepare = {key: value for key, value in config_to_dict(study.prepare).items() if key != "output_dir"}
+    prepare = {key: value for key, value in config_to_dict(study.prepare).items() if key not in ("output_dir", "overwrite")}
     return {"prepare": prepare, "tiny_model": study.tiny_model, "code": code_version()}
 
 
@@ -404,7 +420,12 @@ def training_process_context():
 def resumable_study_run(run_dir: Path, inputs: dict[str, Any]) -> Optional[Path]:
     """The checkpoint an unfinished run of exactly these inputs left (Ctrl-C, a crash, a lost machine), if any."""
     started = run_dir / STARTED_FILE
-    if (run_dir / RUN_RECORD).exists() or not started.exists() or read_json(started).get("digest") != digest(inputs):
+    if (run_dir / RUN_RECORD).exists() or not started.exists():
+        return None
+    try:
+        if read_json(started).get("digest") != digest(inputs):
+            return None
+    except DamagedFile:
         return None
     checkpoints = resumable_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
@@ -455,6 +476,11 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
                             "trained": [], "resumed": [], "kept": [], "evaluated": False, "reported": False, "readme": None, "dry_run": config.dry_run}
     if config.dry_run:
         return done
+    with locks.exclusive(study.output_dir, "--output-dir"):
+        return run_steps(study, done)
+
+
+def run_steps(study: Study, done: dict[str, Any]) -> dict[str, Any]:
     check_extra_eval_reachable(study)
     check_lora_targets(study)
 
@@ -479,7 +505,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
 
     warn_about_stale_runs(study)
     # A run trained now always gets scored, even one whose inputs match an earlier evaluation.
-    if done["trained"] or not is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json"):
+    evaluated = all(is_current(study.results_dir, eval_inputs(study, fingerprint), name) for name in ("perplexity.json", "per_response_nll.npz"))
+    if done["trained"] or not evaluated:
         from studykit.evaluate import evaluate
 
         print("\n=== evaluating ===")
@@ -488,7 +515,9 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         done["evaluated"] = True
 
     if done["evaluated"] or not is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE):
-        write_report(study)
+        with disk_space_for(study.results_dir, REPORT_BYTES, "the report (results, figures, samples)",
+                            "free some space and run the same study command again (the trained runs are kept)"):
+            write_report(study)
         mark_current(study.results_dir, report_inputs(study, fingerprint), REPORT_INPUTS_FILE)
         done["reported"] = True
     if study.readme is not None:
@@ -514,7 +543,6 @@ def base_model_config(study: Study):
     from transformers import AutoConfig, GPT2Config
 
     from studykit.hub import ensure_hub_reachable
-    from studykit.modeling import first_line
 
     if study.tiny_model is not None:
         # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
@@ -570,15 +598,18 @@ def warn_about_stale_runs(study: Study) -> None:
 def load_per_response(path: Path) -> dict[str, Any]:
     import numpy as np
 
-    with np.load(path) as arrays:
-        return {key: arrays[key] for key in arrays.files}
+    try:
+        with np.load(path) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # what numpy's zip reader raises
+        raise DamagedFile(path, first_line(error), "run the study again: it evaluates again") from None
 
 
 def write_report(study: Study) -> dict[str, Any]:
     """results.json, results.md, the two figures and samples.md, all in the study's results directory."""
     results_dir = study.results_dir
     records = {spec.name: load_run_record(Path(spec.config.output_dir)) for spec in study.runs}
-    eval_rows = read_json(results_dir / "perplexity.json")
+    eval_rows = read_json(results_dir / "perplexity.json", "run the study again: it evaluates again", expect=list)
     built = report.build_report(eval_rows, load_per_response(results_dir / "per_response_nll.npz"), records,
                                 study.report["bootstrap_resamples"], study.report["bootstrap_seed"])
     meta = read_json(study.data_dir / META_FILE)
@@ -623,7 +654,8 @@ def write_samples(study: Study) -> Path:
     if not prompts_file.exists():
         atomic_write_text(path, "# Side-by-side samples\n\nThe processed data has no prompts.json; prepare it again to get samples.\n")
         return path
-    prompts = read_json(prompts_file)[: study.report["sample_prompts"]]
+    prompts = read_json(prompts_file, f"delete {study.data_dir} and run the study again: it prepares the data again",
+                        expect=list)[: study.report["sample_prompts"]]
     continuations = generate_continuations(study, prompts, study.report["sample_new_tokens"])
     atomic_write_text(path, report.format_samples_markdown(prompts, continuations, study.report["sample_new_tokens"]))
     return path

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from studykit import checkpointing, memory
+from studykit import checkpointing, locks, memory
 from studykit.config import TrainConfig, config_to_dict, print_config, save_config
 from studykit.data import check_tokenizer_matches, collate, length_sorted_batches, load_processed, pack_sequences, plan_step_windows, split_window
 from studykit.errors import UserError
@@ -278,6 +278,13 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     """Run one training job end to end and return its run record (also written to run.json)."""
     output_dir = Path(config.output_dir)
     check_writable_location(output_dir, "--output-dir")
+    # Under `accelerate launch` the main process holds the lock for all of them (the launcher's RANK, known before
+    # the accelerator exists).
+    with locks.exclusive(output_dir, "--output-dir", enabled=os.environ.get("RANK", "0") == "0"):
+        return train_holding_lock(config, wrap_model, output_dir)
+
+
+def train_holding_lock(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]], output_dir: Path) -> dict[str, Any]:
     resume_from = checkpointing.check_run_directory(output_dir, config.resume, config.overwrite)
     if os.environ.get("RANK", "0") == "0":
         # Under `accelerate launch` every process parses the same flags; one copy of the config is enough.
@@ -305,7 +312,8 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
     nonfinite_streak = 0
     # A checkpoint replaces older ones only once the loss of the step after it is finite (see diverged_error).
     unconfirmed_checkpoint = False
-    with InterruptFlag() as interrupt, memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]):
+    # The bar is closed however the loop ends, so an error line is the last thing on the terminal.
+    with progress, InterruptFlag() as interrupt, memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]):
         while state.step < run.total_steps:
             step_started = time.perf_counter()
             lr = run.scheduler.get_last_lr()[0]  # the rate this step trains with; optimizer_step moves the schedule on
@@ -314,7 +322,6 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             finite = optimizer_step(run, step_loss, state)
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
             if nonfinite_streak >= NONFINITE_PATIENCE:
-                progress.close()
                 # Skipped steps leave the weights alone: those of the step before the streak produced every NaN.
                 raise diverged_error(run, f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row "
                                      f"(steps {state.step + 2 - nonfinite_streak}-{state.step + 1})", state.step + 1 - nonfinite_streak)
@@ -347,14 +354,11 @@ def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) ->
             # During a NaN streak a scheduled save waits (the weights are suspect); an interrupt still saves its position.
             if (due and not nonfinite_streak) or stop:
                 if not weights_are_finite(run):
-                    progress.close()
                     raise diverged_error(run, f"the weights became NaN or inf at step {state.step}", state.step)
                 checkpointing.save_resumable(run, state, output_dir)
                 unconfirmed_checkpoint = True
             if stop:
-                progress.close()
                 raise checkpointing.Interrupted(interrupt.signal_name or "SIGTERM", state.step, output_dir)
-        progress.close()
         if not weights_are_finite(run):
             raise diverged_error(run, f"the weights became NaN or inf by step {state.step}", state.step)
         record = build_run_record(run, state)

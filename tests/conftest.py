@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICK = REPO_ROOT / "studies" / "quick.toml"
 # The four stage commands, relative to REPO_ROOT.
 PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
 sys.path.insert(0, str(REPO_ROOT))
@@ -247,3 +248,20 @@ def refused(script, *args, watch=(), code=2, runner=None):
     assert result.returncode == code, result.stderr
     assert snapshot(*watch) == before, "a refused command changed files"
     return lines[0]
+
+
+def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
+    """The quick preset with a shorter budget (the same steps, fewer of them), plus any edits."""
+    text = QUICK.read_text()
+    for old, new in (("max_steps = 30", "max_steps = 6"), ("eval_every = 10", "eval_every = 3"), *replacements):
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+def one_run_study(path: Path, lr: str = "1e-3", steps: int = 6) -> Path:
+    """The quick preset cut to its full_ft run, checkpointing every 2 steps."""
+    text = shortened_quick_study(path, ("log_every = 2", "log_every = 1\nsave_every = 2"), ("max_steps = 6", f"max_steps = {steps}")).read_text()
+    path.write_text(text[: text.index("[[runs]]")] + f'[[runs]]\nname = "full_ft"\nmethod = "full"\nlr = {lr}\n')
+    return path

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import PREPARE, oasst_message, refused, run_script
+from conftest import PREPARE, oasst_message, refused, run_script, snapshot
 from studykit.config import PrepareConfig
 from studykit.data import load_processed, tokenize_responses
 from studykit.errors import UserError
@@ -146,13 +146,32 @@ def test_a_model_directory_is_never_replaced_by_the_dataset(in_process, tmp_path
     assert message.endswith("choose an empty or new --output-dir.")
 
 
-def test_a_prepared_dataset_is_replaced_in_place(in_process, tmp_path, processed_dir, oasst_trees_file, gpt2_tokenizer_dir):
-    output = shutil.copytree(processed_dir, tmp_path / "data")
-    assert json.loads((output / "meta.json").read_text())["seq_len"] == 64
-    result = in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32"))
+def test_a_dataset_from_the_same_inputs_is_kept_and_one_from_other_inputs_needs_overwrite(in_process, tmp_path, oasst_trees_file,
+                                                                                         gpt2_tokenizer_dir):
+    """Prepare agrees with training: the same inputs leave the dataset as it is ("up to date"); other inputs are refused
+    unless --overwrite, which replaces the dataset in place."""
+    output = tmp_path / "data"
+    assert in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output)).returncode == 0
+    first = snapshot(output)
+
+    again = in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output))
+    assert again.returncode == 0 and "up to date" in again.stdout and "nothing rewritten" in again.stdout
+    assert snapshot(output) == first, "a dataset prepared from the same inputs was rewritten"
+
+    message = refused(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32"), watch=[tmp_path],
+                      runner=in_process)
+    assert "holds a prepared dataset" in message and "--seq-len (was 64, now 32)" in message and "--overwrite" in message
+
+    edited = tmp_path / "edited.trees.jsonl"
+    edited.write_text(oasst_trees_file.read_text().replace("Question number 3?", "Question number three?"))
+    message = refused(PREPARE, *prepare_args(edited, gpt2_tokenizer_dir, output), watch=[tmp_path], runner=in_process)
+    assert "made from other inputs: the data" in message
+
+    result = in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32", "--overwrite"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_processed(output).meta["seq_len"] == 32
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "the old dataset or a staging directory was left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "edited.trees.jsonl"], \
+        "the old dataset, a staging directory or a lock file was left behind"
 
 
 def test_an_existing_file_as_output_dir_is_refused(in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir):

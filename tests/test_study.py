@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, refused, run_script
+from conftest import QUICK, REPO_ROOT, one_run_study, refused, run_script, shortened_quick_study
 
 from studykit import report
 from studykit.config import StudyConfig, TrainConfig
@@ -21,18 +21,7 @@ from studykit.errors import UserError
 from studykit.evaluate import read_extra_eval_texts
 from studykit.study import load_study, run_study
 
-QUICK = REPO_ROOT / "studies" / "quick.toml"
 RUN_NAMES = ["full_ft", "lora_r8", "lora_r32"]
-
-
-def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
-    """The quick preset with a shorter budget (the same steps, fewer of them), plus any edits."""
-    text = QUICK.read_text()
-    for old, new in (("max_steps = 30", "max_steps = 6"), ("eval_every = 10", "eval_every = 3"), *replacements):
-        assert old in text, old
-        text = text.replace(old, new, 1)
-    path.write_text(text)
-    return path
 
 
 def run_dirs_mtimes(root: Path) -> dict[str, float]:
@@ -147,13 +136,6 @@ def test_readme_block_replaced_and_the_rest_untouched(study):
     block = after[after.index(start) + len(start): after.index(end)].decode()
     assert "**Protocol.**" in block and "| lora_r32 |" in block and "Perplexity [95% CI]" in block
     assert study["second"]["readme"] == str(study["readme"])
-
-
-def one_run_study(path: Path, lr: str = "1e-3", steps: int = 6) -> Path:
-    """The quick preset cut to its full_ft run, checkpointing every 2 steps."""
-    text = shortened_quick_study(path, ("log_every = 2", "log_every = 1\nsave_every = 2"), ("max_steps = 6", f"max_steps = {steps}")).read_text()
-    path.write_text(text[: text.index("[[runs]]")] + f'[[runs]]\nname = "full_ft"\nmethod = "full"\nlr = {lr}\n')
-    return path
 
 
 def test_interrupted_run_is_resumed_by_the_next_study_run_and_ends_as_if_never_stopped(tmp_path, capsys):
