@@ -254,9 +254,9 @@ def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_toke
     return float(accelerator.reduce(torch.tensor(step_nll, device=accelerator.device), reduction="sum")) / step_tokens
 
 
-def optimizer_step(run: PreparedRun, step_loss: float, state: TrainingState) -> bool:
+def optimizer_step(run: PreparedRun, step_loss: float, state: TrainingState) -> tuple[bool, float]:
     """Clip, then step (or skip a non-finite step), zero the gradients and advance the schedule.
-    Returns whether the step was finite."""
+    Returns whether the step was finite, and the gradient norm before clipping."""
     accelerator, config = run.accelerator, run.config
     # Clipping at inf still measures the norm. fp16's scaler skips overflowing gradients itself (and must see
     # them to lower its scale); without a scaler, a non-finite gradient is skipped here.
@@ -271,7 +271,7 @@ def optimizer_step(run: PreparedRun, step_loss: float, state: TrainingState) -> 
         state.skipped_steps += 1
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    return finite
+    return finite, grad_norm
 
 
 def train(config: TrainConfig, wrap_model: Callable[[Any], tuple[Any, dict]]) -> dict[str, Any]:
@@ -319,7 +319,7 @@ def train_holding_lock(config: TrainConfig, wrap_model: Callable[[Any], tuple[An
             lr = run.scheduler.get_last_lr()[0]  # the rate this step trains with; optimizer_step moves the schedule on
             micro_batches, step_tokens = micro_batches_for_step(run, state.step, lengths)
             step_loss = forward_backward(run, micro_batches, step_tokens, state)
-            finite = optimizer_step(run, step_loss, state)
+            finite, grad_norm = optimizer_step(run, step_loss, state)
             nonfinite_streak = 0 if finite else nonfinite_streak + 1
             if nonfinite_streak >= NONFINITE_PATIENCE:
                 # Skipped steps leave the weights alone: those of the step before the streak produced every NaN.
@@ -340,7 +340,8 @@ def train_holding_lock(config: TrainConfig, wrap_model: Callable[[Any], tuple[An
                                  **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
 
             validate_now = bool(config.eval_every and state.step % config.eval_every == 0) or state.step == run.total_steps
-            entry = {"step": state.step, "train_loss": step_loss, "lr": lr, "tokens_seen": state.tokens_seen, "tokens_per_second": tokens_per_second}
+            entry = {"step": state.step, "train_loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+                     "tokens_per_second": tokens_per_second}
             if validate_now:
                 state.last_validation_loss = validation_loss(run)
                 entry["validation_loss"] = state.last_validation_loss
