@@ -351,11 +351,13 @@ def tree_rank(tree_id: str) -> str:
     return hashlib.sha256(str(tree_id).encode("utf-8")).hexdigest()
 
 
-def split_by_tree(messages: list[dict[str, Any]], val_fraction: float) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+def split_by_tree(messages: list[dict[str, Any]],
+                  val_fraction: float) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
     """Whole conversation trees go to one side, so no tree is on both sides of the held-out split."""
     tree_ids = sorted({str(message["message_tree_id"]) for message in messages}, key=tree_rank)
     if len(tree_ids) < 2:
-        raise UserError("the data holds fewer than two conversation trees, too few to hold one out; pass a larger export.")
+        raise UserError("the data holds fewer than two conversation trees, too few to hold one out; pass a larger "
+                        "export.")
     validation_count = min(len(tree_ids) - 1, max(1, math.ceil(val_fraction * len(tree_ids))))
     validation_trees = set(tree_ids[:validation_count])
     split = {"train": [], "validation": []}
@@ -396,11 +398,13 @@ def load_hub_splits(dataset_name: str) -> dict[str, list[dict[str, Any]]]:
     dataset_dict = datasets.load_dataset(dataset_name)
     missing = {"train", "validation"} - set(dataset_dict)
     if missing:
-        raise UserError(f"hub dataset {dataset_name} lacks split(s) {sorted(missing)}; pass a local export with --data-file.")
+        raise UserError(f"hub dataset {dataset_name} lacks split(s) {sorted(missing)}; pass a local export with "
+                        "--data-file.")
     return {split: dataset_dict[split].to_list() for split in ("train", "validation")}
 
 
-def filter_messages(messages: Iterable[dict[str, Any]], languages: Optional[set[str]]) -> tuple[list[dict[str, Any]], Counter]:
+def filter_messages(messages: Iterable[dict[str, Any]],
+                    languages: Optional[set[str]]) -> tuple[list[dict[str, Any]], Counter]:
     """Keep assistant responses that are live, passed review, non-blank and in the chosen languages."""
     counts: Counter = Counter()
     seen_ids: set[str] = set()
@@ -430,7 +434,8 @@ def filter_messages(messages: Iterable[dict[str, Any]], languages: Optional[set[
     return kept, counts
 
 
-def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]], count: int) -> list[dict[str, str]]:
+def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]],
+                    count: int) -> list[dict[str, str]]:
     """The first prompter message of up to `count` trees (live, non-blank, in the chosen languages), in a stable
     order that does not depend on file order: fixed held-out prompts for side-by-side samples."""
     opening = {}
@@ -441,7 +446,8 @@ def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[
             continue
         opening.setdefault(str(message["message_tree_id"]), message)
     chosen = sorted(opening.values(), key=lambda message: tree_rank(message["message_tree_id"]))[:count]
-    return [{"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]} for m in chosen]
+    return [{"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]}
+            for m in chosen]
 
 
 def parse_languages(lang: str) -> Optional[set[str]]:
