@@ -12,10 +12,16 @@ import copy
 import gzip
 import io
 import json
+import os
 import re
+import tempfile
 import uuid
 
 import pytest
+
+# Hypothesis keeps caches in ./.hypothesis unless told otherwise, which would put files into the checkout; it reads
+# this variable when it first writes one, which is after this module is imported.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "studykit-hypothesis"))
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
