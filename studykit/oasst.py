@@ -1,4 +1,8 @@
-"""Reading OASST1 (hub dataset or local export), filtering assistant responses, and the held-out split."""
+"""Reading OASST (hub dataset or local export), filtering assistant responses, and the held-out split.
+
+A local export is read line by line (row by row for parquet), and each record is checked against the published
+schema's types for the fields the kit uses: a bad line is refused, or skipped when asked, by its number.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import gzip
 import hashlib
 import json
 import math
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 from studykit.errors import UserError
 
@@ -32,96 +37,313 @@ class OasstSource:
     bad_lines: list[int] = field(default_factory=list)
 
 
-def _open_text(path: Path):
-    # utf-8-sig: Windows editors start a file with a byte-order mark, which is not part of the first record.
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+class CorruptRecord(ValueError):
+    """Why one line (or parquet row) cannot be used; the reader collects these and names each by its number."""
 
 
-def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[list[dict[str, Any]], list[int]]:
-    """Parse one JSON object per line; corrupt lines are named by number, or skipped when asked."""
-    records: list[dict[str, Any]] = []
-    bad_lines: list[int] = []
+@dataclass(frozen=True)
+class FieldRule:
+    """What one field of a record must hold; `expected` says it in the words of an error message."""
+
+    types: tuple[type, ...]
+    expected: str
+    required: bool = False
+    non_empty: bool = False
+
+
+NULL = type(None)
+# The fields the filters, the split and the dataset read, with the types of the published schema (oasst_data's
+# schemas.py). Other fields (labels, emojis, detoxify, events, user_id, ...) pass through unchecked: nothing here
+# reads them, and the hub's parquet stores some of them as structs of lists.
+MESSAGE_FIELDS = {
+    "message_id": FieldRule((str,), "a non-empty string", required=True, non_empty=True),
+    "role": FieldRule((str,), "a string", required=True),
+    "text": FieldRule((str, NULL), "a string or null", required=True),
+    "parent_id": FieldRule((str, NULL), "a string or null"),
+    "lang": FieldRule((str, NULL), "a string or null"),
+    "deleted": FieldRule((bool, NULL), "true, false or null"),
+    "review_result": FieldRule((bool, NULL), "true, false or null"),
+    "replies": FieldRule((list, NULL), "a list of messages or null"),
+}
+TREE_ID_RULE = FieldRule((str,), "a non-empty string", required=True, non_empty=True)
+FLAT_MESSAGE_FIELDS = {**MESSAGE_FIELDS, "message_tree_id": TREE_ID_RULE}
+# Published trees files leave message_tree_id null on every nested message: the id lives on the tree.
+NESTED_MESSAGE_FIELDS = {**MESSAGE_FIELDS, "message_tree_id": FieldRule((str, NULL), "its tree's id or null")}
+TREE_FIELDS = {"message_tree_id": TREE_ID_RULE, "prompt": FieldRule((dict, NULL), "a message or null", required=True)}
+
+UTF8_BOM = b"\xef\xbb\xbf"
+GZIP_MAGIC = b"\x1f\x8b"
+# How much of a value or a list of line numbers an error message quotes.
+SHOWN_CHARS, SHOWN_KEYS, SHOWN_NUMBERS = 40, 8, 10
+
+
+@dataclass
+class NumberedRecord:
+    """One non-blank line (or parquet row): its number, counting from 1, and its JSON value or why it has none."""
+
+    number: int
+    value: Any = None
+    unreadable: Optional[str] = None
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: JSON (every newline and lone surrogate escaped), cut short."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        quoted = json.dumps(value[:SHOWN_CHARS])
+        return quoted[:-1] + '..."' if len(value) > SHOWN_CHARS else quoted
+    # Parquet cells can be bytes, dates or decimals, which JSON has no spelling for.
+    quoted = json.dumps(value) if isinstance(value, (bool, int, float, NULL)) else type(value).__name__
+    return quoted if len(quoted) <= SHOWN_CHARS else quoted[:SHOWN_CHARS] + "..."
+
+
+def shown_keys(record: dict[str, Any]) -> str:
+    keys = sorted(str(key) for key in record)
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return json.dumps([key[:SHOWN_CHARS] for key in keys[:SHOWN_KEYS]]) + more
+
+
+def encodes_as_utf8(text: str) -> bool:
+    """False for a lone surrogate ("\\ud800" in JSON), which the tokenizer and the dataset's arrow files reject."""
     try:
-        with _open_text(path) as stream:
-            for line_number, line in enumerate(stream, start=1):
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_fields(record: dict[str, Any], rules: dict[str, FieldRule]) -> None:
+    for name, rule in rules.items():
+        if name not in record:
+            if rule.required:
+                raise CorruptRecord(f"{name} is missing")
+            continue
+        value = record[name]
+        if not isinstance(value, rule.types) or (rule.non_empty and not value):
+            raise CorruptRecord(f"{name} must be {rule.expected}, not {shown(value)}")
+        if isinstance(value, str) and not encodes_as_utf8(value):
+            raise CorruptRecord(f"{name} holds a lone surrogate ({shown(value)}), which UTF-8 cannot encode")
+
+
+def record_shape(record: dict[str, Any]) -> Optional[str]:
+    """The shape a record claims by its keys, as oasst_data's reader decides it; None for neither. A tree whose
+    prompt is null is still a tree (one with no messages)."""
+    if "message_id" in record:
+        return FLAT
+    if "prompt" in record:
+        return TREES
+    return None
+
+
+def node_name(node: dict[str, Any], depth: int) -> str:
+    message_id = node.get("message_id")
+    if isinstance(message_id, str) and message_id and encodes_as_utf8(message_id):
+        return f"message {shown(message_id)}"
+    return "the prompt" if depth == 0 else f"a reply at depth {depth}"
+
+
+def flatten_tree(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages of one tree, depth-first, each carrying the tree's id (and its state where its own is null), as
+    a flat messages export does. Raises CorruptRecord for the first thing wrong anywhere in the tree."""
+    check_fields(tree, TREE_FIELDS)
+    tree_id = tree["message_tree_id"]
+    messages: list[dict[str, Any]] = []
+    # A stack, not recursion: a tree nested hundreds of replies deep is valid JSON.
+    stack = [] if tree["prompt"] is None else [(tree["prompt"], 0)]
+    while stack:
+        node, depth = stack.pop()
+        where = node_name(node, depth)
+        try:
+            check_fields(node, NESTED_MESSAGE_FIELDS)
+        except CorruptRecord as problem:
+            raise CorruptRecord(f"{where}: {problem}") from None
+        own_tree_id = node.get("message_tree_id")
+        if own_tree_id is not None and own_tree_id != tree_id:
+            raise CorruptRecord(f"{where} has message_tree_id {shown(own_tree_id)}, but its tree is {shown(tree_id)}")
+        replies = node.get("replies") or []
+        for reply in replies:
+            if not isinstance(reply, dict):
+                raise CorruptRecord(f"{where}: replies must hold messages, not {shown(reply)}")
+        message = {key: value for key, value in node.items() if key != "replies"}
+        message["message_tree_id"] = tree_id
+        if message.get("tree_state") is None:
+            message["tree_state"] = tree.get("tree_state")
+        messages.append(message)
+        stack.extend((reply, depth + 1) for reply in reversed(replies))
+    return messages
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {str: "string", list: "list", int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def record_messages(record: NumberedRecord) -> tuple[str, list[dict[str, Any]]]:
+    """The shape of one record and the messages it holds; raises CorruptRecord if it is not a valid one."""
+    if record.unreadable is not None:
+        raise CorruptRecord(record.unreadable)
+    value = record.value
+    if not isinstance(value, dict):
+        raise CorruptRecord(f"a JSON {json_type(value)}, not an object")
+    shape = record_shape(value)
+    if shape is None:
+        raise CorruptRecord(f"neither a message (no message_id) nor a tree (no prompt); its keys are "
+                            f"{shown_keys(value)}")
+    if shape == TREES:
+        return TREES, flatten_tree(value)
+    check_fields(value, FLAT_MESSAGE_FIELDS)
+    return FLAT, [value]
+
+
+def shown_numbers(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:SHOWN_NUMBERS])) + (" ..." if len(numbers) > SHOWN_NUMBERS else "")
+
+
+def check_records(path: Path, records: list[NumberedRecord], unit: str,
+                  skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
+    """The file's shape, the messages of its valid records and the numbers of the others. Every refusal that is
+    about particular lines (or rows) names their numbers."""
+    if not records:
+        raise UserError(f"{path} holds no records; pass a non-empty OASST export with --data-file.")
+    valid: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {FLAT: [], TREES: []}
+    corrupt: list[tuple[int, str]] = []
+    for record in records:
+        try:
+            shape, messages = record_messages(record)
+        except CorruptRecord as problem:
+            corrupt.append((record.number, str(problem)))
+        else:
+            valid[shape].append((record.number, messages))
+    if not valid[FLAT] and not valid[TREES]:
+        number, problem = corrupt[0]
+        raise UserError(
+            f"{path} is not an OASST export: no {unit} holds a valid message (message_id, message_tree_id, role, "
+            f"text) or tree (message_tree_id, prompt); {unit} {number}: {problem}; pass an OASST messages or trees "
+            f"export with --data-file."
+        )
+    if valid[FLAT] and valid[TREES]:
+        # The shape of fewer records is the stray one; on a tie, the one that starts later.
+        major, minor = sorted((FLAT, TREES), key=lambda shape: (-len(valid[shape]), valid[shape][0][0]))
+        raise UserError(
+            f"{path} mixes flat messages and message trees ({len(valid[major])} {unit}(s) of {major}, "
+            f"{len(valid[minor])} of {minor}, the first on {unit} {valid[minor][0][0]}); pass one OASST export "
+            f"with --data-file."
+        )
+    shape = FLAT if valid[FLAT] else TREES
+    bad_numbers = [number for number, _ in corrupt]
+    if corrupt and not skip_bad_lines:
+        whole_trees = " (each is a whole tree)" if shape == TREES else ""
+        raise UserError(
+            f"{path} has {len(corrupt)} corrupt {unit}(s) ({unit} {shown_numbers(bad_numbers)}); "
+            f"{unit} {corrupt[0][0]}: {corrupt[0][1]}; fix them or pass --skip-bad-lines to drop them{whole_trees}."
+        )
+    messages = [message for _, messages_of_record in valid[shape] for message in messages_of_record]
+    if not messages:
+        raise UserError(f"{path} holds {len(valid[shape])} message tree(s) but no messages (every prompt is null); "
+                        "pass an export that holds messages with --data-file.")
+    return shape, messages, bad_numbers
+
+
+def parse_json_line(number: int, line: bytes) -> NumberedRecord:
+    """Decoding per line, so one bad byte makes one numbered corrupt line rather than an unreadable file."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        where = f"byte 0x{line[error.start]:02x} at position {error.start + 1}"
+        return NumberedRecord(number, unreadable=f"not UTF-8 text ({where})")
+    try:
+        return NumberedRecord(number, json.loads(text))
+    except json.JSONDecodeError as error:
+        return NumberedRecord(number, unreadable=f"not valid JSON ({error.msg} at column {error.colno})")
+    except ValueError:
+        # json.loads's only other ValueError: an integer longer than Python converts (4300 digits).
+        return NumberedRecord(number, unreadable="a JSON number with more digits than Python reads")
+    except RecursionError:
+        return NumberedRecord(number, unreadable="JSON nested deeper than Python reads")
+
+
+def open_binary(path: Path):
+    if not path.name.endswith(".gz"):
+        return open(path, "rb")
+    with open(path, "rb") as probe:
+        magic = probe.read(len(GZIP_MAGIC))
+    if magic and magic != GZIP_MAGIC:
+        raise UserError(f"{path} is not gzip data although its name ends in .gz; rename it without .gz if it is "
+                        "JSON Lines, or download or copy it again.")
+    return gzip.open(path, "rb")
+
+
+def holds_json_array(records: list[NumberedRecord], first_line: bytes, last_line: bytes) -> bool:
+    """One array on one line, or spread over many (its first line alone is not JSON, its last closes it): every
+    line of it would be "corrupt", and --skip-bad-lines would drop the whole file."""
+    if not first_line.lstrip().startswith(b"["):
+        return False
+    return len(records) == 1 or (records[0].unreadable is not None and last_line.rstrip().endswith(b"]"))
+
+
+def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
+    """One JSON object per line, split on b"\\n" only: the file's shape, the messages of its valid lines (trees
+    flattened) and the numbers of corrupt lines, which are refused by number unless skip_bad_lines."""
+    records: list[NumberedRecord] = []
+    first_line = last_line = b""
+    try:
+        with open_binary(path) as stream:
+            for number, line in enumerate(stream, start=1):
+                if number == 1 and line.startswith(UTF8_BOM):
+                    # Windows editors start a file with a byte-order mark, which is not part of the first record.
+                    line = line[len(UTF8_BOM):]
                 if not line.strip():
                     continue
-                if not records and not bad_lines and line.lstrip().startswith("["):
-                    # Every line of it would be "corrupt", and --skip-bad-lines would drop the whole file.
-                    raise UserError(
-                        f"{path} holds one JSON array, but OASST exports are JSON Lines (one message or tree per line); "
-                        f"convert it (e.g. `jq -c '.[]' {path} > messages.jsonl`) and pass that file with --data-file."
-                    )
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    bad_lines.append(line_number)
-                    continue
-                if not isinstance(record, dict):
-                    bad_lines.append(line_number)
-                    continue
-                records.append(record)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
-        raise UserError(f"{path} is not a readable JSONL file ({error}); pass an OASST export with --data-file.") from None
+                first_line, last_line = first_line or line, line
+                records.append(parse_json_line(number, line))
+    except EOFError:
+        raise UserError(f"{path} is damaged: its gzip data ends early (the file was cut short); download or copy it "
+                        "again and pass it with --data-file.") from None
+    except (gzip.BadGzipFile, zlib.error) as error:
+        detail = " ".join(str(error).split())[:120]
+        raise UserError(f"{path} is damaged: its gzip data is corrupt ({detail}); download or copy it again and pass "
+                        "it with --data-file.") from None
     except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror}); pass a readable OASST export with --data-file.") from None
-    if bad_lines and not skip_bad_lines:
-        shown = ", ".join(map(str, bad_lines[:10])) + (" ..." if len(bad_lines) > 10 else "")
+        raise UserError(f"cannot read {path} ({error.strerror or error}); pass a readable OASST export with "
+                        "--data-file.") from None
+    if records and holds_json_array(records, first_line, last_line):
         raise UserError(
-            f"{path} has {len(bad_lines)} corrupt line(s) (line {shown}); fix them or pass --skip-bad-lines to drop them."
+            f"{path} holds one JSON array, but OASST exports are JSON Lines (one message or tree per line); "
+            f"convert it (e.g. `jq -c '.[]' {path} > messages.jsonl`) and pass that file with --data-file."
         )
-    return records, bad_lines
+    return check_records(path, records, "line", skip_bad_lines)
 
 
-def detect_shape(record: dict[str, Any], path: Path) -> str:
-    if isinstance(record.get("prompt"), dict) and "message_tree_id" in record:
-        return TREES
-    if all(key in record for key in ("message_id", "message_tree_id", "role", "text")):
-        return FLAT
-    raise UserError(
-        f"{path} is not an OASST export: expected messages with message_id/message_tree_id/role/text or trees with "
-        f"message_tree_id/prompt, found keys {sorted(record)[:8]}."
-    )
+def read_parquet_records(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
+    import pyarrow.parquet
 
-
-def flatten_tree(tree: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Walk a nested tree depth-first; every message inherits the tree's id."""
-    tree_id = tree["message_tree_id"]
-    stack = [tree["prompt"]]
-    while stack:
-        message = stack.pop()
-        replies = message.get("replies") or []
-        flat = {key: value for key, value in message.items() if key != "replies"}
-        flat.setdefault("message_tree_id", tree_id)
-        yield flat
-        stack.extend(reversed(replies))
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several unrelated types for a non-parquet file
+        detail = " ".join(str(error).split())[:200]
+        raise UserError(f"{path} is not a readable parquet file ({detail}); pass an OASST export with "
+                        "--data-file.") from None
+    records = [NumberedRecord(number, row) for number, row in enumerate(rows, start=1)]
+    return check_records(path, records, "row", skip_bad_lines)
 
 
 def read_local_file(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
+    """The shape of an OASST export, its messages (ids and tree ids strings) and the numbers of lines skipped."""
     if not path.exists():
-        raise UserError(f"data file {path} does not exist; pass an OASST export (.jsonl, .jsonl.gz or .parquet) with --data-file.")
+        raise UserError(f"data file {path} does not exist; pass an OASST export (.jsonl, .jsonl.gz or .parquet) "
+                        "with --data-file.")
     if path.is_dir():
-        raise UserError(f"data file {path} is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) with --data-file.")
+        raise UserError(f"data file {path} is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) "
+                        "with --data-file.")
     if path.suffix == ".parquet":
-        import pyarrow.parquet
-
-        try:
-            rows = pyarrow.parquet.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several unrelated types for a non-parquet file
-            raise UserError(f"{path} is not a readable parquet file ({error}); pass an OASST export with --data-file.") from None
-        bad_lines: list[int] = []
-    else:
-        rows, bad_lines = read_jsonl_records(path, skip_bad_lines)
-    if not rows:
-        raise UserError(f"{path} holds no records; pass a non-empty OASST export with --data-file.")
-    shape = detect_shape(rows[0], path)
-    # Every record, not just the first: a stray record would otherwise fail later with a KeyError.
-    if any(detect_shape(row, path) != shape for row in rows):
-        raise UserError(f"{path} mixes flat messages and message trees; pass one OASST export with --data-file.")
-    messages = [message for tree in rows for message in flatten_tree(tree)] if shape == TREES else rows
-    return shape, messages, bad_lines
+        return read_parquet_records(path, skip_bad_lines)
+    return read_jsonl_records(path, skip_bad_lines)
 
 
 def tree_rank(tree_id: str) -> str:
@@ -129,11 +351,13 @@ def tree_rank(tree_id: str) -> str:
     return hashlib.sha256(str(tree_id).encode("utf-8")).hexdigest()
 
 
-def split_by_tree(messages: list[dict[str, Any]], val_fraction: float) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+def split_by_tree(messages: list[dict[str, Any]],
+                  val_fraction: float) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
     """Whole conversation trees go to one side, so no tree is on both sides of the held-out split."""
     tree_ids = sorted({str(message["message_tree_id"]) for message in messages}, key=tree_rank)
     if len(tree_ids) < 2:
-        raise UserError("the data holds fewer than two conversation trees, too few to hold one out; pass a larger export.")
+        raise UserError("the data holds fewer than two conversation trees, too few to hold one out; pass a larger "
+                        "export.")
     validation_count = min(len(tree_ids) - 1, max(1, math.ceil(val_fraction * len(tree_ids))))
     validation_trees = set(tree_ids[:validation_count])
     split = {"train": [], "validation": []}
@@ -174,11 +398,13 @@ def load_hub_splits(dataset_name: str) -> dict[str, list[dict[str, Any]]]:
     dataset_dict = datasets.load_dataset(dataset_name)
     missing = {"train", "validation"} - set(dataset_dict)
     if missing:
-        raise UserError(f"hub dataset {dataset_name} lacks split(s) {sorted(missing)}; pass a local export with --data-file.")
+        raise UserError(f"hub dataset {dataset_name} lacks split(s) {sorted(missing)}; pass a local export with "
+                        "--data-file.")
     return {split: dataset_dict[split].to_list() for split in ("train", "validation")}
 
 
-def filter_messages(messages: Iterable[dict[str, Any]], languages: Optional[set[str]]) -> tuple[list[dict[str, Any]], Counter]:
+def filter_messages(messages: Iterable[dict[str, Any]],
+                    languages: Optional[set[str]]) -> tuple[list[dict[str, Any]], Counter]:
     """Keep assistant responses that are live, passed review, non-blank and in the chosen languages."""
     counts: Counter = Counter()
     seen_ids: set[str] = set()
@@ -208,7 +434,8 @@ def filter_messages(messages: Iterable[dict[str, Any]], languages: Optional[set[
     return kept, counts
 
 
-def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]], count: int) -> list[dict[str, str]]:
+def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]],
+                    count: int) -> list[dict[str, str]]:
     """The first prompter message of up to `count` trees (live, non-blank, in the chosen languages), in a stable
     order that does not depend on file order: fixed held-out prompts for side-by-side samples."""
     opening = {}
@@ -219,7 +446,8 @@ def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[
             continue
         opening.setdefault(str(message["message_tree_id"]), message)
     chosen = sorted(opening.values(), key=lambda message: tree_rank(message["message_tree_id"]))[:count]
-    return [{"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]} for m in chosen]
+    return [{"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]}
+            for m in chosen]
 
 
 def parse_languages(lang: str) -> Optional[set[str]]:
