@@ -10,14 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from studykit.errors import report_user_errors  # noqa: E402
-from studykit.study import parse_study_args, run_study  # noqa: E402
-
-
-@report_user_errors
-def main() -> None:
-    run_study(parse_study_args(__doc__))
-
+from studykit.cli import study_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    study_main(__doc__)

@@ -43,7 +43,8 @@ from studykit.data import collate, load_processed  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
 from studykit.loss import token_nll_per_sequence
 from studykit.metrics import score_sequences  # noqa: E402
-from studykit.runtime import default_device, device_peak_tflops, model_flops_utilization, training_flops_per_token  # noqa: E402
+from studykit.methods import METHODS  # noqa: E402
+from studykit.runtime import default_device, device_peak_tflops, model_flops_utilization  # noqa: E402
 
 MEDIAN_TOKENS, SIGMA = 160, 0.9
 WORDS = ("the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
@@ -185,17 +186,16 @@ def quiet():
 
 
 def ours(args, method: str, model: str, data_dir: Path, output_dir: Path) -> dict:
-    from studykit.trainer import full_model, lora_wrapper, train
+    from studykit.trainer import train
 
-    config_cls = LoraTrainConfig if method == "lora" else TrainConfig
-    config = config_cls(model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
+    config = METHODS[method].config_class(model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, precision=args.precision, eval_every=0, log_every=1, seed=args.seed,
                         warmup_ratio=0.0, max_gpu_memory_gb=args.max_gpu_memory_gb)
     device = default_device()
     reset_peak(device)
     try:
         with quiet():
-            record = train(config, lora_wrapper(config) if method == "lora" else full_model)
+            record = train(config)
     finally:
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)  # lift --max-gpu-memory-gb for the next case
@@ -203,9 +203,9 @@ def ours(args, method: str, model: str, data_dir: Path, output_dir: Path) -> dic
     # The log's tokens_per_second is cumulative: tokens_seen / time so far gives each step's time.
     elapsed = [0.0] + [entry["tokens_seen"] / entry["tokens_per_second"] for entry in log]
     seen = [0] + [entry["tokens_seen"] for entry in log]
-    padding_share = record["padded_tokens_seen"] / record["tokens_seen"]
+    padding_share = record.padded_tokens_seen / record.tokens_seen
     return {"step_seconds": np.diff(elapsed), "step_real": np.diff(seen), "step_padded": np.diff(seen) * padding_share,
-            "peak_gib": peak_gib(device), "loss": record["final_train_loss"]}
+            "peak_gib": peak_gib(device), "loss": record.final_train_loss}
 
 
 class TokenCounter:
@@ -344,7 +344,7 @@ def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
 
 
 def mfu(case: dict, method: str, total_params: int, peak_tflops: float | None) -> str:
-    utilization = model_flops_utilization(tokens_per_second(case, "real"), training_flops_per_token(total_params, method), peak_tflops, 1)
+    utilization = model_flops_utilization(tokens_per_second(case, "real"), METHODS[method].flops_per_token(total_params), peak_tflops, 1)
     return "n/a" if utilization is None else f"{utilization:.1%}"
 
 

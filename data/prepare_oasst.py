@@ -5,15 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studykit.config import PrepareConfig, parse_config  # noqa: E402
-from studykit.errors import report_user_errors  # noqa: E402
-from studykit.prepare import prepare  # noqa: E402
-
-
-@report_user_errors
-def main() -> None:
-    prepare(parse_config(PrepareConfig, __doc__))
-
+from studykit.cli import prepare_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    prepare_main(__doc__)

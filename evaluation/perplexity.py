@@ -5,15 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studykit.config import EvalConfig, parse_config  # noqa: E402
-from studykit.errors import report_user_errors  # noqa: E402
-from studykit.evaluate import evaluate  # noqa: E402
-
-
-@report_user_errors
-def main() -> None:
-    evaluate(parse_config(EvalConfig, __doc__))
-
+from studykit.cli import evaluate_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    evaluate_main(__doc__)

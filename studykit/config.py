@@ -153,6 +153,10 @@ class TrainConfig:
     grad_accum: int = option(4, "micro-batches per optimizer step")
     lr: float = option(5e-5, "peak learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
+    adam_beta1: float = option(0.9, "AdamW's decay rate of the gradient's running mean")
+    adam_beta2: float = option(0.95, "AdamW's decay rate of the squared gradient's running mean (0.95, as GPT-3 and "
+                                     "nanoGPT, is steadier than 0.999 over short runs)")
+    adam_epsilon: float = option(1e-8, "AdamW's term added to the denominator for numerical stability")
     warmup_ratio: float = option(0.05, "share of steps with linear warmup")
     lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
@@ -191,6 +195,9 @@ class TrainConfig:
             require("--epochs", self.epochs, "above 0", lambda value: value > 0)
         require("--lr", self.lr, "above 0", lambda value: value > 0)
         require("--weight-decay", self.weight_decay, "0 or more", lambda value: value >= 0)
+        require("--adam-beta1", self.adam_beta1, "from 0 to below 1", lambda value: 0 <= value < 1)
+        require("--adam-beta2", self.adam_beta2, "from 0 to below 1", lambda value: 0 <= value < 1)
+        require("--adam-epsilon", self.adam_epsilon, "above 0", lambda value: value > 0)
         require("--warmup-ratio", self.warmup_ratio, "from 0 to 1", lambda value: 0 <= value <= 1)
         # A negative norm would make torch scale the gradients by a negative factor: training would climb the loss.
         require("--max-grad-norm", self.max_grad_norm, "0 (no clipping) or more", lambda value: value >= 0)

@@ -12,7 +12,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from studykit import locks
-from studykit.checkpointing import RUN_RECORD, is_run_directory, load_run_record
+from studykit.run_dir import RUN_RECORD, is_run_directory, load_run_record
+from studykit.run_state import RunRecord
 from studykit.config import EvalConfig, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
 from studykit.errors import UserError
@@ -33,7 +34,7 @@ class EvalTarget:
     name: str
     method: str
     path: Optional[Path]
-    run_record: Optional[dict[str, Any]]
+    run_record: Optional[RunRecord]
 
 
 def find_runs(checkpoints: Path) -> list[EvalTarget]:
@@ -164,13 +165,13 @@ def read_extra_eval_texts(source: str) -> list[str]:
 
 def check_adapter_bases(adapters: list[EvalTarget], config: EvalConfig) -> None:
     """Adapters are applied to --model (the 'base' row), so each must have been trained on exactly that model."""
-    recorded = [target for target in adapters if target.run_record.get("base_model_fingerprint")]
+    recorded = [target for target in adapters if target.run_record.base_model_fingerprint]
     if not recorded:
         return
     fingerprint = base_model_fingerprint(load_base_model(config.model, "--model", config.trust_remote_code))
     for target in recorded:
-        if target.run_record["base_model_fingerprint"] != fingerprint:
-            raise UserError(f"the adapter in {target.path} was trained on another base model ('{target.run_record.get('base_model')}') "
+        if target.run_record.base_model_fingerprint != fingerprint:
+            raise UserError(f"the adapter in {target.path} was trained on another base model ('{target.run_record.base_model}') "
                             f"than --model '{config.model}'; evaluate it with that --model, or move it out of --checkpoints.")
 
 
@@ -181,13 +182,13 @@ def load_target(target: EvalTarget, config: EvalConfig):
 
 
 def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict, seconds: float) -> dict[str, Any]:
-    record = target.run_record or {}
+    record = target.run_record
     _, total = count_parameters(model)
     row = {
         "name": target.name,
         "method": target.method,
-        "trainable_params": record.get("trainable_params", 0),
-        "total_params": record.get("total_params", total),
+        "trainable_params": record.trainable_params if record else 0,
+        "total_params": record.total_params if record else total,
         "perplexity": scores.perplexity,
         "nll_sum": scores.nll_sum,
         "tokens": scores.tokens,
@@ -196,8 +197,8 @@ def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict
         "eval_seconds": seconds,
         "path": str(target.path) if target.path else None,
     }
-    if record and record.get("validation_fingerprint") != data_meta["validation_fingerprint"]:
-        print(f"warning: {target.name} was trained with another dataset ({record.get('data_dir')}) than the one evaluated.")
+    if record and record.validation_fingerprint != data_meta["validation_fingerprint"]:
+        print(f"warning: {target.name} was trained with another dataset ({record.data_dir}) than the one evaluated.")
         row["trained_on_other_data"] = True
     return row
 

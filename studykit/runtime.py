@@ -57,6 +57,11 @@ def build_accelerator(precision: str, seed: int):
     return accelerator
 
 
+def is_sharded(accelerator) -> bool:
+    """FSDP: each process holds a slice of the weights and optimizer state, so saving and loading are collectives."""
+    return parallelism(accelerator) == "FSDP"
+
+
 def parallelism(accelerator) -> str:
     """How the processes share the work: 'single process', 'DDP' or 'FSDP' (recorded in run.json)."""
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
@@ -118,13 +123,6 @@ def device_peak_tflops(device: torch.device, given: Optional[float] = None) -> O
     name = torch.cuda.get_device_name(device)
     matches = [part for part in PEAK_TFLOPS if part in name]
     return PEAK_TFLOPS[max(matches, key=len)] if matches else None
-
-
-def training_flops_per_token(total_params: int, method: str) -> int:
-    """Model FLOPs per trained token: 2N forward, 2N backward to the activations, 2N for the weight gradients, which
-    LoRA's frozen base skips (its adapters' are negligible). Attention's own matmuls (12 x layers x width x context
-    per token, 8% more at GPT-2 Small's 512 tokens) are left out, so an MFU from this errs low."""
-    return (6 if method == "full" else 4) * total_params
 
 
 def model_flops_utilization(tokens_per_second: float, flops_per_token: int, peak_tflops: Optional[float], devices: int) -> Optional[float]:

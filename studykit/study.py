@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import locks, report
-from studykit.checkpointing import RUN_LOG, RUN_RECORD, Interrupted, UnusableCheckpoint, load_run_record, read_run_log, resumable_checkpoints
+from studykit.checkpointing import UnusableCheckpoint
+from studykit.methods import METHODS
+from studykit.run_dir import RUN_LOG, RUN_RECORD, load_run_record, read_run_log, resumable_checkpoints
+from studykit.safeguards import Interrupted
 from studykit.config import (OUTCOME_NEUTRAL, EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, build_parser,
                              config_to_dict, print_config, unwrap_optional)
 from studykit.data import META_FILE
@@ -35,7 +38,6 @@ INPUTS_FILE = "study_inputs.json"
 REPORT_INPUTS_FILE = "report_inputs.json"
 # A run's inputs as it starts (hidden, so the trainer does not take the directory for someone else's files).
 STARTED_FILE = ".study_inputs_started.json"
-METHODS = {"full": TrainConfig, "lora": LoraTrainConfig}
 # Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite"}
 STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
@@ -272,7 +274,7 @@ def _run_spec(entry: dict[str, Any], budget: dict[str, Any], root: Path, source:
         raise UserError(f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . -.")
     if not isinstance(method, str) or method not in METHODS:
         raise UserError(f"run '{name}' in {source} has method {method!r}; use one of {sorted(METHODS)}.")
-    config_cls = METHODS[method]
+    config_cls = METHODS[method].config_class
     shared = sorted(SHARED_BY_ALL_RUNS & set(entry))
     if shared:
         raise UserError(f"run '{name}' in {source} sets {shared}, but the runs of a study are compared on one base model and one "
@@ -386,11 +388,11 @@ def plan(study: Study) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train_run(method: str, config: TrainConfig) -> dict[str, Any]:
+def train_run(config: TrainConfig) -> dict[str, Any]:
     """One training run through the shared trainer, exactly as training/train_*.py would run it."""
-    from studykit.trainer import full_model, lora_wrapper, train
+    from studykit.trainer import train
 
-    return train(config, full_model if method == "full" else lora_wrapper(config))
+    return train(config).to_dict()
 
 
 def train_in_fresh_process(spec: RunSpec) -> dict[str, Any]:
@@ -398,7 +400,7 @@ def train_in_fresh_process(spec: RunSpec) -> dict[str, Any]:
     own, not the high-water mark of the runs before it."""
     with ProcessPoolExecutor(max_workers=1, mp_context=training_process_context()) as pool:
         try:
-            return pool.submit(train_run, spec.method, spec.config).result()
+            return pool.submit(train_run, spec.config).result()
         except Interrupted as stopped:
             # The trainer's advice (--resume) is for its own command; the study resumes by itself.
             error = UserError(f"{spec.name}: training stopped by {stopped.signal_name} after step {stopped.step} and saved a "
@@ -608,7 +610,7 @@ def load_per_response(path: Path) -> dict[str, Any]:
 def write_report(study: Study) -> dict[str, Any]:
     """results.json, results.md, the two figures and samples.md, all in the study's results directory."""
     results_dir = study.results_dir
-    records = {spec.name: load_run_record(Path(spec.config.output_dir)) for spec in study.runs}
+    records = {spec.name: load_run_record(Path(spec.config.output_dir)).to_dict() for spec in study.runs}
     eval_rows = read_json(results_dir / "perplexity.json", "run the study again: it evaluates again", expect=list)
     built = report.build_report(eval_rows, load_per_response(results_dir / "per_response_nll.npz"), records,
                                 study.report["bootstrap_resamples"], study.report["bootstrap_seed"])

@@ -140,16 +140,16 @@ def train_in_process(method: str, inputs: dict[str, Path], output_dir: Path, **o
     import contextlib
     import io
 
-    from studykit.config import LoraTrainConfig, TrainConfig
-    from studykit.trainer import full_model, lora_wrapper, train
+    from studykit.methods import METHODS
+    from studykit.trainer import train
 
     settings = dict(model=str(inputs["model"]), data_dir=str(inputs["data"]), output_dir=str(output_dir), max_steps=6,
                     batch_size=2, grad_accum=2, log_every=1, eval_every=3, lr=1e-3 if method == "full" else 1e-2)
     settings.update(overrides)
-    config = (TrainConfig if method == "full" else LoraTrainConfig)(**settings)
+    config = METHODS[method].config_class(**settings)
     config.validate()
     with contextlib.redirect_stdout(io.StringIO()):
-        return train(config, full_model if method == "full" else lora_wrapper(config))
+        return train(config).to_dict()
 
 
 def run_script(script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

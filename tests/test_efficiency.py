@@ -103,10 +103,10 @@ def test_packing_makes_full_blocks_of_the_response_stream(train_sequences):
 
 
 def train_in_process(config_cls, tmp_path, name, **overrides):
-    from studykit.trainer import full_model, lora_wrapper, train
+    from studykit.trainer import train
 
     config = config_cls(output_dir=str(tmp_path / name), max_steps=3, log_every=1, eval_every=0, **overrides)
-    record = train(config, lora_wrapper(config) if config_cls is LoraTrainConfig else full_model)
+    record = train(config).to_dict()
     log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
     return record, log
 
@@ -351,8 +351,8 @@ def test_model_flops_per_token_match_a_count_of_the_training_steps_matmuls(metho
     count of every matmul in a real step: forward, the chunked loss, backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from studykit.methods import METHODS
     from studykit.modeling import count_parameters
-    from studykit.runtime import training_flops_per_token
 
     model = load_base_model(str(deterministic_model_dir)) if method == "full" else lora_model(deterministic_model_dir)
     # 100-token responses: each one's last token is counted but predicts nothing, which short ones would overweight.
@@ -361,7 +361,7 @@ def test_model_flops_per_token_match_a_count_of_the_training_steps_matmuls(metho
     with FlopCounterMode(display=False) as counter:
         batch_nll(model, collate(sequences, 0), contextlib.nullcontext).total.backward()
     counted_per_token = counter.get_total_flops() / sum(len(ids) for ids in sequences)
-    assert training_flops_per_token(count_parameters(model)[1], method) == pytest.approx(counted_per_token, rel=0.015)
+    assert METHODS[method].flops_per_token(count_parameters(model)[1]) == pytest.approx(counted_per_token, rel=0.015)
 
 
 def test_device_peak_for_mfu_is_looked_up_by_gpu_name(monkeypatch):

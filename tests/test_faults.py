@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import (EVALUATE, FULL, LORA, PREPARE, QUIET, REPO_ROOT, refused, run_script, snapshot, train_in_process)
 from studykit import checkpointing, locks
+from studykit.run_dir import read_run_log
 from studykit.io import PARTIAL_MARKER
 
 
@@ -383,7 +384,7 @@ def test_a_damaged_resumable_checkpoint_is_named_and_the_one_before_resumes(file
 def test_garbled_lines_of_the_training_log_are_dropped(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_bytes(b'{"step": 1, "train_loss": 2.0}\n\xff\xfe garbage\n[1, 2]\n{"no_step": 3}\n{"step": 2, "train_loss": 1.5}\n{"step": 3, "tra')
-    assert [entry["step"] for entry in checkpointing.read_run_log(log)] == [1, 2]
+    assert [entry["step"] for entry in read_run_log(log)] == [1, 2]
 
 
 def test_damaged_study_state_and_results_are_redone_not_trusted(tmp_path, capsys):

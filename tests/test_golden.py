@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import train_in_process
-from studykit.checkpointing import read_run_log
+from studykit.run_dir import read_run_log
 
 GOLDEN = Path(__file__).with_name("golden.json")
 REGENERATE = os.environ.get("STUDYKIT_REGENERATE_GOLDEN") == "1"

@@ -13,7 +13,8 @@ from studykit.config import LoraTrainConfig, parse_config
 from studykit.data import load_processed
 from studykit.metrics import score_sequences
 from studykit.modeling import count_parameters, load_base_model, load_checkpoint_for_eval
-from studykit.trainer import lora_wrapper, prepare_run, train
+from studykit.methods import wrap_lora
+from studykit.trainer import prepare_run, train
 
 BLOCKS, WIDTH = 2, 64
 # (in, out) of each GPT-2 projection on a 64-wide model.
@@ -22,7 +23,7 @@ SHAPES = {"attn.c_attn": (WIDTH, 3 * WIDTH), "attn.c_proj": (WIDTH, WIDTH), "mlp
 
 def wrap(inputs, **settings):
     config = LoraTrainConfig(model=str(inputs["model"]), data_dir=str(inputs["data"]), **settings)
-    model, description = lora_wrapper(config)(load_base_model(str(inputs["model"])))
+    model, description = wrap_lora(load_base_model(str(inputs["model"])), config)
     return config, model, description
 
 
@@ -80,7 +81,7 @@ def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(small_vocab
     config = LoraTrainConfig(model=str(small_vocab_inputs["model"]), data_dir=str(small_vocab_inputs["data"]), rank=4, lr=1e-3,
                              loraplus_lr_ratio=16.0, batch_size=2, grad_accum=1)
     with contextlib.redirect_stdout(io.StringIO()):
-        run = prepare_run(config, lora_wrapper(config))
+        run = prepare_run(config)
     names = {id(parameter): name for name, parameter in run.model.named_parameters()}
     learning_rates = {names[id(p)]: group["initial_lr"] for group in run.optimizer.param_groups for p in group["params"]}
     lora_b = [lr for name, lr in learning_rates.items() if "lora_B" in name]
@@ -94,7 +95,7 @@ def test_a_variant_run_trains_saves_and_loads_back_to_its_numbers(small_vocab_in
                              output_dir=str(tmp_path / "variant"), rank=4, lr=1e-2, target_modules=["attention+mlp"],
                              use_rslora=True, use_dora=True, loraplus_lr_ratio=4.0, max_steps=3, batch_size=4, grad_accum=1)
     with contextlib.redirect_stdout(io.StringIO()):
-        record = train(config, lora_wrapper(config))
+        record = train(config).to_dict()
     assert record["lora"]["use_dora"] and record["lora"]["use_rslora"] and len(record["adapted_modules"]) == 4 * BLOCKS
     model = load_checkpoint_for_eval(tmp_path / "variant", str(small_vocab_inputs["model"]))
     layer = next(iter(lora_layers(model).values()))

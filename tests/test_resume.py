@@ -14,18 +14,19 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, train_in_process
-from studykit import checkpointing
+from studykit import checkpointing, safeguards
+from studykit.run_dir import RUN_LOG, RUN_RECORD, RunLog, read_run_log, resumable_checkpoints
 from studykit.io import PARTIAL_MARKER, atomic_directory, find_partial_directories
 
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 
 
 def logged(run_dir):
-    return checkpointing.read_run_log(Path(run_dir) / checkpointing.RUN_LOG)
+    return read_run_log(Path(run_dir) / RUN_LOG)
 
 
 def checkpoint_names(run_dir):
-    return [path.name for path in checkpointing.resumable_checkpoints(run_dir)]
+    return [path.name for path in resumable_checkpoints(run_dir)]
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -37,20 +38,20 @@ def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(me
 
     # Ctrl-C arrives while step 3 is being logged: the step finishes, a checkpoint is saved, the run stops.
     interrupted = tmp_path / "interrupted"
-    write = checkpointing.RunLog.write
+    write = RunLog.write
 
     def write_then_interrupt(self, entry):
         write(self, entry)
         if entry["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(checkpointing.RunLog, "write", write_then_interrupt)
-    with pytest.raises(checkpointing.Interrupted) as stopped:
+    monkeypatch.setattr(RunLog, "write", write_then_interrupt)
+    with pytest.raises(safeguards.Interrupted) as stopped:
         train_in_process(method, small_vocab_inputs, interrupted, save_every=2)
     monkeypatch.undo()
     assert stopped.value.exit_code == 130 and "SIGINT after step 3" in str(stopped.value) and "--resume" in str(stopped.value)
     assert checkpoint_names(interrupted) == ["step-000002", "step-000003"]
-    assert not (interrupted / checkpointing.RUN_RECORD).exists()
+    assert not (interrupted / RUN_RECORD).exists()
     # A newer directory left by a crashed write is never loaded (it would skip steps 4 and 5).
     shutil.copytree(interrupted / "resume" / "step-000003", interrupted / "resume" / f"step-000005{PARTIAL_MARKER}99999")
 
@@ -95,7 +96,7 @@ def start_and_wait_for_steps(command, log_path, steps, timeout=120):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
-    while len(checkpointing.read_run_log(log_path)) < steps:
+    while len(read_run_log(log_path)) < steps:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"training ended or hung before step {steps}: {process.communicate()[1][-3000:]}")
@@ -115,7 +116,7 @@ def error_line(stderr):
 def test_a_signal_during_training_saves_a_checkpoint_that_resumes(signal_number, small_vocab_inputs, tmp_path):
     output_dir = tmp_path / "run"
     command = train_command(small_vocab_inputs, output_dir, "--max-steps", "2000")
-    process = start_and_wait_for_steps(command, output_dir / checkpointing.RUN_LOG, steps=2)
+    process = start_and_wait_for_steps(command, output_dir / RUN_LOG, steps=2)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=120)
     name = signal.Signals(signal_number).name
@@ -126,17 +127,17 @@ def test_a_signal_during_training_saves_a_checkpoint_that_resumes(signal_number,
     assert checkpoint_names(output_dir) == [f"step-{stopped_at:06d}"]
     assert [entry["step"] for entry in logged(output_dir)] == list(range(1, stopped_at + 1))
     state = checkpointing.read_json(output_dir / "resume" / f"step-{stopped_at:06d}" / "trainer_state.json")
-    assert state["step"] == stopped_at and not (output_dir / checkpointing.RUN_RECORD).exists()
+    assert state["step"] == stopped_at and not (output_dir / RUN_RECORD).exists()
 
 
 def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(small_vocab_inputs, tmp_path):
     """Killed right after a step is logged, i.e. while its checkpoint is being written (save_every 1)."""
     output_dir = tmp_path / "run"
     command = train_command(small_vocab_inputs, output_dir, "--max-steps", "12", "--save-every", "1", "--keep", "1")
-    process = start_and_wait_for_steps(command, output_dir / checkpointing.RUN_LOG, steps=3)
+    process = start_and_wait_for_steps(command, output_dir / RUN_LOG, steps=3)
     process.kill()
     process.communicate()
-    checkpoints = checkpointing.resumable_checkpoints(output_dir)
+    checkpoints = resumable_checkpoints(output_dir)
     assert checkpoints, "no complete checkpoint survived"
     latest = checkpoints[-1]
     assert all((latest / name).exists() for name in (*checkpointing.CHECKPOINT_STATE_FILES, "model.safetensors"))
@@ -193,9 +194,9 @@ def test_atomic_directory_discards_the_new_version_when_the_writer_fails(tmp_pat
 
 
 def test_a_log_line_torn_by_a_crash_is_dropped_on_resume(tmp_path):
-    path = tmp_path / checkpointing.RUN_LOG
+    path = tmp_path / RUN_LOG
     path.write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": 2.4}\n{"step": 3, "train_lo')
-    log = checkpointing.RunLog(path, enabled=True, keep_until_step=2)
+    log = RunLog(path, enabled=True, keep_until_step=2)
     log.write({"step": 3, "train_loss": 2.3})
-    assert checkpointing.read_run_log(path) == [{"step": 1, "train_loss": 2.5}, {"step": 2, "train_loss": 2.4}, {"step": 3, "train_loss": 2.3}]
-    assert find_partial_directories(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [checkpointing.RUN_LOG]
+    assert read_run_log(path) == [{"step": 1, "train_loss": 2.5}, {"step": 2, "train_loss": 2.4}, {"step": 3, "train_loss": 2.3}]
+    assert find_partial_directories(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [RUN_LOG]

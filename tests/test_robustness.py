@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import EVALUATE, FULL, LORA, PREPARE, QUIET, build_tiny_model, refused, train_in_process, write_oasst_trees
 from studykit import checkpointing
 from studykit.errors import UserError
+from studykit.run_dir import RUN_LOG, RUN_RECORD, read_run_log, resumable_checkpoints
 from studykit.io import PARTIAL_MARKER
 from studykit.loss import BatchNLL
 
@@ -201,7 +202,7 @@ def crashed_run(tmp_path_factory, small_vocab_inputs):
     """A run that died after its step-2 checkpoint (its run.json never written): --resume continues it."""
     run_dir = tmp_path_factory.mktemp("crashed") / "run"
     train_in_process("full", small_vocab_inputs, run_dir, max_steps=3, save_every=1, batch_size=2, grad_accum=1)
-    (run_dir / checkpointing.RUN_RECORD).unlink()
+    (run_dir / RUN_RECORD).unlink()
     return run_dir
 
 
@@ -212,7 +213,7 @@ def resume_args(inputs, run_dir):
 
 def test_resume_from_a_checkpoint_without_weights_is_refused(in_process, crashed_run, small_vocab_inputs, tmp_path):
     run_dir = shutil.copytree(crashed_run, tmp_path / "run")
-    latest = checkpointing.resumable_checkpoints(run_dir)[-1]
+    latest = resumable_checkpoints(run_dir)[-1]
     (latest / "model.safetensors").unlink()
     message = refused(FULL, *resume_args(small_vocab_inputs, run_dir), watch=[run_dir], runner=in_process)
     assert f"the checkpoint {latest} holds no weights" in message and "delete it" in message
@@ -232,7 +233,7 @@ def test_resume_with_other_settings_is_refused(in_process, crashed_run, small_vo
 def test_resume_never_unpickles_code_from_a_checkpoint(in_process, crashed_run, small_vocab_inputs, tmp_path):
     run_dir = shutil.copytree(crashed_run, tmp_path / "run")
     marker = tmp_path / "code-ran"
-    latest = checkpointing.resumable_checkpoints(run_dir)[-1]
+    latest = resumable_checkpoints(run_dir)[-1]
     (latest / "optimizer.pt").write_bytes(pickle.dumps(RunsCode(marker)))
     message = refused(FULL, *resume_args(small_vocab_inputs, run_dir), watch=[run_dir], runner=in_process)
     assert "optimizer.pt holding more than tensors" in message
@@ -275,9 +276,9 @@ def test_an_absurd_learning_rate_stops_with_a_clear_message_and_no_run(in_proces
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the training loss was NaN or inf for 3 steps in a row") and "lower --lr" in line
-    assert not (run_dir / checkpointing.RUN_RECORD).exists()
+    assert not (run_dir / RUN_RECORD).exists()
     # Its only checkpoint holds the weights that gave NaN: set aside, so --resume never picks it.
-    assert checkpointing.resumable_checkpoints(run_dir) == []
+    assert resumable_checkpoints(run_dir) == []
     assert (run_dir / "resume" / "step-000001.diverged").is_dir()
 
 
@@ -301,9 +302,9 @@ def test_a_loss_that_stays_nan_keeps_the_last_good_checkpoint(tmp_path, small_vo
     assert f"the last good checkpoint is {run_dir / 'resume' / 'step-000003'}" in message
     assert sorted(p.name for p in (run_dir / "resume").iterdir()) == ["step-000003", "step-000004.diverged"]
     assert all(torch.isfinite(t).all() for t in load_file(run_dir / "resume" / "step-000003" / "model.safetensors").values())
-    log = checkpointing.read_run_log(run_dir / checkpointing.RUN_LOG)
+    log = read_run_log(run_dir / RUN_LOG)
     assert [entry["skipped_steps"] for entry in log] == [0, 0, 0, 0, 1, 2]
-    assert not (run_dir / checkpointing.RUN_RECORD).exists()
+    assert not (run_dir / RUN_RECORD).exists()
 
 
 class InfiniteGradient(torch.autograd.Function):
@@ -336,12 +337,12 @@ def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, t
     monkeypatch.setattr(trainer, "batch_nll", overflow_at_step_two)
     record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision=precision,
                               save_every=1, keep=3)
-    log = checkpointing.read_run_log(tmp_path / "run" / checkpointing.RUN_LOG)
+    log = read_run_log(tmp_path / "run" / RUN_LOG)
     if precision == "fp32":
         assert [entry["skipped_steps"] for entry in log] == [0, 1, 1, 1]
     else:
         # The scaler halved its scale at the overflow, and each checkpoint keeps the scale a resumed run goes on with.
-        scales = [checkpointing._load_tensors(path / "scaler.pt")["scale"] for path in checkpointing.resumable_checkpoints(tmp_path / "run")]
+        scales = [checkpointing._load_tensors(path / "scaler.pt")["scale"] for path in resumable_checkpoints(tmp_path / "run")]
         assert len(scales) == 3 and scales[1] == scales[0] / 2
     assert record["precision"] == precision
     assert record["skipped_steps"] >= 1 and log[-1]["skipped_steps"] == record["skipped_steps"]

@@ -5,16 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studykit.config import TrainConfig, parse_config  # noqa: E402
-from studykit.errors import report_user_errors  # noqa: E402
-from studykit.trainer import full_model, train  # noqa: E402
-
-
-@report_user_errors
-def main() -> None:
-    config = parse_config(TrainConfig, __doc__)
-    train(config, full_model)
-
+from studykit.cli import train_method  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    train_method("full", __doc__)

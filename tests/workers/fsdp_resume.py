@@ -29,7 +29,11 @@ from studykit.loss import batch_nll  # noqa: E402
 from studykit.metrics import score_sequences  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
 from studykit.sharded import gather_weights  # noqa: E402
-from studykit.trainer import PreparedRun, TrainingState, parameter_groups, validation_loss, weights_are_finite  # noqa: E402
+from studykit.methods import grouped  # noqa: E402
+from studykit.run_dir import resumable_checkpoints  # noqa: E402
+from studykit.run_state import PreparedRun, TrainingParts, TrainingState  # noqa: E402
+from studykit.safeguards import weights_are_finite  # noqa: E402
+from studykit.trainer import validation_loss  # noqa: E402
 
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 
@@ -51,15 +55,15 @@ def build(model_dir: str, method: str, mesh, zeroed: bool, sharded: bool = True)
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, 1e-2, None), lr=1e-2, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(grouped(model, 0.1, lambda name: 1e-2), lr=1e-2, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10)
     accelerator = SimpleNamespace(distributed_type="FSDP", num_processes=dist.get_world_size(), process_index=dist.get_rank(),
                                   is_main_process=dist.get_rank() == 0, wait_for_everyone=dist.barrier, unwrap_model=lambda module: module,
                                   scaler=None, device=torch.device("cpu"), autocast=contextlib.nullcontext, reduce=sum_over_processes)
     # One sequence per validation batch, three batches for two processes: one process has a batch fewer.
     config = TrainConfig(model=model_dir, max_steps=3, batch_size=2, grad_accum=1, eval_batch_size=1)
-    return PreparedRun(config, accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler, SimpleNamespace(pad_token_id=0), [],
-                       VALIDATION_SEQUENCES, {"fingerprint": "test"}, 3, 3)
+    parts = TrainingParts(accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler)
+    return PreparedRun(config, parts, SimpleNamespace(pad_token_id=0), [], VALIDATION_SEQUENCES, {"fingerprint": "test"}, 3, 3)
 
 
 def sum_over_processes(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -82,9 +86,9 @@ def train_step(run: PreparedRun, step: int, ranks: list[int] | None = None) -> N
         nll = batch_nll(run.model, step_batch(step, rank, run.model.config.vocab_size), contextlib.nullcontext).total
         # As in trainer.forward_backward: FSDP averages over processes, so each scales by their number.
         (nll * (world if len(ranks) == 1 else 1) / step_tokens).backward()
-    run.optimizer.optimizer.step()
-    run.optimizer.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    run.parts.optimizer.optimizer.step()
+    run.parts.optimizer.optimizer.zero_grad(set_to_none=True)
+    run.parts.scheduler.step()
 
 
 def main() -> None:
@@ -110,21 +114,21 @@ def main() -> None:
         train_step(interrupted, step)
     at_checkpoint = gather_weights(interrupted.model)
     run_dir = out_dir / method
-    checkpointing.save_resumable(interrupted, TrainingState(step=2, tokens_seen=64), run_dir)
-    checkpoint = checkpointing.resumable_checkpoints(run_dir)[-1]
+    checkpointing.save_resumable(interrupted.parts, interrupted.identity(), TrainingState(step=2, tokens_seen=64), run_dir)
+    checkpoint = resumable_checkpoints(run_dir)[-1]
 
     resumed = build(model_dir, method, mesh, zeroed=True)
-    state = checkpointing.load_resumable(checkpoint, resumed)
+    state = checkpointing.load_resumable(checkpoint, resumed.parts, resumed.identity())
     train_step(resumed, state.step)
     result = gather_weights(resumed.model)
     # Every process must take part in every forward pass, however the validation batches divide among them.
     sharded_validation_loss = validation_loss(resumed)
     # A NaN in one process's slice alone: every process must see it, or they would part ways.
-    finite_before = weights_are_finite(interrupted)
+    finite_before = weights_are_finite(interrupted.parts)
     if dist.get_rank() == 1:
         with torch.no_grad():
             next(p for p in interrupted.model.parameters() if p.requires_grad).to_local().view(-1)[0] = float("nan")
-    finite_after = weights_are_finite(interrupted)
+    finite_after = weights_are_finite(interrupted.parts)
 
     if dist.get_rank() == 0:
         trainable = [name for name, parameter in resumed.model.named_parameters() if parameter.requires_grad]

@@ -1,0 +1,81 @@
+"""The training methods as data. Each entry says which config it takes, how it wraps the base model, what a token
+costs it in FLOPs and how its parameters are grouped for the optimizer; nothing else in the kit branches on a
+method's name. A third method is one more entry in METHODS (and a config class in config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from studykit.config import LoraTrainConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type[TrainConfig]
+    # The base model -> (the model to train, what the run records about it: adapted modules, base parameters, settings).
+    wrap: Callable[[Any, TrainConfig], tuple[Any, dict[str, Any]]]
+    # Model FLOPs per trained token, in units of the total parameter count (see training_flops_per_token).
+    flops_per_parameter: int
+    # The optimizer's parameter groups (weight decay, learning rates).
+    parameter_groups: Callable[[Any, TrainConfig], list[dict[str, Any]]]
+
+    def flops_per_token(self, total_params: int) -> int:
+        return self.flops_per_parameter * total_params
+
+
+def decays(name: str, parameter) -> bool:
+    """Weight decay applies to matrices only: never to biases or LayerNorm."""
+    return parameter.ndim >= 2 and "ln_" not in name and "norm" not in name.lower()
+
+
+def grouped(model, weight_decay: float, learning_rate: Callable[[str], float]) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (decays, learning rate), in the order the model lists them."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault((decays(name, parameter), learning_rate(name)), []).append(parameter)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr} for (decay, lr), params in groups.items()]
+
+
+def wrap_full(model, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """Full fine-tuning: every weight trains."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model, {"adapted_modules": [], "base_params": sum(p.numel() for p in model.parameters())}
+
+
+def full_parameter_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
+    return grouped(model, config.weight_decay, lambda name: config.lr)
+
+
+def wrap_lora(model, config: LoraTrainConfig) -> tuple[Any, dict[str, Any]]:
+    """LoRA: the base is frozen; adapters on the target modules train. The exact modules adapted are recorded."""
+    from studykit.modeling import adapted_module_names, strip_peft_prefix, wrap_with_lora
+
+    base_params = sum(p.numel() for p in model.parameters())
+    model = wrap_with_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
+    adapted = [strip_peft_prefix(name) for name in adapted_module_names(model)]
+    lora = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "target_modules": config.target_modules,
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora, "loraplus_lr_ratio": config.loraplus_lr_ratio}
+    return model, {"adapted_modules": adapted, "base_params": base_params, "lora": lora}
+
+
+def lora_parameter_groups(model, config: LoraTrainConfig) -> list[dict[str, Any]]:
+    """LoRA+ (Hayou et al. 2024) gives the B matrices `loraplus_lr_ratio` x the learning rate of the A matrices."""
+    ratio = config.loraplus_lr_ratio
+    return grouped(model, config.weight_decay, lambda name: config.lr * ratio if ratio and "lora_B" in name else config.lr)
+
+
+# Model FLOPs per trained token: 2N forward, 2N backward to the activations, 2N for the weight gradients, which LoRA's
+# frozen base skips (its adapters' are negligible). Attention's own matmuls (12 x layers x width x context per token,
+# 8% more at GPT-2 Small's 512 tokens) are left out, so an MFU from this errs low.
+METHODS: dict[str, Method] = {
+    "full": Method("full", TrainConfig, wrap_full, 6, full_parameter_groups),
+    "lora": Method("lora", LoraTrainConfig, wrap_lora, 4, lora_parameter_groups),
+}
+
+
+def method_of(config: TrainConfig) -> Method:
+    return METHODS[config.method]

@@ -1,0 +1,179 @@
+"""The state of one training run: what the loop carries from step to step, what a checkpoint saves, and run.json.
+
+These types sit below checkpointing and the trainer, which both use them, so neither has to import the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from studykit.config import TrainConfig, config_to_dict
+from studykit.errors import UserError
+from studykit.runtime import is_sharded
+
+# run.json's layout. 1: the unversioned records of earlier releases; 2: this one (typed, with schema_version).
+RUN_RECORD_SCHEMA = 2
+
+
+@dataclass
+class TrainingState:
+    """The position in the run, restored by a resumable checkpoint besides weights and optimizer."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    padded_tokens_seen: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+    last_train_loss: Optional[float] = None
+    last_validation_loss: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def record_step(self, loss: float, tokens: int, seconds: float) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+        self.last_train_loss = loss
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / max(self.train_seconds, 1e-9)
+
+
+@dataclass
+class TrainingParts:
+    """What a resumable checkpoint saves and restores: the model, its optimizer and schedule, and the accelerator
+    that placed them on the devices (and knows whether they are sharded)."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.accelerator)
+
+
+@dataclass
+class PreparedRun:
+    """Everything a training run needs once its inputs have been checked and its model built."""
+
+    config: TrainConfig
+    parts: TrainingParts
+    tokenizer: Any
+    train_sequences: list
+    validation_sequences: list
+    data_meta: dict
+    total_steps: int
+    windows_per_epoch: int
+    description: dict = field(default_factory=dict)
+    # The step windows of the current epoch, planned once per epoch.
+    windows_by_epoch: dict = field(default_factory=dict)
+
+    @property
+    def accelerator(self):
+        return self.parts.accelerator
+
+    @property
+    def model(self):
+        return self.parts.model
+
+    @property
+    def optimizer(self):
+        return self.parts.optimizer
+
+    @property
+    def scheduler(self):
+        return self.parts.scheduler
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.config.effective_batch * self.accelerator.num_processes
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint for the remaining steps to be those the first run would
+        have taken: the settings, the data, the step count that shapes the schedule, the examples per step."""
+        return {"config": config_to_dict(self.config), "data_fingerprint": self.data_meta["fingerprint"], "total_steps": self.total_steps,
+                "examples_per_step": self.examples_per_step,
+                # FSDP checkpoints key the optimizer state by parameter name, the others by position.
+                "fsdp": self.parts.sharded}
+
+
+@dataclass
+class RunRecord:
+    """run.json: what a finished training run trained, on what, how long it took and what it cost, and what produced
+    it, so that two runs can be checked for the same budget and a result traced to its code."""
+
+    method: str
+    config: dict[str, Any]  # the TrainConfig the run used, every default filled in (auto-batch's micro-batch included)
+    base_model: str
+    base_model_fingerprint: str
+    trainable_params: int
+    total_params: int  # LoRA: the frozen base plus the adapters, as peft counts them
+    trainable_percent: float
+    base_params: int
+    adapted_modules: list[str]  # the exact module names LoRA adapted; empty for full fine-tuning
+    kernels: dict[str, str]  # attention, MLP activation and loss implementations
+    flops_per_token: int
+    peak_tflops_per_device: Optional[float]
+    memory: dict[str, Any]  # the estimate, the cap and the micro-batch --auto-batch chose
+    data_dir: str
+    data_fingerprint: str
+    validation_fingerprint: str
+    tokenizer_fingerprint: Optional[str]
+    seq_len: int
+    packing: bool
+    seed: int
+    effective_batch: int  # sequences per optimizer step, over all processes
+    num_processes: int
+    parallelism: str
+    steps: int
+    tokens_seen: int  # real (non-padding) tokens trained on
+    padded_tokens_seen: int
+    wall_time_seconds: float
+    tokens_per_second: float  # real tokens per second of training steps (validation and saving excluded)
+    mfu: Optional[float]
+    peak_memory_bytes: int
+    peak_memory_kind: str  # cuda_max_allocated, or process_max_rss on a CPU
+    skipped_steps: int
+    final_train_loss: Optional[float]
+    final_validation_loss: Optional[float]
+    device: str
+    precision: str
+    versions: dict[str, str]
+    lora: Optional[dict[str, Any]] = None  # rank, alpha, dropout, targets and variants of a LoRA run
+    checkpoint_bytes: int = 0
+    schema_version: int = RUN_RECORD_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> "RunRecord":
+        version = values.get("schema_version", 1)
+        if version != RUN_RECORD_SCHEMA:
+            raise UserError(f"{where} is a run record of schema {version}, written by "
+                            f"{'an earlier' if version < RUN_RECORD_SCHEMA else 'a later'} version of the kit (this one reads "
+                            f"schema {RUN_RECORD_SCHEMA}); train that run again with this version.")
+        known = {item.name for item in dataclasses.fields(cls)}
+        missing = sorted(name for name in known if name not in values and _required(cls, name))
+        if missing:
+            raise UserError(f"{where} lacks {', '.join(missing[:4])}; it is not a complete run record: train that run again.")
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    @property
+    def lr(self) -> float:
+        return self.config["lr"]
+
+
+def _required(cls, name: str) -> bool:
+    item = next(item for item in dataclasses.fields(cls) if item.name == name)
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
