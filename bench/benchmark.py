@@ -38,12 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig  # noqa: E402
+from studykit.config import PrepareConfig  # noqa: E402
 from studykit.data import collate, load_processed  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
 from studykit.loss import token_nll_per_sequence
-from studykit.metrics import score_sequences  # noqa: E402
 from studykit.methods import METHODS  # noqa: E402
+from studykit.metrics import score_sequences  # noqa: E402
 from studykit.runtime import default_device, device_peak_tflops, model_flops_utilization  # noqa: E402
 
 MEDIAN_TOKENS, SIGMA = 160, 0.9

@@ -27,7 +27,12 @@ from studykit.data import collate  # noqa: E402
 from studykit.loss import batch_nll  # noqa: E402
 from studykit.memory import TensorMemoryPeak, estimate_for_model, gib  # noqa: E402
 from studykit.modeling import use_fused_gelu, wrap_with_lora  # noqa: E402
-from studykit.runtime import autocast_for, default_device, precision_name, resolve_precision  # noqa: E402
+from studykit.runtime import (  # noqa: E402
+    autocast_for,
+    default_device,
+    precision_name,
+    resolve_precision,
+)
 
 SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2}, "small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}
 

@@ -16,9 +16,21 @@ import torch
 
 from studykit.config import RESUME_MAY_CHANGE
 from studykit.errors import UserError
-from studykit.io import DamagedFile, atomic_directory, atomic_write_json, disk_space_for, read_json
+from studykit.io import (
+    DamagedFile,
+    atomic_directory,
+    atomic_write_json,
+    disk_space_for,
+    read_json,
+)
 from studykit.modeling import count_parameters, is_adapter_directory
-from studykit.run_dir import CHECKPOINT_COMPLETE, RESUME_DIRECTORY, RUN_RECORD, continue_advice, resumable_checkpoints
+from studykit.run_dir import (
+    CHECKPOINT_COMPLETE,
+    RESUME_DIRECTORY,
+    RUN_RECORD,
+    continue_advice,
+    resumable_checkpoints,
+)
 from studykit.run_state import RunRecord, TrainingParts, TrainingState
 
 # Files every resumable checkpoint holds besides its weights; CHECKPOINT_COMPLETE, written last, marks it complete.

@@ -270,6 +270,35 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class TinyModelConfig:
+    """A study's [tiny_model]: a small GPT-2 and its own tokenizer, built offline, so a study runs without the hub."""
+
+    data_file: str = option("data/sample/oasst_sample.jsonl", "texts the byte-level tokenizer is trained on")
+    vocab_size: int = option(512, "tokenizer vocabulary size")
+    n_layer: int = option(2, "transformer blocks")
+    n_embd: int = option(64, "hidden size")
+
+    def validate(self) -> None:
+        for flag, value in (("vocab_size", self.vocab_size), ("n_layer", self.n_layer), ("n_embd", self.n_embd)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1 (got {value}).")
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """A study's [report]: the bootstrap and the samples."""
+
+    bootstrap_resamples: int = option(2000, "bootstrap resamples per interval")
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples (the same for every run, so their intervals are paired)")
+    sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md")
+    sample_new_tokens: int = option(40, "tokens generated per sample at most")
+
+    def validate(self) -> None:
+        if self.bootstrap_resamples < 1 or self.sample_prompts < 0 or self.sample_new_tokens < 1:
+            raise UserError("bootstrap_resamples and sample_new_tokens must be at least 1, sample_prompts at least 0.")
+
+
+@dataclasses.dataclass
 class StudyConfig:
     """The study runner: which study file to run, and where its results go. The study itself (data, budget, runs)
     lives in the TOML file, so one file is the record of what was compared."""

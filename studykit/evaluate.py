@@ -12,17 +12,33 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from studykit import locks
-from studykit.run_dir import RUN_RECORD, is_run_directory, load_run_record
-from studykit.run_state import RunRecord
 from studykit.config import EvalConfig, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
 from studykit.errors import UserError
-from studykit.io import (MIB, atomic_file, atomic_write_json, atomic_write_text, check_writable_location, disk_space_for, ensure_writable_directory,
-                         require_free_space,
-                         find_partial_directories)
+from studykit.io import (
+    MIB,
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_location,
+    disk_space_for,
+    ensure_writable_directory,
+    find_partial_directories,
+    require_free_space,
+)
 from studykit.metrics import SequenceScores, score_sequences
-from studykit.modeling import base_model_fingerprint, check_checkpoint_files, count_parameters, is_adapter_directory, is_full_model_directory, load_base_model, load_checkpoint_for_eval, load_tokenizer
-from studykit.report import format_results_table
+from studykit.modeling import (
+    base_model_fingerprint,
+    check_checkpoint_files,
+    count_parameters,
+    is_adapter_directory,
+    is_full_model_directory,
+    load_base_model,
+    load_checkpoint_for_eval,
+    load_tokenizer,
+)
+from studykit.run_dir import RUN_RECORD, is_run_directory, load_run_record
+from studykit.run_state import RunRecord
 from studykit.runtime import autocast_for, default_device
 
 # per_response_nll.npz keys of the --extra-eval scores: "extra/<name>/nll", beside "<name>/nll" for OASST.
@@ -125,6 +141,17 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
         save_config(config, output_dir / "eval_config.json")
     print(table)
     return rows
+
+
+def format_params(count: int) -> str:
+    return f"{count:,}" if count else "0 (frozen)"
+
+
+def format_results_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| Method | Trainable params | Perplexity |", "|---|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['name']} ({row['method']}) | {format_params(row['trainable_params'])} | {row['perplexity']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_extra_eval(source: str, tokenizer, seq_len: int) -> list[list[int]]:

@@ -5,7 +5,7 @@ method's name. A third method is one more entry in METHODS (and a config class i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from studykit.config import LoraTrainConfig, TrainConfig
 
@@ -20,6 +20,9 @@ class Method:
     flops_per_parameter: int
     # The optimizer's parameter groups (weight decay, learning rates).
     parameter_groups: Callable[[Any, TrainConfig], list[dict[str, Any]]]
+    # Checks the config against the base model's modules, built without weights on the meta device, so that a study
+    # finds a run that cannot start before any run trains; raises a UserError. None: nothing to check.
+    check_on_skeleton: Optional[Callable[[Any, TrainConfig], None]] = None
 
     def flops_per_token(self, total_params: int) -> int:
         return self.flops_per_parameter * total_params
@@ -52,7 +55,11 @@ def full_parameter_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
 
 def wrap_lora(model, config: LoraTrainConfig) -> tuple[Any, dict[str, Any]]:
     """LoRA: the base is frozen; adapters on the target modules train. The exact modules adapted are recorded."""
-    from studykit.modeling import adapted_module_names, strip_peft_prefix, wrap_with_lora
+    from studykit.modeling import (
+        adapted_module_names,
+        strip_peft_prefix,
+        wrap_with_lora,
+    )
 
     base_params = sum(p.numel() for p in model.parameters())
     model = wrap_with_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
@@ -60,6 +67,13 @@ def wrap_lora(model, config: LoraTrainConfig) -> tuple[Any, dict[str, Any]]:
     lora = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "target_modules": config.target_modules,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora, "loraplus_lr_ratio": config.loraplus_lr_ratio}
     return model, {"adapted_modules": adapted, "base_params": base_params, "lora": lora}
+
+
+def check_lora_targets(skeleton, config: LoraTrainConfig) -> None:
+    """The target modules match layers LoRA can adapt (what wrap_with_lora refuses, it refuses here)."""
+    from studykit.modeling import wrap_with_lora
+
+    wrap_with_lora(skeleton, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
 
 
 def lora_parameter_groups(model, config: LoraTrainConfig) -> list[dict[str, Any]]:
@@ -73,7 +87,7 @@ def lora_parameter_groups(model, config: LoraTrainConfig) -> list[dict[str, Any]
 # 8% more at GPT-2 Small's 512 tokens) are left out, so an MFU from this errs low.
 METHODS: dict[str, Method] = {
     "full": Method("full", TrainConfig, wrap_full, 6, full_parameter_groups),
-    "lora": Method("lora", LoraTrainConfig, wrap_lora, 4, lora_parameter_groups),
+    "lora": Method("lora", LoraTrainConfig, wrap_lora, 4, lora_parameter_groups, check_lora_targets),
 }
 
 

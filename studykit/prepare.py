@@ -9,13 +9,34 @@ from typing import Any, Optional
 
 from studykit import locks
 from studykit.config import PrepareConfig, config_to_dict, print_config, save_config
-from studykit.data import META_FILE, SPLITS, combine_fingerprints, sequences_fingerprint, tokenize_responses, tokenizer_fingerprint
+from studykit.data import (
+    META_FILE,
+    SPLITS,
+    combine_fingerprints,
+    sequences_fingerprint,
+    tokenize_responses,
+    tokenizer_fingerprint,
+)
 from studykit.errors import UserError
-from studykit.io import (DamagedFile, atomic_directory, atomic_write_json, check_writable_location, disk_space_for, read_json,
-                         visible_entries)
+from studykit.io import (
+    DamagedFile,
+    atomic_directory,
+    atomic_write_json,
+    check_writable_location,
+    disk_space_for,
+    read_json,
+    visible_entries,
+)
 from studykit.modeling import load_tokenizer
-from studykit.oasst import FILTER_STAGES, OasstSource, filter_messages, load_source, opening_prompts, parse_languages
-from studykit.runtime import code_version
+from studykit.oasst import (
+    FILTER_STAGES,
+    OasstSource,
+    filter_messages,
+    load_source,
+    opening_prompts,
+    parse_languages,
+)
+from studykit.runtime import stage_code_version
 
 # A tokenizer's model_max_length above this is a placeholder, not a real context length.
 UNSET_CONTEXT = 1_000_000
@@ -64,7 +85,8 @@ def prepare_inputs(config: PrepareConfig, tokenizer) -> dict[str, Any]:
     if config.data_file:
         settings.pop("data_file")
         source = {"data_file_sha256": file_digest(Path(config.data_file))} if Path(config.data_file).is_file() else {"data_file": config.data_file}
-    return {"settings": settings, "source": source, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "code": code_version()}
+    return {"settings": settings, "source": source, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "code": stage_code_version("studykit.prepare")}
 
 
 INPUT_NAMES = {"source": "the data", "tokenizer_fingerprint": "the tokenizer's vocabulary", "code": "the kit's prepare code"}

@@ -1,134 +1,82 @@
-"""The study's report: bootstrap intervals, the same-budget check, Markdown tables, figures and the README block."""
+"""The study's report: results.json, results.md, figures and samples from what the stages wrote; the same-budget check;
+the README's results block."""
 
 from __future__ import annotations
 
-import math
+import os
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from studykit.errors import UserError
+from studykit import figures
+from studykit.config import config_to_dict
+from studykit.data import META_FILE
+from studykit.errors import UserError, first_line
+from studykit.evaluate import format_params
+from studykit.io import DamagedFile, atomic_write_json, atomic_write_text, read_json
+from studykit.run_dir import RUN_LOG, load_run_record, read_run_log
+from studykit.run_state import RunRecord
+from studykit.runtime import code_version
+from studykit.samples import write_samples
+from studykit.statistics import (
+    CONFIDENCE,
+    MIN_TEXTS_FOR_INTERVAL,
+    paired_ratio,
+    perplexity_interval,
+)
+from studykit.study_file import Study
 
 # What two runs must share to be compared at all; each is recorded in the run's run.json. The learning rate is
 # left out on purpose: it is the one setting the methods are expected to need differently. `kernels` (attention,
 # MLP activation, loss) is there so both methods are computed alike.
 BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels")
-CONFIDENCE = 0.95
-# Below this many texts a bootstrap "interval" only lists the few texts' own perplexities; none is given.
-MIN_TEXTS_FOR_INTERVAL = 20
-# Bootstrap resamples are drawn this many at a time, so memory stays at CHUNK x responses indices.
-BOOTSTRAP_CHUNK = 200
+
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
 
-def format_params(count: int) -> str:
-    return f"{count:,}" if count else "0 (frozen)"
-
-
-def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| Method | Trainable params | Perplexity |", "|---|---:|---:|"]
-    for row in rows:
-        lines.append(f"| {row['name']} ({row['method']}) | {format_params(row['trainable_params'])} | {row['perplexity']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Bootstrap over held-out responses
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _resampled_sums(columns: Sequence[np.ndarray], resamples: int, seed: int) -> np.ndarray:
-    """Sums of each column over `resamples` bootstrap resamples of the rows (responses), one row of sums per column.
-    The same seed draws the same resamples, so every run is resampled on the same responses."""
-    rng = np.random.default_rng(seed)
-    count = len(columns[0])
-    sums = np.empty((len(columns), resamples))
-    for start in range(0, resamples, BOOTSTRAP_CHUNK):
-        size = min(BOOTSTRAP_CHUNK, resamples - start)
-        indices = rng.integers(0, count, size=(size, count))
-        for column, values in enumerate(columns):
-            sums[column, start : start + size] = np.asarray(values, dtype=np.float64)[indices].sum(axis=1)
-    return sums
-
-
-def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
-    tail = 100 * (1 - CONFIDENCE) / 2
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int) -> Optional[tuple[float, float]]:
-    """95% interval of the token-weighted perplexity exp(sum NLL / sum tokens), resampling whole responses
-    (None for fewer than MIN_TEXTS_FOR_INTERVAL)."""
-    if len(nll) < MIN_TEXTS_FOR_INTERVAL:
-        return None
-    nll_sums, token_sums = _resampled_sums([nll, tokens], resamples, seed)
-    return _percentile_interval(np.exp(nll_sums / token_sums))
-
-
-def paired_ratio(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
-    """Perplexity ratio of a model to a reference scored on the same responses, with a paired bootstrap interval:
-    each resample takes the same responses for both, so what the two share (hard responses) cancels."""
-    difference = np.asarray(nll, dtype=np.float64) - np.asarray(reference_nll, dtype=np.float64)
-    ratio = math.exp(difference.sum() / np.sum(tokens))
-    if len(difference) < MIN_TEXTS_FOR_INTERVAL:
-        return {"ratio": ratio, "ci_low": None, "ci_high": None}
-    difference_sums, token_sums = _resampled_sums([difference, tokens], resamples, seed)
-    low, high = _percentile_interval(np.exp(difference_sums / token_sums))
-    return {"ratio": ratio, "ci_low": low, "ci_high": high}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Same-budget check
-# ---------------------------------------------------------------------------------------------------------
-
-
-def budget_differences(records: dict[str, dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+def budget_differences(records: dict[str, RunRecord], reference: str) -> dict[str, dict[str, Any]]:
     """For each run, the budget fields whose value differs from the reference run's: {run: {field: value}}."""
     expected = records[reference]
-    return {name: {key: record.get(key) for key in BUDGET_FIELDS if record.get(key) != expected.get(key)}
+    return {name: {key: getattr(record, key) for key in BUDGET_FIELDS if getattr(record, key) != getattr(expected, key)}
             for name, record in records.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Assembling the report from what the stages wrote
-# ---------------------------------------------------------------------------------------------------------
-
-
-def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.ndarray], run_records: dict[str, dict[str, Any]],
+def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.ndarray], run_records: dict[str, RunRecord],
                  resamples: int, seed: int) -> dict[str, Any]:
     """Rows for the base model and every run, with intervals, the paired comparison to full FT and the budget check."""
     rows_by_name = {row["name"]: row for row in eval_rows}
     missing = [name for name in run_records if name not in rows_by_name]
     if missing:
         raise UserError(f"the evaluation has no rows for run(s) {missing}; run the study again so it evaluates them.")
-    full_runs = [name for name, record in run_records.items() if record["method"] == "full"]
+    full_runs = [name for name, record in run_records.items() if record.method == "full"]
     reference = full_runs[0] if full_runs else None
     differences = budget_differences(run_records, reference or next(iter(run_records))) if run_records else {}
     tokens = per_response[f"{eval_rows[0]['name']}/tokens"]
     names = (["base"] if "base" in rows_by_name else []) + list(run_records)
     rows = []
     for name in names:
-        eval_row, record = rows_by_name[name], run_records.get(name, {})
+        eval_row, record = rows_by_name[name], run_records.get(name)
         nll = per_response[f"{name}/nll"]
         interval = perplexity_interval(nll, tokens, resamples, seed)
-        total = record.get("total_params") or eval_row.get("total_params")
+        trainable = record.trainable_params if record else 0
+        total = record.total_params if record else eval_row.get("total_params")
         row = {
             "name": name,
-            "method": record.get("method", "base"),
-            "lr": record.get("config", {}).get("lr"),
-            "lora": record.get("lora"),
-            "trainable_params": record.get("trainable_params", 0),
+            "method": record.method if record else "base",
+            "lr": record.lr if record else None,
+            "lora": record.lora if record else None,
+            "trainable_params": trainable,
             "total_params": total,
-            "trainable_percent": 100.0 * record.get("trainable_params", 0) / total if total else 0.0,
+            "trainable_percent": 100.0 * trainable / total if total else 0.0,
             "perplexity": eval_row["perplexity"],
             "perplexity_ci": list(interval) if interval else None,
             "validation_tokens": eval_row["tokens"],
             "validation_responses": eval_row["responses"],
             "vs_full_ft": paired_ratio(nll, per_response[f"{reference}/nll"], tokens, resamples, seed) if reference and name != reference else None,
-            "budget": {key: record.get(key) for key in BUDGET_FIELDS} if record else None,
+            "budget": {key: getattr(record, key) for key in BUDGET_FIELDS} if record else None,
             "budget_differences": differences.get(name, {}),
             "trained_on_other_data": bool(eval_row.get("trained_on_other_data")),
         }
@@ -139,16 +87,12 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
             extra_interval = perplexity_interval(per_response[f"extra/{name}/nll"], per_response[f"extra/{name}/tokens"], resamples, seed)
             row["extra_eval_perplexity_ci"] = list(extra_interval) if extra_interval else None
         if record:
-            row.update({key: record.get(key) for key in ("steps", "tokens_seen", "wall_time_seconds", "tokens_per_second", "mfu",
-                                                         "peak_memory_bytes", "peak_memory_kind", "checkpoint_bytes", "effective_batch", "seed")})
+            row.update({key: getattr(record, key) for key in ("steps", "tokens_seen", "wall_time_seconds", "tokens_per_second", "mfu",
+                                                              "peak_memory_bytes", "peak_memory_kind", "checkpoint_bytes", "effective_batch",
+                                                              "seed")})
         rows.append(row)
     return {"reference_run": reference, "budget_fields": list(BUDGET_FIELDS), "confidence": CONFIDENCE,
             "bootstrap_resamples": resamples, "rows": rows}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------------------------------------
 
 
 def format_bytes(count: Optional[int]) -> str:
@@ -259,27 +203,6 @@ def format_results_markdown(report: dict[str, Any], protocol: str, figures: Sequ
     return "\n".join(parts) + "\n"
 
 
-def format_samples_markdown(prompts: Sequence[dict[str, str]], continuations: dict[str, list[str]], max_new_tokens: int) -> str:
-    lines = ["# Side-by-side samples", "",
-             f"Greedy continuations ({max_new_tokens} new tokens at most) of the opening prompts of held-out conversation "
-             "trees. The models were trained on assistant responses alone, never on a prompt followed by its answer, so "
-             "this shows each model's style of text, not instruction following.", ""]
-    for index, prompt in enumerate(prompts):
-        lines += [f"## Prompt {index + 1} (tree {prompt['message_tree_id']})", "", quote(prompt["text"]), ""]
-        for name, texts in continuations.items():
-            lines += [f"**{name}**", "", quote(texts[index]), ""]
-    return "\n".join(lines)
-
-
-def quote(text: str) -> str:
-    return "\n".join("> " + line for line in (text.strip() or "(no text: the model ended it at once with EOS)").splitlines())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# README block
-# ---------------------------------------------------------------------------------------------------------
-
-
 def replace_marked_block(text: str, block: str, where: str) -> str:
     """Replace what lies between the results markers; every byte outside them stays as it was."""
     start = text.find(README_START)
@@ -290,64 +213,70 @@ def replace_marked_block(text: str, block: str, where: str) -> str:
     return text[: start + len(README_START)] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------------------------
+def load_per_response(path: Path) -> dict[str, Any]:
+    try:
+        with np.load(path) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # what numpy's zip reader raises
+        raise DamagedFile(path, first_line(error), "run the study again: it evaluates again") from None
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
-
-
-def plot_loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Training loss per logged step and validation loss where it was measured, every run on one figure."""
-    pyplot = _pyplot()
-    figure, (train_axes, validation_axes) = pyplot.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for index, (name, entries) in enumerate(logs.items()):
-        color = f"C{index % 10}"
-        train = [(e["step"], e["train_loss"]) for e in entries if "train_loss" in e]
-        validation = [(e["step"], e["validation_loss"]) for e in entries if "validation_loss" in e]
-        if train:
-            train_axes.plot(*zip(*train), color=color, label=name)
-        if validation:
-            validation_axes.plot(*zip(*validation), color=color, marker="o", label=name)
-    for axes, title in ((train_axes, "training loss"), (validation_axes, "validation loss")):
-        axes.set_title(title)
-        axes.set_xlabel("optimizer step")
-        axes.grid(alpha=0.3)
-    train_axes.set_ylabel("mean NLL per token")
-    validation_axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
-    return path
+def write_report(study: Study) -> dict[str, Any]:
+    """results.json, results.md, the two figures and samples.md, all in the study's results directory."""
+    results_dir = study.results_dir
+    records = {spec.name: load_run_record(Path(spec.config.output_dir)) for spec in study.runs}
+    eval_rows = read_json(results_dir / "perplexity.json", "run the study again: it evaluates again", expect=list)
+    built = build_report(eval_rows, load_per_response(results_dir / "per_response_nll.npz"), records,
+                         study.report.bootstrap_resamples, study.report.bootstrap_seed)
+    meta = read_json(study.data_dir / META_FILE, "run the study again: it prepares the data again")
+    logs = {spec.name: read_run_log(Path(spec.config.output_dir) / RUN_LOG) for spec in study.runs}
+    figure_paths = [figures.plot_loss_curves(logs, results_dir / "loss_curves.png"),
+                    figures.plot_perplexity_vs_params(built["rows"], results_dir / "perplexity_vs_params.png")]
+    protocol = protocol_paragraph(study, meta, records, any(row["budget_differences"] for row in built["rows"]))
+    results = {"study": study.name, "study_file": str(study.source), "study_config": study.settings, "code_version": code_version(),
+               "resolved_configs": {spec.name: config_to_dict(spec.config) for spec in study.runs}, "protocol": protocol,
+               "data": {key: meta.get(key) for key in ("source", "split_method", "seq_len", "lang", "sequences", "tokens", "fingerprint")},
+               **built, "figures": [str(path) for path in figure_paths]}
+    atomic_write_json(results_dir / "results.json", results)
+    atomic_write_text(results_dir / "results.md", format_results_markdown(built, protocol, [str(path) for path in figure_paths]))
+    write_samples(study)
+    print(format_study_table(built))
+    print(format_budget_check(built))
+    print(f"wrote {results_dir / 'results.json'}, results.md, samples.md, {', '.join(path.name for path in figure_paths)}")
+    return results
 
 
-def plot_perplexity_vs_params(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Held-out perplexity against trainable parameters (log scale) with 95% bars; the frozen base is a line."""
-    pyplot = _pyplot()
-    figure, axes = pyplot.subplots(figsize=(6.5, 4.5))
-    # Runs keep the colours they have in the loss curves; the base model is not a run.
-    for index, row in enumerate(row for row in rows if row["trainable_params"]):
-        low, high = row["perplexity_ci"] or (row["perplexity"], row["perplexity"])
-        axes.errorbar(row["trainable_params"], row["perplexity"], yerr=[[row["perplexity"] - low], [high - row["perplexity"]]],
-                      fmt="o", capsize=4, color=f"C{index % 10}", label=row["name"])
-    for row in rows:
-        if not row["trainable_params"]:
-            axes.axhline(row["perplexity"], color="gray", linestyle="--", label=f"{row['name']} (frozen)")
-            if row["perplexity_ci"]:
-                axes.axhspan(*row["perplexity_ci"], color="gray", alpha=0.15)
-    axes.set_xscale("log")
-    axes.set_xlabel("trainable parameters")
-    axes.set_ylabel("validation perplexity (95% CI)")
-    axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
-    return path
+def protocol_paragraph(study: Study, meta: dict[str, Any], records: dict[str, RunRecord], budgets_differ: bool) -> str:
+    first_name, first = next(iter(records.items()))
+    budget = f"Budget of {first_name} (**runs flagged in the table differ from it**)" if budgets_differ else "Budget, the same for every run"
+    config = first.config
+    learning_rates = ", ".join(f"{name} {record.lr:g}" for name, record in records.items())
+    return (
+        f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) {meta['lang']}, "
+        f"not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, cut to {meta['seq_len']} tokens: "
+        f"{meta['sequences']['train']:,} training and {meta['sequences']['validation']:,} validation responses "
+        f"(data fingerprint `{meta['fingerprint']}`). {budget}: {first.steps:,} optimizer steps of "
+        f"{first.effective_batch} sequences ({config['batch_size']} x {config['grad_accum']} accumulation), "
+        f"seed {first.seed}, AdamW with {config['warmup_ratio']:.0%} warmup then {config['lr_schedule']} decay, "
+        f"precision {first.precision} on {first.device}; only the learning rate differs ({learning_rates}). "
+        f"Perplexity is exp(total NLL / predicted tokens) over all validation responses, with "
+        f"{CONFIDENCE:.0%} bootstrap intervals over responses. Study file `{study.source.name}`, code version `{code_version()}`."
+    )
+
+
+def update_readme(study: Study) -> bool:
+    """Rewrite the README's results block (protocol + table); True when its text changed."""
+    readme = Path(study.readme)
+    if not readme.is_file():
+        raise UserError(f"README {readme} does not exist; pass --readme PATH or --no-readme.")
+    results = read_json(study.results_dir / "results.json", "run the study again: it reports again")
+    link = os.path.relpath(study.results_dir / "results.md", readme.parent)
+    block = (f"{results['protocol']}\n\n{format_study_table(results)}\n"
+             f"Intervals, the same-budget check, loss curves and samples: [{link}]({link}).\n")
+    text = readme.read_text(encoding="utf-8")
+    updated = replace_marked_block(text, block, str(readme))
+    if updated == text:
+        return False
+    atomic_write_text(readme, updated)
+    print(f"rewrote the results block of {readme}")
+    return True

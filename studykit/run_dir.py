@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from studykit.errors import UserError
-from studykit.io import DiskFull, atomic_write_text, find_partial_directories, is_out_of_space, read_json, visible_entries
+from studykit.io import (
+    DiskFull,
+    atomic_write_text,
+    find_partial_directories,
+    is_out_of_space,
+    read_json,
+    visible_entries,
+)
 from studykit.run_state import RunRecord
 
 RUN_RECORD = "run.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import resource
@@ -98,13 +99,70 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of the study's code, so a result can be traced to the code that made it."""
+    """A hash of all the kit's code, so a result can be traced to the code that made it (recorded in run.json and
+    results.json). What decides whether a study step is redone is the narrower stage_code_version."""
     digest = hashlib.sha256()
     for directory in CODE_DIRECTORIES:
         for path in sorted((REPO_ROOT / directory).rglob("*.py")):
             digest.update(str(path.relative_to(REPO_ROOT)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+@lru_cache(maxsize=None)
+def stage_code_version(entry_module: str) -> str:
+    """A hash of what a stage runs: its module and every studykit module it imports, at any depth, with docstrings,
+    comments and the help texts of config fields left out. Editing the README, a docstring or the report's code
+    therefore never retrains a run, while a change to the loss does."""
+    digest = hashlib.sha256()
+    for module in sorted(studykit_imports_closure(entry_module)):
+        digest.update(module.encode())
+        digest.update(_code_without_documentation(_module_path(module)).encode())
+    return digest.hexdigest()[:12]
+
+
+def _module_path(module: str) -> Path:
+    return REPO_ROOT / (module.replace(".", "/") + ".py")
+
+
+def studykit_imports(module: str) -> set[str]:
+    """The studykit modules `module` imports, at the top or inside functions."""
+    tree = ast.parse(_module_path(module).read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "studykit":
+            if node.module == "studykit":
+                found.update(f"studykit.{alias.name}" for alias in node.names if _module_path(f"studykit.{alias.name}").exists())
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("studykit."))
+    return {name for name in found if _module_path(name).exists()}
+
+
+def studykit_imports_closure(entry_module: str) -> set[str]:
+    seen, pending = set(), [entry_module]
+    while pending:
+        module = pending.pop()
+        if module not in seen:
+            seen.add(module)
+            pending.extend(studykit_imports(module) - seen)
+    return seen
+
+
+def _code_without_documentation(path: Path) -> str:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and _is_string(body[0]):
+            node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option" and len(node.args) >= 2:
+            node.args[1] = ast.Constant("")  # a config field's help text
+    return ast.unparse(tree)
+
+
+def _is_string(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str)
 
 
 # Dense fp16/bf16 tensor-core peaks in TFLOP/s (no sparsity), by a part of the name torch.cuda.get_device_name() gives;

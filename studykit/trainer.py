@@ -15,19 +15,48 @@ from tqdm.auto import tqdm
 
 from studykit import checkpointing, locks, memory
 from studykit.config import TrainConfig, config_to_dict, print_config, save_config
-from studykit.data import (check_tokenizer_matches, collate, length_sorted_batches, load_processed, pack_sequences, plan_step_windows,
-                           split_window)
+from studykit.data import (
+    check_tokenizer_matches,
+    collate,
+    length_sorted_batches,
+    load_processed,
+    pack_sequences,
+    plan_step_windows,
+    split_window,
+)
 from studykit.errors import UserError
 from studykit.io import check_writable_location, ensure_writable_directory
 from studykit.loss import batch_nll
 from studykit.methods import Method, method_of
 from studykit.metrics import score_sequences
-from studykit.modeling import (base_model_fingerprint, count_parameters, describe_kernels, enable_activation_checkpointing, load_base_model,
-                               load_tokenizer, model_context_length)
-from studykit.run_dir import RUN_LOG, TRAIN_CONFIG, RunLog, check_run_directory, clear_previous_run
+from studykit.modeling import (
+    base_model_fingerprint,
+    count_parameters,
+    describe_kernels,
+    enable_activation_checkpointing,
+    load_base_model,
+    load_tokenizer,
+    model_context_length,
+)
+from studykit.run_dir import (
+    RUN_LOG,
+    TRAIN_CONFIG,
+    RunLog,
+    check_run_directory,
+    clear_previous_run,
+)
 from studykit.run_state import PreparedRun, RunRecord, TrainingParts, TrainingState
-from studykit.runtime import (build_accelerator, code_version, device_peak_tflops, is_sharded, model_flops_utilization, parallelism,
-                              peak_memory_bytes, precision_name, reset_peak_memory)
+from studykit.runtime import (
+    build_accelerator,
+    code_version,
+    device_peak_tflops,
+    is_sharded,
+    model_flops_utilization,
+    parallelism,
+    peak_memory_bytes,
+    precision_name,
+    reset_peak_memory,
+)
 from studykit.safeguards import Safeguards
 
 

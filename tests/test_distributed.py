@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, build_tiny_model, run_script
 
 DDP_CONFIG = REPO_ROOT / "configs" / "accelerate" / "ddp.yaml"

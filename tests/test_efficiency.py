@@ -10,14 +10,25 @@ import math
 
 import pytest
 import torch
-
 from conftest import build_tiny_model
+
 from studykit.config import LoraTrainConfig, TrainConfig
-from studykit.data import IGNORE_INDEX, collate, load_processed, pack_sequences, plan_step_windows, split_window
+from studykit.data import (
+    IGNORE_INDEX,
+    collate,
+    load_processed,
+    pack_sequences,
+    plan_step_windows,
+    split_window,
+)
 from studykit.errors import UserError
 from studykit.loss import batch_nll, token_nll_per_sequence
 from studykit.metrics import score_sequences
-from studykit.modeling import enable_activation_checkpointing, load_base_model, wrap_with_lora
+from studykit.modeling import (
+    enable_activation_checkpointing,
+    load_base_model,
+    wrap_with_lora,
+)
 
 GIB = 1024**3
 

@@ -16,12 +16,21 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    EVALUATE,
+    FULL,
+    PREPARE,
+    QUIET,
+    REPO_ROOT,
+    refused,
+    snapshot,
+    train_in_process,
+)
 from safetensors.torch import load_file
 
-from conftest import (EVALUATE, FULL, LORA, PREPARE, QUIET, REPO_ROOT, refused, run_script, snapshot, train_in_process)
 from studykit import checkpointing, locks
-from studykit.run_dir import read_run_log
 from studykit.io import PARTIAL_MARKER
+from studykit.run_dir import read_run_log
 
 
 def prepare_args(data_file, tokenizer, output_dir, *extra):
@@ -267,16 +276,16 @@ def test_a_full_disk_during_evaluation_on_a_real_small_disk(in_process, small_di
 
 def test_a_full_disk_while_writing_the_report_keeps_the_trained_runs(tmp_path, monkeypatch):
     """Injected at the figure writer: the study stops with the sentence; the next run, with space, only reports."""
-    from studykit import report
+    from conftest import one_run_study
+
+    from studykit import figures
     from studykit.config import StudyConfig
     from studykit.errors import UserError
     from studykit.study import run_study
 
-    from conftest import one_run_study
-
     study_file = one_run_study(tmp_path / "study.toml", steps=2)
     output = tmp_path / "out"
-    monkeypatch.setattr(report, "plot_loss_curves", enospc)
+    monkeypatch.setattr(figures, "plot_loss_curves", enospc)
     with pytest.raises(UserError, match=r"the disk holding .*results is full: writing the report \(results, figures, samples\) needs "
                                         r"about .* free some space and run the same study command again \(the trained runs are kept\)"):
         run_study(StudyConfig(config=str(study_file), output_dir=str(output)))
@@ -389,10 +398,10 @@ def test_garbled_lines_of_the_training_log_are_dropped(tmp_path):
 
 def test_damaged_study_state_and_results_are_redone_not_trusted(tmp_path, capsys):
     """The study runner's own records and results: a damaged one means that step is done again, as after a crash."""
+    from conftest import one_run_study
+
     from studykit.config import StudyConfig
     from studykit.study import run_study
-
-    from conftest import one_run_study
 
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
     output = tmp_path / "out"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import train_in_process
+
 from studykit.run_dir import read_run_log
 
 GOLDEN = Path(__file__).with_name("golden.json")

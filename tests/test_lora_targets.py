@@ -5,7 +5,12 @@ import re
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from studykit.modeling import adapted_module_names, count_parameters, strip_peft_prefix, wrap_with_lora
+from studykit.modeling import (
+    adapted_module_names,
+    count_parameters,
+    strip_peft_prefix,
+    wrap_with_lora,
+)
 
 GPT2_SMALL_PARAMS = 124_439_808
 

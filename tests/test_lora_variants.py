@@ -11,9 +11,13 @@ import torch
 
 from studykit.config import LoraTrainConfig, parse_config
 from studykit.data import load_processed
-from studykit.metrics import score_sequences
-from studykit.modeling import count_parameters, load_base_model, load_checkpoint_for_eval
 from studykit.methods import wrap_lora
+from studykit.metrics import score_sequences
+from studykit.modeling import (
+    count_parameters,
+    load_base_model,
+    load_checkpoint_for_eval,
+)
 from studykit.trainer import prepare_run, train
 
 BLOCKS, WIDTH = 2, 64

@@ -22,14 +22,21 @@ import pytest
 # Hypothesis keeps caches in ./.hypothesis unless told otherwise, which would put files into the checkout; it reads
 # this variable when it first writes one, which is after this module is imported.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "studykit-hypothesis"))
+from conftest import PREPARE, refused
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import PREPARE, refused
 from studykit.config import PrepareConfig
 from studykit.errors import UserError
-from studykit.oasst import (FLAT, TREES, filter_messages, opening_prompts, parse_languages, read_local_file,
-                            split_by_tree)
+from studykit.oasst import (
+    FLAT,
+    TREES,
+    filter_messages,
+    opening_prompts,
+    parse_languages,
+    read_local_file,
+    split_by_tree,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # A file shaped exactly like a published OASST2 trees export (oasst_data's schemas.py, the hub dataset card)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from studykit.metrics import score_sequences
 
 
@@ -108,7 +108,13 @@ def test_evaluation_reports_every_run_and_matches_an_independent_score(study):
 def test_every_flag_shows_its_default_once():
     import re
 
-    from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, build_parser
+    from studykit.config import (
+        EvalConfig,
+        LoraTrainConfig,
+        PrepareConfig,
+        StudyConfig,
+        build_parser,
+    )
 
     for config_cls in (PrepareConfig, LoraTrainConfig, EvalConfig, StudyConfig):
         text = " ".join(build_parser(config_cls, "").format_help().split())

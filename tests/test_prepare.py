@@ -5,12 +5,19 @@ import json
 import shutil
 
 import pytest
-
 from conftest import PREPARE, oasst_message, refused, run_script, snapshot
+
 from studykit.config import PrepareConfig
 from studykit.data import load_processed, tokenize_responses
 from studykit.errors import UserError
-from studykit.oasst import FLAT, TREES, filter_messages, parse_languages, read_local_file, split_by_tree
+from studykit.oasst import (
+    FLAT,
+    TREES,
+    filter_messages,
+    parse_languages,
+    read_local_file,
+    split_by_tree,
+)
 from studykit.prepare import prepare
 
 

@@ -11,12 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, train_in_process
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, train_in_process
 from studykit import checkpointing, safeguards
-from studykit.run_dir import RUN_LOG, RUN_RECORD, RunLog, read_run_log, resumable_checkpoints
 from studykit.io import PARTIAL_MARKER, atomic_directory, find_partial_directories
+from studykit.run_dir import (
+    RUN_LOG,
+    RUN_RECORD,
+    RunLog,
+    read_run_log,
+    resumable_checkpoints,
+)
 
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 

@@ -14,14 +14,24 @@ import shutil
 
 import pytest
 import torch
+from conftest import (
+    EVALUATE,
+    FULL,
+    LORA,
+    PREPARE,
+    QUIET,
+    build_tiny_model,
+    refused,
+    train_in_process,
+    write_oasst_trees,
+)
 from safetensors.torch import load_file
 
-from conftest import EVALUATE, FULL, LORA, PREPARE, QUIET, build_tiny_model, refused, train_in_process, write_oasst_trees
 from studykit import checkpointing
 from studykit.errors import UserError
-from studykit.run_dir import RUN_LOG, RUN_RECORD, read_run_log, resumable_checkpoints
 from studykit.io import PARTIAL_MARKER
 from studykit.loss import BatchNLL
+from studykit.run_dir import RUN_LOG, RUN_RECORD, read_run_log, resumable_checkpoints
 
 
 def train_args(model, data, output_dir, *extra):

@@ -9,17 +9,26 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK, REPO_ROOT, one_run_study, refused, run_script, shortened_quick_study
+from conftest import (
+    QUICK,
+    REPO_ROOT,
+    one_run_study,
+    refused,
+    run_script,
+    shortened_quick_study,
+)
 
-from studykit import report
+from studykit import report, statistics
 from studykit.config import StudyConfig, TrainConfig
 from studykit.errors import UserError
 from studykit.evaluate import read_extra_eval_texts
-from studykit.study import load_study, run_study
+from studykit.study import run_study
+from studykit.study_file import load_study
 
 RUN_NAMES = ["full_ft", "lora_r8", "lora_r32"]
 
@@ -227,7 +236,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
     widths = []
     for count in (40, 4000):
         nll, tokens = responses(count)
-        low, high = report.perplexity_interval(nll, tokens, resamples=1000, seed=0)
+        low, high = statistics.perplexity_interval(nll, tokens, resamples=1000, seed=0)
         assert low < math.exp(nll.sum() / tokens.sum()) < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 4
@@ -236,12 +245,12 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
 def test_too_few_texts_get_no_interval_rather_than_a_misleading_one():
     """Two texts: resampling them gives back their own perplexities, which the table would show as a narrow '95% interval'."""
     nll, tokens = np.array([300.0, 510.0]), np.array([50, 80])
-    assert report.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
-    assert report.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
+    assert statistics.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
+    assert statistics.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
     assert report.format_interval(502.2, None) == "502.200 (under 20 texts: no interval)"
     assert report.format_interval(1.5, [None, None]) == "1.500 (under 20 texts: no interval)"
-    count = report.MIN_TEXTS_FOR_INTERVAL
-    assert report.perplexity_interval(np.full(count, 100.0), np.full(count, 20), resamples=200, seed=0) is not None
+    count = statistics.MIN_TEXTS_FOR_INTERVAL
+    assert statistics.perplexity_interval(np.full(count, 100.0), np.full(count, 20), resamples=200, seed=0) is not None
 
 
 def test_paired_ratio_cancels_what_both_models_share():
@@ -250,10 +259,10 @@ def test_paired_ratio_cancels_what_both_models_share():
     shared_difficulty = rng.gamma(2.0, 1.5, size=500) * tokens
     reference = shared_difficulty
     better = shared_difficulty * 0.9
-    paired = report.paired_ratio(better, reference, tokens, resamples=1000, seed=0)
+    paired = statistics.paired_ratio(better, reference, tokens, resamples=1000, seed=0)
     assert paired["ratio"] == pytest.approx(math.exp(-0.1 * shared_difficulty.sum() / tokens.sum()))
     assert paired["ci_low"] <= paired["ratio"] <= paired["ci_high"] < 1
-    same = report.paired_ratio(reference, reference, tokens, resamples=200, seed=0)
+    same = statistics.paired_ratio(reference, reference, tokens, resamples=200, seed=0)
     assert same == {"ratio": 1.0, "ci_low": 1.0, "ci_high": 1.0}
 
 
@@ -265,6 +274,7 @@ def test_budget_differences_name_each_differing_field_and_ignore_the_learning_ra
     records = {"full": {**shared, "config": {"lr": 1e-4}}, "lora": {**shared, "config": {"lr": 1e-3}},
                "other": {**shared, "seed": 2, "effective_batch": 16, "config": {"lr": 1e-3}},
                "eager": {**shared, "kernels": eager, "config": {"lr": 1e-3}}}
+    records = {name: SimpleNamespace(**fields) for name, fields in records.items()}  # run records, by attribute
     assert report.budget_differences(records, "full") == {"full": {}, "lora": {}, "other": {"effective_batch": 16, "seed": 2},
                                                           "eager": {"kernels": eager}}
 

@@ -26,13 +26,13 @@ from studykit import checkpointing  # noqa: E402
 from studykit.config import TrainConfig  # noqa: E402
 from studykit.data import collate  # noqa: E402
 from studykit.loss import batch_nll  # noqa: E402
+from studykit.methods import grouped  # noqa: E402
 from studykit.metrics import score_sequences  # noqa: E402
 from studykit.modeling import wrap_with_lora  # noqa: E402
-from studykit.sharded import gather_weights  # noqa: E402
-from studykit.methods import grouped  # noqa: E402
 from studykit.run_dir import resumable_checkpoints  # noqa: E402
 from studykit.run_state import PreparedRun, TrainingParts, TrainingState  # noqa: E402
 from studykit.safeguards import weights_are_finite  # noqa: E402
+from studykit.sharded import gather_weights  # noqa: E402
 from studykit.trainer import validation_loss  # noqa: E402
 
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]

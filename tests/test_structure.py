@@ -1,0 +1,141 @@
+"""The code's shape, checked: studykit's modules import each other one way only, the two training scripts differ only
+in the method they name, and a study retrains a run only when code that training runs has changed."""
+
+import ast
+import difflib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, one_run_study
+from studykit import runtime
+
+# studykit's modules from the bottom up: a module imports only modules of its own layer or below, and never one that
+# imports it back. A new module goes into the lowest layer that holds everything it imports.
+LAYERS = [
+    ["errors"],
+    ["io", "hub", "locks", "config"],
+    ["runtime", "data", "oasst", "modeling", "loss", "metrics", "tiny", "sharded", "statistics", "figures"],
+    ["methods", "run_state"],
+    ["run_dir", "checkpointing", "memory", "safeguards"],
+    ["trainer", "prepare", "evaluate"],
+    ["study_file"],
+    ["samples", "report"],
+    ["study_state"],
+    ["study", "cli"],
+]
+LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
+
+
+def imports_of(module: str) -> set[str]:
+    return {name.split(".", 1)[1] for name in runtime.studykit_imports(f"studykit.{module}")} - {module}
+
+
+def test_every_module_has_a_layer():
+    modules = {path.stem for path in (REPO_ROOT / "studykit").glob("*.py") if path.stem != "__init__"}
+    assert modules == set(LAYER_OF), f"add {sorted(modules - set(LAYER_OF))} to LAYERS; drop {sorted(set(LAYER_OF) - modules)}"
+
+
+def test_imports_run_one_way():
+    upward = [f"{module} (layer {LAYER_OF[module]}) imports {imported} (layer {LAYER_OF[imported]})"
+              for module in LAYER_OF for imported in sorted(imports_of(module)) if LAYER_OF[imported] > LAYER_OF[module]]
+    assert not upward, "\n".join(upward)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as a path that ends where it starts, or [] when there is none."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = "open"
+        for neighbour in sorted(graph[node]):
+            if state.get(neighbour) == "open":
+                return path[path.index(neighbour):] + [neighbour]
+            if neighbour not in state and (cycle := visit(neighbour, path + [neighbour])):
+                return cycle
+        state[node] = "done"
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [node])):
+            return cycle
+    return []
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {module: imports_of(module) for module in LAYER_OF}
+    assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_training_scripts_differ_only_in_their_method():
+    full, lora = ((REPO_ROOT / "training" / name).read_text().splitlines() for name in ("train_full_ft.py", "train_lora.py"))
+    changed = [line for line in difflib.unified_diff(full, lora, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    docstrings = [line for line in changed if line[1:].startswith('"""')]
+    calls = [line[1:].strip() for line in changed if line not in docstrings]
+    assert sorted(calls) == ['train_method("full", __doc__)', 'train_method("lora", __doc__)'], changed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retrain only when training could change
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of studykit whose files a test may edit; the code versions are computed from it."""
+    shutil.copytree(REPO_ROOT / "studykit", tmp_path / "studykit", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runtime, "REPO_ROOT", tmp_path)
+    runtime.stage_code_version.cache_clear()
+    yield tmp_path / "studykit"
+    runtime.stage_code_version.cache_clear()
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+    runtime.stage_code_version.cache_clear()
+
+
+def test_docstrings_comments_and_help_texts_leave_the_training_code_version_alone(package_copy):
+    before = {stage: runtime.stage_code_version(f"studykit.{stage}") for stage in ("trainer", "report")}
+    loss = package_copy / "loss.py"
+    docstring = ast.get_docstring(ast.parse(loss.read_text()), clean=False)
+    edit(loss, docstring.splitlines()[0], "A docstring rewritten from scratch.")
+    edit(loss, "# A CPU wants chunks", "# A comment rewritten: a CPU wants chunks")
+    edit(package_copy / "config.py", '"peak learning rate"', '"the peak learning rate, reworded"')
+    edit(package_copy / "report.py", "def budget_differences(", "def budget_differences_renamed(")
+    assert runtime.stage_code_version("studykit.trainer") == before["trainer"]
+    assert runtime.stage_code_version("studykit.report") != before["report"], "the report's own code changed"
+
+
+def test_a_change_to_the_loss_changes_the_training_code_version(package_copy):
+    before = runtime.stage_code_version("studykit.trainer")
+    edit(package_copy / "loss.py", 'LOGIT_CHUNK_BYTES = {"cpu": 16 * 2**20', 'LOGIT_CHUNK_BYTES = {"cpu": 32 * 2**20')
+    assert runtime.stage_code_version("studykit.trainer") != before
+
+
+def test_the_study_retrains_when_training_code_changes_and_only_reports_when_report_code_does(tmp_path, monkeypatch):
+    from studykit import study_state
+    from studykit.config import StudyConfig
+    from studykit.study import run_study
+
+    config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
+    assert run_study(config)["trained"] == ["full_ft"]
+    version = study_state.stage_code_version
+
+    monkeypatch.setattr(study_state, "stage_code_version", lambda module: version(module) + ("-edited" if module == "studykit.report" else ""))
+    report_only = run_study(config)
+    assert report_only["kept"] == ["full_ft"] and not report_only["evaluated"] and report_only["reported"]
+
+    monkeypatch.setattr(study_state, "stage_code_version", lambda module: version(module) + ("-edited" if module == "studykit.trainer" else ""))
+    retrained = run_study(config)
+    assert retrained["trained"] == ["full_ft"] and retrained["evaluated"]
+    record = (tmp_path / "out" / "checkpoints" / "full_ft" / "run.json").read_text()
+    assert f'"code": "{runtime.code_version()}"' in record, "run.json records the whole kit's code version"
