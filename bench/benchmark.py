@@ -65,8 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch, the same for both trainers")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, the same for both trainers")
     parser.add_argument("--seq-len", type=int, default=512, help="truncation length and the Trainer setup's padded length")
-    parser.add_argument("--responses", type=int, default=600, help="generated OASST-like responses (train + validation)")
-    parser.add_argument("--eval-responses", type=int, default=48, help="validation responses scored in the evaluation case")
+    parser.add_argument("--responses", type=int, default=600, help="generated OASST-like responses (train, dev and test)")
+    parser.add_argument("--eval-responses", type=int, default=48, help="test responses scored in the evaluation case")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-repeats", type=int, default=2, help="timed evaluation passes per setup (best is kept)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
@@ -129,7 +129,7 @@ def prepare_data(root: Path, name: str, args, tokenizer_dir: str, full: bool) ->
     messages = write_oasst_trees(trees, response_lengths(args.responses, args.seed, full, args.seq_len), args.seed)
     with quiet():
         started = time.perf_counter()
-        prepare(PrepareConfig(data_file=str(trees), tokenizer=tokenizer_dir, output_dir=str(root / name), seq_len=args.seq_len, val_fraction=0.1))
+        prepare(PrepareConfig(data_file=str(trees), tokenizer=tokenizer_dir, output_dir=str(root / name), seq_len=args.seq_len, test_fraction=0.1))
         seconds = time.perf_counter() - started
     return root / name, messages / seconds
 
@@ -318,7 +318,7 @@ def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
     from studykit.runtime import autocast_for
 
     device = default_device()
-    sequences = list(load_processed(data_dir).validation["input_ids"])[: args.eval_responses]
+    sequences = list(load_processed(data_dir).test["input_ids"])[: args.eval_responses]
     model = load_base_model(model_name).to(device)
     autocast = autocast_for(device, args.precision)
     real_tokens = sum(len(ids) for ids in sequences)

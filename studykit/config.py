@@ -123,7 +123,10 @@ class PrepareConfig:
     output_dir: str = option("data/processed", "where the processed dataset is written")
     seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated")
     lang: str = option("en", "comma-separated language codes to keep, or 'all'")
-    val_fraction: float = option(0.05, "share of conversation trees held out when a local file has no split")
+    test_fraction: float = option(0.05, "share of a local file's conversation trees held out as the test split (the hub "
+                                         "dataset brings its own)")
+    dev_fraction: float = option(0.05, "share of the training trees held out as the dev split, which training scores and "
+                                        "every choice (learning rate, checkpoint) reads")
     skip_bad_lines: bool = option(False, "drop corrupt JSONL lines instead of stopping")
     overwrite: bool = option(False, "replace a dataset in --output-dir that was prepared from other inputs (one from the same "
                                     "inputs is kept as it is)")
@@ -131,8 +134,9 @@ class PrepareConfig:
     def validate(self) -> None:
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2 (got {self.seq_len}).")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val-fraction must lie between 0 and 1 (got {self.val_fraction}).")
+        for flag, fraction in (("--test-fraction", self.test_fraction), ("--dev-fraction", self.dev_fraction)):
+            if not 0 < fraction < 1:
+                raise UserError(f"{flag} must lie between 0 and 1 (got {fraction}).")
 
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")

@@ -18,7 +18,8 @@ from studykit.io import DamagedFile, find_partial_directories, read_json
 # Labels with this value are ignored by the loss: padding only, never EOS.
 IGNORE_INDEX = -100
 META_FILE = "meta.json"
-SPLITS = ("train", "validation")
+# train: what training steps on; dev: what training scores and every choice reads; test: scored by evaluation only.
+SPLITS = ("train", "dev", "test")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -59,7 +60,8 @@ class ProcessedData:
 
     path: Path
     train: Any
-    validation: Any
+    dev: Any
+    test: Any
     meta: dict[str, Any]
 
 
@@ -77,6 +79,9 @@ def load_processed(data_dir: str | Path) -> ProcessedData:
         )
     remedy = f"prepare it again with `python data/prepare_oasst.py --output-dir {path} --overwrite` (and the data flags you used)"
     meta = read_json(path / META_FILE, remedy)
+    if "dev" not in meta.get("sequences", {}):
+        raise UserError(f"the processed dataset in {path} has no dev split (it was prepared by an earlier version of the kit, "
+                        f"which held out a validation split only); {remedy}.")
     try:
         dataset_dict = datasets.load_from_disk(str(path))
         for split in SPLITS:
@@ -89,7 +94,7 @@ def load_processed(data_dir: str | Path) -> ProcessedData:
         raise
     except Exception as error:  # pyarrow and datasets raise OSError, ValueError or their own types for a damaged file
         raise DamagedFile(path, first_line(error), remedy) from None
-    return ProcessedData(path, dataset_dict["train"], dataset_dict["validation"], meta)
+    return ProcessedData(path, dataset_dict["train"], dataset_dict["dev"], dataset_dict["test"], meta)
 
 
 def check_split_intact(path: Path, split: str, dataset, meta: dict[str, Any], remedy: str) -> None:

@@ -104,14 +104,14 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
     # Checked after the inputs, so a mistake in them creates nothing, and before scoring, so no work is lost.
     output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
     # The scores: 16 bytes per response and scored model, plus the JSON and Markdown beside them.
-    needed = 16 * (len(data.validation) + len(extra_sequences or [])) * len(targets) + MIB
+    needed = 16 * (len(data.test) + len(extra_sequences or [])) * len(targets) + MIB
     space = (output_dir, needed, "the evaluation results", "free some space and run the same command again (the previous results "
              "are untouched)")
     require_free_space(*space)
 
     device = default_device()
     autocast = autocast_for(device, config.precision)
-    sequences = list(data.validation["input_ids"])
+    sequences = list(data.test["input_ids"])
     rows, scores_by_name = [], {}
     for target in targets:
         started = time.perf_counter()
@@ -134,7 +134,8 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
 
     with disk_space_for(*space):
         # The largest file first: if it does not fit, the previous results are all still there.
-        save_per_response_scores(output_dir / "per_response_nll.npz", scores_by_name, list(data.validation["message_id"]))
+        save_per_response_scores(output_dir / "per_response_nll.npz", scores_by_name, list(data.test["message_id"]),
+                                 list(data.test["message_tree_id"]))
         atomic_write_json(output_dir / "perplexity.json", rows)
         table = format_results_table(rows)
         atomic_write_text(output_dir / "results.md", table)
@@ -220,19 +221,21 @@ def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict
         "nll_sum": scores.nll_sum,
         "tokens": scores.tokens,
         "responses": int(len(scores.nll_sums)),
-        "validation_fingerprint": data_meta["validation_fingerprint"],
+        "test_fingerprint": data_meta["test_fingerprint"],
         "eval_seconds": seconds,
         "path": str(target.path) if target.path else None,
     }
-    if record and record.validation_fingerprint != data_meta["validation_fingerprint"]:
+    if record and record.training_data_fingerprint != data_meta["training_fingerprint"]:
         print(f"warning: {target.name} was trained with another dataset ({record.data_dir}) than the one evaluated.")
         row["trained_on_other_data"] = True
     return row
 
 
-def save_per_response_scores(path: Path, scores_by_name: dict[str, SequenceScores], message_ids: list[str]) -> None:
-    """Per-response NLL and token counts, aligned by message id, for bootstrap intervals and paired comparisons."""
-    arrays = {"message_id": np.asarray(message_ids)}
+def save_per_response_scores(path: Path, scores_by_name: dict[str, SequenceScores], message_ids: list[str],
+                             tree_ids: list[str]) -> None:
+    """Per-response NLL and token counts, aligned by message id and tagged with the conversation tree (for intervals
+    that resample whole trees, and paired comparisons)."""
+    arrays = {"message_id": np.asarray(message_ids), "message_tree_id": np.asarray(tree_ids)}
     for name, scores in scores_by_name.items():
         arrays[f"{name}/nll"] = scores.nll_sums
         arrays[f"{name}/tokens"] = scores.token_counts

@@ -33,7 +33,7 @@ class OasstSource:
     shape: str
     messages_by_split: dict[str, list[dict[str, Any]]]
     split_method: str
-    tree_split: Optional[dict[str, list[str]]] = None
+    tree_split: dict[str, list[str]] = field(default_factory=dict)
     bad_lines: list[int] = field(default_factory=list)
 
 
@@ -351,41 +351,58 @@ def tree_rank(tree_id: str) -> str:
     return hashlib.sha256(str(tree_id).encode("utf-8")).hexdigest()
 
 
-def split_by_tree(messages: list[dict[str, Any]],
-                  val_fraction: float) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
-    """Whole conversation trees go to one side, so no tree is on both sides of the held-out split."""
+def split_by_tree(messages: list[dict[str, Any]], held_out_fraction: float,
+                  what: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]:
+    """Whole conversation trees go to one side: (kept messages, held-out messages, kept tree ids, held-out tree ids).
+
+    Trees are ranked by a hash of their id, so the split depends neither on file order nor on Python's hash seed, and
+    the same trees are held out every time. `what` names the held-out side in the error for too few trees."""
     tree_ids = sorted({str(message["message_tree_id"]) for message in messages}, key=tree_rank)
     if len(tree_ids) < 2:
-        raise UserError("the data holds fewer than two conversation trees, too few to hold one out; pass a larger "
+        raise UserError(f"the data holds fewer than two conversation trees, too few to hold one out as {what}; pass a larger "
                         "export.")
-    validation_count = min(len(tree_ids) - 1, max(1, math.ceil(val_fraction * len(tree_ids))))
-    validation_trees = set(tree_ids[:validation_count])
-    split = {"train": [], "validation": []}
+    held_out_count = min(len(tree_ids) - 1, max(1, math.ceil(held_out_fraction * len(tree_ids))))
+    held_out_trees = set(tree_ids[:held_out_count])
+    kept, held_out = [], []
     for message in messages:
-        side = "validation" if str(message["message_tree_id"]) in validation_trees else "train"
-        split[side].append(message)
-    tree_split = {"train": sorted(set(tree_ids) - validation_trees), "validation": sorted(validation_trees)}
-    return split, tree_split
+        (held_out if str(message["message_tree_id"]) in held_out_trees else kept).append(message)
+    return kept, held_out, sorted(set(tree_ids) - held_out_trees), sorted(held_out_trees)
 
 
-def load_source(data_file: Optional[str], dataset_name: str, val_fraction: float, skip_bad_lines: bool) -> OasstSource:
+def three_way_split(train_side: list[dict[str, Any]], test: list[dict[str, Any]], dev_fraction: float,
+                    test_trees: Optional[list[str]] = None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+    """The dev split is carved out of the training side by conversation tree; train, dev and test share no tree."""
+    train, dev, train_trees, dev_trees = split_by_tree(train_side, dev_fraction, "the dev split")
+    test_trees = test_trees if test_trees is not None else sorted({str(message["message_tree_id"]) for message in test})
+    return {"train": train, "dev": dev, "test": test}, {"train": train_trees, "dev": dev_trees, "test": test_trees}
+
+
+def load_source(data_file: Optional[str], dataset_name: str, test_fraction: float, dev_fraction: float,
+                skip_bad_lines: bool) -> OasstSource:
+    """Messages of the three splits: test is the hub dataset's validation split, or a local file's held-out trees;
+    dev is carved out of what remains for training. Only training reads dev; only evaluation reads test."""
+    dev_method = f"dev: {dev_fraction:.0%} of the training trees"
     if data_file:
         path = Path(data_file)
         shape, messages, bad_lines = read_local_file(path, skip_bad_lines)
-        messages_by_split, tree_split = split_by_tree(messages, val_fraction)
+        train_side, test, _, test_trees = split_by_tree(messages, test_fraction, "the test split")
+        messages_by_split, tree_split = three_way_split(train_side, test, dev_fraction, test_trees)
         return OasstSource(
             description=str(path),
             shape=shape,
             messages_by_split=messages_by_split,
-            split_method=f"by message_tree_id, {val_fraction:.0%} of trees held out",
+            split_method=f"by message_tree_id: test {test_fraction:.0%} of the trees, {dev_method}",
             tree_split=tree_split,
             bad_lines=bad_lines,
         )
+    hub = load_hub_splits(dataset_name)
+    messages_by_split, tree_split = three_way_split(hub["train"], hub["validation"], dev_fraction)
     return OasstSource(
         description=f"hub:{dataset_name}",
         shape=FLAT,
-        messages_by_split=load_hub_splits(dataset_name),
-        split_method="the dataset's own train and validation splits",
+        messages_by_split=messages_by_split,
+        split_method=f"test: the dataset's own validation split; {dev_method} of its train split",
+        tree_split=tree_split,
     )
 
 

@@ -40,7 +40,7 @@ from studykit.runtime import stage_code_version
 
 # A tokenizer's model_max_length above this is a placeholder, not a real context length.
 UNSET_CONTEXT = 1_000_000
-# Opening prompts of validation trees, kept as text: the processed data holds only tokenized responses.
+# Opening prompts of test trees, kept as text (the processed data holds only tokenized responses), for the samples.
 PROMPTS_FILE = "prompts.json"
 PROMPTS_KEPT = 16
 # Written beside meta.json; the two together mark a directory as a dataset this stage made.
@@ -130,7 +130,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             print(f"up to date: {output_dir} was prepared from the same inputs (fingerprint {meta['fingerprint']}); nothing rewritten")
             return meta
         started = time.perf_counter()
-        source = load_source(config.data_file, config.dataset, config.val_fraction, config.skip_bad_lines)
+        source = load_source(config.data_file, config.dataset, config.test_fraction, config.dev_fraction, config.skip_bad_lines)
         splits, meta = build_dataset(config, tokenizer, source)
         # Judged once the data has been read and tokenized: a mistake in the data is the one to report first.
         if holds_dataset and not config.overwrite:
@@ -180,9 +180,10 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
         "tokens": tokens,
         "truncated": truncated,
         "bad_lines_skipped": source.bad_lines,
-        "fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["validation"], config.seq_len),
-        "train_fingerprint": fingerprints["train"],
-        "validation_fingerprint": fingerprints["validation"],
+        "fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], fingerprints["test"], config.seq_len),
+        # What training reads (train and dev), apart from the test split: a changed test split retrains nothing.
+        "training_fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], config.seq_len),
+        **{f"{split}_fingerprint": fingerprints[split] for split in SPLITS},
         "config": config_to_dict(config),
     }
     return splits, meta
@@ -193,14 +194,13 @@ def save_dataset(config: PrepareConfig, source: OasstSource, splits: dict[str, A
     import datasets
 
     needed = sum(DATASET_BYTES_PER_TOKEN * meta["tokens"][split] + DATASET_BYTES_PER_RESPONSE * len(splits[split]) for split in SPLITS)
-    prompts = opening_prompts(source.messages_by_split["validation"], parse_languages(config.lang), PROMPTS_KEPT)
+    prompts = opening_prompts(source.messages_by_split["test"], parse_languages(config.lang), PROMPTS_KEPT)
     with disk_space_for(output_dir.parent, needed, "the processed dataset", "free some space and run the same command again "
                         "(an earlier dataset in --output-dir is untouched)"):
         with atomic_directory(output_dir) as staging:
             datasets.DatasetDict(splits).save_to_disk(str(staging))
             atomic_write_json(staging / META_FILE, meta)
             save_config(config, staging / PREPARE_CONFIG_FILE)
-            if source.tree_split is not None:
-                atomic_write_json(staging / "tree_split.json", source.tree_split)
+            atomic_write_json(staging / "tree_split.json", source.tree_split)
             atomic_write_json(staging / PROMPTS_FILE, prompts)
     print(f"wrote {output_dir} (fingerprint {meta['fingerprint']})")

@@ -31,7 +31,7 @@ from studykit.study_file import Study
 # What two runs must share to be compared at all; each is recorded in the run's run.json. The learning rate is
 # left out on purpose: it is the one setting the methods are expected to need differently. `kernels` (attention,
 # MLP activation, loss) is there so both methods are computed alike.
-BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels")
+BUDGET_FIELDS = ("training_data_fingerprint", "dev_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels")
 
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
@@ -73,8 +73,8 @@ def build_report(eval_rows: list[dict[str, Any]], per_response: dict[str, np.nda
             "trainable_percent": 100.0 * trainable / total if total else 0.0,
             "perplexity": eval_row["perplexity"],
             "perplexity_ci": list(interval) if interval else None,
-            "validation_tokens": eval_row["tokens"],
-            "validation_responses": eval_row["responses"],
+            "test_tokens": eval_row["tokens"],
+            "test_responses": eval_row["responses"],
             "vs_full_ft": paired_ratio(nll, per_response[f"{reference}/nll"], tokens, resamples, seed) if reference and name != reference else None,
             "budget": {key: getattr(record, key) for key in BUDGET_FIELDS} if record else None,
             "budget_differences": differences.get(name, {}),
@@ -186,7 +186,7 @@ def format_budget_check(report: dict[str, Any]) -> str:
             lines.append(f"**{key} differs** ({values}); those runs are flagged in the table and are not a controlled comparison.")
     other_data = [row["name"] for row in runs if row.get("trained_on_other_data")]
     if other_data:
-        lines.append(f"**Trained on other data than the validation set evaluated:** {', '.join(other_data)}.")
+        lines.append(f"**Trained on other data than the dataset evaluated:** {', '.join(other_data)}.")
     learning_rates = ", ".join(f"{row['name']} {row['lr']:g}" for row in runs if row.get("lr"))
     lines.append(f"The learning rate differs by design ({learning_rates}).")
     return "\n".join(lines) + "\n"
@@ -254,12 +254,12 @@ def protocol_paragraph(study: Study, meta: dict[str, Any], records: dict[str, Ru
     return (
         f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) {meta['lang']}, "
         f"not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, cut to {meta['seq_len']} tokens: "
-        f"{meta['sequences']['train']:,} training and {meta['sequences']['validation']:,} validation responses "
+        f"{meta['sequences']['train']:,} training, {meta['sequences']['dev']:,} dev and {meta['sequences']['test']:,} test responses "
         f"(data fingerprint `{meta['fingerprint']}`). {budget}: {first.steps:,} optimizer steps of "
         f"{first.effective_batch} sequences ({config['batch_size']} x {config['grad_accum']} accumulation), "
         f"seed {first.seed}, AdamW with {config['warmup_ratio']:.0%} warmup then {config['lr_schedule']} decay, "
         f"precision {first.precision} on {first.device}; only the learning rate differs ({learning_rates}). "
-        f"Perplexity is exp(total NLL / predicted tokens) over all validation responses, with "
+        f"Perplexity is exp(total NLL / predicted tokens) over all test responses, with "
         f"{CONFIDENCE:.0%} bootstrap intervals over responses. Study file `{study.source.name}`, code version `{code_version()}`."
     )
 

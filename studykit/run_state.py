@@ -27,7 +27,7 @@ class TrainingState:
     train_seconds: float = 0.0
     skipped_steps: int = 0
     last_train_loss: Optional[float] = None
-    last_validation_loss: Optional[float] = None
+    last_dev_loss: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,7 +70,7 @@ class PreparedRun:
     parts: TrainingParts
     tokenizer: Any
     train_sequences: list
-    validation_sequences: list
+    dev_sequences: list
     data_meta: dict
     total_steps: int
     windows_per_epoch: int
@@ -101,7 +101,8 @@ class PreparedRun:
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with its checkpoint for the remaining steps to be those the first run would
         have taken: the settings, the data, the step count that shapes the schedule, the examples per step."""
-        return {"config": config_to_dict(self.config), "data_fingerprint": self.data_meta["fingerprint"], "total_steps": self.total_steps,
+        return {"config": config_to_dict(self.config), "data_fingerprint": self.data_meta["training_fingerprint"],
+                "total_steps": self.total_steps,
                 "examples_per_step": self.examples_per_step,
                 # FSDP checkpoints key the optimizer state by parameter name, the others by position.
                 "fsdp": self.parts.sharded}
@@ -126,8 +127,8 @@ class RunRecord:
     peak_tflops_per_device: Optional[float]
     memory: dict[str, Any]  # the estimate, the cap and the micro-batch --auto-batch chose
     data_dir: str
-    data_fingerprint: str
-    validation_fingerprint: str
+    training_data_fingerprint: str  # the train and dev splits it read (and their seq_len); never the test split
+    dev_fingerprint: str
     tokenizer_fingerprint: Optional[str]
     seq_len: int
     packing: bool
@@ -139,13 +140,13 @@ class RunRecord:
     tokens_seen: int  # real (non-padding) tokens trained on
     padded_tokens_seen: int
     wall_time_seconds: float
-    tokens_per_second: float  # real tokens per second of training steps (validation and saving excluded)
+    tokens_per_second: float  # real tokens per second of training steps (dev-loss passes and saving excluded)
     mfu: Optional[float]
     peak_memory_bytes: int
     peak_memory_kind: str  # cuda_max_allocated, or process_max_rss on a CPU
     skipped_steps: int
     final_train_loss: Optional[float]
-    final_validation_loss: Optional[float]
+    final_dev_loss: Optional[float]
     device: str
     precision: str
     versions: dict[str, str]

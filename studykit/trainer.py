@@ -106,7 +106,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     model, optimizer = accelerator.prepare(model, optimizer)
     config, description["memory"] = memory.plan_memory(config, model, accelerator, max(train_sequences, key=len))
     parts = TrainingParts(accelerator, model, optimizer, scheduler)
-    return PreparedRun(config, parts, tokenizer, train_sequences, list(data.validation["input_ids"]), data.meta, total_steps,
+    return PreparedRun(config, parts, tokenizer, train_sequences, list(data.dev["input_ids"]), data.meta, total_steps,
                        windows_per_epoch, description)
 
 
@@ -141,19 +141,19 @@ def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int]) -> t
     return micro_batches[accelerator.process_index :: accelerator.num_processes], step_tokens
 
 
-def validation_loss(run: PreparedRun) -> float:
-    """Token-weighted mean NLL over the whole validation split; each process scores a share, then they sum."""
+def dev_loss(run: PreparedRun) -> float:
+    """Token-weighted mean NLL over the whole dev split; each process scores a share, then they sum."""
     accelerator = run.accelerator
-    batches = length_sorted_batches([len(s) for s in run.validation_sequences], run.config.eval_batch_size)
+    batches = length_sorted_batches([len(s) for s in run.dev_sequences], run.config.eval_batch_size)
     share = batches[accelerator.process_index :: accelerator.num_processes]
     scores = score_sequences(
-        run.model, run.validation_sequences, run.config.eval_batch_size, accelerator.device,
+        run.model, run.dev_sequences, run.config.eval_batch_size, accelerator.device,
         run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=share,
     )
     if is_sharded(accelerator) and len(share) < math.ceil(len(batches) / accelerator.num_processes):
         # Under FSDP every forward pass gathers weights from all processes: one left with a batch fewer joins
         # the others' last pass with a throwaway one, or they would wait for it forever.
-        score_sequences(run.model, run.validation_sequences, run.config.eval_batch_size, accelerator.device,
+        score_sequences(run.model, run.dev_sequences, run.config.eval_batch_size, accelerator.device,
                         run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=batches[:1])
     totals = torch.tensor([scores.nll_sum, float(scores.tokens)], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
@@ -265,8 +265,8 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
 
 
 def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_norm: float, log: RunLog, progress) -> None:
-    """The progress bar after every step; validation every --eval-every steps and at the end; a log.jsonl line every
-    --log-every steps and with every validation."""
+    """The progress bar after every step; the dev loss every --eval-every steps and at the end; a log.jsonl line every
+    --log-every steps and with every dev loss."""
     config = run.config
     mfu = run_mfu(run, state.tokens_per_second)
     progress.update(1)
@@ -276,9 +276,9 @@ def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_nor
              "tokens_per_second": state.tokens_per_second}
     validate_now = bool(config.eval_every and state.step % config.eval_every == 0) or state.step == run.total_steps
     if validate_now:
-        state.last_validation_loss = entry["validation_loss"] = validation_loss(run)
+        state.last_dev_loss = entry["dev_loss"] = dev_loss(run)
         if run.accelerator.is_local_main_process:
-            progress.write(f"step {state.step}: validation loss {state.last_validation_loss:.4f}")
+            progress.write(f"step {state.step}: dev loss {state.last_dev_loss:.4f}")
     if validate_now or state.step % config.log_every == 0:
         entry["skipped_steps"] = state.skipped_steps
         log.write(entry)
@@ -317,8 +317,8 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> RunRecord:
         **run.description,
         base_model=config.model,
         data_dir=str(config.data_dir),
-        data_fingerprint=run.data_meta["fingerprint"],
-        validation_fingerprint=run.data_meta["validation_fingerprint"],
+        training_data_fingerprint=run.data_meta["training_fingerprint"],
+        dev_fingerprint=run.data_meta["dev_fingerprint"],
         tokenizer_fingerprint=run.data_meta.get("tokenizer_fingerprint"),
         seq_len=run.data_meta["seq_len"],
         packing=config.packing,
@@ -336,7 +336,7 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> RunRecord:
         peak_memory_kind="cuda_max_allocated" if accelerator.device.type == "cuda" else "process_max_rss",
         skipped_steps=state.skipped_steps,
         final_train_loss=state.last_train_loss,
-        final_validation_loss=state.last_validation_loss,
+        final_dev_loss=state.last_dev_loss,
         device=str(accelerator.device),
         precision=precision_name(accelerator.mixed_precision),
         versions=runtime_versions(),

@@ -112,7 +112,7 @@ def processed_dir(tmp_path_factory, oasst_trees_file, gpt2_tokenizer_dir) -> Pat
 
     output_dir = tmp_path_factory.mktemp("processed") / "data"
     prepare(PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(gpt2_tokenizer_dir), output_dir=str(output_dir),
-                          seq_len=64, val_fraction=0.2))
+                          seq_len=64, test_fraction=0.2))
     return output_dir
 
 
@@ -131,7 +131,7 @@ def small_vocab_inputs(tmp_path_factory, oasst_trees_file) -> dict[str, Path]:
     model_dir = build_tiny_model(root / "model", tokenizer)
     with contextlib.redirect_stdout(io.StringIO()):
         prepare(PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(model_dir), output_dir=str(root / "data"),
-                              seq_len=64, val_fraction=0.2))
+                              seq_len=64, test_fraction=0.2))
     return {"model": model_dir, "data": root / "data"}
 
 

@@ -60,8 +60,8 @@ def test_two_processes_reproduce_the_single_process_loss_curve(runs, single, ddp
     assert [entry["step"] for entry in distributed] == [1, 2, 3, 4] == [entry["step"] for entry in reference]
     for key in ("train_loss", "lr"):
         assert [entry[key] for entry in distributed] == pytest.approx([entry[key] for entry in reference], rel=1e-5), key
-    validation = {entry["step"]: entry["validation_loss"] for entry in distributed if "validation_loss" in entry}
-    expected = {entry["step"]: entry["validation_loss"] for entry in reference if "validation_loss" in entry}
+    validation = {entry["step"]: entry["dev_loss"] for entry in distributed if "dev_loss" in entry}
+    expected = {entry["step"]: entry["dev_loss"] for entry in reference if "dev_loss" in entry}
     assert validation.keys() == expected.keys() == {2, 4}
     assert validation == pytest.approx(expected, rel=1e-5)
     assert [entry["tokens_seen"] for entry in distributed] == [entry["tokens_seen"] for entry in reference]
@@ -84,7 +84,7 @@ def test_only_the_main_process_writes_and_reports(runs):
     ddp = runs["root"] / "ddp"
     assert sorted(p.name for p in (ddp / "resume").iterdir()) == ["step-000002"]
     assert not list(ddp.glob("*partial*")) and not list((ddp / "resume").glob("*partial*"))
-    assert runs["stdout"]["ddp"].count("step 2: validation loss") == 1
+    assert runs["stdout"]["ddp"].count("step 2: dev loss") == 1
     assert runs["stdout"]["ddp"].count("memory estimate at micro-batch") == 1
     assert "processes: 2" in runs["stdout"]["ddp"]
 

@@ -35,7 +35,7 @@ from studykit.run_dir import read_run_log
 
 def prepare_args(data_file, tokenizer, output_dir, *extra):
     return ["--data-file", data_file, "--tokenizer", tokenizer, "--output-dir", output_dir, "--seq-len", "64",
-            "--val-fraction", "0.2", *extra]
+            "--test-fraction", "0.2", *extra]
 
 
 def train_args(inputs, output_dir, *extra):
@@ -321,8 +321,8 @@ def change_one_token(data_dir):
     train = dataset["train"].map(lambda row, index: {"input_ids": [row["input_ids"][0] + (index == 0), *row["input_ids"][1:]]},
                                  with_indices=True)
     staged = data_dir.with_name("staged")
-    datasets.DatasetDict({"train": train, "validation": dataset["validation"]}).save_to_disk(str(staged))
-    for split in ("train", "validation"):
+    datasets.DatasetDict({"train": train, "dev": dataset["dev"], "test": dataset["test"]}).save_to_disk(str(staged))
+    for split in ("train", "dev", "test"):
         shutil.rmtree(data_dir / split)
         shutil.move(staged / split, data_dir / split)
 

@@ -44,5 +44,5 @@ def test_fsdp_checkpoint_is_gathered_whole_and_resumes_to_the_uninterrupted_weig
     assert report["finite_on_main"] == [True, False]
     if method == "full":
         # Three validation batches over two processes: both take part in every pass, and the sum is the whole split's.
-        sharded, whole = report["validation_loss"]
+        sharded, whole = report["dev_loss"]
         assert sharded == pytest.approx(whole, rel=1e-6)

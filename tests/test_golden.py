@@ -44,8 +44,8 @@ def measure(inputs, root: Path) -> dict:
             "train_loss": [entry["train_loss"] for entry in log],
             "lr": [entry["lr"] for entry in log],
             "grad_norm": [entry["grad_norm"] for entry in log],
-            "validation_loss": {str(entry["step"]): entry["validation_loss"] for entry in log if "validation_loss" in entry},
-            "final_validation_loss": record["final_validation_loss"],
+            "dev_loss": {str(entry["step"]): entry["dev_loss"] for entry in log if "dev_loss" in entry},
+            "final_validation_loss": record["final_dev_loss"],
         }
     rows = evaluate(EvalConfig(model=str(inputs["model"]), data_dir=str(inputs["data"]), checkpoints=str(root / "checkpoints"),
                                output_dir=str(root / "results"), precision="fp32"))

@@ -105,5 +105,5 @@ def test_a_variant_run_trains_saves_and_loads_back_to_its_numbers(small_vocab_in
     layer = next(iter(lora_layers(model).values()))
     assert layer.scaling["default"] == pytest.approx(config.alpha / math.sqrt(config.rank)) and "default" in layer.lora_magnitude_vector
     data = load_processed(small_vocab_inputs["data"])
-    scores = score_sequences(model, list(data.validation["input_ids"]), 8, torch.device("cpu"), 0)
-    assert scores.mean_nll == pytest.approx(record["final_validation_loss"], rel=1e-5)
+    scores = score_sequences(model, list(data.dev["input_ids"]), 8, torch.device("cpu"), 0)
+    assert scores.mean_nll == pytest.approx(record["final_dev_loss"], rel=1e-5)

@@ -215,13 +215,12 @@ def test_the_hubs_parquet_with_struct_columns_reads_and_filters(published_files,
 
 def test_the_split_keeps_whole_published_trees_on_one_side(published_files):
     _, messages, _ = read_local_file(published_files["trees"], skip_bad_lines=False)
-    split, tree_split = split_by_tree(messages, 0.3)
-    sides = {side: {m["message_tree_id"] for m in split[side]} for side in split}
-    assert sides["train"].isdisjoint(sides["validation"])
-    assert sides == {side: set(tree_split[side]) for side in tree_split}
+    kept, held_out, kept_trees, held_out_trees = split_by_tree(messages, 0.3, "the test split")
+    assert {m["message_tree_id"] for m in kept} == set(kept_trees) and {m["message_tree_id"] for m in held_out} == set(held_out_trees)
+    assert set(kept_trees).isdisjoint(held_out_trees)
     # Six trees hold messages (the lottery tree its prompt): 30% rounds up to two; the null prompt has none.
-    assert len(sides["validation"]) == 2 and len(sides["train"]) == 4
-    assert len(split["train"]) + len(split["validation"]) == len(messages)
+    assert len(held_out_trees) == 2 and len(kept_trees) == 4
+    assert len(kept) + len(held_out) == len(messages)
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +240,17 @@ def test_prepare_reads_a_published_export(published_files, small_tokenizer_dir, 
 
     # lang=all: the German tree counts too, so any two held-out trees include one with responses.
     config = PrepareConfig(data_file=str(published_files[kind]), tokenizer=str(small_tokenizer_dir),
-                           output_dir=str(tmp_path / "data"), seq_len=32, val_fraction=0.3, lang="all")
+                           output_dir=str(tmp_path / "data"), seq_len=32, test_fraction=0.3, lang="all")
     with contextlib.redirect_stdout(io.StringIO()):
         meta = prepare(config)
     counts = meta["counts"]
-    assert counts["train"]["read"] + counts["validation"]["read"] == sum(MESSAGES_PER_TREE.values())
-    assert counts["train"]["language"] + counts["validation"]["language"] == len(KEPT_EN) + 2
+    assert sum(counts[split]["read"] for split in ("train", "dev", "test")) == sum(MESSAGES_PER_TREE.values())
+    assert sum(counts[split]["language"] for split in ("train", "dev", "test")) == len(KEPT_EN) + 2
     assert meta["source_shape"] == (TREES if kind.startswith("trees") else FLAT) and meta["bad_lines_skipped"] == []
     tree_split = json.loads((tmp_path / "data" / "tree_split.json").read_text())
-    assert len(tree_split["validation"]) == 2 and set(tree_split["train"]).isdisjoint(tree_split["validation"])
+    # Two of the six trees with messages are test trees; the dev split takes one of the other four.
+    assert len(tree_split["test"]) == 2 and len(tree_split["dev"]) == 1 and len(tree_split["train"]) == 3
+    assert not set(tree_split["train"]) & set(tree_split["dev"]) | set(tree_split["train"]) & set(tree_split["test"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,9 +369,8 @@ def read_or_refused(path, skip_bad_lines, unit="line"):
     filter_messages(messages, parse_languages("en,de"))
     opening_prompts(messages, None, 8)
     if len({message["message_tree_id"] for message in messages}) >= 2:
-        split, _ = split_by_tree(messages, 0.2)
-        train_trees = {m["message_tree_id"] for m in split["train"]}
-        assert train_trees.isdisjoint(m["message_tree_id"] for m in split["validation"])
+        kept, held_out, _, _ = split_by_tree(messages, 0.2, "the test split")
+        assert {m["message_tree_id"] for m in kept}.isdisjoint(m["message_tree_id"] for m in held_out)
     event(f"read {shape}" + (" skipping lines" if bad_lines else ""))
     return shape, messages, bad_lines
 

@@ -17,7 +17,7 @@ def study(tmp_path_factory, tiny_model_dir, oasst_trees_file):
     budget = ["--max-steps", "4", "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2"]
     stages = {
         "prepare": run_script("data/prepare_oasst.py", "--data-file", oasst_trees_file, "--tokenizer", tiny_model_dir,
-                              "--output-dir", data_dir, "--seq-len", "64", "--val-fraction", "0.2"),
+                              "--output-dir", data_dir, "--seq-len", "64", "--test-fraction", "0.2"),
         "full": run_script("training/train_full_ft.py", "--model", tiny_model_dir, "--data-dir", data_dir,
                            "--output-dir", checkpoints / "full_ft", *budget),
         "lora": run_script("training/train_lora.py", "--model", tiny_model_dir, "--data-dir", data_dir,
@@ -50,7 +50,7 @@ def test_lora_run_prints_and_records_adapted_modules(study):
 def test_both_runs_share_the_budget_and_record_it(study):
     full = json.loads((study["checkpoints"] / "full_ft" / "run.json").read_text())
     lora = json.loads((study["checkpoints"] / "lora_r8" / "run.json").read_text())
-    for key in ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "tokens_seen"):
+    for key in ("training_data_fingerprint", "dev_fingerprint", "seq_len", "effective_batch", "steps", "seed", "tokens_seen"):
         assert full[key] == lora[key], key
     assert full["steps"] == 4 and full["effective_batch"] == 8
     assert full["method"] == "full" and lora["method"] == "lora"
@@ -61,9 +61,9 @@ def test_both_runs_share_the_budget_and_record_it(study):
     assert full["trainable_params"] == full["total_params"]
     for record in (full, lora):
         assert record["tokens_per_second"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_time_seconds"] > 0
-        assert math.isfinite(record["final_train_loss"]) and math.isfinite(record["final_validation_loss"])
+        assert math.isfinite(record["final_train_loss"]) and math.isfinite(record["final_dev_loss"])
     log = [json.loads(line) for line in (study["checkpoints"] / "full_ft" / "log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log if "validation_loss" in entry] == [2, 4]
+    assert [entry["step"] for entry in log if "dev_loss" in entry] == [2, 4]
 
 
 def test_checkpoints_load_directly_with_transformers_and_peft(study, processed_dir):
@@ -95,10 +95,10 @@ def test_evaluation_reports_every_run_and_matches_an_independent_score(study):
     assert [rows[name]["method"] for name in ("base", "full_ft", "lora_r8")] == ["base", "full", "lora"]
     for row in rows.values():
         assert row["perplexity"] == pytest.approx(math.exp(row["nll_sum"] / row["tokens"]))
-    validation = load_from_disk(str(study["data"]))["validation"]["input_ids"]
-    assert rows["base"]["tokens"] == sum(len(ids) - 1 for ids in validation)
+    test = load_from_disk(str(study["data"]))["test"]["input_ids"]
+    assert rows["base"]["tokens"] == sum(len(ids) - 1 for ids in test)
     full = AutoModelForCausalLM.from_pretrained(study["checkpoints"] / "full_ft")
-    independent = score_sequences(full, validation, 1, torch.device("cpu"), pad_token_id=0)
+    independent = score_sequences(full, test, 1, torch.device("cpu"), pad_token_id=0)
     assert rows["full_ft"]["perplexity"] == pytest.approx(independent.perplexity, rel=1e-5)
     table = (study["results"] / "results.md").read_text()
     assert "| Method | Trainable params | Perplexity |" in table and "lora_r8" in table

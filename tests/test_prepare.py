@@ -85,15 +85,36 @@ def test_tree_shape_flattens_every_message(oasst_trees_file):
 
 def test_tree_split_never_leaks_and_is_deterministic():
     messages = [oasst_message(f"m{t}-{i}", f"tree{t}", None, "assistant", "x") for t in range(40) for i in range(3)]
-    split, trees = split_by_tree(messages, 0.1)
-    train_trees = {m["message_tree_id"] for m in split["train"]}
-    validation_trees = {m["message_tree_id"] for m in split["validation"]}
-    assert train_trees.isdisjoint(validation_trees)
-    assert len(validation_trees) == 4 and len(train_trees) == 36
-    assert set(trees["validation"]) == validation_trees and set(trees["train"]) == train_trees
+    kept, held_out, kept_trees, held_out_trees = split_by_tree(messages, 0.1, "the test split")
+    assert {m["message_tree_id"] for m in kept}.isdisjoint(m["message_tree_id"] for m in held_out)
+    assert len(held_out_trees) == 4 and len(kept_trees) == 36 and len(kept) + len(held_out) == len(messages)
+    assert set(held_out_trees) == {m["message_tree_id"] for m in held_out}
     # The split does not depend on file order.
-    split_again, trees_again = split_by_tree(list(reversed(messages)), 0.1)
-    assert trees_again == trees
+    assert split_by_tree(list(reversed(messages)), 0.1, "the test split")[3] == held_out_trees
+
+
+@pytest.mark.parametrize("source", ["local file", "hub"])
+def test_three_splits_share_no_tree(source, monkeypatch, tmp_path):
+    """Test: a local file's held-out trees, or the hub's validation split; dev: carved from the training trees."""
+    from studykit import oasst
+
+    messages = [oasst_message(f"m{t}-{i}", f"tree{t}", None, "assistant", "x") for t in range(60) for i in range(3)]
+    if source == "hub":
+        hub = {"train": messages[:150], "validation": messages[150:]}
+        monkeypatch.setattr(oasst, "load_hub_splits", lambda name: hub)
+        loaded = oasst.load_source(None, "OpenAssistant/oasst1", 0.05, 0.1, False)
+        assert loaded.messages_by_split["test"] == hub["validation"]
+    else:
+        loaded = oasst.load_source(str(write_flat(tmp_path / "m.jsonl", messages)), "unused", 0.1, 0.1, False)
+    trees = loaded.tree_split
+    assert set(trees) == {"train", "dev", "test"} and all(trees.values())
+    assert all(set(trees[a]).isdisjoint(trees[b]) for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")))
+    for split, split_messages in loaded.messages_by_split.items():
+        assert {m["message_tree_id"] for m in split_messages} == set(trees[split])
+    assert sum(len(split_messages) for split_messages in loaded.messages_by_split.values()) == len(messages)
+    # A tenth of the training trees (rounded up) make the dev split.
+    training_trees = len(trees["train"]) + len(trees["dev"])
+    assert len(trees["dev"]) == -(-training_trees // 10)
 
 
 def test_eos_appended_and_truncation(gpt2_tokenizer):
@@ -108,12 +129,14 @@ def test_prepare_writes_dataset_and_meta(processed_dir, oasst_trees_file):
     data = load_processed(processed_dir)
     meta = data.meta
     assert meta["source_shape"] == TREES and meta["seq_len"] == 64 and meta["lang"] == "en"
-    train_counts, validation_counts = meta["counts"]["train"], meta["counts"]["validation"]
-    assert train_counts["read"] + validation_counts["read"] == 24 * 5
-    assert train_counts["language"] + validation_counts["language"] == 24 * 3
-    assert meta["sequences"] == {"train": len(data.train), "validation": len(data.validation)}
+    assert sum(meta["counts"][split]["read"] for split in ("train", "dev", "test")) == 24 * 5
+    assert sum(meta["counts"][split]["language"] for split in ("train", "dev", "test")) == 24 * 3
+    assert meta["sequences"] == {"train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
     assert set(data.train.column_names) == {"input_ids", "message_id", "message_tree_id"}
-    assert set(data.train["message_tree_id"]).isdisjoint(data.validation["message_tree_id"])
+    splits = {"train": data.train, "dev": data.dev, "test": data.test}
+    trees = {name: set(split["message_tree_id"]) for name, split in splits.items()}
+    assert trees["train"].isdisjoint(trees["dev"]) and trees["train"].isdisjoint(trees["test"]) and trees["dev"].isdisjoint(trees["test"])
+    assert json.loads((processed_dir / "tree_split.json").read_text()) == {name: sorted(ids) for name, ids in trees.items()}
     assert all(ids[-1] == meta["eos_token_id"] for ids in data.train["input_ids"])
     assert meta["tokens"]["train"] == sum(len(ids) for ids in data.train["input_ids"])
     assert (processed_dir / "prepare_config.json").exists() and (processed_dir / "tree_split.json").exists()
@@ -142,7 +165,7 @@ BOM = b"\xef\xbb\xbf"
 
 
 def prepare_args(data_file, tokenizer, output_dir, *extra):
-    return ["--data-file", data_file, "--tokenizer", tokenizer, "--output-dir", output_dir, "--seq-len", "64", "--val-fraction", "0.2", *extra]
+    return ["--data-file", data_file, "--tokenizer", tokenizer, "--output-dir", output_dir, "--seq-len", "64", "--test-fraction", "0.2", *extra]
 
 
 def test_a_model_directory_is_never_replaced_by_the_dataset(in_process, tmp_path, tiny_model_dir, oasst_trees_file):

@@ -65,9 +65,9 @@ def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(me
 
     expected, resumed = logged(straight), logged(interrupted)
     assert [entry["step"] for entry in resumed] == [1, 2, 3, 4, 5, 6]
-    for key in ("train_loss", "validation_loss", "lr", "tokens_seen"):
+    for key in ("train_loss", "dev_loss", "lr", "tokens_seen"):
         assert [entry[key] for entry in resumed if key in entry] == pytest.approx([entry[key] for entry in expected if key in entry], rel=1e-6), key
-    assert [entry["step"] for entry in resumed if "validation_loss" in entry] == [3, 6]
+    assert [entry["step"] for entry in resumed if "dev_loss" in entry] == [3, 6]
     straight_weights, resumed_weights = load_file(straight / WEIGHTS[method]), load_file(interrupted / WEIGHTS[method])
     assert straight_weights.keys() == resumed_weights.keys()
     for name, tensor in straight_weights.items():
@@ -85,8 +85,8 @@ def test_same_seed_and_settings_give_identical_losses(small_vocab_inputs, tmp_pa
     losses = [entry["train_loss"] for entry in logged(tmp_path / "first")]
     assert losses == [entry["train_loss"] for entry in logged(tmp_path / "second")]
     assert losses != [entry["train_loss"] for entry in logged(tmp_path / "other")]
-    assert first["final_validation_loss"] == second["final_validation_loss"]
-    assert other_seed["final_validation_loss"] != first["final_validation_loss"]
+    assert first["final_dev_loss"] == second["final_dev_loss"]
+    assert other_seed["final_dev_loss"] != first["final_dev_loss"]
     first_weights, second_weights = load_file(tmp_path / "first" / WEIGHTS["full"]), load_file(tmp_path / "second" / WEIGHTS["full"])
     assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
 
@@ -156,7 +156,7 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(small_vocab_inpu
     assert [entry["step"] for entry in logged(output_dir)] == list(range(1, 13))
     assert checkpoint_names(output_dir) == ["step-000011"]
     straight = train_in_process("full", small_vocab_inputs, tmp_path / "straight", **settings)
-    assert record["final_validation_loss"] == pytest.approx(straight["final_validation_loss"], rel=1e-6)
+    assert record["final_dev_loss"] == pytest.approx(straight["final_dev_loss"], rel=1e-6)
     assert [entry["train_loss"] for entry in logged(output_dir)] == pytest.approx([entry["train_loss"] for entry in logged(tmp_path / "straight")], rel=1e-6)
 
 

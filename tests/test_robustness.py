@@ -66,14 +66,14 @@ def test_corrupt_jsonl_lines_are_named_and_can_be_skipped(in_process, tmp_path, 
     lines[2], lines[6] = lines[2][:40], "not json at all"
     broken = tmp_path / "broken.jsonl"
     broken.write_text("\n".join(lines) + "\n")
-    args = ["--data-file", broken, "--tokenizer", gpt2_tokenizer_dir, "--seq-len", "64", "--val-fraction", "0.2"]
+    args = ["--data-file", broken, "--tokenizer", gpt2_tokenizer_dir, "--seq-len", "64", "--test-fraction", "0.2"]
     message = refused(PREPARE, *args, "--output-dir", existing_output, watch=[existing_output.parent], runner=in_process)
     assert "2 corrupt line(s) (line 3, 7)" in message and "--skip-bad-lines" in message
 
     assert in_process(PREPARE, *args, "--output-dir", tmp_path / "out", "--skip-bad-lines").returncode == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["bad_lines_skipped"] == [3, 7]
-    assert meta["sequences"]["train"] + meta["sequences"]["validation"] == 8 * 3
+    assert sum(meta["sequences"].values()) == 8 * 3
 
 
 def test_a_file_that_is_not_an_oasst_export_is_refused(in_process, tmp_path, gpt2_tokenizer_dir, existing_output):
@@ -86,7 +86,7 @@ def test_a_file_that_is_not_an_oasst_export_is_refused(in_process, tmp_path, gpt
 
 def test_nothing_left_after_the_filters_is_refused(in_process, oasst_trees_file, gpt2_tokenizer_dir, existing_output):
     message = refused(PREPARE, "--data-file", oasst_trees_file, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
-                      "--lang", "xx", "--val-fraction", "0.2", watch=[existing_output.parent], runner=in_process)
+                      "--lang", "xx", "--test-fraction", "0.2", watch=[existing_output.parent], runner=in_process)
     assert "messages are left after the filters" in message and "--lang" in message
 
 
@@ -356,7 +356,7 @@ def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, t
         assert len(scales) == 3 and scales[1] == scales[0] / 2
     assert record["precision"] == precision
     assert record["skipped_steps"] >= 1 and log[-1]["skipped_steps"] == record["skipped_steps"]
-    assert record["steps"] == 4 and math.isfinite(record["final_validation_loss"])
+    assert record["steps"] == 4 and math.isfinite(record["final_dev_loss"])
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "run" / "model.safetensors").values())
 
 

@@ -268,7 +268,7 @@ def test_paired_ratio_cancels_what_both_models_share():
 
 def test_budget_differences_name_each_differing_field_and_ignore_the_learning_rate():
     kernels = {"attention": "sdpa", "mlp_activation": "tanh GELU", "loss": "chunks"}
-    shared = {"data_fingerprint": "a", "validation_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1,
+    shared = {"training_data_fingerprint": "a", "dev_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1,
               "kernels": kernels}
     eager = {**kernels, "attention": "eager"}
     records = {"full": {**shared, "config": {"lr": 1e-4}}, "lora": {**shared, "config": {"lr": 1e-3}},
@@ -347,7 +347,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_table_key_value_and_type(tm
 @pytest.mark.parametrize("edit, expected", [
     (("batch_size = 16", "batch_size = 0"), ["[eval] in ", "--batch-size must be at least 1 (got 0)"]),
     (("rank = 32\n", "rank = 0\n"), ["run 'lora_r32' in ", "positive rank", "rank=0"]),
-    (("val_fraction = 0.1", "val_fraction = 1.5"), ["[data] in ", "--val-fraction must lie between 0 and 1"]),
+    (("test_fraction = 0.1", "test_fraction = 1.5"), ["[data] in ", "--test-fraction must lie between 0 and 1"]),
 ], ids=["eval", "last-run", "data"])
 def test_a_value_its_stage_refuses_is_reported_where_the_study_file_sets_it(tmp_path, in_process, edit, expected):
     line = refused_study(in_process, shortened_quick_study(tmp_path / "study.toml", edit), tmp_path / "out")

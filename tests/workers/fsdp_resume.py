@@ -1,6 +1,6 @@
 """Run by tests/test_fsdp.py under torch.distributed.run with 2 CPU processes (gloo): FSDP2-sharded GPT-2 (full or
 LoRA) trains 3 steps straight, and again 2 steps -> checkpointing.save_resumable -> a fresh, zeroed, sharded model
--> checkpointing.load_resumable -> 1 step -> trainer.validation_loss over three batches;
+-> checkpointing.load_resumable -> 1 step -> trainer.dev_loss over three batches;
 trainer.weights_are_finite with a NaN in one process's slice. Writes what the test
 compares to OUT/result-<method>.json.
 
@@ -33,7 +33,7 @@ from studykit.run_dir import resumable_checkpoints  # noqa: E402
 from studykit.run_state import PreparedRun, TrainingParts, TrainingState  # noqa: E402
 from studykit.safeguards import weights_are_finite  # noqa: E402
 from studykit.sharded import gather_weights  # noqa: E402
-from studykit.trainer import validation_loss  # noqa: E402
+from studykit.trainer import dev_loss  # noqa: E402
 
 VALIDATION_SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 
@@ -63,7 +63,7 @@ def build(model_dir: str, method: str, mesh, zeroed: bool, sharded: bool = True)
     # One sequence per validation batch, three batches for two processes: one process has a batch fewer.
     config = TrainConfig(model=model_dir, max_steps=3, batch_size=2, grad_accum=1, eval_batch_size=1)
     parts = TrainingParts(accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler)
-    return PreparedRun(config, parts, SimpleNamespace(pad_token_id=0), [], VALIDATION_SEQUENCES, {"fingerprint": "test"}, 3, 3)
+    return PreparedRun(config, parts, SimpleNamespace(pad_token_id=0), [], VALIDATION_SEQUENCES, {"training_fingerprint": "test"}, 3, 3)
 
 
 def sum_over_processes(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -122,7 +122,7 @@ def main() -> None:
     train_step(resumed, state.step)
     result = gather_weights(resumed.model)
     # Every process must take part in every forward pass, however the validation batches divide among them.
-    sharded_validation_loss = validation_loss(resumed)
+    sharded_dev_loss = dev_loss(resumed)
     # A NaN in one process's slice alone: every process must see it, or they would part ways.
     finite_before = weights_are_finite(interrupted.parts)
     if dist.get_rank() == 1:
@@ -149,7 +149,7 @@ def main() -> None:
             report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in loaded)
             whole = GPT2LMHeadModel.from_pretrained(model_dir)
             whole.load_state_dict(result)
-            report["validation_loss"] = [sharded_validation_loss, score_sequences(whole, VALIDATION_SEQUENCES, 1, torch.device("cpu"), 0).mean_nll]
+            report["dev_loss"] = [sharded_dev_loss, score_sequences(whole, VALIDATION_SEQUENCES, 1, torch.device("cpu"), 0).mean_nll]
         else:
             from peft import PeftModel
             from transformers import GPT2LMHeadModel
