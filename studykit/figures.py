@@ -46,7 +46,8 @@ def plot_perplexity_vs_params(rows: Sequence[dict[str, Any]], path: Path) -> Pat
     # Runs keep the colours they have in the loss curves; the base model is not a run.
     for index, row in enumerate(row for row in rows if row["trainable_params"]):
         low, high = row["perplexity_ci"] or (row["perplexity"], row["perplexity"])
-        axes.errorbar(row["trainable_params"], row["perplexity"], yerr=[[row["perplexity"] - low], [high - row["perplexity"]]],
+        axes.errorbar(row["trainable_params"], row["perplexity"],
+                      yerr=[[row["perplexity"] - low], [high - row["perplexity"]]],
                       fmt="o", capsize=4, color=f"C{index % 10}", label=row["name"])
     for row in rows:
         if not row["trainable_params"]:

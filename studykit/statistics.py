@@ -37,7 +37,8 @@ def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int) -> Optional[tuple[float, float]]:
+def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int,
+                        seed: int) -> Optional[tuple[float, float]]:
     """95% interval of the token-weighted perplexity exp(sum NLL / sum tokens), resampling whole responses
     (None for fewer than MIN_TEXTS_FOR_INTERVAL)."""
     if len(nll) < MIN_TEXTS_FOR_INTERVAL:
@@ -46,7 +47,8 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int, see
     return _percentile_interval(np.exp(nll_sums / token_sums))
 
 
-def paired_ratio(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
+def paired_ratio(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, resamples: int,
+                 seed: int) -> dict[str, Optional[float]]:
     """Perplexity ratio of a model to a reference scored on the same responses, with a paired bootstrap interval:
     each resample takes the same responses for both, so what the two share (hard responses) cancels."""
     difference = np.asarray(nll, dtype=np.float64) - np.asarray(reference_nll, dtype=np.float64)
