@@ -2,7 +2,9 @@
 
 It is not OpenAssistant data. It exists so the quick run and the README's first steps work offline, and it
 exercises every filter: prompter turns, a deleted reply, a reply that failed review, a blank reply and
-replies in other languages.
+replies in other languages. Its trees are shaped as published OASST2 trees are (the nested messages carry
+`"message_tree_id": null` and `"tree_state": null`), and there are enough of them (160) for the quick study's test
+split to hold the 20 conversation trees a bootstrap interval needs.
 """
 
 import json
@@ -29,6 +31,7 @@ STYLES = [
     "{answer} In short, small steady steps work best.",
     "There are a few ways to do this. {answer} I hope this helps.",
 ]
+TREES = 160
 FOLLOW_UPS = ["Can you give an example?", "Why does that work?", "What should I avoid?"]
 FOLLOW_ANSWERS = [
     "For example, start with the simplest version, check the result, then adjust one thing at a time.",
@@ -39,7 +42,8 @@ FOLLOW_ANSWERS = [
 
 def message(message_id, parent_id, role, text, lang="en", **extra):
     fields = {"message_id": message_id, "parent_id": parent_id, "text": text, "role": role, "lang": lang,
-              "review_count": 3, "review_result": True, "deleted": False, "rank": 0, "synthetic": True}
+              "review_count": 3, "review_result": True, "deleted": False, "rank": 0, "synthetic": True,
+              "message_tree_id": None, "tree_state": None}
     fields.update(extra)
     fields["replies"] = []
     return fields
@@ -72,7 +76,7 @@ def main() -> None:
     path = Path(__file__).resolve().parents[1] / "data" / "sample" / "oasst_sample.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as stream:
-        for tree_index in range(48):
+        for tree_index in range(TREES):
             stream.write(json.dumps(build_tree(tree_index, rng)) + "\n")
     print(f"wrote {path}")
 

@@ -94,6 +94,27 @@ def parse_config(config_cls: type[ConfigT], description: str, argv: Optional[Seq
     return config
 
 
+def command_line(config: Any) -> list[str]:
+    """The flags that give `config` back through parse_config. Every field is written out, so a printed command means
+    the same under another version's defaults."""
+    hints = typing.get_type_hints(type(config))
+    args: list[str] = []
+    for field in dataclasses.fields(config):
+        value, flag = getattr(config, field.name), _flag_name(field.name)
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if value is None:
+            if default is not None:
+                args += [flag, "none"]
+        elif unwrap_optional(hints[field.name])[0] is bool:
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            if value:
+                args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
@@ -257,8 +278,9 @@ class LoraTrainConfig(TrainConfig):
 class EvalConfig:
     model: str = option("gpt2", "base model: scored as row 'base', and the base every adapter is applied to")
     tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")
-    data_dir: str = option("data/processed", "processed dataset; its validation split is scored")
+    data_dir: str = option("data/processed", "processed dataset; its test split is scored")
     checkpoints: str = option("checkpoints", "directory whose run directories (full models or adapters) are scored")
+    runs: list[str] = option([], "names of the run directories under --checkpoints to score (default: every finished run)")
     output_dir: str = option("results", "where perplexity.json and results.md are written")
     batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
@@ -311,4 +333,21 @@ class StudyConfig:
     config: Optional[str] = option(None, "a study TOML file of your own (overrides --preset)")
     output_dir: Optional[str] = option(None, "directory for the study's data, checkpoints and results (default: the study file's output_dir)")
     readme: Optional[str] = option(None, "README whose results block is rewritten (default: the study file's readme; the quick preset names none)")
-    dry_run: bool = option(False, "print what would be prepared, trained, evaluated and reported, and do nothing")
+    dry_run: bool = option(False, "print what would be prepared, trained, evaluated and reported, with an estimated time, and do nothing")
+    seeds: Optional[list[int]] = option(None, "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2")
+    gpus: Optional[str] = option(None, "train side by side, one training per GPU: CUDA device ids such as 0,1, or 'all' for every "
+                                       "visible GPU (default: one training at a time)")
+    launcher: str = option("local", "local: each training in a process of its own; accelerate: each under `accelerate launch` "
+                                    "with --num-processes processes", choices=("local", "accelerate"))
+    num_processes: int = option(1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)")
+    print_commands: bool = option(False, "print every pending training as one command line (for a cluster scheduler, e.g. a "
+                                         "SLURM array) and train nothing; a later run gathers what finished")
+    assume_tflops: float = option(25.0, "sustained model TFLOP/s the --dry-run time estimate assumes (about a third of a "
+                                        "24 GB RTX 3090/4090's fp16 peak); runs this study already finished give a measured one too")
+
+    def validate(self) -> None:
+        if self.num_processes < 1:
+            raise UserError(f"--num-processes must be at least 1 (got {self.num_processes}).")
+        require("--assume-tflops", self.assume_tflops, "above 0", lambda value: value > 0)
+        if self.num_processes > 1 and self.launcher != "accelerate":
+            raise UserError("--num-processes needs --launcher accelerate (a local training is one process).")

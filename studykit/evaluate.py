@@ -6,7 +6,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,8 +53,9 @@ class EvalTarget:
     run_record: Optional[RunRecord]
 
 
-def find_runs(checkpoints: Path) -> list[EvalTarget]:
-    """Run directories are told apart by their files: an adapter config means LoRA, config + weights a full model."""
+def find_runs(checkpoints: Path, names: Sequence[str] = ()) -> list[EvalTarget]:
+    """The finished runs under `checkpoints` (those named in `names`, when given), told apart from other directories
+    by their files: an adapter config or a model config with weights, and a run record."""
     checkpoints = Path(checkpoints)
     if not checkpoints.is_dir():
         raise UserError(f"--checkpoints {checkpoints} is not a directory; pass the directory that holds your training runs "
@@ -62,7 +63,10 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
     for partial in find_partial_directories(checkpoints):
         print(f"warning: skipping {partial}, an unfinished write left by a crash.")
     targets = []
-    for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    missing = [name for name in names if not (checkpoints / name).is_dir()]
+    if missing:
+        raise UserError(f"--runs names {missing}, which --checkpoints {checkpoints} does not hold; pass the names of its run directories.")
+    for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".") and (not names or p.name in names)):
         finished = (run_dir / RUN_RECORD).exists()
         has_weights = (run_dir / "adapter_model.safetensors").exists() if is_adapter_directory(run_dir) else is_full_model_directory(run_dir)
         if not (has_weights or is_adapter_directory(run_dir) or is_run_directory(run_dir)):
@@ -76,8 +80,7 @@ def find_runs(checkpoints: Path) -> list[EvalTarget]:
                             "or move it out of --checkpoints.")
         record = load_run_record(run_dir)
         check_checkpoint_files(run_dir)
-        method = "lora" if is_adapter_directory(run_dir) else "full"
-        targets.append(EvalTarget(run_dir.name, method, run_dir, record))
+        targets.append(EvalTarget(run_dir.name, record.method, run_dir, record))
     return targets
 
 
@@ -94,13 +97,13 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
     check_tokenizer_matches(data, tokenizer, tokenizer_name)
     extra_sequences = load_extra_eval(config.extra_eval, tokenizer, data.meta["seq_len"]) if config.extra_eval else None
-    runs = find_runs(Path(config.checkpoints))
+    runs = find_runs(Path(config.checkpoints), config.runs)
     if not runs and not config.include_base:
         raise UserError(f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base.")
     if not runs:
         print(f"warning: no finished runs in {config.checkpoints}; only the base model is scored.")
     targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + runs
-    check_adapter_bases([target for target in targets if target.method == "lora"], config)
+    check_adapter_bases([target for target in targets if target.path is not None and is_adapter_directory(target.path)], config)
     # Checked after the inputs, so a mistake in them creates nothing, and before scoring, so no work is lost.
     output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
     # The scores: 16 bytes per response and scored model, plus the JSON and Markdown beside them.

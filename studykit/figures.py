@@ -26,18 +26,18 @@ def _pyplot():
 
 
 def plot_loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Training loss per logged step and validation loss where it was measured, every run on one figure."""
+    """Training loss per logged step and dev loss where it was measured, every run on one figure."""
     pyplot = _pyplot()
     figure, (train_axes, validation_axes) = pyplot.subplots(1, 2, figsize=(11, 4), sharey=True)
     for index, (name, entries) in enumerate(logs.items()):
         color = f"C{index % 10}"
         train = [(e["step"], e["train_loss"]) for e in entries if "train_loss" in e]
-        validation = [(e["step"], e["validation_loss"]) for e in entries if "validation_loss" in e]
+        validation = [(e["step"], e["dev_loss"]) for e in entries if "dev_loss" in e]
         if train:
             train_axes.plot(*zip(*train), color=color, label=name)
         if validation:
             validation_axes.plot(*zip(*validation), color=color, marker="o", label=name)
-    for axes, title in ((train_axes, "training loss"), (validation_axes, "validation loss")):
+    for axes, title in ((train_axes, "training loss"), (validation_axes, "dev loss")):
         axes.set_title(title)
         axes.set_xlabel("optimizer step")
         axes.grid(alpha=0.3)
@@ -50,27 +50,30 @@ def plot_loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 
 
 def plot_perplexity_vs_params(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Held-out perplexity against trainable parameters (log scale) with 95% bars; the frozen base is a line."""
+    """Test perplexity (mean over seeds, 95% bars over seeds and trees) against trainable parameters (log scale); the
+    frozen base is a line. Each row has name, trainable_params and test: {mean_perplexity, ci_low, ci_high}."""
     pyplot = _pyplot()
     figure, axes = pyplot.subplots(figsize=(6.5, 4.5))
     # Runs keep the colours they have in the loss curves; the base model is not a run.
     for index, row in enumerate(row for row in rows if row["trainable_params"]):
-        low, high = row["perplexity_ci"] or (row["perplexity"], row["perplexity"])
-        axes.errorbar(row["trainable_params"], row["perplexity"],
-                      yerr=[[row["perplexity"] - low], [high - row["perplexity"]]],
-                      fmt="o", capsize=4, color=f"C{index % 10}", label=row["name"])
+        test = row["test"]
+        value = test["mean_perplexity"]
+        low, high = (test["ci_low"], test["ci_high"]) if test["ci_low"] is not None else (value, value)
+        axes.errorbar(row["trainable_params"], value, yerr=[[value - low], [high - value]], fmt="o", capsize=4,
+                      color=f"C{index % 10}", label=row["name"])
     for row in rows:
         if not row["trainable_params"]:
-            axes.axhline(row["perplexity"], color="gray", linestyle="--", label=f"{row['name']} (frozen)")
-            if row["perplexity_ci"]:
-                axes.axhspan(*row["perplexity_ci"], color="gray", alpha=0.15)
+            test = row["test"]
+            axes.axhline(test["mean_perplexity"], color="gray", linestyle="--", label=f"{row['name']} (frozen)")
+            if test["ci_low"] is not None:
+                axes.axhspan(test["ci_low"], test["ci_high"], color="gray", alpha=0.15)
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters")
-    axes.set_ylabel("validation perplexity (95% CI)")
+    axes.set_ylabel("test perplexity (95% CI)")
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=DPI)
     pyplot.close(figure)
     return path
 

@@ -14,12 +14,18 @@ from studykit.config import LoraTrainConfig, TrainConfig
 class Method:
     name: str
     config_class: type[TrainConfig]
+    # The command that trains with it, relative to the repository root (studykit.cli.train_method behind it).
+    script: str
     # The base model -> (the model to train, what the run records about it: adapted modules, base parameters, settings).
     wrap: Callable[[Any, TrainConfig], tuple[Any, dict[str, Any]]]
     # Model FLOPs per trained token, in units of the total parameter count (see training_flops_per_token).
     flops_per_parameter: int
     # The optimizer's parameter groups (weight decay, learning rates).
     parameter_groups: Callable[[Any, TrainConfig], list[dict[str, Any]]]
+    # The method in a report's words, from a finished run's record (its settings and what it adapted).
+    describe: Callable[[Any], str]
+    # The method the others are compared with, run by run and seed by seed (full fine-tuning).
+    reference: bool = False
     # Checks the config against the base model's modules, built without weights on the meta device, so that a study
     # finds a run that cannot start before any run trains; raises a UserError. None: nothing to check.
     check_on_skeleton: Optional[Callable[[Any, TrainConfig], None]] = None
@@ -53,6 +59,10 @@ def full_parameter_groups(model, config: TrainConfig) -> list[dict[str, Any]]:
     return grouped(model, config.weight_decay, lambda name: config.lr)
 
 
+def describe_full(record) -> str:
+    return "full FT"
+
+
 def wrap_lora(model, config: LoraTrainConfig) -> tuple[Any, dict[str, Any]]:
     """LoRA: the base is frozen; adapters on the target modules train. The exact modules adapted are recorded."""
     from studykit.modeling import (
@@ -67,6 +77,15 @@ def wrap_lora(model, config: LoraTrainConfig) -> tuple[Any, dict[str, Any]]:
     lora = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "target_modules": config.target_modules,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora, "loraplus_lr_ratio": config.loraplus_lr_ratio}
     return model, {"adapted_modules": adapted, "base_params": base_params, "lora": lora}
+
+
+def describe_lora(record) -> str:
+    lora = record.lora or {}
+    variants = [label for label, on in (("rsLoRA", lora.get("use_rslora")), ("DoRA", lora.get("use_dora"))) if on]
+    if lora.get("loraplus_lr_ratio"):
+        variants.append(f"LoRA+ x{lora['loraplus_lr_ratio']:g}")
+    targets = ",".join(lora.get("target_modules") or [])
+    return f"LoRA r={lora.get('rank')} a={lora.get('alpha', 0):g} {targets}" + (f" ({', '.join(variants)})" if variants else "")
 
 
 def check_lora_targets(skeleton, config: LoraTrainConfig) -> None:
@@ -86,8 +105,9 @@ def lora_parameter_groups(model, config: LoraTrainConfig) -> list[dict[str, Any]
 # frozen base skips (its adapters' are negligible). Attention's own matmuls (12 x layers x width x context per token,
 # 8% more at GPT-2 Small's 512 tokens) are left out, so an MFU from this errs low.
 METHODS: dict[str, Method] = {
-    "full": Method("full", TrainConfig, wrap_full, 6, full_parameter_groups),
-    "lora": Method("lora", LoraTrainConfig, wrap_lora, 4, lora_parameter_groups, check_lora_targets),
+    "full": Method("full", TrainConfig, "training/train_full_ft.py", wrap_full, 6, full_parameter_groups, describe_full, reference=True),
+    "lora": Method("lora", LoraTrainConfig, "training/train_lora.py", wrap_lora, 4, lora_parameter_groups, describe_lora,
+                   check_on_skeleton=check_lora_targets),
 }
 
 

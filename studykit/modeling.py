@@ -42,6 +42,23 @@ def damaged_model_files(name_or_path: str, what: str, error: BaseException) -> U
     return DamagedFile(Path(name_or_path), f"{what} fails to load: {first_line(error)}", remedy)
 
 
+# The hub's GPT-2 sizes by name: (layers, width, heads), all with GPT-2's vocabulary and 1,024 positions. What plans
+# and estimates need before (or without) a download.
+KNOWN_GPT2_SHAPES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}
+GPT2_VOCABULARY = 50257
+
+
+def known_gpt2_config(name: str):
+    """The config of a GPT-2 named by its hub id (`gpt2-medium` or `openai-community/gpt2-medium`), or None."""
+    from transformers import GPT2Config
+
+    shape = KNOWN_GPT2_SHAPES.get(name.removeprefix("openai-community/"))
+    if shape is None:
+        return None
+    layers, width, heads = shape
+    return GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=GPT2_VOCABULARY, n_positions=1024)
+
+
 def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -150,6 +150,9 @@ class RunRecord:
     device: str
     precision: str
     versions: dict[str, str]
+    # The code version of what training runs (runtime.stage_code_version): a study adopts a training made by a printed
+    # command when this, the method, the settings and the data match its own.
+    train_code_version: str = ""
     lora: Optional[dict[str, Any]] = None  # rank, alpha, dropout, targets and variants of a LoRA run
     checkpoint_bytes: int = 0
     schema_version: int = RUN_RECORD_SCHEMA

@@ -9,8 +9,8 @@ from studykit.io import atomic_write_text, read_json
 from studykit.study_file import Study
 
 
-def write_samples(study: Study) -> Path:
-    """samples.md in the study's results directory."""
+def write_samples(study: Study, run_dirs: dict[str, Path]) -> Path:
+    """samples.md in the study's results directory: the base model and each run (the training in `run_dirs`)."""
     prompts_file = study.data_dir / "prompts.json"
     path = study.results_dir / "samples.md"
     if not prompts_file.exists():
@@ -18,12 +18,13 @@ def write_samples(study: Study) -> Path:
         return path
     prompts = read_json(prompts_file, f"delete {study.data_dir} and run the study again: it prepares the data again",
                         expect=list)[: study.report.sample_prompts]
-    continuations = generate_continuations(study, prompts, study.report.sample_new_tokens)
+    continuations = generate_continuations(study, run_dirs, prompts, study.report.sample_new_tokens)
     atomic_write_text(path, format_samples_markdown(prompts, continuations, study.report.sample_new_tokens))
     return path
 
 
-def generate_continuations(study: Study, prompts: Sequence[dict[str, str]], max_new_tokens: int) -> dict[str, list[str]]:
+def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Sequence[dict[str, str]],
+                           max_new_tokens: int) -> dict[str, list[str]]:
     """Greedy continuations of each prompt by the base model and by every run."""
     import torch
 
@@ -38,7 +39,7 @@ def generate_continuations(study: Study, prompts: Sequence[dict[str, str]], max_
     trust_remote_code = study.eval.trust_remote_code
     tokenizer = load_tokenizer(study.eval.tokenizer or study.model, "--tokenizer", trust_remote_code)
     device = default_device()
-    targets = {"base": None, **{spec.name: Path(spec.config.output_dir) for spec in study.runs}}
+    targets = {"base": None, **run_dirs}
     continuations = {}
     for name, path in targets.items():
         model = (load_base_model(study.model, "--model", trust_remote_code) if path is None

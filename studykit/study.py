@@ -1,98 +1,45 @@
 """The whole controlled study from one TOML file: prepare -> every training run -> evaluation -> report.
 
-study_file.py reads the file, study_state.py decides what is current, report.py and samples.py write the report; this
-module runs the steps, each training in a process of its own.
+study_file.py reads the file, study_state.py decides what is current and what the sweeps chose, study_launch.py runs
+the trainings (one at a time, side by side on GPUs, under accelerate, or printed as commands), report.py and samples.py
+write the report; this module runs the steps in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import locks
-from studykit.checkpointing import UnusableCheckpoint
 from studykit.config import StudyConfig, TrainConfig, build_parser, print_config
 from studykit.errors import UserError, first_line
 from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
+from studykit.modeling import known_gpt2_config
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version
-from studykit.safeguards import Interrupted
-from studykit.study_file import RunSpec, Study, load_study, study_path
+from studykit.study_file import Study, Training, load_study, study_path
+from studykit.study_launch import print_commands, run_trainings
 from studykit.study_state import (
     REPORT_INPUTS_FILE,
-    STARTED_FILE,
-    current_fingerprint,
+    current_data,
     eval_inputs,
+    finished_record,
     is_current,
     mark_current,
     plan,
     prepare_inputs,
     report_inputs,
-    resumable_study_run,
-    run_inputs,
+    sweep_result,
     tiny_model_inputs,
+    training_inputs,
+    training_is_current,
 )
 
 # results.json, results.md, samples.md and the figures, with room to spare.
 REPORT_BYTES = 2 * MIB
-
-
-def train_run(config: TrainConfig) -> dict[str, Any]:
-    """One training run through the shared trainer, exactly as training/train_*.py would run it."""
-    from studykit.trainer import train
-
-    return train(config).to_dict()
-
-
-def train_in_fresh_process(spec: RunSpec) -> dict[str, Any]:
-    """Each run trains in its own process, so its peak memory (the process's RSS on a CPU) and its state are its
-    own, not the high-water mark of the runs before it."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=training_process_context()) as pool:
-        try:
-            return pool.submit(train_run, spec.config).result()
-        except Interrupted as stopped:
-            # The trainer's advice (--resume) is for its own command; the study resumes by itself.
-            error = UserError(f"{spec.name}: training stopped by {stopped.signal_name} after step {stopped.step} and saved a "
-                              "resumable checkpoint; run the same study command again to continue it.")
-            error.exit_code = stopped.exit_code
-            raise error from None
-
-
-def training_process_context():
-    """forkserver where there is one: every run still gets a process of its own, forked from a server that imported
-    torch and transformers once, so a run pays no import time; spawn elsewhere."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["studykit.trainer"])
-    return context
-
-
-def train_study_run(spec: RunSpec, inputs: dict[str, Any], done: dict[str, Any]) -> None:
-    """Train one run: continue an unfinished one made from the same inputs, else start afresh (replacing whatever
-    the directory held, never mixing two runs)."""
-    run_dir = Path(spec.config.output_dir)
-    checkpoint = resumable_study_run(run_dir, inputs)
-    if checkpoint is not None:
-        print(f"\n=== training {spec.name}: resuming the unfinished run from {checkpoint.name} ===")
-        try:
-            train_in_fresh_process(dataclasses.replace(spec, config=dataclasses.replace(spec.config, resume=True)))
-            done["resumed"].append(spec.name)
-        except UnusableCheckpoint as error:
-            print(f"warning: {spec.name} cannot be resumed ({error}); training it again from the start.")
-            checkpoint = None
-    if checkpoint is None:
-        print(f"\n=== training {spec.name} ===")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Written before the first step, so an interrupted run can later be recognised as this one and resumed.
-        mark_current(run_dir, inputs, STARTED_FILE)
-        train_in_fresh_process(dataclasses.replace(spec, config=dataclasses.replace(spec.config, overwrite=True)))
-    mark_current(run_dir, inputs)
-    done["trained"].append(spec.name)
 
 
 def build_tiny_model(study: Study) -> None:
@@ -108,65 +55,160 @@ def build_tiny_model(study: Study) -> None:
 def run_study(config: StudyConfig) -> dict[str, Any]:
     """Run every step that is not current; return what was done (and what was kept)."""
     print_config(config)
-    study = load_study(study_path(config), config.output_dir, config.readme)
+    study = load_study(study_path(config), config.output_dir, config.readme, config.seeds)
     print(f"study '{study.name}' from {study.source} -> {study.output_dir} (code version {code_version()})")
-    steps = plan(study)
-    for step, action in steps:
+    for step, action in plan(study):
         print(f"  {step:<24} {action}")
     done: dict[str, Any] = {"study": study.name, "output_dir": str(study.output_dir), "tiny_model_built": False, "prepared": False,
-                            "trained": [], "resumed": [], "kept": [], "evaluated": False, "reported": False, "readme": None, "dry_run": config.dry_run}
+                            "trained": [], "resumed": [], "kept": [], "chosen": {}, "evaluated": False, "reported": False, "readme": None,
+                            "dry_run": config.dry_run, "pending": []}
     if config.dry_run:
+        for line in time_estimate(study, config.assume_tflops):
+            print(line)
         return done
     with locks.exclusive(study.output_dir, "--output-dir"):
-        return run_steps(study, done)
+        return run_steps(study, config, done)
 
 
-def run_steps(study: Study, done: dict[str, Any]) -> dict[str, Any]:
+def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[str, Any]:
     check_extra_eval_reachable(study)
     check_runs_against_the_base_model(study)
-
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
         done["tiny_model_built"] = True
-    fingerprint = current_fingerprint(study)
-    if fingerprint is None:
+    meta = current_data(study)
+    if meta is None:
         from studykit.prepare import prepare
 
-        fingerprint = prepare(study.prepare)["fingerprint"]
+        meta = prepare(study.prepare)
         mark_current(study.data_dir, prepare_inputs(study))
         done["prepared"] = True
+    fingerprint = meta["training_fingerprint"]
 
-    for spec in study.runs:
-        inputs = run_inputs(spec, fingerprint)
-        run_dir = Path(spec.config.output_dir)
-        if is_current(run_dir, inputs, "run.json"):
-            done["kept"].append(spec.name)
-            continue
-        train_study_run(spec, inputs, done)
+    # The sweep (every rate, the sweep seeds), then the chosen rate with every seed: a choice reads dev losses only.
+    if not train_phase(study, config, [t for spec in study.runs for t in study.sweep_trainings(spec)], fingerprint, done):
+        return done
+    sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
+    for sweep in sweeps.values():
+        done["chosen"][sweep.run] = sweep.chosen_lr
+        if sweep.at_edge:
+            print(f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid {sweep.learning_rates}; "
+                  "the best rate may lie beyond it: widen the grid.")
+    chosen = [t for spec in study.runs for t in study.replicate_trainings(spec, sweeps[spec.name].chosen_lr)]
+    if not train_phase(study, config, chosen, fingerprint, done):
+        return done
 
-    warn_about_stale_runs(study)
-    # A run trained now always gets scored, even one whose inputs match an earlier evaluation.
-    evaluated = all(is_current(study.results_dir, eval_inputs(study, fingerprint), name) for name in ("perplexity.json", "per_response_nll.npz"))
+    warn_about_stale_runs(study, {training.name for spec in study.runs for training in study.sweep_trainings(spec)} | {t.name for t in chosen})
+    evaluation = eval_inputs(study, meta["fingerprint"], chosen, fingerprint)
+    evaluated = all(is_current(study.results_dir, evaluation, name) for name in ("perplexity.json", "per_response_nll.npz"))
+    # A training trained now always gets scored, even one whose inputs match an earlier evaluation.
     if done["trained"] or not evaluated:
         from studykit.evaluate import evaluate
 
-        print("\n=== evaluating ===")
-        evaluate(study.eval)
-        mark_current(study.results_dir, eval_inputs(study, fingerprint))
+        print("\n=== evaluating the chosen trainings on the test split ===")
+        evaluate(dataclasses.replace(study.eval, runs=[training.name for training in chosen]))
+        mark_current(study.results_dir, evaluation)
         done["evaluated"] = True
-
-    if done["evaluated"] or not is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE):
+    inputs = report_inputs(study, evaluation, {name: sweep.to_dict() for name, sweep in sweeps.items()})
+    if done["evaluated"] or not is_current(study.results_dir, inputs, "results.json", REPORT_INPUTS_FILE):
         with disk_space_for(study.results_dir, REPORT_BYTES, "the report (results, figures, samples)",
                             "free some space and run the same study command again (the trained runs are kept)"):
-            write_report(study)
-        mark_current(study.results_dir, report_inputs(study, fingerprint), REPORT_INPUTS_FILE)
+            write_report(study, sweeps, fingerprint)
+        mark_current(study.results_dir, inputs, REPORT_INPUTS_FILE)
         done["reported"] = True
     if study.readme is not None:
         done["readme"] = str(study.readme) if update_readme(study) else None
-    resumed = f" (resumed {done['resumed']})" if done["resumed"] else ""
-    print(f"\ndone: trained {done['trained'] or 'nothing'}{resumed}, kept {done['kept'] or 'nothing'}, "
-          f"evaluated: {done['evaluated']}, report: {study.results_dir / 'results.md'}")
+    resumed = f" ({len(done['resumed'])} resumed)" if done["resumed"] else ""
+    print(f"\ndone: trained {len(done['trained'])} training(s){resumed}, kept {len(done['kept'])}, evaluated: {done['evaluated']}, "
+          f"report: {study.results_dir / 'results.md'}")
     return done
+
+
+def train_phase(study: Study, config: StudyConfig, trainings: list[Training], fingerprint: str, done: dict[str, Any]) -> bool:
+    """Train what is not current of one phase; False when they were printed as commands instead (nothing more to do
+    until they have run)."""
+    pending = []
+    for training in trainings:
+        if not training_is_current(training, fingerprint):
+            pending.append(training)
+        elif training.name not in done["kept"] + done["trained"]:
+            done["kept"].append(training.name)
+    if not pending:
+        return True
+    if config.print_commands:
+        print_commands(pending, fingerprint, config)
+        done["pending"] = [training.name for training in pending]
+        return False
+    for name, resumed in run_trainings(pending, fingerprint, config).items():
+        training = next(t for t in pending if t.name == name)
+        mark_current(Path(training.config.output_dir), training_inputs(training, fingerprint))
+        done["trained"].append(name)
+        if resumed:
+            done["resumed"].append(name)
+    return True
+
+
+def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
+    """How long the pending trainings take: model FLOPs per token x tokens x trainings, over an assumed sustained
+    throughput, and over the throughput this study's finished trainings measured, where there are some."""
+    meta = current_data(study)
+    fingerprint = meta["training_fingerprint"] if meta else None
+    total_params = base_model_parameters(study)
+    lines, assumed_seconds, measured_seconds, pending_count, unknown = [], 0.0, 0.0, 0, []
+    measured = measured_tokens_per_second(study, fingerprint)
+    for spec in study.runs:
+        sweep = sweep_result(study, spec, fingerprint, adopt=False)
+        trainings = study.sweep_trainings(spec)
+        if sweep.chosen_lr is None:
+            trainings += [study.training(spec, spec.learning_rates[0], seed) for seed in study.seeds if seed not in study.sweep_seeds]
+        else:
+            trainings += study.replicate_trainings(spec, sweep.chosen_lr)
+        pending = {t.name: t for t in trainings if fingerprint is None or not training_is_current(t, fingerprint, adopt=False)}
+        tokens = training_tokens(spec.config, meta, study.prepare.seq_len)
+        if tokens is None:
+            unknown.append(spec.name)
+            continue
+        flops = METHODS[spec.method].flops_per_token(total_params) * tokens * len(pending)
+        pending_count += len(pending)
+        assumed_seconds += flops / (assumed_tflops * 1e12)
+        rate = measured.get(spec.method)
+        measured_seconds += tokens * len(pending) / rate if rate else 0.0
+    lines.append(f"estimate: {pending_count} training(s) to run, {format_hours(assumed_seconds)} at an assumed {assumed_tflops:g} "
+                 f"model TFLOP/s (--assume-tflops)" + (f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
+                                                        f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
+                                                        if measured else ""))
+    if unknown:
+        lines.append(f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the data "
+                     "once, or give [budget] max_steps)")
+    return lines
+
+
+def format_hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def training_tokens(config: TrainConfig, meta: Optional[dict[str, Any]], seq_len: int) -> Optional[int]:
+    """Tokens one training steps through: exact with the prepared data; with max_steps alone, at most full-length
+    sequences (an upper bound); unknown for an epoch budget over data not prepared yet."""
+    if meta is not None:
+        mean_length = meta["tokens"]["train"] / meta["sequences"]["train"]
+        steps = config.max_steps or math.ceil(config.epochs * (meta["sequences"]["train"] // config.effective_batch))
+        return int(steps * config.effective_batch * mean_length)
+    if config.max_steps:
+        return config.max_steps * config.effective_batch * seq_len
+    return None
+
+
+def measured_tokens_per_second(study: Study, fingerprint: Optional[str]) -> dict[str, float]:
+    """The mean real tokens/s of this study's finished trainings, by method."""
+    rates: dict[str, list[float]] = {}
+    for spec in study.runs:
+        for lr in spec.learning_rates:
+            for seed in study.seeds:
+                record = finished_record(study.training(spec, lr, seed), fingerprint, adopt=False) if fingerprint else None
+                if record is not None:
+                    rates.setdefault(spec.method, []).append(record.tokens_per_second)
+    return {method: sum(values) / len(values) for method, values in rates.items()}
 
 
 def check_extra_eval_reachable(study: Study) -> None:
@@ -178,7 +220,18 @@ def check_extra_eval_reachable(study: Study) -> None:
         ensure_hub_reachable(extra.partition(":")[0], "a local text file as [eval] extra_eval", repo_type="dataset")
 
 
-def base_model_config(study: Study):
+def base_model_parameters(study: Study) -> int:
+    """The base model's parameter count, from its config alone (modules on the meta device, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = base_model_config(study, exact_shape=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in skeleton.parameters())
+
+
+def base_model_config(study: Study, exact_shape: bool = False):
     """The base model's config, all that matching LoRA targets needs: nothing else is read, nothing written; the tiny
     model is described by its [tiny_model] table, not yet built."""
     from transformers import AutoConfig, GPT2Config
@@ -186,8 +239,14 @@ def base_model_config(study: Study):
     from studykit.hub import ensure_hub_reachable
 
     if study.tiny_model is not None:
+        tiny = study.tiny_model
+        if exact_shape:
+            return GPT2Config(vocab_size=tiny.vocab_size, n_positions=256, n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=2)
         # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
-        return GPT2Config(n_layer=study.tiny_model.n_layer, n_embd=study.tiny_model.n_embd, n_head=1)
+        return GPT2Config(n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=1)
+    known = known_gpt2_config(study.model)
+    if known is not None and not Path(study.model).exists():
+        return known  # works offline: the hub's GPT-2 sizes are known by name
     ensure_hub_reachable(study.model, "a local model directory as [budget] model")
     try:
         return AutoConfig.from_pretrained(study.model, trust_remote_code=study.runs[0].config.trust_remote_code)
@@ -218,18 +277,20 @@ def check_runs_against_the_base_model(study: Study) -> None:
             raise UserError(f"run '{spec.name}' in {study.source} cannot train: {error}") from None
 
 
-def warn_about_stale_runs(study: Study) -> None:
-    listed = {spec.name for spec in study.runs}
+def warn_about_stale_runs(study: Study, listed: set[str]) -> None:
+    """Directories of trainings the study no longer has (an edited grid, other seeds) take space and nothing else."""
     if not study.checkpoints_dir.is_dir():
         return
     for path in sorted(study.checkpoints_dir.iterdir()):
         if path.is_dir() and path.name not in listed and not path.name.startswith("."):
-            print(f"warning: {path} is not a run of this study; evaluation scores it but the report leaves it out. "
-                  "Delete it to save the time.")
+            print(f"warning: {path} is not a training of this study (as it now stands); the study ignores it: delete it to free "
+                  "the space.")
 
 
 def parse_study_args(description: str, argv: Optional[Sequence[str]] = None) -> StudyConfig:
     parser = build_parser(StudyConfig, description)
     # --no-readme beside --readme PATH: an empty path means "leave every README alone".
     parser.add_argument("--no-readme", dest="readme", action="store_const", const="", help="do not rewrite any README")
-    return StudyConfig(**vars(parser.parse_args(argv)))
+    config = StudyConfig(**vars(parser.parse_args(argv)))
+    config.validate()
+    return config

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import tomllib
 import typing
@@ -41,18 +42,51 @@ SHARED_BY_ALL_RUNS = {"model", "tokenizer"}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+# [budget] keys about the study's replication rather than one training: every run's seeds, and those its
+# learning-rate sweep is trained with (the first seed by default) before the chosen rate is trained with every seed.
+SEED_KEYS = ("seeds", "sweep_seeds")
+
+
 @dataclasses.dataclass
-
-
 class RunSpec:
+    """One row of the comparison: a method and its settings, trained at each of its learning rates and seeds."""
+
     name: str
     method: str
-    config: TrainConfig
+    config: TrainConfig  # what every training of the run shares; each training sets its own lr, seed and output_dir
+    learning_rates: list[float]
+
+    @property
+    def sweeps(self) -> bool:
+        return len(self.learning_rates) > 1
 
 
 @dataclasses.dataclass
+class Training:
+    """One training of a study: a run at one learning rate and one seed, in its own directory."""
+
+    run: str
+    method: str
+    lr: float
+    seed: int
+    config: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return training_name(self.run, self.lr, self.seed)
 
 
+def lr_label(lr: float) -> str:
+    """3e-4 as `3e-4` and 1.5e-4 as `1.5e-4`: short, exact enough to tell a grid's rates apart, safe in a file name."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def training_name(run: str, lr: float, seed: int) -> str:
+    return f"{run}__lr{lr_label(lr)}__seed{seed}"
+
+
+@dataclasses.dataclass
 class Study:
     name: str
     source: Path
@@ -65,6 +99,8 @@ class Study:
     eval: EvalConfig
     report: ReportConfig
     readme: Optional[Path]
+    seeds: list[int]
+    sweep_seeds: list[int]
 
     @property
     def data_dir(self) -> Path:
@@ -77,6 +113,19 @@ class Study:
     @property
     def results_dir(self) -> Path:
         return self.output_dir / "results"
+
+    def training(self, spec: RunSpec, lr: float, seed: int) -> Training:
+        config = dataclasses.replace(spec.config, lr=lr, seed=seed,
+                                     output_dir=str(self.checkpoints_dir / training_name(spec.name, lr, seed)))
+        return Training(spec.name, spec.method, lr, seed, config)
+
+    def sweep_trainings(self, spec: RunSpec) -> list[Training]:
+        """The trainings that choose the run's learning rate: every rate of its grid, with the sweep seeds."""
+        return [self.training(spec, lr, seed) for lr in spec.learning_rates for seed in self.sweep_seeds]
+
+    def replicate_trainings(self, spec: RunSpec, lr: float) -> list[Training]:
+        """The chosen rate with every seed (the sweep seeds' trainings among them, already trained by the sweep)."""
+        return [self.training(spec, lr, seed) for seed in self.seeds]
 
 
 def study_path(config: StudyConfig) -> Path:
@@ -186,7 +235,43 @@ def _reject_runner_owned(values: dict[str, Any], owned: set[str], where: str, so
                         "(use [study] output_dir or --output-dir to move the study).")
 
 
-def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[str] = None) -> Study:
+def _learning_rates(value: Any, where: str, source: Path) -> list[float]:
+    """`lr = 1e-4` or a grid `lr = [1e-5, 3e-5, 1e-4]`: finite numbers above 0, each once; sorted."""
+    rates = value if isinstance(value, list) else [value]
+    if not rates or not all(isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+                            for rate in rates):
+        raise UserError(f"{where} in {source} sets lr = {json.dumps(value)}; write a number above 0 or a list of them, "
+                        "e.g. lr = [1e-4, 3e-4, 1e-3].")
+    if len(set(rates)) != len(rates):
+        raise UserError(f"{where} in {source} lists a learning rate twice ({json.dumps(value)}); list each rate once.")
+    return sorted(float(rate) for rate in rates)
+
+
+def _seeds(budget: dict[str, Any], source: Path, seeds_override: Optional[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """[budget] seeds and sweep_seeds (or a single `seed`); --seeds replaces the study file's seeds."""
+    for key in SEED_KEYS:
+        value = budget.get(key)
+        if value is not None and not (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+                                      and len(set(value)) == len(value)):
+            raise UserError(f"[budget] in {source} sets {key} = {json.dumps(value)}; write a list of different whole numbers, "
+                            f"e.g. {key} = [0, 1, 2].")
+    if "seeds" in budget and "seed" in budget:
+        raise UserError(f"[budget] in {source} sets both seed and seeds; keep seeds (every run is trained with each of them).")
+    seeds = list(seeds_override or budget.pop("seeds", None) or [budget.pop("seed", TrainConfig.seed)])
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds lists a seed twice ({seeds}); list each seed once.")
+    sweep_seeds = budget.pop("sweep_seeds", None)
+    if sweep_seeds is None or (seeds_override and not set(sweep_seeds) <= set(seeds)):
+        sweep_seeds = seeds[:1]
+    if not set(sweep_seeds) <= set(seeds):
+        raise UserError(f"[budget] in {source} sets sweep_seeds = {sweep_seeds}, not all of them among seeds = {seeds}; "
+                        "sweep with some of the seeds every run is trained with.")
+    budget.pop("seeds", None)
+    return seeds, list(sweep_seeds)
+
+
+def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[str] = None,
+               seeds: Optional[Sequence[int]] = None) -> Study:
     """Stage configs for every step of the study: [data] -> prepare, [budget] + [[runs]] -> training, [eval].
     The whole file is checked here, before any step runs: a mistake in the last run must not surface after the
     first runs have trained."""
@@ -205,8 +290,11 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     readme_path = None if readme == "" else Path(readme) if readme else repo_path(header["readme"]) if header.get("readme") else None
 
     budget = _table(settings, "budget", path)
+    study_seeds, sweep_seeds = _seeds(budget, path, seeds)
+    budget_rates = _learning_rates(budget.pop("lr"), "[budget]", path) if "lr" in budget else None
     # LoRA settings may sit in [budget] when every run is a LoRA run; _run_spec refuses them for a full run.
-    check_stage_settings(budget, LoraTrainConfig, "[budget]", path, "fields of TrainConfig or LoraTrainConfig (the training flags with _ for -)")
+    check_stage_settings(budget, LoraTrainConfig, "[budget]", path, "fields of TrainConfig or LoraTrainConfig (the training flags with _ for -)"
+                         f", or {' or '.join(SEED_KEYS)}")
     _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", path)
     tiny_model = None
     if "tiny_model" in settings:
@@ -232,7 +320,7 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     entries = settings.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise UserError(f"runs in {path} must be [[runs]] tables, one per run; see studies/default.toml.")
-    runs = [_run_spec(entry, budget, root, path) for entry in entries]
+    runs = [_run_spec(entry, budget, budget_rates, root, path) for entry in entries]
     if not runs:
         raise UserError(f"{path} lists no [[runs]]; add at least one run (see studies/default.toml).")
     names = [spec.name for spec in runs]
@@ -249,14 +337,17 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     report_settings = _table(settings, "report", path)
     check_stage_settings(report_settings, ReportConfig, "[report]", path)
     report_config = _build(ReportConfig, report_settings, "[report]", path)
-    return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config, report_config, readme_path)
+    return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config, report_config, readme_path,
+                 study_seeds, sweep_seeds)
 
 
-def _run_spec(entry: dict[str, Any], budget: dict[str, Any], root: Path, source: Path) -> RunSpec:
+def _run_spec(entry: dict[str, Any], budget: dict[str, Any], budget_rates: Optional[list[float]], root: Path,
+              source: Path) -> RunSpec:
     entry = dict(entry)
     name, method = str(entry.pop("name", "")), entry.pop("method", None)
-    if not RUN_NAME.fullmatch(name):
-        raise UserError(f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . -.")
+    if not RUN_NAME.fullmatch(name) or "__" in name:
+        raise UserError(f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . - "
+                        "(without a double underscore, which separates a training's run, rate and seed).")
     if not isinstance(method, str) or method not in METHODS:
         raise UserError(f"run '{name}' in {source} has method {method!r}; use one of {sorted(METHODS)}.")
     config_cls = METHODS[method].config_class
@@ -264,11 +355,18 @@ def _run_spec(entry: dict[str, Any], budget: dict[str, Any], root: Path, source:
     if shared:
         raise UserError(f"run '{name}' in {source} sets {shared}, but the runs of a study are compared on one base model and one "
                         f"tokenization; set {' and '.join(shared)} once for the whole study in [budget] (or build a [tiny_model]).")
+    if "seed" in entry or any(key in entry for key in SEED_KEYS):
+        raise UserError(f"run '{name}' in {source} sets its own seed, but every run is trained with the study's seeds (the same "
+                        "data order per seed for every method); set [budget] seeds instead.")
     _reject_runner_owned(entry, RUNNER_OWNED, f"run '{name}'", source)
+    rates = _learning_rates(entry.pop("lr"), f"run '{name}'", source) if "lr" in entry else budget_rates
     check_stage_settings(entry, config_cls, f"run '{name}'", source)
     not_taken = sorted(set(budget) - set(_field_types(config_cls)))
     if not_taken:
         raise UserError(f"[budget] in {source} sets {not_taken}, which run '{name}' (method '{method}') does not take; "
                         "set them in the [[runs]] entries that use them.")
     values = {**budget, **entry, "output_dir": str(root / "checkpoints" / name), "data_dir": str(root / "processed")}
-    return RunSpec(name, method, _build(config_cls, values, f"run '{name}'", source))
+    if rates:
+        values["lr"] = rates[0]
+    config = _build(config_cls, values, f"run '{name}'", source)
+    return RunSpec(name, method, config, rates or [config.lr])

@@ -1,26 +1,34 @@
-"""What is current in a study and what must be redone. A step's directory holds a study_inputs.json with the inputs
-that produced it (its settings, the data fingerprint, the code version of what it runs); a step whose inputs are
-unchanged since it finished is kept."""
+"""What is current in a study, what must be redone, and what the learning-rate sweeps chose.
+
+A step's directory holds a study_inputs.json with the inputs that produced it (its settings, the data's fingerprint,
+the code version of what it runs); a step whose inputs are unchanged since it finished is kept. A training run
+elsewhere (from --print-commands, on a cluster) is recognised by its run.json alone. Every choice reads the dev
+split's losses only; the test split is read by evaluation, after every choice is made.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from studykit.config import OUTCOME_NEUTRAL, config_to_dict
 from studykit.data import META_FILE
+from studykit.errors import UserError
 from studykit.io import DamagedFile, atomic_write_json, read_json
 from studykit.report import load_per_response
-from studykit.run_dir import RUN_RECORD, resumable_checkpoints
+from studykit.run_dir import RUN_RECORD, load_run_record, resumable_checkpoints
+from studykit.run_state import RunRecord
 from studykit.runtime import stage_code_version
-from studykit.study_file import RunSpec, Study
+from studykit.study_file import RunSpec, Study, Training, lr_label
 
 INPUTS_FILE = "study_inputs.json"
 # The report's inputs are recorded apart from the evaluation's: both live in the results directory.
 REPORT_INPUTS_FILE = "report_inputs.json"
-# A run's inputs as it starts (hidden, so the trainer does not take the directory for someone else's files).
+# A training's inputs as it starts (hidden, so the trainer does not take the directory for someone else's files).
 STARTED_FILE = ".study_inputs_started.json"
 
 
@@ -49,8 +57,10 @@ def mark_current(directory: Path, inputs: dict[str, Any], record: str = INPUTS_F
     atomic_write_json(directory / record, {"digest": digest(inputs), "inputs": inputs})
 
 
-def _settings(config: Any) -> dict[str, Any]:
-    return {key: value for key, value in config_to_dict(config).items() if key not in OUTCOME_NEUTRAL}
+def outcome_settings(config: Any) -> dict[str, Any]:
+    """A config's settings that change what a step computes (not where it reads and writes, or how often it logs)."""
+    values = config if isinstance(config, dict) else config_to_dict(config)
+    return {key: value for key, value in values.items() if key not in OUTCOME_NEUTRAL}
 
 
 def _tiny_model(study: Study) -> Optional[dict[str, Any]]:
@@ -66,41 +76,111 @@ def prepare_inputs(study: Study) -> dict[str, Any]:
     return {"prepare": prepare, "tiny_model": _tiny_model(study), "code": stage_code_version("studykit.prepare")}
 
 
-def run_inputs(spec: RunSpec, data_fingerprint: str) -> dict[str, Any]:
-    return {"method": spec.method, "config": _settings(spec.config), "data_fingerprint": data_fingerprint,
+def training_inputs(training: Training, training_fingerprint: str) -> dict[str, Any]:
+    """What a training's result depends on: its method and settings, the train and dev splits, the training code."""
+    return {"method": training.method, "config": outcome_settings(training.config), "data_fingerprint": training_fingerprint,
             "code": stage_code_version("studykit.trainer")}
 
 
-def eval_inputs(study: Study, data_fingerprint: str) -> dict[str, Any]:
-    runs = {spec.name: digest(run_inputs(spec, data_fingerprint)) for spec in study.runs}
-    return {"eval": _settings(study.eval), "runs": runs, "data_fingerprint": data_fingerprint, "code": stage_code_version("studykit.evaluate")}
+def eval_inputs(study: Study, data_fingerprint: str, trainings: list[Training], training_fingerprint: str) -> dict[str, Any]:
+    return {"eval": outcome_settings(study.eval), "trainings": {t.name: digest(training_inputs(t, training_fingerprint)) for t in trainings},
+            "data_fingerprint": data_fingerprint, "code": stage_code_version("studykit.evaluate")}
 
 
-def report_inputs(study: Study, data_fingerprint: str) -> dict[str, Any]:
-    return {"eval": digest(eval_inputs(study, data_fingerprint)), "report": config_to_dict(study.report), "study": study.settings,
-            "code": stage_code_version("studykit.report")}
+def report_inputs(study: Study, evaluation: dict[str, Any], sweeps: dict[str, Any]) -> dict[str, Any]:
+    return {"eval": digest(evaluation), "sweeps": sweeps, "report": config_to_dict(study.report), "study": study.settings,
+            "seeds": study.seeds, "sweep_seeds": study.sweep_seeds, "code": stage_code_version("studykit.report")}
 
 
-def current_fingerprint(study: Study) -> Optional[str]:
-    """The processed data's fingerprint if it is current, else None (it will be prepared again)."""
+def current_data(study: Study) -> Optional[dict[str, Any]]:
+    """The processed data's meta.json if it is current, else None (it will be prepared again)."""
     tiny_ok = study.tiny_model is None or is_current(Path(study.model), tiny_model_inputs(study), "config.json")
     if tiny_ok and is_current(study.data_dir, prepare_inputs(study), META_FILE):
-        return read_json(study.data_dir / META_FILE)["fingerprint"]
+        return read_json(study.data_dir / META_FILE)
     return None
 
 
-def resumable_study_run(run_dir: Path, inputs: dict[str, Any]) -> Optional[Path]:
-    """The checkpoint an unfinished run of exactly these inputs left (Ctrl-C, a crash, a lost machine), if any."""
+def training_is_current(training: Training, training_fingerprint: str, adopt: bool = True) -> bool:
+    """Finished from these inputs: recorded so by the study runner, or (trained by a printed command) by its run.json,
+    which `adopt` then records as the runner would (a dry run records nothing)."""
+    run_dir, inputs = Path(training.config.output_dir), training_inputs(training, training_fingerprint)
+    if is_current(run_dir, inputs, RUN_RECORD):
+        return True
+    if not (run_dir / RUN_RECORD).exists():
+        return False
+    try:
+        record = load_run_record(run_dir)
+    except UserError:
+        return False
+    matches = (record.method == training.method and outcome_settings(record.config) == inputs["config"]
+               and record.training_data_fingerprint == training_fingerprint and record.train_code_version == inputs["code"])
+    if matches and adopt:
+        mark_current(run_dir, inputs)
+    return matches
+
+
+def resumable_training(training: Training, training_fingerprint: str) -> Optional[Path]:
+    """The checkpoint an unfinished training of exactly these inputs left (Ctrl-C, a crash, a lost machine), if any."""
+    run_dir = Path(training.config.output_dir)
     started = run_dir / STARTED_FILE
     if (run_dir / RUN_RECORD).exists() or not started.exists():
         return None
     try:
-        if read_json(started).get("digest") != digest(inputs):
+        if read_json(started).get("digest") != digest(training_inputs(training, training_fingerprint)):
             return None
     except DamagedFile:
         return None
     checkpoints = resumable_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+@dataclass
+class SweepResult:
+    """What a run's learning-rate sweep found: the mean final dev loss at each rate (None: not trained yet, or every
+    sweep seed diverged) and the rate with the lowest, flagged when it lies at an end of the grid."""
+
+    run: str
+    learning_rates: list[float]
+    dev_losses: dict[float, Optional[float]]
+    pending: list[str]
+    chosen_lr: Optional[float]
+    at_edge: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "learning_rates": self.learning_rates, "dev_loss": {repr(lr): loss for lr, loss in self.dev_losses.items()},
+                "dev_perplexity": {repr(lr): (math.exp(loss) if loss is not None else None) for lr, loss in self.dev_losses.items()},
+                "chosen_lr": self.chosen_lr, "at_edge": self.at_edge}
+
+
+def sweep_result(study: Study, spec: RunSpec, training_fingerprint: Optional[str], adopt: bool = True) -> SweepResult:
+    """Choose the run's rate from its sweep trainings' final dev losses (mean over the sweep seeds). Only finished,
+    current trainings count; while any is pending, nothing is chosen. A run without a grid has its one rate."""
+    losses: dict[float, list[float]] = {lr: [] for lr in spec.learning_rates}
+    pending = []
+    for training in study.sweep_trainings(spec):
+        record = finished_record(training, training_fingerprint, adopt)
+        if record is None:
+            pending.append(training.name)
+        elif record.final_dev_loss is not None and math.isfinite(record.final_dev_loss):
+            losses[training.lr].append(record.final_dev_loss)
+    dev_losses = {lr: (sum(values) / len(values) if values else None) for lr, values in losses.items()}
+    if not spec.sweeps:
+        return SweepResult(spec.name, spec.learning_rates, dev_losses, pending, spec.learning_rates[0], False)
+    if pending:
+        return SweepResult(spec.name, spec.learning_rates, dev_losses, pending, None, False)
+    finite = {lr: loss for lr, loss in dev_losses.items() if loss is not None}
+    if not finite:
+        raise UserError(f"every learning rate of run '{spec.name}' ({spec.learning_rates}) ended with a non-finite dev loss; "
+                        f"lower the grid in {study.source}.")
+    chosen = min(finite, key=finite.get)
+    at_edge = chosen in (spec.learning_rates[0], spec.learning_rates[-1])
+    return SweepResult(spec.name, spec.learning_rates, dev_losses, [], chosen, at_edge)
+
+
+def finished_record(training: Training, training_fingerprint: Optional[str], adopt: bool = True) -> Optional[RunRecord]:
+    if training_fingerprint is None or not training_is_current(training, training_fingerprint, adopt):
+        return None
+    return load_run_record(Path(training.config.output_dir))
 
 
 def plan(study: Study) -> list[tuple[str, str]]:
@@ -109,25 +189,36 @@ def plan(study: Study) -> list[tuple[str, str]]:
     if study.tiny_model is not None:
         built = is_current(Path(study.model), tiny_model_inputs(study), "config.json")
         steps.append(("tiny model", "keep" if built else f"build {study.model}"))
-    fingerprint = current_fingerprint(study)
-    steps.append(("prepare", f"keep (fingerprint {fingerprint})" if fingerprint else f"prepare {study.data_dir}"))
-    trains = False
+    meta = current_data(study)
+    fingerprint = meta["training_fingerprint"] if meta else None
+    steps.append(("prepare", f"keep (fingerprint {meta['fingerprint']})" if meta else f"prepare {study.data_dir}"))
     for spec in study.runs:
-        run_dir = Path(spec.config.output_dir)
-        inputs = run_inputs(spec, fingerprint) if fingerprint is not None else None
-        if inputs is None:
-            action = "train, unless the data comes out as before and the run is current"
-        elif is_current(run_dir, inputs, "run.json"):
-            action = "keep"
-        elif (checkpoint := resumable_study_run(run_dir, inputs)) is not None:
-            action = f"resume the unfinished run from {checkpoint.name}"
+        sweep = sweep_result(study, spec, fingerprint, adopt=False)
+        trainings = study.sweep_trainings(spec) if sweep.chosen_lr is None else study.replicate_trainings(spec, sweep.chosen_lr)
+        actions = [training_action(training, fingerprint) for training in trainings]  # records nothing
+        to_train = [training.name for training, action in zip(trainings, actions) if action != "keep"]
+        label = f"run {spec.name}"
+        if sweep.chosen_lr is None:
+            later = len(study.seeds) - len(study.sweep_seeds)
+            steps.append((label, f"sweep lr {[lr_label(lr) for lr in spec.learning_rates]} with seed(s) {study.sweep_seeds}: train {len(to_train)} of "
+                                 f"{len(trainings)}; then {later} more at the rate with the lowest dev loss"))
         else:
-            action = f"train {spec.method} (lr {spec.config.lr:g}) -> {run_dir}"
-        trains = trains or action != "keep"
-        steps.append((f"run {spec.name}", action))
-    evaluated = not trains and is_current(study.results_dir, eval_inputs(study, fingerprint), "perplexity.json")
-    steps.append(("evaluate", "keep" if evaluated else f"score base + {len(study.runs)} runs -> {study.results_dir}"))
-    reported = evaluated and is_current(study.results_dir, report_inputs(study, fingerprint), "results.json", REPORT_INPUTS_FILE)
-    steps.append(("report", "keep" if reported else "results.json, results.md, figures, samples.md"))
+            chosen = f"lr {sweep.chosen_lr:g}" + (" (chosen on dev; at the grid's edge)" if sweep.at_edge else " (chosen on dev)"
+                                                  if spec.sweeps else "")
+            steps.append((label, f"{chosen}, seeds {study.seeds}: " + (f"train {len(to_train)} of {len(trainings)}" if to_train else "keep")))
+        for training, action in zip(trainings, actions):
+            if action != "keep":
+                steps.append((f"  {training.name}", action))
+    steps.append(("evaluate", f"score base + the chosen trainings on the test split -> {study.results_dir} (unless current)"))
+    steps.append(("report", "results.json, results.md, figures, samples.md (unless current)"))
     steps.append(("README", f"rewrite the results block of {study.readme}" if study.readme else "leave alone"))
     return steps
+
+
+def training_action(training: Training, fingerprint: Optional[str]) -> str:
+    if fingerprint is None:
+        return "train, unless the data comes out as before and the training is current"
+    if training_is_current(training, fingerprint, adopt=False):
+        return "keep"
+    checkpoint = resumable_training(training, fingerprint)
+    return f"resume the unfinished training from {checkpoint.name}" if checkpoint else f"train {training.method} -> {training.config.output_dir}"

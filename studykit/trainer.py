@@ -56,6 +56,7 @@ from studykit.runtime import (
     peak_memory_bytes,
     precision_name,
     reset_peak_memory,
+    stage_code_version,
 )
 from studykit.safeguards import Safeguards
 
@@ -340,6 +341,7 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> RunRecord:
         device=str(accelerator.device),
         precision=precision_name(accelerator.mixed_precision),
         versions=runtime_versions(),
+        train_code_version=stage_code_version("studykit.trainer"),
     )
 
 

@@ -260,8 +260,13 @@ def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
     return path
 
 
+# The one training of one_run_study's study (its run, rate and seed).
+ONE_RUN_TRAINING = "full_ft__lr1e-3__seed0"
+
+
 def one_run_study(path: Path, lr: str = "1e-3", steps: int = 6) -> Path:
-    """The quick preset cut to its full_ft run, checkpointing every 2 steps."""
-    text = shortened_quick_study(path, ("log_every = 2", "log_every = 1\nsave_every = 2"), ("max_steps = 6", f"max_steps = {steps}")).read_text()
+    """The quick preset cut to its full_ft run, at one rate and one seed, checkpointing every 2 steps."""
+    text = shortened_quick_study(path, ("log_every = 2", "log_every = 1\nsave_every = 2"), ("max_steps = 6", f"max_steps = {steps}"),
+                                 ("seeds = [0, 1]", "seeds = [0]")).read_text()
     path.write_text(text[: text.index("[[runs]]")] + f'[[runs]]\nname = "full_ft"\nmethod = "full"\nlr = {lr}\n')
     return path

@@ -276,7 +276,7 @@ def test_a_full_disk_during_evaluation_on_a_real_small_disk(in_process, small_di
 
 def test_a_full_disk_while_writing_the_report_keeps_the_trained_runs(tmp_path, monkeypatch):
     """Injected at the figure writer: the study stops with the sentence; the next run, with space, only reports."""
-    from conftest import one_run_study
+    from conftest import ONE_RUN_TRAINING, one_run_study
 
     from studykit import figures
     from studykit.config import StudyConfig
@@ -291,7 +291,7 @@ def test_a_full_disk_while_writing_the_report_keeps_the_trained_runs(tmp_path, m
         run_study(StudyConfig(config=str(study_file), output_dir=str(output)))
     monkeypatch.undo()
     again = run_study(StudyConfig(config=str(study_file), output_dir=str(output)))
-    assert again["trained"] == [] and again["kept"] == ["full_ft"] and again["reported"]
+    assert again["trained"] == [] and again["kept"] == [ONE_RUN_TRAINING] and again["reported"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def test_garbled_lines_of_the_training_log_are_dropped(tmp_path):
 
 def test_damaged_study_state_and_results_are_redone_not_trusted(tmp_path, capsys):
     """The study runner's own records and results: a damaged one means that step is done again, as after a crash."""
-    from conftest import one_run_study
+    from conftest import ONE_RUN_TRAINING, one_run_study
 
     from studykit.config import StudyConfig
     from studykit.study import run_study
@@ -409,14 +409,19 @@ def test_damaged_study_state_and_results_are_redone_not_trusted(tmp_path, capsys
 
     (output / "results" / "perplexity.json").write_text('[{"name": "ba')
     again = run_study(config)
-    assert again["kept"] == ["full_ft"] and again["evaluated"] and again["reported"]
+    assert again["kept"] == [ONE_RUN_TRAINING] and again["evaluated"] and again["reported"]
     assert "perplexity.json is damaged" in capsys.readouterr().out
 
     cut_short(output / "results" / "per_response_nll.npz")
     assert run_study(config)["evaluated"]
 
-    (output / "checkpoints" / "full_ft" / "study_inputs.json").write_text("{")
-    assert run_study(config)["trained"] == ["full_ft"]
+    # The runner's own record of a training is rebuilt from the training's run.json, which says what produced it.
+    (output / "checkpoints" / ONE_RUN_TRAINING / "study_inputs.json").write_text("{")
+    again = run_study(config)
+    assert again["trained"] == [] and again["kept"] == [ONE_RUN_TRAINING]
+    assert json.loads((output / "checkpoints" / ONE_RUN_TRAINING / "study_inputs.json").read_text())["digest"]
+    (output / "checkpoints" / ONE_RUN_TRAINING / "run.json").write_text('{"method": "fu')
+    assert run_study(config)["trained"] == [ONE_RUN_TRAINING]
 
     (output / "processed" / "meta.json").write_text("{")
     again = run_study(config)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, one_run_study
+from conftest import ONE_RUN_TRAINING, REPO_ROOT, one_run_study
 from studykit import runtime
 
 # studykit's modules from the bottom up: a module imports only modules of its own layer or below, and never one that
@@ -23,6 +23,7 @@ LAYERS = [
     ["study_file"],
     ["samples", "report"],
     ["study_state"],
+    ["study_launch"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
@@ -127,15 +128,15 @@ def test_the_study_retrains_when_training_code_changes_and_only_reports_when_rep
     from studykit.study import run_study
 
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
-    assert run_study(config)["trained"] == ["full_ft"]
+    assert run_study(config)["trained"] == [ONE_RUN_TRAINING]
     version = study_state.stage_code_version
 
     monkeypatch.setattr(study_state, "stage_code_version", lambda module: version(module) + ("-edited" if module == "studykit.report" else ""))
     report_only = run_study(config)
-    assert report_only["kept"] == ["full_ft"] and not report_only["evaluated"] and report_only["reported"]
+    assert report_only["kept"] == [ONE_RUN_TRAINING] and not report_only["evaluated"] and report_only["reported"]
 
     monkeypatch.setattr(study_state, "stage_code_version", lambda module: version(module) + ("-edited" if module == "studykit.trainer" else ""))
     retrained = run_study(config)
-    assert retrained["trained"] == ["full_ft"] and retrained["evaluated"]
-    record = (tmp_path / "out" / "checkpoints" / "full_ft" / "run.json").read_text()
+    assert retrained["trained"] == [ONE_RUN_TRAINING] and retrained["evaluated"]
+    record = (tmp_path / "out" / "checkpoints" / ONE_RUN_TRAINING / "run.json").read_text()
     assert f'"code": "{runtime.code_version()}"' in record, "run.json records the whole kit's code version"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import (
+    ONE_RUN_TRAINING,
     QUICK,
     REPO_ROOT,
     one_run_study,
@@ -30,11 +31,22 @@ from studykit.evaluate import read_extra_eval_texts
 from studykit.study import run_study
 from studykit.study_file import load_study
 
-RUN_NAMES = ["full_ft", "lora_r8", "lora_r32"]
+RUNS = ["full_ft", "lora_r8", "lora_r32", "lora_r8_all_linear"]
+# The quick preset's grids (two rates a run) and seeds (0, 1; the sweep with seed 0).
+GRIDS = {"full_ft": ["3e-4", "1e-3"], "lora_r8": ["3e-3", "1e-2"], "lora_r32": ["3e-3", "1e-2"], "lora_r8_all_linear": ["3e-3", "1e-2"]}
 
 
-def run_dirs_mtimes(root: Path) -> dict[str, float]:
-    return {name: (root / "checkpoints" / name / "run.json").stat().st_mtime_ns for name in RUN_NAMES}
+def sweep_trainings(run: str) -> list[str]:
+    return [f"{run}__lr{lr}__seed0" for lr in GRIDS[run]]
+
+
+def trainings_of(results: dict, run: str) -> list[str]:
+    """The run's chosen rate with both seeds, as the report names them."""
+    return next(row for row in results["rows"] if row["name"] == run)["trainings"]
+
+
+def record_mtimes(root: Path) -> dict[str, float]:
+    return {path.parent.name: path.stat().st_mtime_ns for path in (root / "checkpoints").glob("*/run.json")}
 
 
 @pytest.fixture(scope="module")
@@ -49,91 +61,123 @@ def study(tmp_path_factory):
     readme_before = readme.read_bytes()
 
     first = run_study(StudyConfig(config=str(config_file), output_dir=str(output_dir)))
-    mtimes_first = run_dirs_mtimes(output_dir)
+    mtimes_first = record_mtimes(output_dir)
     results_first = json.loads((output_dir / "results" / "results.json").read_text())
     with np.load(output_dir / "results" / "per_response_nll.npz") as arrays:
         per_response_first = {key: arrays[key] for key in arrays.files}
     second = run_study(StudyConfig(config=str(config_file), output_dir=str(output_dir), readme=str(readme)))
-    mtimes_second = run_dirs_mtimes(output_dir)
+    mtimes_second = record_mtimes(output_dir)
     # lora_r8 alone gets another number of steps: it alone is retrained, and the report must flag it.
     changed_file = shortened_quick_study(root / "changed.toml", ('name = "lora_r8"', 'name = "lora_r8"\nmax_steps = 3'))
     third = run_study(StudyConfig(config=str(changed_file), output_dir=str(output_dir)))
     return {"root": root, "output": output_dir, "first": first, "second": second, "third": third, "results_first": results_first,
-            "per_response_first": per_response_first,
-            "mtimes_first": mtimes_first, "mtimes_second": mtimes_second, "mtimes_third": run_dirs_mtimes(output_dir),
-            "readme": readme, "readme_before": readme_before}
+            "per_response_first": per_response_first, "mtimes_first": mtimes_first, "mtimes_second": mtimes_second,
+            "mtimes_third": record_mtimes(output_dir), "readme": readme, "readme_before": readme_before}
 
 
 def test_quick_study_writes_every_report_file(study):
     results_dir = study["output"] / "results"
-    for name in ("results.json", "results.md", "samples.md", "loss_curves.png", "perplexity_vs_params.png"):
+    figures = ("loss_curves.png", "perplexity_vs_params.png", "dev_perplexity_vs_lr.png", "learn_forget.png", "cost_vs_quality.png")
+    for name in ("results.json", "results.md", "samples.md", *figures):
         assert (results_dir / name).stat().st_size > 0, name
-    for figure in ("loss_curves.png", "perplexity_vs_params.png"):
+    for figure in figures:
         assert (results_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert study["first"]["trained"] == RUN_NAMES and study["first"]["prepared"] and study["first"]["evaluated"]
+    first = study["first"]
+    # Eight sweep trainings (two rates x four runs, seed 0), then the chosen rate of each run with seed 1.
+    assert len(first["trained"]) == 12 and first["prepared"] and first["evaluated"] and first["reported"]
+    assert set(first["trained"]) >= {name for run in RUNS for name in sweep_trainings(run)}
+    assert set(first["chosen"]) == set(RUNS)
+
+
+def test_each_rate_is_chosen_on_dev_as_the_lowest_final_dev_loss_and_an_edge_is_flagged(study):
+    results = study["results_first"]
+    for run in RUNS:
+        row = next(row for row in results["rows"] if row["name"] == run)
+        losses = {lr: json.loads((study["output"] / "checkpoints" / f"{run}__lr{lr}__seed0" / "run.json").read_text())["final_dev_loss"]
+                  for lr in GRIDS[run]}
+        best = min(losses, key=losses.get)
+        assert row["lr"] == pytest.approx(float(best)) and row["sweep"]["chosen_lr"] == pytest.approx(float(best))
+        assert row["sweep"]["at_edge"], "a two-rate grid always chooses at an edge"
+        assert [name.split("__")[1] for name in row["trainings"]] == [f"lr{best}"] * 2
+        assert [name.split("__")[2] for name in row["trainings"]] == ["seed0", "seed1"]
+    assert "at the grid's edge: widen the grid" in (study["output"] / "results" / "results.md").read_text()
 
 
 def test_results_json_rows_hold_the_measurements(study):
     results = study["results_first"]
     assert results["study_config"]["study"]["name"] == "quick" and len(results["code_version"]) == 12
     rows = {row["name"]: row for row in results["rows"]}
-    assert list(rows) == ["base", *RUN_NAMES]
-    # r x (in + out) per adapted module, 2 blocks of a 64-wide model: c_attn 64 -> 192, c_proj 64 -> 64.
-    assert rows["lora_r8"]["trainable_params"] == 2 * 8 * ((64 + 192) + (64 + 64))
-    assert rows["lora_r32"]["trainable_params"] == 4 * rows["lora_r8"]["trainable_params"]
+    assert list(rows) == ["base", *RUNS]
     assert rows["full_ft"]["trainable_params"] == rows["full_ft"]["total_params"]
-    assert rows["lora_r8"]["trainable_percent"] == pytest.approx(100 * rows["lora_r8"]["trainable_params"] / rows["lora_r8"]["total_params"])
-    assert rows["base"]["trainable_params"] == 0 and rows["full_ft"]["vs_full_ft"] is None
+    assert rows["lora_r32"]["trainable_params"] == 4 * rows["lora_r8"]["trainable_params"]
+    assert rows["lora_r8_all_linear"]["trainable_params"] > rows["lora_r8"]["trainable_params"]
     per_response = study["per_response_first"]
-    for name, row in rows.items():
-        low, high = row["perplexity_ci"]
-        assert low <= row["perplexity"] <= high
-        # The point estimate is token-weighted over the whole split, recomputed here from the per-response scores.
-        assert row["perplexity"] == pytest.approx(math.exp(per_response[f"{name}/nll"].sum() / per_response[f"{name}/tokens"].sum()))
-        assert row["extra_eval_perplexity"] > 1
+    tokens = per_response["base/tokens"]
+    extra_tokens = per_response["extra/base/tokens"]
+    for name in RUNS:
+        row, trainings = rows[name], trainings_of(results, name)
+        # The mean over seeds of each seed's token-weighted test perplexity, recomputed from the per-response scores.
+        per_seed = [math.exp(per_response[f"{t}/nll"].sum() / tokens.sum()) for t in trainings]
+        assert row["test"]["mean_perplexity"] == pytest.approx(sum(per_seed) / len(per_seed))
+        assert row["test"]["seed_count"] == 2 and row["test"]["ci_low"] <= row["test"]["mean_perplexity"] <= row["test"]["ci_high"]
+        assert "seeds" in row["test"]["covers"] and "trees" in row["test"]["covers"]
+        # Forgetting: the change in NLL per token on general text from the base model, seed by seed, then the mean.
+        changes = [(per_response[f"extra/{t}/nll"].sum() - per_response["extra/base/nll"].sum()) / extra_tokens.sum() for t in trainings]
+        assert row["forgetting"]["change"] == pytest.approx(sum(changes) / len(changes))
         if name != "full_ft":
-            expected = math.exp((per_response[f"{name}/nll"].sum() - per_response["full_ft/nll"].sum()) / per_response["full_ft/tokens"].sum())
-            assert row["vs_full_ft"]["ratio"] == pytest.approx(expected)
-            assert row["vs_full_ft"]["ci_low"] <= row["vs_full_ft"]["ratio"] <= row["vs_full_ft"]["ci_high"]
-        if name != "base":
-            assert row["steps"] == 6 and row["tokens_seen"] > 0 and row["peak_memory_bytes"] > 0 and row["checkpoint_bytes"] > 0
-            assert row["budget_differences"] == {}
+            reference = trainings_of(results, "full_ft")
+            ratios = [math.exp((per_response[f"{t}/nll"].sum() - per_response[f"{r}/nll"].sum()) / tokens.sum())
+                      for t, r in zip(trainings, reference)]
+            assert row["vs_reference"]["ratio"] == pytest.approx(math.exp(sum(map(math.log, ratios)) / len(ratios)))
+            assert row["vs_reference"]["ci_low"] <= row["vs_reference"]["ratio"] <= row["vs_reference"]["ci_high"]
+        assert row["steps"] == 6 and row["tokens_seen"] > 0 and row["peak_memory_bytes"] > 0 and row["checkpoint_bytes"] > 0
+        assert row["budget_differences"] == {}
+    # Every training's numbers, the rates not chosen among them; only the chosen ones were scored on test.
+    assert sorted(entry["name"] for entry in results["trainings"]) == sorted(study["first"]["trained"])
+    scored = {entry["name"] for entry in results["trainings"] if "test_perplexity" in entry}
+    assert scored == {t for name in RUNS for t in trainings_of(results, name)}
+    assert set(results["pareto_front"]) == {"peak_memory_bytes", "wall_time_seconds", "train_flops"}
 
 
 def test_results_md_and_samples(study):
     markdown = (study["output"] / "results" / "results.md").read_text()
-    assert "Budget, the same for every run: 6 optimizer steps" in study["results_first"]["protocol"]
-    for text in ("Perplexity [95% CI]", "Ratio to full_ft", "Peak memory", "Checkpoint", "Same budget", "**Protocol.**",
-                 "The learning rate differs by design", "loss_curves.png", "README.md perplexity"):
+    protocol = study["results_first"]["protocol"]
+    assert "Budget, the same for every run: 6 optimizer steps" in protocol and "lowest final dev loss" in protocol
+    assert "Nothing that chooses reads the test split" in protocol
+    for text in ("Test perplexity: mean ± seed sd [95% CI]", "Ratio to full_ft", "Forgetting: Δ NLL/token vs base", "Peak memory",
+                 "Checkpoint", "Same budget", "**Protocol.**", "## Learning-rate sweeps", "resamples whole conversation trees",
+                 "The learning rate differs by design", "dev_perplexity_vs_lr.png", "learn_forget.png", "cost_vs_quality.png"):
         assert text in markdown, text
-    assert "| base |" in markdown and all(f"| {name} |" in markdown for name in RUN_NAMES)
+    assert "| base |" in markdown and all(f"| {name} |" in markdown for name in RUNS)
     samples = (study["output"] / "results" / "samples.md").read_text()
     prompts = json.loads((study["output"] / "processed" / "prompts.json").read_text())
     assert prompts and prompts[0]["text"].strip().splitlines()[0] in samples
-    assert all(f"**{name}**" in samples for name in ["base", *RUN_NAMES])
+    assert all(f"**{name}**" in samples for name in ["base", *RUNS])
 
 
 def test_second_run_redoes_nothing(study):
     second = study["second"]
-    assert second["trained"] == [] and second["kept"] == RUN_NAMES
+    assert second["trained"] == [] and sorted(second["kept"]) == sorted(study["first"]["trained"])
     assert not (second["prepared"] or second["evaluated"] or second["reported"] or second["tiny_model_built"])
     assert study["mtimes_second"] == study["mtimes_first"]
 
 
 def test_changed_run_alone_is_redone_and_its_budget_flagged(study):
     third = study["third"]
-    assert third["trained"] == ["lora_r8"] and third["kept"] == ["full_ft", "lora_r32"]
+    retrained = {name.split("__")[0] for name in third["trained"]}
+    assert retrained == {"lora_r8"} and len(third["trained"]) == 3
     assert third["evaluated"] and third["reported"] and not third["prepared"]
-    assert study["mtimes_third"]["lora_r8"] != study["mtimes_second"]["lora_r8"]
-    assert all(study["mtimes_third"][name] == study["mtimes_second"][name] for name in ("full_ft", "lora_r32"))
+    assert all(study["mtimes_third"][name] == study["mtimes_second"][name] for name in study["mtimes_second"] if not name.startswith("lora_r8__"))
     rows = {row["name"]: row for row in json.loads((study["output"] / "results" / "results.json").read_text())["rows"]}
     assert rows["lora_r8"]["budget_differences"] == {"steps": 3}
     assert rows["lora_r32"]["budget_differences"] == {}
-    lines = {line.split("|")[1].strip(): line for line in (study["output"] / "results" / "results.md").read_text().splitlines()
-             if line.startswith("| ")}
+    lines = {}
+    for line in (study["output"] / "results" / "results.md").read_text().splitlines():
+        if line.startswith("| "):
+            lines.setdefault(line.split("|")[1].strip(), line)  # the main table comes first, the sweep table after it
     assert "**NO: steps=3**" in lines["lora_r8"] and lines["lora_r32"].rstrip(" |").endswith("yes")
     markdown = (study["output"] / "results" / "results.md").read_text()
-    assert "**steps differs** (full_ft: 6, lora_r8: 3, lora_r32: 6)" in markdown
+    assert "**steps differs** (lora_r8: 3)" in markdown
     assert "Budget, the same for every run" not in markdown and "runs flagged in the table differ" in markdown
 
 
@@ -143,7 +187,7 @@ def test_readme_block_replaced_and_the_rest_untouched(study):
     assert after[: after.index(start)] == before[: before.index(start)]
     assert after[after.index(end):] == before[before.index(end):]
     block = after[after.index(start) + len(start): after.index(end)].decode()
-    assert "**Protocol.**" in block and "| lora_r32 |" in block and "Perplexity [95% CI]" in block
+    assert "**Protocol.**" in block and "| lora_r32 |" in block and "Test perplexity: mean ± seed sd [95% CI]" in block
     assert study["second"]["readme"] == str(study["readme"])
 
 
@@ -151,7 +195,7 @@ def test_interrupted_run_is_resumed_by_the_next_study_run_and_ends_as_if_never_s
     from safetensors.torch import load_file
 
     output_dir = tmp_path / "quick"
-    run_dir = output_dir / "checkpoints" / "full_ft"
+    run_dir = output_dir / "checkpoints" / ONE_RUN_TRAINING
     config = StudyConfig(config=str(one_run_study(tmp_path / "one.toml")), output_dir=str(output_dir))
     run_study(config)
     straight_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -164,11 +208,11 @@ def test_interrupted_run_is_resumed_by_the_next_study_run_and_ends_as_if_never_s
     (run_dir / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in straight_log[:5]))
     capsys.readouterr()
     run_study(dataclasses.replace(config, dry_run=True))
-    assert "resume the unfinished run from step-000004" in capsys.readouterr().out
+    assert "resume the unfinished training from step-000004" in capsys.readouterr().out
 
     resumed = run_study(config)
-    assert "resuming the unfinished run from step-000004" in capsys.readouterr().out
-    assert resumed["resumed"] == ["full_ft"] == resumed["trained"] and resumed["evaluated"] and resumed["reported"]
+    assert "resuming the unfinished training from step-000004" in capsys.readouterr().out
+    assert resumed["resumed"] == [ONE_RUN_TRAINING] == resumed["trained"] and resumed["evaluated"] and resumed["reported"]
     resumed_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in resumed_log] == [1, 2, 3, 4, 5, 6]
     assert [entry["train_loss"] for entry in resumed_log] == pytest.approx([entry["train_loss"] for entry in straight_log], rel=1e-6)
@@ -176,17 +220,17 @@ def test_interrupted_run_is_resumed_by_the_next_study_run_and_ends_as_if_never_s
         assert weight.allclose(straight_weights[name], atol=1e-6), name
     assert (output_dir / "results" / "perplexity.json").stat().st_mtime_ns != first_scores
 
-    # An unfinished run of other inputs is never continued: its steps would mix two settings.
+    # An unfinished training of other inputs is never continued: its steps would mix two settings.
     (run_dir / "run.json").unlink()
-    changed = run_study(StudyConfig(config=str(one_run_study(tmp_path / "changed.toml", lr="2e-3")), output_dir=str(output_dir)))
-    assert changed["trained"] == ["full_ft"] and changed["resumed"] == []
+    changed = run_study(StudyConfig(config=str(one_run_study(tmp_path / "changed.toml", steps=8)), output_dir=str(output_dir)))
+    assert changed["trained"] == [ONE_RUN_TRAINING] and changed["resumed"] == []
     retrained_log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in retrained_log] == [1, 2, 3, 4, 5, 6] and retrained_log[1]["lr"] != straight_log[1]["lr"]
+    assert [entry["step"] for entry in retrained_log] == list(range(1, 9)) and retrained_log[1]["lr"] != straight_log[1]["lr"]
 
 
 def test_ctrl_c_during_a_study_saves_the_run_and_the_same_command_continues_it(tmp_path):
     output_dir = tmp_path / "quick"
-    log = output_dir / "checkpoints" / "full_ft" / "log.jsonl"
+    log = output_dir / "checkpoints" / ONE_RUN_TRAINING / "log.jsonl"
     command = [sys.executable, str(REPO_ROOT / "run_study.py"), "--config", str(one_run_study(tmp_path / "one.toml", steps=60)),
                "--output-dir", str(output_dir)]
     # Its own process group, as in a terminal: Ctrl-C reaches the runner and the training process alike.
@@ -205,7 +249,7 @@ def test_ctrl_c_during_a_study_saves_the_run_and_the_same_command_continues_it(t
     assert 3 <= stopped_at < 60
 
     result = run_study(StudyConfig(config=command[3], output_dir=str(output_dir)))
-    assert result["resumed"] == ["full_ft"] and result["evaluated"]
+    assert result["resumed"] == [ONE_RUN_TRAINING] and result["evaluated"]
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 61))
     assert json.loads((log.parent / "run.json").read_text())["steps"] == 60
@@ -221,8 +265,12 @@ def test_replace_marked_block_needs_both_markers():
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     output_dir = tmp_path / "never"
     result = run_script("run_study.py", "--preset", "quick", "--output-dir", output_dir, "--dry-run")
-    for step in ("tiny model", "prepare", "run full_ft", "run lora_r8", "run lora_r32", "evaluate", "report", "README"):
+    for step in ("tiny model", "prepare", "run full_ft", "run lora_r8", "run lora_r32", "run lora_r8_all_linear", "evaluate",
+                 "report", "README", "full_ft__lr3e-4__seed0"):
         assert step in result.stdout, step
+    assert "then 1 more at the rate with the lowest dev loss" in result.stdout
+    # 4 runs x (2 rates with seed 0 + the chosen rate with seed 1), at most full-length sequences, over the assumed rate.
+    assert "estimate: 12 training(s) to run" in result.stdout and "--assume-tflops" in result.stdout
     assert "leave alone" in result.stdout and not output_dir.exists()
 
 
@@ -247,8 +295,7 @@ def test_too_few_texts_get_no_interval_rather_than_a_misleading_one():
     nll, tokens = np.array([300.0, 510.0]), np.array([50, 80])
     assert statistics.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
     assert statistics.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
-    assert report.format_interval(502.2, None) == "502.200 (under 20 texts: no interval)"
-    assert report.format_interval(1.5, [None, None]) == "1.500 (under 20 texts: no interval)"
+    assert report.format_interval(502.2, None, None) == "502.200 (no interval)"
     count = statistics.MIN_TEXTS_FOR_INTERVAL
     assert statistics.perplexity_interval(np.full(count, 100.0), np.full(count, 20), resamples=200, seed=0) is not None
 
@@ -269,7 +316,7 @@ def test_paired_ratio_cancels_what_both_models_share():
 def test_budget_differences_name_each_differing_field_and_ignore_the_learning_rate():
     kernels = {"attention": "sdpa", "mlp_activation": "tanh GELU", "loss": "chunks"}
     shared = {"training_data_fingerprint": "a", "dev_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1,
-              "kernels": kernels}
+              "packing": False, "kernels": kernels, "precision": "fp32"}
     eager = {**kernels, "attention": "eager"}
     records = {"full": {**shared, "config": {"lr": 1e-4}}, "lora": {**shared, "config": {"lr": 1e-3}},
                "other": {**shared, "seed": 2, "effective_batch": 16, "config": {"lr": 1e-3}},
@@ -306,10 +353,15 @@ def test_shipped_studies_load_and_share_one_budget():
         budgets = [{name: getattr(spec.config, name) for name in shared} for spec in study.runs]
         assert all(budget == budgets[0] for budget in budgets), path.name
     default = load_study(REPO_ROOT / "studies" / "default.toml")
-    assert [(spec.name, spec.method, getattr(spec.config, "rank", None)) for spec in default.runs] == [
-        ("full_ft", "full", None), ("lora_r8", "lora", 8), ("lora_r32", "lora", 32)]
+    assert [(spec.name, spec.method, getattr(spec.config, "rank", None), getattr(spec.config, "target_modules", None))
+            for spec in default.runs] == [("full_ft", "full", None, None), ("lora_r8", "lora", 8, ["attention"]),
+                                          ("lora_r32", "lora", 32, ["attention"]), ("lora_r8_all_linear", "lora", 8, ["all-linear"])]
+    # Grids of four rates spanning the published ranges; three seeds, the sweep with the first.
+    assert default.runs[0].learning_rates == [1e-5, 3e-5, 1e-4, 3e-4]
+    assert all(spec.learning_rates == [1e-4, 3e-4, 1e-3, 3e-3] for spec in default.runs[1:])
+    assert default.seeds == [0, 1, 2] and default.sweep_seeds == [0]
     assert default.model == "gpt2" and default.readme == REPO_ROOT / "README.md"
-    assert load_study(QUICK).readme is None
+    assert load_study(QUICK).readme is None and load_study(REPO_ROOT / "studies" / "fixed_lr.toml").runs[0].learning_rates == [5e-5]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,8 +377,14 @@ def refused_study(runner, study_file: Path, output_dir: Path) -> str:
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (('lr = 1e-3', 'lr = "1e-3"'), ["run 'full_ft'", 'lr = "1e-3"', "a string", "takes a number", "without quotes"]),
-    (("[budget]\n", '[budget]\nlr = "1e-3"\n'), ["[budget]", 'lr = "1e-3"', "takes a number", "without quotes"]),
+    (('lr = [3e-4, 1e-3]', 'lr = "1e-3"'), ["run 'full_ft'", 'lr = "1e-3"', "write a number above 0 or a list of them"]),
+    (("[budget]\n", '[budget]\nlr = "1e-3"\n'), ["[budget]", 'lr = "1e-3"', "write a number above 0 or a list of them"]),
+    (('lr = [3e-4, 1e-3]', 'lr = [3e-4, 3e-4]'), ["run 'full_ft'", "lists a learning rate twice"]),
+    (('lr = [3e-4, 1e-3]', 'lr = [0, 1e-3]'), ["run 'full_ft'", "lr = [0, 0.001]", "a number above 0"]),
+    (("seeds = [0, 1]", "seeds = [0, 0]"), ["[budget]", "seeds = [0, 0]", "different whole numbers"]),
+    (("seeds = [0, 1]", "seeds = [0, 1]\nsweep_seeds = [5]"), ["[budget]", "sweep_seeds = [5]", "not all of them among seeds"]),
+    (("seeds = [0, 1]", "seeds = [0, 1]\nseed = 3"), ["[budget]", "both seed and seeds"]),
+    (('name = "full_ft"', 'name = "full_ft"\nseed = 3'), ["run 'full_ft'", "its own seed", "[budget] seeds"]),
     (("rank = 8\n", "rank = 8.5\n"), ["run 'lora_r8'", "rank = 8.5", "takes a whole number"]),
     (("rank = 8\n", 'rank = 8\ntarget_modules = "attention"\n'),
      ["run 'lora_r8'", "target_modules = \"attention\"", "takes a list of strings", 'target_modules = ["attention"]']),
@@ -336,7 +394,8 @@ def refused_study(runner, study_file: Path, output_dir: Path) -> str:
     (('precision = "fp32"', 'precision = "fp64"'), ["[budget]", 'precision = "fp64"', "use one of ['auto', 'fp16', 'bf16', 'fp32']"]),
     (("n_layer = 2", 'n_layer = "2"'), ["[tiny_model]", 'n_layer = "2"', "takes a whole number"]),
     (("sample_prompts = 3", "sample_prompts = 3.5"), ["[report]", "sample_prompts = 3.5", "takes a whole number"]),
-], ids=["run-lr-string", "budget-lr-string", "rank-fraction", "targets-not-a-list", "bool-as-number", "data", "eval", "choice",
+], ids=["run-lr-string", "budget-lr-string", "lr-twice", "lr-zero", "seeds-twice", "sweep-seeds-outside",
+        "seed-and-seeds", "run-seed", "rank-fraction", "targets-not-a-list", "bool-as-number", "data", "eval", "choice",
         "tiny-model", "report"])
 def test_a_value_of_the_wrong_type_is_refused_naming_table_key_value_and_type(tmp_path, in_process, edit, expected):
     line = refused_study(in_process, shortened_quick_study(tmp_path / "study.toml", edit), tmp_path / "out")
@@ -347,7 +406,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_table_key_value_and_type(tm
 @pytest.mark.parametrize("edit, expected", [
     (("batch_size = 16", "batch_size = 0"), ["[eval] in ", "--batch-size must be at least 1 (got 0)"]),
     (("rank = 32\n", "rank = 0\n"), ["run 'lora_r32' in ", "positive rank", "rank=0"]),
-    (("test_fraction = 0.1", "test_fraction = 1.5"), ["[data] in ", "--test-fraction must lie between 0 and 1"]),
+    (("test_fraction = 0.15", "test_fraction = 1.5"), ["[data] in ", "--test-fraction must lie between 0 and 1"]),
 ], ids=["eval", "last-run", "data"])
 def test_a_value_its_stage_refuses_is_reported_where_the_study_file_sets_it(tmp_path, in_process, edit, expected):
     line = refused_study(in_process, shortened_quick_study(tmp_path / "study.toml", edit), tmp_path / "out")
@@ -356,9 +415,9 @@ def test_a_value_its_stage_refuses_is_reported_where_the_study_file_sets_it(tmp_
 
 
 def test_a_value_of_the_wrong_type_is_refused_by_the_real_interpreter(tmp_path):
-    study_file = shortened_quick_study(tmp_path / "study.toml", ('lr = 1e-3', 'lr = "1e-3"'))
+    study_file = shortened_quick_study(tmp_path / "study.toml", ('lr = [3e-4, 1e-3]', 'lr = "1e-3"'))
     line = refused_study(None, study_file, tmp_path / "out")
-    assert "run 'full_ft'" in line and 'lr = "1e-3"' in line and "takes a number" in line
+    assert "run 'full_ft'" in line and 'lr = "1e-3"' in line and "a number above 0" in line
 
 
 def test_lora_targets_of_the_last_run_are_checked_before_the_first_run_trains(tmp_path):
@@ -403,5 +462,5 @@ def test_a_lora_setting_in_budget_is_refused_for_a_full_run_and_shared_by_lora_r
     line = refused_study(in_process, study_file, tmp_path / "out")
     assert "[budget]" in line and "['target_modules']" in line and "run 'full_ft' (method 'full') does not take" in line
     text = study_file.read_text()
-    study_file.write_text(text[: text.index("[[runs]]")] + text[text.index('[[runs]]\nname = "lora_r8"'):])
+    study_file.write_text(text[: text.index("[[runs]]")] + text[text.index('[[runs]]\nname = "lora_r8"'):text.index('[[runs]]\nname = "lora_r8_all_linear"')])
     assert [spec.config.target_modules for spec in load_study(study_file).runs] == [["attention+mlp"], ["attention+mlp"]]
