@@ -297,17 +297,29 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class TinyModelConfig:
-    """A study's [tiny_model]: a small GPT-2 and its own tokenizer, built offline, so a study runs without the hub."""
+    """A study's [tiny_model]: a small GPT-2 and its own tokenizer, built offline and first trained briefly on general
+    English text, so that, as with GPT-2, fine-tuning adapts a model that already models language."""
 
-    data_file: str = option("data/sample/oasst_sample.jsonl", "texts the byte-level tokenizer is trained on")
+    data_file: str = option("data/sample/oasst_sample.jsonl", "OASST texts the byte-level tokenizer is trained on, beside the "
+                                                              "general text")
+    general_text: str = option("data/sample/general_text.txt", "plain English text the model is pre-trained on (paragraphs "
+                                                               "separated by blank lines)")
+    heldout_text: Optional[str] = option("data/sample/general_text_heldout.txt", "general text never trained on, scored before "
+                                                                                  "and after pre-training (none: not scored)")
     vocab_size: int = option(512, "tokenizer vocabulary size")
     n_layer: int = option(2, "transformer blocks")
     n_embd: int = option(64, "hidden size")
+    pretrain_steps: int = option(400, "optimizer steps of pre-training on the general text (0: a random model)")
+    pretrain_block_size: int = option(128, "tokens per pre-training sequence")
+    pretrain_lr: float = option(3e-3, "peak learning rate of the pre-training")
+    seed: int = option(0, "seed of the initial weights and of the pre-training's order")
 
     def validate(self) -> None:
         for flag, value in (("vocab_size", self.vocab_size), ("n_layer", self.n_layer), ("n_embd", self.n_embd)):
             if value < 1:
                 raise UserError(f"{flag} must be at least 1 (got {value}).")
+        if self.pretrain_steps < 0:
+            raise UserError(f"pretrain_steps must be 0 or more (got {self.pretrain_steps}).")
 
 
 @dataclasses.dataclass

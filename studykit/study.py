@@ -43,13 +43,25 @@ REPORT_BYTES = 2 * MIB
 
 
 def build_tiny_model(study: Study) -> None:
-    from studykit.tiny import build_tiny_gpt2, sample_texts, train_byte_level_tokenizer
+    import torch
+
+    from studykit.tiny import build_pretrained_tiny_gpt2
 
     spec = study.tiny_model
-    tokenizer = train_byte_level_tokenizer(sample_texts(Path(spec.data_file)), spec.vocab_size)
-    build_tiny_gpt2(Path(study.model), tokenizer, n_layer=spec.n_layer, n_embd=spec.n_embd)
+    # One thread: the same weights on every machine (another thread count sums in another order), and on a busy
+    # 2-core machine no slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        note = build_pretrained_tiny_gpt2(Path(study.model), Path(spec.data_file), Path(spec.general_text), spec.vocab_size, spec.n_layer,
+                                          spec.n_embd, spec.pretrain_steps, block_size=spec.pretrain_block_size, lr=spec.pretrain_lr,
+                                          seed=spec.seed, heldout_text_file=Path(spec.heldout_text) if spec.heldout_text else None)
+    finally:
+        torch.set_num_threads(threads)
     mark_current(Path(study.model), tiny_model_inputs(study))
-    print(f"built tiny model {study.model}")
+    scored = (f"; held-out perplexity {note.heldout_perplexity_before:.1f} -> {note.heldout_perplexity_after:.1f}"
+              if note.heldout_perplexity_after is not None else "")
+    print(f"built tiny model {study.model}: {note.note}{scored}")
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:

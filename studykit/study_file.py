@@ -302,6 +302,9 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
         check_stage_settings(tiny_table, TinyModelConfig, "[tiny_model]", path)
         tiny_model = _build(TinyModelConfig, tiny_table, "[tiny_model]", path)
         tiny_model.data_file = str(repo_path(tiny_model.data_file))
+        tiny_model.general_text = str(repo_path(tiny_model.general_text))
+        if tiny_model.heldout_text:
+            tiny_model.heldout_text = str(repo_path(tiny_model.heldout_text))
         if "model" in budget:
             raise UserError(f"{path} has both [tiny_model] and [budget] model; keep one of them.")
         budget["model"] = str(root / "tiny-gpt2")

