@@ -30,8 +30,10 @@ from studykit.study_file import Study
 
 # What two runs must share to be compared at all; each is recorded in the run's run.json. The learning rate is
 # left out on purpose: it is the one setting the methods are expected to need differently. `kernels` (attention,
-# MLP activation, loss) is there so both methods are computed alike.
-BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels")
+# MLP activation, loss) is there so both methods are computed alike, `optimizer` so both take the same kind of step
+# (8-bit moments move the weights a little differently from fp32 ones).
+BUDGET_FIELDS = ("data_fingerprint", "validation_fingerprint", "seq_len", "effective_batch", "steps", "seed", "kernels",
+                 "optimizer")
 
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
