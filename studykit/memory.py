@@ -417,12 +417,22 @@ def estimate_for_plan(config, model_config, seq_len: int) -> MemoryEstimate:
 
 
 def plan_line(config, model_config, seq_len: int) -> str:
-    """What a run needs on a GPU and whether a 6 GB card holds it with the CUDA context, in one line for a dry run."""
-    estimate = estimate_for_plan(config, model_config, seq_len)
+    """What a run needs on a GPU and whether a 6 GB card holds it with the CUDA context, in one line for a dry run.
+    Under --auto-batch with a cap, at the micro-batch the estimate would choose (on a GPU a real step decides)."""
+
+    def estimate_at(batch_size: int) -> MemoryEstimate:
+        return estimate_for_plan(with_micro_batch(config, batch_size), model_config, seq_len)
+
+    chosen = ""
+    if config.auto_batch and config.max_gpu_memory_gb is not None:
+        cap = int(config.max_gpu_memory_gb * GIB)
+        config = with_micro_batch(config, largest_fitting_by_estimate(config, estimate_at, cap))
+        chosen = f", chosen by --auto-batch under {config.max_gpu_memory_gb:g} GiB"
+    estimate = estimate_at(config.batch_size)
     on_card = estimate.total + CUDA_CONTEXT_BYTES
     checkpointing = "with" if config.gradient_checkpointing else "without"
     verdict = (f"fits a {PLAN_CARD_GIB} GB card" if on_card <= PLAN_CARD_GIB * GIB else
                f"does not fit a {PLAN_CARD_GIB} GB card (try {MEMORY_FLAGS}, --optimizer adamw8bit)")
-    return (f"needs {gib(estimate.total):.2f} GiB at micro-batch {config.batch_size} x {seq_len} tokens "
+    return (f"needs {gib(estimate.total):.2f} GiB at micro-batch {config.batch_size} x {seq_len} tokens{chosen} "
             f"({estimate.precision}, {config.optimizer}, {checkpointing} gradient checkpointing), "
             f"{gib(on_card):.2f} GiB with the CUDA context: {verdict}")
