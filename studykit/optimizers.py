@@ -4,9 +4,10 @@ room. All three take the method's parameter groups (weight decay, LoRA+ learning
 and compute AdamW's decoupled update; the 8-bit ones keep both moments quantised block-wise (Dettmers et al. 2022).
 The memory estimate asks here how many bytes each keeps per parameter, and where.
 
-bitsandbytes rather than torchao: its 8-bit AdamW runs on CUDA and (since 0.50) on a CPU without compiling anything,
-its state is plain uint8 and fp32 tensors that a checkpoint loads with torch.load(weights_only=True), and its update
-reads the gradients at `step()`, after clipping and the fp16 loss scaler's unscaling. torchao's AdamW8bit compiles
+bitsandbytes rather than torchao: its 8-bit AdamW runs on CUDA and (0.50.2, tested here) on a CPU without
+compiling anything, its state is plain uint8 and fp32 tensors that a checkpoint loads with
+torch.load(weights_only=True), and its update reads the gradients at `step()`, after clipping and the fp16 loss
+scaler's unscaling. torchao's AdamW8bit compiles
 its update with torch.compile on first use (24 s for two layers on this kit's 2-core CPU) and keeps tensor-subclass
 state; its CPUOffloadOptimizer copies gradients to the CPU in backward hooks, before the trainer clips or unscales
 them, so a run would silently train without clipping (and on fp16, on scaled gradients).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -129,6 +131,11 @@ def import_bitsandbytes():
 def check_runs_here(name: str, device: torch.device) -> None:
     """An optimizer this machine cannot run is refused in one sentence before anything is built."""
     spec = OPTIMIZERS[name]
+    if spec.library is not None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # FSDP gathers and spreads optimizer state by parameter name in the parameters' shapes (studykit/sharded.py);
+        # bitsandbytes' block scales have shapes of their own.
+        raise UserError(f"--optimizer {name} does not run under FSDP; use --optimizer adamw, or DDP (a config "
+                        "without FSDP), whose processes each hold the whole 8-bit state.")
     if spec.cuda_only and device.type != "cuda":
         raise UserError(f"--optimizer {name} pages its state between GPU and CPU memory, which needs a CUDA GPU; "
                         f"on {device.type} use --optimizer adamw8bit (as little state, in ordinary memory) or adamw.")
@@ -136,12 +143,12 @@ def check_runs_here(name: str, device: torch.device) -> None:
         return
     if importlib.util.find_spec(spec.library) is None:
         raise UserError(f"--optimizer {name} needs {spec.library}, which is not installed; pip install {spec.library} "
-                        "(0.50 or later runs on a CPU too), or use --optimizer adamw.")
+                        "(0.50.2 and later run on a CPU too), or use --optimizer adamw.")
     bitsandbytes = import_bitsandbytes()
     dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
     if not all(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key) for op in BNB_UPDATE_OPS):
         raise UserError(f"--optimizer {name}: this bitsandbytes ({bitsandbytes.__version__}) has no 8-bit optimizer "
-                        f"for {device.type}; pip install -U bitsandbytes (0.50 or later runs on a CPU too), or use "
+                        f"for {device.type}; pip install -U bitsandbytes (0.50.2 and later run on a CPU too), or use "
                         "--optimizer adamw.")
 
 

@@ -101,13 +101,20 @@ def test_missing_bitsandbytes_is_one_sentence_naming_what_to_install(small_vocab
     line = refused(FULL, "--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"],
                    "--output-dir", tmp_path / "run", "--optimizer", "adamw8bit", watch=[tmp_path], runner=in_process)
     assert line == ("error: --optimizer adamw8bit needs bitsandbytes, which is not installed; pip install bitsandbytes "
-                    "(0.50 or later runs on a CPU too), or use --optimizer adamw.")
+                    "(0.50.2 and later run on a CPU too), or use --optimizer adamw.")
 
 
 def test_a_bitsandbytes_without_this_devices_kernels_is_one_sentence(monkeypatch):
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
     with pytest.raises(UserError, match=r"has no 8-bit optimizer for cpu; pip install -U bitsandbytes"):
         optimizers.check_runs_here("adamw8bit", torch.device("cpu"))
+
+
+def test_8bit_optimizers_under_fsdp_are_one_sentence(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match=r"^--optimizer adamw8bit does not run under FSDP; use --optimizer adamw"):
+        optimizers.check_runs_here("adamw8bit", torch.device("cpu"))
+    optimizers.check_runs_here("adamw", torch.device("cpu"))
 
 
 def test_the_paged_optimizer_pages_its_loaded_state_again(monkeypatch):
