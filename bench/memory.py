@@ -10,7 +10,7 @@ less the allocator's rounding. Attention dropout is off, as on a CPU SDPA with d
 CUDA's kernels do not. GPT-2 Medium's steps would take too long to measure on a CPU: there the estimates alone are
 printed, for a CUDA GPU, from the model built on the meta device (no weights).
 
-  python bench/memory.py --model small --batch-size 2            # GPT-2 Small's shape on a CPU, about 3 minutes
+  python bench/memory.py --model small --batch-size 2 --optimizer adamw   # GPT-2 Small on a CPU, about 3 minutes
   python bench/memory.py --model small --batch-size 8            # on a GPU: the defaults, fp16
   python bench/memory.py --model medium --batch-size 8 --gradient-checkpointing --max-gpu-memory-gb 6
 """

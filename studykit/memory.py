@@ -1,7 +1,8 @@
 """How much accelerator memory a training run needs, a cap on it, and the largest micro-batch that fits.
 
-The estimate is derived from the model's config and its trainable-parameter count, so it holds for full
-fine-tuning and LoRA of any causal LM with a GPT-style block (hidden size, layers, heads, MLP width, vocabulary).
+The estimate is derived from the model's config, its trainable tensors and the optimizer's state per tensor
+(studykit/optimizers.py), so it holds for full fine-tuning and LoRA of any causal LM with a GPT-style block (hidden
+size, layers, heads, MLP width, vocabulary) and for each optimizer.
 It is an estimate of what PyTorch's caching allocator holds at the peak of a step, not a measurement: the CUDA
 context (a few hundred MB) and allocator fragmentation come on top.
 """
@@ -431,8 +432,9 @@ def plan_line(config, model_config, seq_len: int) -> str:
     estimate = estimate_at(config.batch_size)
     on_card = estimate.total + CUDA_CONTEXT_BYTES
     checkpointing = "with" if config.gradient_checkpointing else "without"
+    leaner = {"adamw": ", --optimizer adamw8bit", "adamw8bit": ", --optimizer paged-adamw8bit"}.get(config.optimizer, "")
     verdict = (f"fits a {PLAN_CARD_GIB} GB card" if on_card <= PLAN_CARD_GIB * GIB else
-               f"does not fit a {PLAN_CARD_GIB} GB card (try {MEMORY_FLAGS}, --optimizer adamw8bit)")
+               f"does not fit a {PLAN_CARD_GIB} GB card (try {MEMORY_FLAGS}{leaner})")
     return (f"needs {gib(estimate.total):.2f} GiB at micro-batch {config.batch_size} x {seq_len} tokens{chosen} "
             f"({estimate.precision}, {config.optimizer}, {checkpointing} gradient checkpointing), "
             f"{gib(on_card):.2f} GiB with the CUDA context: {verdict}")
