@@ -1,15 +1,18 @@
-"""Peak memory of a training step: our trainer's step against the usual one, beside the estimate the trainer prints.
+"""Peak memory of a training step: our trainer's step against the usual one, beside the estimate the trainer prints,
+for each optimizer.
 
   studykit          the model as studykit loads it (fused GELU) and studykit.loss (chunked output layer and loss)
   usual setup       the model as transformers loads it, `model(input_ids, labels=...).loss` (full logits)
 
-Both take two AdamW steps on the same full-length batch. On CUDA the peak is torch.cuda.max_memory_allocated; on a
-CPU it is every tensor counted while alive (studykit.memory.TensorMemoryPeak), what the same step would hold on a GPU
+Both take two optimizer steps on the same full-length batch. On CUDA the peak is torch.cuda.max_memory_allocated; on
+a CPU it is every tensor counted while alive (studykit.memory.TensorMemoryPeak), what the same step would hold on a GPU
 less the allocator's rounding. Attention dropout is off, as on a CPU SDPA with dropout keeps the score matrices that
-CUDA's kernels do not.
+CUDA's kernels do not. GPT-2 Medium's steps would take too long to measure on a CPU: there the estimates alone are
+printed, for a CUDA GPU, from the model built on the meta device (no weights).
 
-  python bench/memory.py --model small --batch-size 2            # GPT-2 Small's shape on a CPU, about 3 minutes
+  python bench/memory.py --model small --batch-size 2 --optimizer adamw   # GPT-2 Small on a CPU, about 3 minutes
   python bench/memory.py --model small --batch-size 8            # on a GPU: the defaults, fp16
+  python bench/memory.py --model medium --batch-size 8 --gradient-checkpointing --max-gpu-memory-gb 6
 """
 
 from __future__ import annotations
@@ -23,10 +26,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from studykit.config import OPTIMIZER_CHOICES, LoraTrainConfig, TrainConfig  # noqa: E402
 from studykit.data import collate  # noqa: E402
+from studykit.errors import UserError  # noqa: E402
 from studykit.loss import batch_nll  # noqa: E402
-from studykit.memory import TensorMemoryPeak, estimate_for_model, gib  # noqa: E402
-from studykit.modeling import use_fused_gelu, wrap_with_lora  # noqa: E402
+from studykit.memory import (  # noqa: E402
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    PLAN_CARD_GIB,
+    TensorMemoryPeak,
+    apply_memory_cap,
+    estimate_for_model,
+    estimate_for_plan,
+    gib,
+)
+from studykit.modeling import enable_activation_checkpointing, use_fused_gelu, wrap_with_lora  # noqa: E402
+from studykit.modeling import KNOWN_GPT2_SHAPES  # noqa: E402
+from studykit.optimizers import OPTIMIZERS, build_optimizer, check_runs_here  # noqa: E402
 from studykit.runtime import (  # noqa: E402
     autocast_for,
     default_device,
@@ -34,16 +50,36 @@ from studykit.runtime import (  # noqa: E402
     resolve_precision,
 )
 
-SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2}, "small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}
+SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},
+          **{name: dict(zip(("n_layer", "n_embd", "n_head"), KNOWN_GPT2_SHAPES[hub_id])) for name, hub_id in (("small", "gpt2"),
+                                                                                                          ("medium", "gpt2-medium"))}}
+# Shapes whose steps a CPU would take too long to measure (GPT-2 Medium: minutes a step, 6 GB for AdamW alone).
+ESTIMATED_ONLY_ON_CPU = {"medium"}
+LORA = {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["attention"]}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=sorted(SHAPES), help="GPT-2's vocabulary with this shape, randomly initialised")
+    parser.add_argument("--model", default="tiny", choices=sorted(SHAPES),
+                        help="GPT-2's vocabulary with this shape, randomly initialised")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"), help="auto: fp16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                        help="auto: fp16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--optimizer", nargs="+", choices=OPTIMIZER_CHOICES, default=None,
+                        help="optimizers to compare (default: every one this device runs)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass")
+    parser.add_argument("--max-gpu-memory-gb", type=float, default=None,
+                        help=f"GiB of the card to fit (default {PLAN_CARD_GIB}); on CUDA it also caps the allocator, "
+                             "as training's flag does")
     return parser.parse_args()
+
+
+def runnable_optimizers(requested, device_type: str) -> list[str]:
+    if requested:
+        return requested
+    return [name for name in OPTIMIZER_CHOICES if not (OPTIMIZERS[name].cuda_only and device_type != "cuda")]
 
 
 def build(args, method: str, studykit: bool):
@@ -55,12 +91,15 @@ def build(args, method: str, studykit: bool):
     if studykit:
         use_fused_gelu(model)
     if method == "lora":
-        model = wrap_with_lora(model, 8, 16, 0.05, ["attention"])
+        model = wrap_with_lora(model, LORA["rank"], LORA["alpha"], LORA["dropout"], LORA["target_modules"])
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return model.train()
 
 
-def peak_of_two_steps(model, batch, autocast, studykit: bool, device: torch.device) -> int:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def peak_of_two_steps(model, optimizer_name: str, batch, autocast, studykit: bool, device: torch.device) -> int:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer([{"params": trainable}], TrainConfig(optimizer=optimizer_name, lr=1e-4), device)
     tracker = TensorMemoryPeak(model.parameters()) if device.type == "cpu" else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -71,12 +110,74 @@ def peak_of_two_steps(model, batch, autocast, studykit: bool, device: torch.devi
                 loss = batch_nll(model, batch, autocast).total
             else:
                 with autocast():
-                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else tracker.peak
 
+
+def fits(size: int, card_gib: float) -> str:
+    return "yes" if size + CUDA_CONTEXT_BYTES <= card_gib * GIB else "no"
+
+
+def print_estimates(args, optimizers: list[str], card_gib: float) -> None:
+    """GPT-2 Medium on a CPU: the trainer's estimate for a CUDA GPU, from the model built on the meta device."""
+    from transformers import GPT2Config
+
+    precision = "fp16" if args.precision == "auto" else args.precision
+    checkpointing = "with" if args.gradient_checkpointing else "without"
+    print(f"model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, precision {precision}, "
+          f"{checkpointing} gradient checkpointing")
+    print("measuring its steps on a CPU would take too long: these are the estimates for a CUDA GPU, built on the "
+          f"meta device (no weights); a card also holds the CUDA context ({gib(CUDA_CONTEXT_BYTES):.2f} GiB)")
+    print(f"{'method':<8} {'optimizer':<16} {'estimate GiB':>13} {'paged GiB':>10} {'+ context GiB':>14} "
+          f"{f'fits {card_gib:g} GiB':>12}")
+    model_config = GPT2Config(**SHAPES[args.model])
+    for method, config_class, extra in (("full", TrainConfig, {}), ("lora", LoraTrainConfig, LORA)):
+        for name in optimizers:
+            config = config_class(optimizer=name, batch_size=args.batch_size, precision=precision,
+                                  gradient_checkpointing=args.gradient_checkpointing, **extra)
+            estimate = estimate_for_plan(config, model_config, args.seq_len)
+            print(f"{method:<8} {name:<16} {gib(estimate.total):>13.2f} {gib(estimate.optimizer_state_paged):>10.2f} "
+                  f"{gib(estimate.total + CUDA_CONTEXT_BYTES):>14.2f} {fits(estimate.total, card_gib):>12}", flush=True)
+
+
+def print_measurements(args, device: torch.device, optimizers: list[str], card_gib: float) -> None:
+    for name in optimizers:
+        check_runs_here(name, device)
+    precision = precision_name(resolve_precision(args.precision, device.type))
+    autocast = autocast_for(device, args.precision) or contextlib.nullcontext
+    sequences = [list(range(1, args.seq_len + 1))] * args.batch_size
+    batch = {key: value.to(device) for key, value in collate(sequences, 0).items()}
+    checkpointing = "with" if args.gradient_checkpointing else "without"
+    print(f"device: {device.type}, model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, "
+          f"precision {precision}, {checkpointing} gradient checkpointing")
+    print(f"{'method':<8} {'optimizer':<16} {'setup':<14} {'peak GiB':>9} {'estimate GiB':>13} "
+          f"{f'fits {card_gib:g} GiB':>12}")
+    for method in ("full", "lora"):
+        for name in optimizers:
+            for setup in ("studykit", "usual setup"):
+                row = measured_row(args, method, name, setup, batch, autocast, device)
+                print(f"{method:<8} {name:<16} {setup:<14} {row}", flush=True)
+
+
+def measured_row(args, method: str, optimizer_name: str, setup: str, batch, autocast, device: torch.device) -> str:
+    """Peak, estimate (our trainer's setup only) and fit of one case; OOM when it did not fit under the cap."""
+    precision = precision_name(resolve_precision(args.precision, device.type))
+    model = build(args, method, setup == "studykit").to(device)
+    try:
+        peak = peak_of_two_steps(model, optimizer_name, batch, autocast, setup == "studykit", device)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return f"{'OOM':>9}"
+    estimate = ""
+    if setup == "studykit":
+        estimate = estimate_for_model(model, args.batch_size, args.seq_len, precision, args.gradient_checkpointing,
+                                      device.type, optimizer_name)
+        estimate = f"{gib(estimate.total):.2f}"
+    return f"{gib(peak):>9.2f} {estimate:>13} {fits(peak, args.max_gpu_memory_gb or PLAN_CARD_GIB):>12}"
 
 def main() -> None:
     args = parse_args()
@@ -84,20 +185,16 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     device = default_device()
-    precision = precision_name(resolve_precision(args.precision, device.type))
-    autocast = autocast_for(device, args.precision) or contextlib.nullcontext
-    batch = {key: value.to(device) for key, value in collate([list(range(1, args.seq_len + 1))] * args.batch_size, 0).items()}
-    print(f"device: {device.type}, model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, precision {precision}")
-    print(f"{'method':<8} {'setup':<14} {'peak GiB':>9} {'estimate GiB':>13}")
-    for method in ("full", "lora"):
-        for setup in ("studykit", "usual setup"):
-            model = build(args, method, setup == "studykit").to(device)
-            peak = peak_of_two_steps(model, batch, autocast, setup == "studykit", device)
-            estimate = ""
-            if setup == "studykit":
-                estimate = f"{gib(estimate_for_model(model, args.batch_size, args.seq_len, precision, False, device.type).total):.2f}"
-            print(f"{method:<8} {setup:<14} {gib(peak):>9.2f} {estimate:>13}", flush=True)
-            del model
+    card_gib = args.max_gpu_memory_gb or PLAN_CARD_GIB
+    if device.type == "cpu" and args.model in ESTIMATED_ONLY_ON_CPU:
+        print_estimates(args, runnable_optimizers(args.optimizer, "cuda"), card_gib)
+        return
+    if device.type == "cuda":
+        apply_memory_cap(args.max_gpu_memory_gb, device)
+    try:
+        print_measurements(args, device, runnable_optimizers(args.optimizer, device.type), card_gib)
+    except UserError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ class PrepareConfig:
 
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+# The optimizers a run can train with; studykit/optimizers.py builds each and knows its state's size.
+OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "paged-adamw8bit")
 
 
 @dataclasses.dataclass
@@ -182,6 +184,10 @@ class TrainConfig:
     adam_beta2: float = option(0.95, "AdamW's decay rate of the squared gradient's running mean (0.95, as GPT-3 and "
                                      "nanoGPT, is steadier than 0.999 over short runs)")
     adam_epsilon: float = option(1e-8, "AdamW's term added to the denominator for numerical stability")
+    optimizer: str = option("adamw", "adamw: torch's AdamW, 8 bytes of state per trainable parameter; "
+                                     "adamw8bit: bitsandbytes' 8-bit AdamW, about 2 bytes; paged-adamw8bit: the same, "
+                                     "in memory the CUDA driver moves to the CPU when the GPU is full (CUDA only)",
+                            choices=OPTIMIZER_CHOICES)
     warmup_ratio: float = option(0.05, "share of steps with linear warmup")
     lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")

@@ -1,7 +1,8 @@
 """How much accelerator memory a training run needs, a cap on it, and the largest micro-batch that fits.
 
-The estimate is derived from the model's config and its trainable-parameter count, so it holds for full
-fine-tuning and LoRA of any causal LM with a GPT-style block (hidden size, layers, heads, MLP width, vocabulary).
+The estimate is derived from the model's config, its trainable tensors and the optimizer's state per tensor
+(studykit/optimizers.py), so it holds for full fine-tuning and LoRA of any causal LM with a GPT-style block (hidden
+size, layers, heads, MLP width, vocabulary) and for each optimizer.
 It is an estimate of what PyTorch's caching allocator holds at the peak of a step, not a measurement: the CUDA
 context (a few hundred MB) and allocator fragmentation come on top.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -19,13 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from studykit.errors import UserError
 from studykit.loss import logit_chunk_positions, output_layer
-from studykit.modeling import count_parameters
+from studykit.modeling import count_parameters, known_gpt2_config
+from studykit.optimizers import OPTIMIZERS, optimizer_state_bytes
 from studykit.runtime import precision_name
 
 GIB = 1024**3
 FP32_BYTES = 4
-# AdamW keeps two fp32 moments per trainable parameter.
-ADAM_STATES = 2
 # What to try, in the order that costs least: the flags named when a run does not fit.
 MEMORY_FLAGS = "--batch-size (smaller), --grad-accum (larger, keeps the effective batch), --gradient-checkpointing, --auto-batch"
 
@@ -63,6 +64,10 @@ class MemoryEstimate:
     activations_other_setting: int
     loss: int
     chunked_loss: bool = True
+    optimizer: str = "adamw"
+    # Paged optimizer state: in memory the CUDA driver moves to the CPU when the GPU needs the room, so not counted
+    # in the total (what the GPU must hold).
+    optimizer_state_paged: int = 0
 
     @property
     def total(self) -> int:
@@ -78,7 +83,7 @@ class MemoryEstimate:
             ("weights (fp32)", self.weights),
             ("half-precision weight copies (autocast)", self.half_precision_weight_copies),
             ("gradients (fp32, trainable only)", self.gradients),
-            ("optimizer state (AdamW, 2 x fp32)", self.optimizer_state),
+            (f"optimizer state ({OPTIMIZERS[self.optimizer].state_description})", self.optimizer_state),
             (f"activations {this} gradient checkpointing", self.activations),
             ("output layer and loss (chunked logits)" if self.chunked_loss else "logits, log-probabilities and their gradient", self.loss),
         ]
@@ -86,6 +91,9 @@ class MemoryEstimate:
         lines += [f"  {name:<46} {gib(size):>8.2f} GiB" for name, size in rows]
         lines.append(f"  {'total':<46} {gib(self.total):>8.2f} GiB")
         lines.append(f"  (activations {other} gradient checkpointing: {gib(self.activations_other_setting):.2f} GiB)")
+        if self.optimizer_state_paged:
+            lines.append(f"  (and {gib(self.optimizer_state_paged):.2f} GiB of paged optimizer state, which the CUDA "
+                         "driver keeps in CPU memory when the GPU needs the room)")
         return "\n".join(lines)
 
 
@@ -154,10 +162,16 @@ def estimate_training_memory(
     output_layer_trainable: bool = True,
     adapter_dropout_features: int = 0,
     device_type: str = "cuda",
+    optimizer: str = "adamw",
+    trainable_tensor_sizes: Optional[Sequence[int]] = None,
 ) -> MemoryEstimate:
     """Full fine-tuning: trainable == total. LoRA: trainable is the adapters, the frozen base has no gradients
-    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies."""
+    or optimizer state. Weights stay fp32 under mixed precision; autocast caches half-precision copies. The
+    optimizer's state depends on the sizes of the trainable tensors (an 8-bit optimizer keeps small ones in fp32);
+    without them, the trainable parameters count as one tensor."""
     shape = ModelShape.from_config(model_config)
+    optimizer_state, optimizer_state_paged = optimizer_state_bytes(optimizer,
+                                                                   trainable_tensor_sizes or [trainable_params])
     tokens = micro_batch * seq_len
     per_token = {
         setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len, adapter_dropout_features, device_type)
@@ -171,15 +185,18 @@ def estimate_training_memory(
         weights=FP32_BYTES * total_params,
         half_precision_weight_copies=2 * total_params if compute_bytes(precision) == 2 else 0,
         gradients=FP32_BYTES * trainable_params,
-        optimizer_state=ADAM_STATES * FP32_BYTES * trainable_params,
+        optimizer_state=optimizer_state,
         activations=int(tokens * per_token[gradient_checkpointing]),
         activations_other_setting=int(tokens * per_token[not gradient_checkpointing]),
         loss=loss_bytes(shape, precision, tokens, chunked_loss, output_layer_trainable, device_type),
         chunked_loss=chunked_loss,
+        optimizer=optimizer,
+        optimizer_state_paged=optimizer_state_paged,
     )
 
 
-def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool, device_type: str = "cuda") -> MemoryEstimate:
+def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool,
+                       device_type: str = "cuda", optimizer: str = "adamw") -> MemoryEstimate:
     """The estimate for a loaded (possibly LoRA-wrapped) model, counting its trainable parameters."""
     trainable, total = count_parameters(model)
     config = model.config
@@ -189,7 +206,9 @@ def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gr
     head = output_layer(model)
     return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, scores_kept,
                                     chunked_loss=head is not None, output_layer_trainable=head is not None and head.weight.requires_grad,
-                                    adapter_dropout_features=adapter_dropout_features(model), device_type=device_type)
+                                    adapter_dropout_features=adapter_dropout_features(model), device_type=device_type,
+                                    optimizer=optimizer,
+                                    trainable_tensor_sizes=[p.numel() for p in model.parameters() if p.requires_grad])
 
 
 def adapter_dropout_features(model) -> int:
@@ -317,7 +336,7 @@ def plan_memory(config, model, accelerator, longest_sequence: list[int]) -> tupl
 
     def estimate_at(batch_size: int) -> MemoryEstimate:
         return estimate_for_model(accelerator.unwrap_model(model), batch_size, seq_len, precision, config.gradient_checkpointing,
-                                  accelerator.device.type)
+                                  accelerator.device.type, config.optimizer)
 
     cap = apply_memory_cap(config.max_gpu_memory_gb, accelerator.device, accelerator.print)
     requested = (config.batch_size, config.grad_accum)
@@ -349,3 +368,67 @@ def out_of_memory_as_user_error(estimate: Optional[dict[str, Any]]) -> Iterator[
         torch.cuda.empty_cache()
         expected = f"the estimate for this setting was {gib(estimate['total']):.2f} GiB at micro-batch {estimate['micro_batch']}; " if estimate else ""
         raise UserError(f"the GPU ran out of memory; {expected}try {MEMORY_FLAGS}.") from None
+
+
+# The published GPT-2 sizes, as their hub configs give them (the vocabulary of 50,257 and the 1,024 positions are
+# GPT2Config's defaults), so that a plan for them needs neither the hub nor their weights.
+# What a card holds besides the allocator's memory: the CUDA context with the kernels PyTorch and cuBLAS load into it,
+# about 300-450 MiB with CUDA's lazy module loading (the default since CUDA 11.7), and a margin for the allocator's
+# fragmentation. Outside the estimate and outside the --max-gpu-memory-gb cap, but on the card.
+CUDA_CONTEXT_BYTES = GIB // 2
+# The card a plan is checked against: the 6 GB the study was first limited to.
+PLAN_CARD_GIB = 6
+
+
+def planning_config(model: str) -> Any:
+    """A base model's config for a plan, without its weights: a known GPT-2 size, else a local directory's config.json.
+    None for anything else: a hub id is not looked up, so a plan works offline."""
+    from transformers import AutoConfig
+
+    known = known_gpt2_config(model)
+    if known is not None:
+        return known
+    if (Path(model) / "config.json").is_file():
+        try:
+            return AutoConfig.from_pretrained(model)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def estimate_for_plan(config, model_config, seq_len: int) -> MemoryEstimate:
+    """The estimate for a run on a CUDA GPU (precision auto: fp16), from the base model's config alone: the model the
+    run trains is built on the meta device, without weights."""
+    from transformers import AutoModelForCausalLM
+
+    from studykit.methods import method_of
+
+    with torch.device("meta"):
+        base_model = AutoModelForCausalLM.from_config(model_config)
+        model, _ = method_of(config).wrap(base_model, config)
+    precision = "fp16" if config.precision == "auto" else config.precision
+    return estimate_for_model(model, config.batch_size, seq_len, precision, config.gradient_checkpointing, "cuda",
+                              config.optimizer)
+
+
+def plan_line(config, model_config, seq_len: int) -> str:
+    """What a run needs on a GPU and whether a 6 GB card holds it with the CUDA context, in one line for a dry run.
+    Under --auto-batch with a cap, at the micro-batch the estimate would choose (on a GPU a real step decides)."""
+
+    def estimate_at(batch_size: int) -> MemoryEstimate:
+        return estimate_for_plan(with_micro_batch(config, batch_size), model_config, seq_len)
+
+    chosen = ""
+    if config.auto_batch and config.max_gpu_memory_gb is not None:
+        cap = int(config.max_gpu_memory_gb * GIB)
+        config = with_micro_batch(config, largest_fitting_by_estimate(config, estimate_at, cap))
+        chosen = f", chosen by --auto-batch under {config.max_gpu_memory_gb:g} GiB"
+    estimate = estimate_at(config.batch_size)
+    on_card = estimate.total + CUDA_CONTEXT_BYTES
+    checkpointing = "with" if config.gradient_checkpointing else "without"
+    leaner = {"adamw": ", --optimizer adamw8bit", "adamw8bit": ", --optimizer paged-adamw8bit"}.get(config.optimizer, "")
+    verdict = (f"fits a {PLAN_CARD_GIB} GB card" if on_card <= PLAN_CARD_GIB * GIB else
+               f"does not fit a {PLAN_CARD_GIB} GB card (try {MEMORY_FLAGS}{leaner})")
+    return (f"needs {gib(estimate.total):.2f} GiB at micro-batch {config.batch_size} x {seq_len} tokens{chosen} "
+            f"({estimate.precision}, {config.optimizer}, {checkpointing} gradient checkpointing), "
+            f"{gib(on_card):.2f} GiB with the CUDA context: {verdict}")

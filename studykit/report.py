@@ -33,8 +33,9 @@ from studykit.study_file import RunSpec, Study, Training
 
 # What two trainings of the same seed must share to be compared: recorded in run.json. The learning rate is left out
 # on purpose (each method is tuned on dev); `kernels` (attention, MLP activation, loss) so both are computed alike.
+# `optimizer` so both take the same kind of step (8-bit moments move the weights a little differently from fp32 ones).
 BUDGET_FIELDS = ("training_data_fingerprint", "dev_fingerprint", "seq_len", "effective_batch", "steps", "seed", "packing", "kernels",
-                 "precision")
+                 "precision", "optimizer")
 # The same, from the training settings: the order of examples and everything about the optimizer but its rate.
 BUDGET_SETTINGS = ("group_by_length", "warmup_ratio", "lr_schedule", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
                    "adam_epsilon")

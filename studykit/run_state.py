@@ -155,7 +155,14 @@ class RunRecord:
     train_code_version: str = ""
     lora: Optional[dict[str, Any]] = None  # rank, alpha, dropout, targets and variants of a LoRA run
     checkpoint_bytes: int = 0
+    # adamw, adamw8bit or paged-adamw8bit (studykit/optimizers.py); records written before there was a choice trained
+    # with adamw.
+    optimizer: str = "adamw"
     schema_version: int = RUN_RECORD_SCHEMA
+
+    def __post_init__(self) -> None:
+        # Read from the config the run used, so that the two can never disagree.
+        self.optimizer = self.config.get("optimizer", self.optimizer)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

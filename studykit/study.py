@@ -75,11 +75,25 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
                             "trained": [], "resumed": [], "kept": [], "chosen": {}, "evaluated": False, "reported": False, "readme": None,
                             "dry_run": config.dry_run, "pending": []}
     if config.dry_run:
+        print_memory_plan(study)
         for line in time_estimate(study, config.assume_tflops):
             print(line)
         return done
     with locks.exclusive(study.output_dir, "--output-dir"):
         return run_steps(study, config, done)
+
+
+def print_memory_plan(study: Study) -> None:
+    """For a dry run: what each run needs on a GPU, from the base model's config alone (nothing is downloaded)."""
+    from studykit.memory import plan_line, planning_config
+
+    model_config = planning_config(study.model)
+    if model_config is None:
+        print(f"  {'memory':<24} not estimated: '{study.model}' is neither a GPT-2 size the kit knows nor a local model "
+              "directory (yet)")
+        return
+    for spec in study.runs:
+        print(f"  {'memory ' + spec.name:<24} {plan_line(spec.config, model_config, study.prepare.seq_len)}")
 
 
 def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from studykit.modeling import (
     load_tokenizer,
     model_context_length,
 )
+from studykit.optimizers import build_optimizer
 from studykit.run_dir import (
     RUN_LOG,
     TRAIN_CONFIG,
@@ -95,9 +96,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
         )
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * windows_per_epoch))
 
-    fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_epsilon, fused=fused)
+    optimizer = build_optimizer(method.parameter_groups(model, config), config, accelerator.device)
     warmup_steps = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, config.lr_schedule)

@@ -21,12 +21,28 @@ def test_benchmark_measures_every_case_and_batching_keeps_the_perplexity(gpt2_to
     assert difference < 1e-5
 
 
-def test_memory_benchmark_measures_both_setups_and_the_estimate_holds():
+def test_memory_benchmark_measures_both_setups_and_the_estimate_holds_for_each_optimizer():
     result = run_script("bench/memory.py", "--batch-size", "4", "--seq-len", "128")
-    rows = {(method, setup): [float(number) for number in numbers.split()]
-            for method, setup, numbers in re.findall(r"^(full|lora) +(studykit|usual setup) +([\d. ]+)$", result.stdout, re.MULTILINE)}
-    assert len(rows) == 4, result.stdout
+    row = r"^(full|lora) +(adamw\S*) +(studykit|usual setup) +([\d. a-z]+)$"
+    rows = {(method, optimizer, setup): numbers.split()
+            for method, optimizer, setup, numbers in re.findall(row, result.stdout, re.MULTILINE)}
+    assert len(rows) == 8, result.stdout  # a CPU runs adamw and adamw8bit; paged-adamw8bit needs CUDA
     for method in ("full", "lora"):
-        peak, estimate = rows[(method, "studykit")]
-        (usual_peak,) = rows[(method, "usual setup")]
-        assert peak <= estimate and peak < usual_peak, result.stdout
+        for optimizer in ("adamw", "adamw8bit"):
+            peak, estimate, fits = rows[(method, optimizer, "studykit")]
+            usual_peak, usual_fits = rows[(method, optimizer, "usual setup")]
+            assert float(peak) <= float(estimate) and float(peak) < float(usual_peak), result.stdout
+            assert fits == usual_fits == "yes", result.stdout
+    assert float(rows[("full", "adamw8bit", "studykit")][0]) < float(rows[("full", "adamw", "studykit")][0])
+
+
+def test_memory_benchmark_plans_gpt2_medium_on_the_meta_device():
+    result = run_script("bench/memory.py", "--model", "medium", "--optimizer", "adamw8bit", "--max-gpu-memory-gb", "6",
+                        "--batch-size", "8", "--gradient-checkpointing")
+    assert "built on the meta device (no weights)" in result.stdout, result.stdout
+    rows = {method: numbers.split()
+            for method, numbers in re.findall(r"^(full|lora) +adamw8bit +([\d. a-z]+)$", result.stdout, re.MULTILINE)}
+    assert rows["full"] == ["5.18", "0.00", "5.68", "yes"] and rows["lora"][-1] == "yes", result.stdout
+    without = run_script("bench/memory.py", "--model", "medium", "--batch-size", "8")
+    full_rows = re.findall(r"^full +(\S*adamw\S*) +[\d. ]+ (yes|no)$", without.stdout, re.MULTILINE)
+    assert full_rows == [("adamw", "no"), ("adamw8bit", "no"), ("paged-adamw8bit", "no")], without.stdout

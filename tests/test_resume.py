@@ -35,10 +35,12 @@ def checkpoint_names(run_dir):
     return [path.name for path in resumable_checkpoints(run_dir)]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(method, small_vocab_inputs, tmp_path, monkeypatch):
+# adamw8bit: bitsandbytes' quantised moments and their block scales go through the checkpoint as plain tensors.
+@pytest.mark.parametrize("method, optimizer", [("full", "adamw"), ("lora", "adamw"), ("full", "adamw8bit")])
+def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(method, optimizer, small_vocab_inputs,
+                                                                              tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    train_in_process(method, small_vocab_inputs, straight, save_every=1, keep=2)
+    train_in_process(method, small_vocab_inputs, straight, save_every=1, keep=2, optimizer=optimizer)
     # The last --keep checkpoints stay; the final step is saved as the finished run, not as a resumable checkpoint.
     assert checkpoint_names(straight) == ["step-000004", "step-000005"]
 
@@ -53,7 +55,7 @@ def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(me
 
     monkeypatch.setattr(RunLog, "write", write_then_interrupt)
     with pytest.raises(safeguards.Interrupted) as stopped:
-        train_in_process(method, small_vocab_inputs, interrupted, save_every=2)
+        train_in_process(method, small_vocab_inputs, interrupted, save_every=2, optimizer=optimizer)
     monkeypatch.undo()
     assert stopped.value.exit_code == 130 and "SIGINT after step 3" in str(stopped.value) and "--resume" in str(stopped.value)
     assert checkpoint_names(interrupted) == ["step-000002", "step-000003"]
@@ -61,7 +63,7 @@ def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(me
     # A newer directory left by a crashed write is never loaded (it would skip steps 4 and 5).
     shutil.copytree(interrupted / "resume" / "step-000003", interrupted / "resume" / f"step-000005{PARTIAL_MARKER}99999")
 
-    record = train_in_process(method, small_vocab_inputs, interrupted, save_every=2, resume=True)
+    record = train_in_process(method, small_vocab_inputs, interrupted, save_every=2, resume=True, optimizer=optimizer)
 
     expected, resumed = logged(straight), logged(interrupted)
     assert [entry["step"] for entry in resumed] == [1, 2, 3, 4, 5, 6]
@@ -75,7 +77,7 @@ def test_resumed_run_ends_with_the_weights_and_losses_of_an_uninterrupted_one(me
     initial = load_file(small_vocab_inputs["model"] / "model.safetensors")
     if method == "full":
         assert not torch.allclose(initial["transformer.h.0.attn.c_attn.weight"], resumed_weights["transformer.h.0.attn.c_attn.weight"])
-    assert record["steps"] == 6 and record["skipped_steps"] == 0
+    assert record["steps"] == 6 and record["skipped_steps"] == 0 and record["optimizer"] == optimizer
 
 
 def test_same_seed_and_settings_give_identical_losses(small_vocab_inputs, tmp_path):

@@ -16,7 +16,8 @@ from studykit import runtime
 LAYERS = [
     ["errors"],
     ["io", "hub", "locks", "config"],
-    ["runtime", "data", "oasst", "modeling", "loss", "metrics", "tiny", "sharded", "statistics", "figures"],
+    ["runtime", "data", "oasst", "modeling", "loss", "metrics", "tiny", "sharded", "statistics", "figures",
+     "optimizers"],
     ["methods", "run_state"],
     ["run_dir", "checkpointing", "memory", "safeguards"],
     ["trainer", "prepare", "evaluate"],

@@ -316,7 +316,7 @@ def test_paired_ratio_cancels_what_both_models_share():
 def test_budget_differences_name_each_differing_field_and_ignore_the_learning_rate():
     kernels = {"attention": "sdpa", "mlp_activation": "tanh GELU", "loss": "chunks"}
     shared = {"training_data_fingerprint": "a", "dev_fingerprint": "v", "seq_len": 64, "effective_batch": 8, "steps": 10, "seed": 1,
-              "packing": False, "kernels": kernels, "precision": "fp32"}
+              "packing": False, "kernels": kernels, "precision": "fp32", "optimizer": "adamw"}
     eager = {**kernels, "attention": "eager"}
     records = {"full": {**shared, "config": {"lr": 1e-4}}, "lora": {**shared, "config": {"lr": 1e-3}},
                "other": {**shared, "seed": 2, "effective_batch": 16, "config": {"lr": 1e-3}},
