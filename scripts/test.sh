@@ -7,4 +7,4 @@ python -m pip install --quiet -r requirements-dev.txt
 # One thread per test process: two workers on two cores. Two threads each would make four on two cores, and torch's
 # threads then wait for each other (a tiny model's step took 50x as long).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python -m pytest -n 2 --dist loadgroup "$@"
+python -m pytest -n 2 "$@"

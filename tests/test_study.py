@@ -51,28 +51,44 @@ def record_mtimes(root: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """One quick study, run three times: fresh, unchanged, and with one run's budget changed."""
-    root = tmp_path_factory.mktemp("study")
+    """One quick study, run three times: fresh, unchanged, and with one run's budget changed. Built once per test
+    session: the test workers share it through a directory both see, the first to come builds it under a lock."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # one per session, above every worker's own directory
+    with FileLock(str(shared / "quick_study.lock")):
+        root = shared / "quick_study"
+        if not (root / "fixture.json").exists():
+            build_quick_study(root)
+    fixture = json.loads((root / "fixture.json").read_text())
+    with np.load(root / "per_response_first.npz") as arrays:
+        fixture["per_response_first"] = {key: arrays[key] for key in arrays.files}
+    fixture.update(root=root, output=root / "quick", readme=root / "README.md", readme_before=(root / "README.before").read_bytes())
+    return fixture
+
+
+def build_quick_study(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     output_dir = root / "quick"
     config_file = shortened_quick_study(root / "quick.toml")
     readme = root / "README.md"
     readme.write_text((REPO_ROOT / "README.md").read_text() if "<!-- results:start -->" in (REPO_ROOT / "README.md").read_text()
                       else "# Kit\n\n## Results\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\n## After\ntext\n")
-    readme_before = readme.read_bytes()
+    (root / "README.before").write_bytes(readme.read_bytes())
 
     first = run_study(StudyConfig(config=str(config_file), output_dir=str(output_dir)))
     mtimes_first = record_mtimes(output_dir)
     results_first = json.loads((output_dir / "results" / "results.json").read_text())
-    with np.load(output_dir / "results" / "per_response_nll.npz") as arrays:
-        per_response_first = {key: arrays[key] for key in arrays.files}
+    (root / "per_response_first.npz").write_bytes((output_dir / "results" / "per_response_nll.npz").read_bytes())
     second = run_study(StudyConfig(config=str(config_file), output_dir=str(output_dir), readme=str(readme)))
     mtimes_second = record_mtimes(output_dir)
     # lora_r8 alone gets another number of steps: it alone is retrained, and the report must flag it.
     changed_file = shortened_quick_study(root / "changed.toml", ('name = "lora_r8"', 'name = "lora_r8"\nmax_steps = 3'))
     third = run_study(StudyConfig(config=str(changed_file), output_dir=str(output_dir)))
-    return {"root": root, "output": output_dir, "first": first, "second": second, "third": third, "results_first": results_first,
-            "per_response_first": per_response_first, "mtimes_first": mtimes_first, "mtimes_second": mtimes_second,
-            "mtimes_third": record_mtimes(output_dir), "readme": readme, "readme_before": readme_before}
+    fixture = {"first": first, "second": second, "third": third, "results_first": results_first, "mtimes_first": mtimes_first,
+               "mtimes_second": mtimes_second, "mtimes_third": record_mtimes(output_dir)}
+    # Written last: its presence tells the other test workers the study is complete.
+    (root / "fixture.json").write_text(json.dumps(fixture, default=str))
 
 
 def test_quick_study_writes_every_report_file(study):
