@@ -161,6 +161,7 @@ class PrepareConfig:
 
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
 # The optimizers a run can train with; studykit/optimizers.py builds each and knows its state's size.
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "paged-adamw8bit")
 
@@ -192,6 +193,8 @@ class TrainConfig:
     lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     precision: str = option("auto", "auto: fp16 mixed precision on CUDA, fp32 on CPU", choices=PRECISIONS)
+    device: str = option("auto", "auto: the GPU when torch sees one, else the CPU (where a model of over 50M parameters stops "
+                                 "with its estimated time unless --device cpu); cuda; cpu", choices=DEVICES)
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
     packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
     eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
@@ -360,6 +363,8 @@ class StudyConfig:
     num_processes: int = option(1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)")
     print_commands: bool = option(False, "print every pending training as one command line (for a cluster scheduler, e.g. a "
                                          "SLURM array) and train nothing; a later run gathers what finished")
+    device: str = option("auto", "every training's --device: auto stops a study of a model over 50M parameters that would train "
+                                 "on a CPU (with its estimated time) unless --device cpu", choices=DEVICES)
     assume_tflops: float = option(25.0, "sustained model TFLOP/s the --dry-run time estimate assumes (about a third of a "
                                         "24 GB RTX 3090/4090's fp16 peak); runs this study already finished give a measured one too")
 

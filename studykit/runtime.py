@@ -9,7 +9,7 @@ import resource
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,14 +35,58 @@ def precision_name(mixed_precision: str) -> str:
     return "fp32" if mixed_precision == "no" else mixed_precision
 
 
-def build_accelerator(precision: str, seed: int):
+# Above this many parameters a model on a CPU takes hours (GPT-2 Small: 124M); --device cpu says that is meant.
+CPU_GUARD_PARAMETERS = 50_000_000
+
+
+def device_type_for(device: str) -> str:
+    """--device as a torch device type: auto takes the GPU when torch sees one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of torch "
+                        "(see Install in the README) or pass --device cpu.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def cpu_matmul_tflops() -> float:
+    """This CPU's fp32 matmul throughput, measured (about a tenth of a second): what a time estimate divides by."""
+    import time
+
+    size = 512
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    started, repeats = time.perf_counter(), 0
+    while time.perf_counter() - started < 0.1:
+        a @ b
+        repeats += 1
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, float]]) -> None:
+    """A big model about to train on a CPU only because torch sees no GPU: say how long it would take and stop, unless
+    --device cpu says that is meant. `work()` gives the model's parameters and the model FLOPs the training needs (asked
+    only when the run would be on the CPU)."""
+    if device != "auto" or torch.cuda.is_available():
+        return
+    parameters, flops = work()
+    if parameters < CPU_GUARD_PARAMETERS:
+        return
+    seconds = flops / (cpu_matmul_tflops() * 1e12)
+    duration = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    raise UserError(f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:.0f}M parameters) on this CPU would "
+                    f"take about {duration} at its measured matmul speed; pass --device cpu to train on the CPU anyway, or install "
+                    "a CUDA build of torch (see Install in the README).")
+
+
+def build_accelerator(precision: str, seed: int, device: str = "auto"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     # A fresh accelerator per run, so one process can train several runs (tests, the study runner).
     AcceleratorState._reset_state(reset_partial_state=False)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device_type_for(device)
     if device_type == "cuda":
         # TF32 matmuls on Ampere and newer: fp32 parts of the step run on tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -19,7 +19,7 @@ from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
 from studykit.modeling import known_gpt2_config
 from studykit.report import update_readme, write_report
-from studykit.runtime import code_version
+from studykit.runtime import code_version, refuse_slow_cpu_run
 from studykit.study_file import Study, Training, load_study, study_path
 from studykit.study_launch import print_commands, run_trainings
 from studykit.study_state import (
@@ -68,6 +68,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     """Run every step that is not current; return what was done (and what was kept)."""
     print_config(config)
     study = load_study(study_path(config), config.output_dir, config.readme, config.seeds)
+    for spec in study.runs:
+        spec.config = dataclasses.replace(spec.config, device=config.device)
     print(f"study '{study.name}' from {study.source} -> {study.output_dir} (code version {code_version()})")
     for step, action in plan(study):
         print(f"  {step:<24} {action}")
@@ -99,6 +101,9 @@ def print_memory_plan(study: Study) -> None:
 def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[str, Any]:
     check_extra_eval_reachable(study)
     check_runs_against_the_base_model(study)
+    if not config.print_commands:
+        refuse_slow_cpu_run(config.device, f"the study's pending trainings of {study.model}",
+                            lambda: (base_model_parameters(study), pending_work(study, current_data(study))[1]))
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
         done["tiny_model_built"] = True
@@ -178,13 +183,30 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     """How long the pending trainings take: model FLOPs per token x tokens x trainings, over an assumed sustained
     throughput, and over the throughput this study's finished trainings measured, where there are some."""
     meta = current_data(study)
-    fingerprint = meta["training_fingerprint"] if meta else None
     try:
-        total_params = base_model_parameters(study)
+        pending, flops, tokens, unknown = pending_work(study, meta)
     except UserError as error:
         return [f"estimate: not made, the base model's size is unknown here ({error})"]
-    lines, assumed_seconds, measured_seconds, pending_count, unknown = [], 0.0, 0.0, 0, []
-    measured = measured_tokens_per_second(study, fingerprint)
+    measured = measured_tokens_per_second(study, meta["training_fingerprint"] if meta else None)
+    measured_seconds = sum(count / measured[method] for method, count in tokens.items() if method in measured)
+    lines = [f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed {assumed_tflops:g} "
+             "model TFLOP/s (--assume-tflops)" + (f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
+                                                  f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
+                                                  if measured else "")]
+    if meta is None and not unknown:
+        lines.append("  (the data is not prepared yet: every sequence counted at full length, so this is an upper bound)")
+    if unknown:
+        lines.append(f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the data "
+                     "once, or give [budget] max_steps)")
+    return lines
+
+
+def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, float, dict[str, float], list[str]]:
+    """The trainings still to run (a run not yet swept counts its grid with the sweep seeds and its first rate with the
+    other seeds), their model FLOPs, their tokens by method, and the runs whose tokens cannot be known yet."""
+    fingerprint = meta["training_fingerprint"] if meta else None
+    total_params = base_model_parameters(study)
+    pending_count, flops, tokens_by_method, unknown = 0, 0.0, {}, []
     for spec in study.runs:
         sweep = sweep_result(study, spec, fingerprint, adopt=False)
         trainings = study.sweep_trainings(spec)
@@ -192,24 +214,15 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
             trainings += [study.training(spec, spec.learning_rates[0], seed) for seed in study.seeds if seed not in study.sweep_seeds]
         else:
             trainings += study.replicate_trainings(spec, sweep.chosen_lr)
-        pending = {t.name: t for t in trainings if fingerprint is None or not training_is_current(t, fingerprint, adopt=False)}
+        pending = {t.name for t in trainings if fingerprint is None or not training_is_current(t, fingerprint, adopt=False)}
         tokens = training_tokens(spec.config, meta, study.prepare.seq_len)
         if tokens is None:
             unknown.append(spec.name)
             continue
-        flops = METHODS[spec.method].flops_per_token(total_params) * tokens * len(pending)
         pending_count += len(pending)
-        assumed_seconds += flops / (assumed_tflops * 1e12)
-        rate = measured.get(spec.method)
-        measured_seconds += tokens * len(pending) / rate if rate else 0.0
-    lines.append(f"estimate: {pending_count} training(s) to run, {format_hours(assumed_seconds)} at an assumed {assumed_tflops:g} "
-                 f"model TFLOP/s (--assume-tflops)" + (f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
-                                                        f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
-                                                        if measured else ""))
-    if unknown:
-        lines.append(f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the data "
-                     "once, or give [budget] max_steps)")
-    return lines
+        flops += METHODS[spec.method].flops_per_token(total_params) * tokens * len(pending)
+        tokens_by_method[spec.method] = tokens_by_method.get(spec.method, 0) + tokens * len(pending)
+    return pending_count, flops, tokens_by_method, unknown
 
 
 def format_hours(seconds: float) -> str:

@@ -49,6 +49,7 @@ from studykit.run_dir import (
 from studykit.run_state import PreparedRun, RunRecord, TrainingParts, TrainingState
 from studykit.runtime import (
     build_accelerator,
+    refuse_slow_cpu_run,
     code_version,
     device_peak_tflops,
     is_sharded,
@@ -76,7 +77,7 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 def prepare_run(config: TrainConfig) -> PreparedRun:
     """Check every input, build the model the config's method trains, its optimizer and schedule."""
     method = method_of(config)
-    accelerator = build_accelerator(config.precision, config.seed)
+    accelerator = build_accelerator(config.precision, config.seed, config.device)
     data = load_processed(config.data_dir)
     tokenizer_name = config.tokenizer or config.model
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
@@ -95,6 +96,9 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
             f"({examples_per_step}); lower --batch-size or --grad-accum."
         )
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * windows_per_epoch))
+    window_tokens = sum(map(len, train_sequences)) / len(train_sequences) * examples_per_step
+    refuse_slow_cpu_run(config.device, f"training {config.model} for {total_steps:,} steps",
+                        lambda: (description["total_params"], description["flops_per_token"] * window_tokens * total_steps))
 
     optimizer = build_optimizer(method.parameter_groups(model, config), config, accelerator.device)
     warmup_steps = int(config.warmup_ratio * total_steps)
