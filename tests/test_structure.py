@@ -16,7 +16,7 @@ from studykit import runtime
 LAYERS = [
     ["errors"],
     ["io", "hub", "locks", "config"],
-    ["runtime", "data", "oasst", "modeling", "loss", "metrics", "tiny", "sharded", "statistics", "figures"],
+    ["runtime", "data", "oasst", "modeling", "loss", "batching", "metrics", "tiny", "sharded", "statistics", "figures"],
     ["methods", "run_state"],
     ["run_dir", "checkpointing", "memory", "safeguards"],
     ["trainer", "prepare", "evaluate"],
