@@ -7,6 +7,9 @@ others' figures; the whole check ends within --budget seconds):
   training  bench/benchmark.py --model small: our trainer against transformers.Trainer, full FT and LoRA r=8, on
             OASST-like and full 512-token batches, tokens/s, MFU, share of the measured matmul peak, and our
             trainer's peak memory held to 6 GiB; evaluation (length-sorted batches) against a batch-size-1 loop;
+  loss      bench/loss_kernels.py at the defaults' micro-batch (8 x 511 targets), fp16: studykit's chunked loss,
+            torch's linear_cross_entropy and Liger's (where installed), speed and memory, which decides
+            --loss-kernel auto on a GPU;
   medium    GPT-2 Medium's shape under a 6 GiB cap: full FT with a lean optimizer and LoRA, through the trainer (run
             only where bench/memory.py offers --model medium and the trainer takes --optimizer; else skipped);
   compile   the training piece on OASST-like lengths with --compile: compile time, frames compiled, graph breaks and
@@ -45,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where gpu_check.json and gpu_check.md go (default: $OUT, else bench/results)")
     parser.add_argument("--cpu-smoke", action="store_true", help="every piece with tiny settings, on any machine")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds the whole check may take (default: 330 on a GPU, 150 for --cpu-smoke)")
+                        help="seconds the whole check may take (default: 330 on a GPU, 180 for --cpu-smoke)")
     parser.add_argument("--run-capped", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--medium-piece", nargs=2, metavar=("SCRATCH", "OPTIMIZER"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -131,16 +134,19 @@ def piece_commands(smoke: bool, scratch: Path) -> dict[str, list[str]]:
                     "--eval-responses", "4", "--eval-repeats", "1", "--seq-len", "64", "--lengths", "oasst",
                     "--max-gpu-memory-gb", "6"]
         compiled = training + ["--cases", "training", "--compile", "--compile-backend", "eager"]
+        loss = ["--positions", "64", "--width", "64", "--repeats", "1", "--kernels", "studykit", "torch"]
     else:
         memory = ["bench/memory.py", "--model", "small", "--batch-size", "8"]
         training = ["--model", "small", "--steps", "20", "--grad-accum", "4", "--batch-size", "8",
                     "--max-gpu-memory-gb", "6"]
         compiled = training + ["--cases", "training", "--lengths", "oasst", "--compile", "--steps", "30"]
+        loss = ["--positions", "4088", "--precision", "fp16"]
     benchmark = [python, str(REPO_ROOT / "bench" / "benchmark.py")]
     return {
         "memory": [python, check, "--run-capped", *memory],
         "training": [*benchmark, *training, "--json", str(scratch / "training.json")],
         "compile": [*benchmark, *compiled, "--json", str(scratch / "compile.json")],
+        "loss": [python, str(REPO_ROOT / "bench" / "loss_kernels.py"), *loss, "--json", str(scratch / "loss.json")],
     }
 
 
@@ -242,7 +248,7 @@ def run_medium(check: Check, scratch: Path) -> None:
 
 def run_check(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
-    budget = args.budget or (150.0 if args.cpu_smoke else 330.0)
+    budget = args.budget or (180.0 if args.cpu_smoke else 330.0)
     check = Check(output_dir, args.cpu_smoke, budget)
     print(f"gpu check ({check.results['mode']}) on {check.results['device']}, torch {check.results['torch']}, "
           f"within {budget:.0f} s; results in {output_dir}", flush=True)
@@ -252,6 +258,8 @@ def run_check(args: argparse.Namespace) -> dict:
         run_subprocess_piece(check, "memory", commands["memory"], 0.2, lambda run: memory_rows(run["stdout"]))
         run_subprocess_piece(check, "training", commands["training"], 0.45,
                              lambda run: json.loads((scratch / "training.json").read_text()))
+        run_subprocess_piece(check, "loss", commands["loss"], 0.2,
+                             lambda run: json.loads((scratch / "loss.json").read_text()))
         run_medium(check, scratch)
         run_subprocess_piece(check, "compile", commands["compile"], 1.0,
                              lambda run: json.loads((scratch / "compile.json").read_text()))
@@ -284,6 +292,9 @@ def markdown(results: dict) -> str:
     for name, title in (("training", "Training speed"), ("compile", "With --compile, OASST-like lengths")):
         if result_of(pieces, name):
             lines += speed_tables(title, result_of(pieces, name))
+    kernels = result_of(pieces, "loss")
+    if kernels:
+        lines += loss_table(kernels)
     medium = result_of(pieces, "medium")
     if medium and medium.get("step_peaks"):
         lines += memory_table(f"GPT-2 Medium, one step, optimizer {medium['optimizer']}, capped at {cap:g} GiB",
@@ -306,6 +317,20 @@ def result_of(pieces: dict, name: str):
 def memory_table(title: str, rows: list[dict]) -> list[str]:
     return ["", f"## {title}", "", "| method | setup | peak GiB | estimate GiB |", "|---|---|---:|---:|"] + [
         f"| {row['method']} | {row['setup']} | {gib(row['peak_gib'])} | {gib(row['estimate_gib'])} |" for row in rows]
+
+
+def loss_table(figures: dict) -> list[str]:
+    """bench/loss_kernels.py's figures: each kernel's time and memory per mode, and its error against fp64."""
+    lines = ["", f"## Loss kernels: {figures['positions']:,} positions, {figures['vocab']:,} x {figures['width']}, "
+             f"{figures['precision']}", "", "| mode | kernel | seconds | peak MiB |", "|---|---|---:|---:|"]
+    lines += [f"| {case['mode']} | {case['kernel']} | {case['seconds']:.4f} | {case['peak_bytes'] / 2**20:,.0f} |"
+              for case in figures["cases"]]
+    lines += ["", "| kernel | loss error | per-position NLL error | hidden gradient error | weight gradient error |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {kernel} | " + " | ".join(f"{value:.1e}" for value in errors.values()) + " |"
+              for kernel, errors in figures["errors"].items()]
+    lines += [f"\nSkipped {kernel}: {reason}" for kernel, reason in figures["skipped"].items()]
+    return lines
 
 
 def speed_tables(title: str, figures: dict) -> list[str]:

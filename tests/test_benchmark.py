@@ -83,21 +83,26 @@ def test_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_path):
 
 
 def test_gpu_check_keeps_each_pieces_figures_and_its_time_limit(tmp_path, monkeypatch):
-    """Fast stand-ins for the pieces: one that prints memory rows, one that writes benchmark figures, one that runs
-    past its time; the medium piece is skipped as long as the kit lacks what it needs."""
+    """Fast stand-ins for the pieces: one that prints memory rows, two that write figures, one that runs past its
+    time; the medium piece is skipped while the kit lacks what it needs."""
     check = gpu_check()
     row = {"case": "OASST-like", "method": "full", "setup": "studykit trainer", "real_tokens_per_second": 10.0,
            "mfu": None, "share_of_matmul_peak": 0.5, "peak_gib": 1.0, "warmup_seconds": 0.1}
     figures = {"matmul_peak_tflops": 0.2, "matmul_peak_measured_by": "a stand-in", "warmup_steps": 2,
                "ratios": {"x": 3.5}, "training": [row],
                "evaluation": {"ours_tps": 2.0, "loop_tps": 1.0, "ours_ppl": 5.0, "loop_ppl": 5.0}}
+    kernels = {"positions": 8, "vocab": 50, "width": 4, "precision": "fp16", "skipped": {"liger": "no GPU"},
+               "cases": [{"mode": "evaluation", "kernel": "torch", "seconds": 0.5, "peak_bytes": 2**20}],
+               "errors": {"torch": {"loss": 1e-3, "per_position_nll": 1e-3, "hidden": 1e-3, "weight": 1e-3}}}
 
     def stand_ins(smoke, scratch):
-        path = str(scratch / "training.json")
-        write = f"import json, pathlib; pathlib.Path({path!r}).write_text(json.dumps({figures!r}))"
+        def write(name, figures):
+            script = f"import json, pathlib; pathlib.Path({str(scratch / name)!r}).write_text(json.dumps({figures!r}))"
+            return [sys.executable, "-c", script]
+
         rows = "full     studykit            1.25          1.50\nfull     usual setup         2.00              "
         return {"memory": [sys.executable, "-c", f"print({rows!r})"],
-                "training": [sys.executable, "-c", write],
+                "training": write("training.json", figures), "loss": write("loss.json", kernels),
                 "compile": [sys.executable, "-c", "import time; time.sleep(60)"]}
 
     monkeypatch.setattr(check, "piece_commands", stand_ins)
@@ -114,6 +119,7 @@ def test_gpu_check_keeps_each_pieces_figures_and_its_time_limit(tmp_path, monkey
     assert json.loads((tmp_path / "gpu_check.json").read_text())["pieces"].keys() == pieces.keys()
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| full | studykit | 1.25 | 1.50 |" in table and "| x | 3.50x |" in table
+    assert "| evaluation | torch | 0.5000 | 1 |" in table and "Skipped liger: no GPU" in table
     assert "| compile | timed out |" in table
 
 
