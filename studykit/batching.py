@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from studykit.data import collate
+from studykit.loss import predicted_positions
 
 # --pad-to-multiple-of when none is given, by device type.
 DEFAULT_PAD_MULTIPLE = {"cuda": 64, "cpu": 1}
@@ -32,8 +33,12 @@ def padded_width(longest: int, multiple: int, max_width: int) -> int:
 
 def collate_padded(sequences: Sequence[Sequence[int]], pad_token_id: int, multiple: int,
                    max_width: int) -> dict[str, torch.Tensor]:
+    """A batch padded to `padded_width`, with the positions the loss scores (loss.predicted_positions), found here on
+    the host so that the loss never waits for the device to count them."""
     longest = max(len(ids) for ids in sequences)
-    return collate(sequences, pad_token_id, pad_to=padded_width(longest, multiple, max_width))
+    batch = collate(sequences, pad_token_id, pad_to=padded_width(longest, multiple, max_width))
+    batch["predicted_positions"] = predicted_positions(batch["labels"])
+    return batch
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -241,9 +241,9 @@ def batch_nll(model, batch: dict[str, torch.Tensor], autocast_context: Callable[
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True, logits_to_keep=1)
         final_hidden = outputs.hidden_states[-1]
         del outputs  # the other layers' hidden states and the last position's logits are not needed
-        next_labels = labels[:, 1:]
-        has_target = next_labels != IGNORE_INDEX
-        hidden, targets = final_hidden[:, :-1][has_target], next_labels[has_target]
+        positions = batch["predicted_positions"] if "predicted_positions" in batch else predicted_positions(labels)
+        hidden = final_hidden.reshape(-1, final_hidden.size(-1)).index_select(0, positions)
+        targets = labels.reshape(-1).index_select(0, positions + 1)  # the next token, in the same row
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         grad_enabled = torch.is_grad_enabled()
@@ -252,6 +252,17 @@ def batch_nll(model, batch: dict[str, torch.Tensor], autocast_context: Callable[
     if nll is None:
         return BatchNLL(total, None)
     per_sequence = torch.zeros(labels.size(0), dtype=torch.float64, device=labels.device)
-    per_sequence.index_add_(0, has_target.nonzero()[:, 0], nll.detach().double())
+    per_sequence.index_add_(0, positions // labels.size(1), nll.detach().double())
     return BatchNLL(total, per_sequence)
+
+
+def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices, into the batch x length grid, of the positions whose next token is a target, in row order.
+
+    Where the batch was collated by batching.collate_padded they come with it, worked out on the host: found here on
+    a GPU, their number would make the host wait for the device before the loss (and again for the per-row sums).
+    """
+    has_target = labels[:, 1:] != IGNORE_INDEX
+    rows, columns = has_target.nonzero(as_tuple=True)
+    return rows * labels.size(1) + columns
 

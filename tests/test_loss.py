@@ -244,3 +244,26 @@ def test_a_run_with_torchs_kernel_trains_to_the_same_losses_and_records_it(tmp_p
     assert torchs["config"]["loss_kernel"] == "torch" and ours["config"]["loss_kernel"] == "auto"
     for key in ("final_train_loss", "final_validation_loss"):
         assert torchs[key] == pytest.approx(ours[key], rel=1e-5), key
+
+
+def test_positions_found_on_the_host_give_the_loss_the_device_would_find(tiny_model_dir):
+    """batching.collate_padded sends the scored positions with the batch (no wait for the device to count them);
+    the loss and every gradient are those of the positions found from the labels."""
+    from studykit.batching import collate_padded
+
+    model = build(tiny_model_dir, "full")
+    with_positions = collate_padded(SEQUENCES, 50256, 1, 64)
+    without = {key: value for key, value in with_positions.items() if key != "predicted_positions"}
+    # Row 1 (3 tokens) predicts from its positions 0 and 1 of a batch 8 wide: flat indices 8 and 9.
+    assert with_positions["predicted_positions"].tolist()[5:7] == [8, 9]
+
+    def loss_of(batch):
+        def compute(model):
+            result = batch_nll(model, batch, contextlib.nullcontext)
+            return result.total, result.per_sequence
+        return compute
+
+    (total, rows, gradients), (expected_total, expected_rows, expected_gradients) = (
+        loss_and_gradients(model, loss_of(batch)) for batch in (with_positions, without))
+    assert (total, rows) == (expected_total, expected_rows)
+    assert all(torch.equal(gradients[name], expected_gradients[name]) for name in expected_gradients)
