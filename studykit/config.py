@@ -127,6 +127,12 @@ def print_config(config: Any, stream=None) -> None:
     stream.flush()
 
 
+def check_pad_multiple(pad_to_multiple_of: Optional[int]) -> None:
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise UserError(f"--pad-to-multiple-of must be at least 1 (got {pad_to_multiple_of}); leave it out for the "
+                        "device's default.")
+
+
 def save_config(config: Any, path: Path) -> None:
     atomic_write_text(Path(path), json.dumps(config_to_dict(config), indent=2) + "\n")
 
@@ -164,6 +170,8 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
 # The optimizers a run can train with; studykit/optimizers.py builds each and knows its state's size.
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "paged-adamw8bit")
+# --loss-kernel: studykit.loss's own chunks, torch's linear_cross_entropy, Liger's Triton kernel; auto picks (loss.py).
+LOSS_KERNELS = ("auto", "studykit", "torch", "liger")
 
 
 @dataclasses.dataclass
@@ -202,6 +210,12 @@ class TrainConfig:
     log_every: int = option(10, "optimizer steps between log.jsonl lines")
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    loss_kernel: str = option("auto", "how the output layer and loss are computed, never as full logits: studykit (its "
+                              "own chunks), torch (torch's linear_cross_entropy, torch 2.13+), liger (Liger's Triton "
+                              "kernel: CUDA, liger-kernel installed); auto: studykit", choices=LOSS_KERNELS)
+    pad_to_multiple_of: Optional[int] = option(None, "pad each batch's length up to a multiple of this, for tensor "
+                                               "cores and few shapes under --compile; padding never counts (default: "
+                                               "64 on CUDA, 1 on a CPU)")
     max_gpu_memory_gb: Optional[float] = option(None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)")
     auto_batch: bool = option(False, "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch")
     peak_tflops: Optional[float] = option(None, "one device's peak TFLOP/s, for the MFU figure (default: looked up by GPU name; none on a CPU)")
@@ -225,6 +239,7 @@ class TrainConfig:
                 raise UserError(f"{flag} must be at least 1 (got {value}).")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1 (got {self.max_steps}).")
+        check_pad_multiple(self.pad_to_multiple_of)
         if self.max_steps is None:
             require("--epochs", self.epochs, "above 0", lambda value: value > 0)
         require("--lr", self.lr, "above 0", lambda value: value > 0)
@@ -249,8 +264,10 @@ class TrainConfig:
 OUTCOME_NEUTRAL = frozenset({"resume", "overwrite", "output_dir", "data_dir", "save_every", "keep", "log_every", "eval_batch_size",
                              "trust_remote_code", "auto_batch", "max_gpu_memory_gb", "peak_tflops"})
 # A resumed run may also change how its steps are computed and checked, never what they compute: the micro-batch
-# split of the same effective batch, compilation, gradient checkpointing, and how often validation runs.
-RESUME_MAY_CHANGE = OUTCOME_NEUTRAL | {"batch_size", "grad_accum", "compile", "gradient_checkpointing", "eval_every"}
+# split of the same effective batch, compilation, gradient checkpointing, the loss kernel, padding (all equal to
+# float precision), and how often validation runs.
+RESUME_MAY_CHANGE = OUTCOME_NEUTRAL | {"batch_size", "grad_accum", "compile", "gradient_checkpointing", "eval_every",
+                                       "loss_kernel", "pad_to_multiple_of"}
 
 
 @dataclasses.dataclass
@@ -293,6 +310,10 @@ class EvalConfig:
     output_dir: str = option("results", "where perplexity.json and results.md are written")
     batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
+    loss_kernel: str = option("auto", "how the output layer and the NLL are computed: studykit, torch or liger, as in "
+                              "training (auto: studykit)", choices=LOSS_KERNELS)
+    pad_to_multiple_of: Optional[int] = option(None, "pad each batch's length up to a multiple of this; no perplexity "
+                                               "changes (default: 64 on CUDA, 1 on a CPU)")
     include_base: bool = option(True, "also score the base model")
     extra_eval: Optional[str] = option(None, "general text scored beside OASST, to show what a method forgets: a local text file "
                                              "(paragraphs split at blank lines, else lines) or a hub dataset NAME:CONFIG[:SPLIT] "
@@ -302,6 +323,7 @@ class EvalConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        check_pad_multiple(self.pad_to_multiple_of)
 
 
 @dataclasses.dataclass

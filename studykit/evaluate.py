@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from studykit import locks
+from studykit.batching import resolve_pad_multiple
 from studykit.config import EvalConfig, print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
 from studykit.errors import UserError
@@ -26,6 +28,7 @@ from studykit.io import (
     find_partial_directories,
     require_free_space,
 )
+from studykit.loss import resolve_loss_kernel, use_loss_kernel
 from studykit.metrics import SequenceScores, score_sequences
 from studykit.modeling import (
     base_model_fingerprint,
@@ -92,6 +95,11 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
 
 
 def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
+    device = default_device()
+    loss_kernel = resolve_loss_kernel(config.loss_kernel, device.type)
+    # Saved as resolved in eval_config.json, beside the scores it gave.
+    pad_multiple = resolve_pad_multiple(config.pad_to_multiple_of, device.type)
+    config = dataclasses.replace(config, pad_to_multiple_of=pad_multiple)
     data = load_processed(config.data_dir)
     tokenizer_name = config.tokenizer or config.model
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
@@ -112,7 +120,6 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
              "are untouched)")
     require_free_space(*space)
 
-    device = default_device()
     autocast = autocast_for(device, config.precision)
     sequences = list(data.test["input_ids"])
     rows, scores_by_name = [], {}
@@ -120,15 +127,19 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
         started = time.perf_counter()
         model = load_target(target, config)
         model.to(device)
+        use_loss_kernel(model, loss_kernel)
         scores = score_sequences(
             model, sequences, config.batch_size, device, tokenizer.pad_token_id, autocast,
             progress=lambda batches, name=target.name: tqdm(batches, desc=f"scoring {name}", leave=False),
+            pad_to_multiple_of=config.pad_to_multiple_of,
         )
         row = build_row(target, model, scores, data.meta, time.perf_counter() - started)
+        row["loss_kernel"] = loss_kernel
         scores_by_name[target.name] = scores
         print(f"{target.name}: perplexity {scores.perplexity:.4f} over {scores.tokens:,} tokens")
         if extra_sequences is not None:
-            extra_scores = score_sequences(model, extra_sequences, config.batch_size, device, tokenizer.pad_token_id, autocast)
+            extra_scores = score_sequences(model, extra_sequences, config.batch_size, device, tokenizer.pad_token_id,
+                                           autocast, pad_to_multiple_of=config.pad_to_multiple_of)
             scores_by_name[EXTRA_EVAL_PREFIX + target.name] = extra_scores
             row.update(extra_eval=config.extra_eval, extra_eval_perplexity=extra_scores.perplexity, extra_eval_tokens=extra_scores.tokens)
             print(f"{target.name}: {config.extra_eval} perplexity {extra_scores.perplexity:.4f} over {extra_scores.tokens:,} tokens")

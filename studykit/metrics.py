@@ -10,7 +10,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from studykit.data import IGNORE_INDEX, collate, length_sorted_batches
+from studykit.batching import collate_padded, padded_width, resolve_pad_multiple, to_device
+from studykit.data import IGNORE_INDEX, length_sorted_batches
 from studykit.loss import batch_nll
 
 
@@ -56,21 +57,27 @@ def score_sequences(
     autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     batch_indices: Optional[Sequence[Sequence[int]]] = None,
     progress: Optional[Callable] = None,
+    pad_to_multiple_of: Optional[int] = None,
 ) -> SequenceScores:
     """Score every sequence in length-sorted batches (little padding; the sums do not depend on batching).
 
-    `batch_indices` restricts scoring to some batches (one process's share under DDP); unscored rows stay 0.
+    `batch_indices` restricts scoring to some batches (one process's share under DDP); unscored rows stay 0. Batches
+    are padded to a multiple of `pad_to_multiple_of` (default: the device's, batching.resolve_pad_multiple), never
+    wider than the longest sequence; padding never counts.
     """
     was_training = model.training
     model.eval()
     nll_sums = np.zeros(len(sequences), dtype=np.float64)
     token_counts = np.zeros(len(sequences), dtype=np.int64)
-    batches = batch_indices if batch_indices is not None else length_sorted_batches([len(s) for s in sequences], batch_size)
+    multiple = resolve_pad_multiple(pad_to_multiple_of, device.type)
+    longest = max((len(ids) for ids in sequences), default=0)
+    # Batches are cut by padded width, so that none holds more padded positions than the first.
+    widths = [padded_width(len(ids), multiple, longest) for ids in sequences]
+    batches = batch_indices if batch_indices is not None else length_sorted_batches(widths, batch_size)
     if progress is not None:
         batches = progress(batches)
     for indices in batches:
-        batch = collate([sequences[i] for i in indices], pad_token_id)
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = to_device(collate_padded([sequences[i] for i in indices], pad_token_id, multiple, longest), device)
         nll_sums[list(indices)] = batch_nll(model, batch, autocast or contextlib.nullcontext).per_sequence.cpu().numpy()
         token_counts[list(indices)] = predicted_tokens_per_sequence(batch["labels"]).cpu().numpy()
     model.train(was_training)

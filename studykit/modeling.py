@@ -137,7 +137,7 @@ def describe_kernels(model) -> dict[str, str]:
     """How the model computes, beside what it is: recorded with every run, since each choice moves the last digits."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from studykit.loss import output_layer
+    from studykit.loss import loss_kernel_of, output_layer
 
     modules = list(model.modules())
     if any(isinstance(module, GELUTanh) for module in modules):
@@ -149,8 +149,16 @@ def describe_kernels(model) -> dict[str, str]:
     return {
         "attention": str(getattr(model.config, "_attn_implementation", "unknown")),
         "mlp_activation": activation,
-        "loss": "output layer in chunks (studykit.loss)" if output_layer(model) is not None else "full logits",
+        "loss": LOSS_KERNEL_DESCRIPTIONS[loss_kernel_of(model)] if output_layer(model) is not None else "full logits",
     }
+
+
+# How each --loss-kernel computes the output layer and the loss, as run.json's kernels["loss"] says it.
+LOSS_KERNEL_DESCRIPTIONS = {
+    "studykit": "output layer in chunks (studykit.loss)",
+    "torch": "output layer in chunks (torch.nn.functional.linear_cross_entropy)",
+    "liger": "output layer in chunks (Liger's fused linear cross-entropy, Triton)",
+}
 
 
 def base_model_fingerprint(model) -> str:

@@ -6,6 +6,7 @@ These types sit below checkpointing and the trainer, which both use them, so nei
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,6 +16,15 @@ from studykit.runtime import is_sharded
 
 # run.json's layout. 1: the unversioned records of earlier releases; 2: this one (typed, with schema_version).
 RUN_RECORD_SCHEMA = 2
+# The first steps a process trains are left out of the steady-state speed: they compile (--compile), select kernels
+# and grow the allocator's pools, and on a GPU the first ones took several times as long as the rest. A run warms
+# up for its first max(2, 10% of its steps) steps, and a resumed one again for 2 steps after it restarts.
+WARMUP_SHARE, MIN_WARMUP_STEPS = 0.1, 2
+
+
+def warmup_steps_for(total_steps: int) -> int:
+    """Steps a fresh run of `total_steps` leaves out of its steady-state figures."""
+    return max(MIN_WARMUP_STEPS, math.ceil(WARMUP_SHARE * total_steps))
 
 
 @dataclass
@@ -28,11 +38,28 @@ class TrainingState:
     skipped_steps: int = 0
     last_train_loss: Optional[float] = None
     last_dev_loss: Optional[float] = None
+    # The steps after warm-up (see WARMUP_SHARE), summed over every process that trained the run.
+    steady_tokens: int = 0
+    steady_seconds: float = 0.0
+    warmup_steps: int = 0  # steps left out of the steady figures
+
+    # Not a field, so never saved: the step at which this process's warm-up ends (start_session sets it).
+    session_warmup_ends = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def start_session(self, total_steps: int) -> None:
+        """This process trains on from `step`: a fresh run warms up for warmup_steps_for(total_steps) steps, a resumed
+        one until then and at least MIN_WARMUP_STEPS steps after its restart."""
+        self.session_warmup_ends = max(warmup_steps_for(total_steps), self.step + MIN_WARMUP_STEPS)
+
     def record_step(self, loss: float, tokens: int, seconds: float) -> None:
+        if self.step < self.session_warmup_ends:
+            self.warmup_steps += 1
+        else:
+            self.steady_tokens += tokens
+            self.steady_seconds += seconds
         self.step += 1
         self.tokens_seen += tokens
         self.train_seconds += seconds
@@ -41,6 +68,11 @@ class TrainingState:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens_seen / max(self.train_seconds, 1e-9)
+
+    @property
+    def steady_tokens_per_second(self) -> Optional[float]:
+        """Tokens per second after warm-up; None until a step after warm-up has been trained."""
+        return self.steady_tokens / self.steady_seconds if self.steady_seconds > 0 else None
 
 
 @dataclass
@@ -158,6 +190,11 @@ class RunRecord:
     # adamw, adamw8bit or paged-adamw8bit (studykit/optimizers.py); records written before there was a choice trained
     # with adamw.
     optimizer: str = "adamw"
+    # tokens_per_second and mfu over the steps after warm-up (None when every step was warm-up), and how many steps
+    # warm-up left out (run_state.WARMUP_SHARE): what the run settles at, compilation and first allocations excluded.
+    steady_tokens_per_second: Optional[float] = None
+    steady_mfu: Optional[float] = None
+    warmup_steps: int = 0
     schema_version: int = RUN_RECORD_SCHEMA
 
     def __post_init__(self) -> None:

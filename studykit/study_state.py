@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from studykit.batching import resolve_pad_multiple
 from studykit.config import OUTCOME_NEUTRAL, config_to_dict
 from studykit.data import META_FILE
 from studykit.errors import UserError
@@ -112,7 +113,11 @@ def training_is_current(training: Training, training_fingerprint: str, adopt: bo
         record = load_run_record(run_dir)
     except UserError:
         return False
-    matches = (record.method == training.method and outcome_settings(record.config) == inputs["config"]
+    # The trainer records --pad-to-multiple-of as resolved on its device; the study's config may leave it to that default.
+    expected = dict(inputs["config"])
+    if expected.get("pad_to_multiple_of") is None:
+        expected["pad_to_multiple_of"] = resolve_pad_multiple(None, record.device.split(":")[0])
+    matches = (record.method == training.method and outcome_settings(record.config) == expected
                and record.training_data_fingerprint == training_fingerprint and record.train_code_version == inputs["code"])
     if matches and adopt:
         mark_current(run_dir, inputs)

@@ -4,6 +4,7 @@ a token costs and how parameters are grouped; the scripts differ only in the met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -14,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from studykit import checkpointing, locks, memory
+from studykit.batching import resolve_pad_multiple, step_batches
 from studykit.config import TrainConfig, config_to_dict, print_config, save_config
 from studykit.data import (
     check_tokenizer_matches,
-    collate,
     length_sorted_batches,
     load_processed,
     pack_sequences,
@@ -26,7 +27,7 @@ from studykit.data import (
 )
 from studykit.errors import UserError
 from studykit.io import check_writable_location, ensure_writable_directory
-from studykit.loss import batch_nll
+from studykit.loss import batch_nll, resolve_loss_kernel, use_loss_kernel
 from studykit.methods import Method, method_of
 from studykit.metrics import score_sequences
 from studykit.modeling import (
@@ -78,11 +79,15 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     """Check every input, build the model the config's method trains, its optimizer and schedule."""
     method = method_of(config)
     accelerator = build_accelerator(config.precision, config.seed, config.device)
+    loss_kernel = resolve_loss_kernel(config.loss_kernel, accelerator.device.type)
+    # Saved as resolved, so train_config.json and run.json say what the batches were padded to.
+    pad_multiple = resolve_pad_multiple(config.pad_to_multiple_of, accelerator.device.type)
+    config = dataclasses.replace(config, pad_to_multiple_of=pad_multiple)
     data = load_processed(config.data_dir)
     tokenizer_name = config.tokenizer or config.model
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
     check_tokenizer_matches(data, tokenizer, tokenizer_name)
-    model, description = build_model(config, method, data.meta["seq_len"])
+    model, description = build_model(config, method, data.meta["seq_len"], loss_kernel)
     description["peak_tflops_per_device"] = device_peak_tflops(accelerator.device, config.peak_tflops)
 
     train_sequences = list(data.train["input_ids"])
@@ -114,8 +119,8 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
                        windows_per_epoch, description)
 
 
-def build_model(config: TrainConfig, method: Method, seq_len: int) -> tuple[Any, dict[str, Any]]:
-    """The base model wrapped by the method, and what the run records about it."""
+def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: str) -> tuple[Any, dict[str, Any]]:
+    """The base model wrapped by the method, its loss computed by `loss_kernel`, and what the run records about it."""
     base_model = load_base_model(config.model, "--model", config.trust_remote_code)
     context = model_context_length(base_model)
     if seq_len > context:
@@ -125,6 +130,7 @@ def build_model(config: TrainConfig, method: Method, seq_len: int) -> tuple[Any,
     model, description = method.wrap(base_model, config)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    use_loss_kernel(model, loss_kernel)
     trainable, total = count_parameters(model)
     description.update(base_model_fingerprint=base_fingerprint, trainable_params=trainable, total_params=total,
                        trainable_percent=100.0 * trainable / total, kernels=describe_kernels(model),
@@ -169,10 +175,11 @@ def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_toke
     device (reading it would make the host wait for the device once per micro-batch)."""
     accelerator, model = run.accelerator, run.model
     step_nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for position, indices in enumerate(micro_batches):
-        batch = collate([run.train_sequences[i] for i in indices], run.tokenizer.pad_token_id)
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        last = position == len(micro_batches) - 1
+    batches = step_batches([[run.train_sequences[i] for i in indices] for indices in micro_batches],
+                           run.tokenizer.pad_token_id, run.config.pad_to_multiple_of, run.data_meta["seq_len"],
+                           accelerator.device)
+    for position, batch in enumerate(batches):
+        last = position == len(batches) - 1
         # DDP averages gradients over processes; scaling by their number makes the step's gradient
         # the token-weighted mean over the whole window, however it is split.
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
@@ -242,6 +249,7 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
         save_config(config, output_dir / TRAIN_CONFIG)
         describe_run(run)
     log = RunLog(output_dir / RUN_LOG, accelerator.is_main_process, keep_until_step=state.step)
+    state.start_session(run.total_steps)
     lengths = [len(s) for s in run.train_sequences]
     run.model.train()
     reset_peak_memory(accelerator.device)
@@ -272,10 +280,7 @@ def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_nor
     """The progress bar after every step; the dev loss every --eval-every steps and at the end; a log.jsonl line every
     --log-every steps and with every dev loss."""
     config = run.config
-    mfu = run_mfu(run, state.tokens_per_second)
-    progress.update(1)
-    progress.set_postfix(loss=f"{state.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens_per_second:,.0f}",
-                         **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+    show_progress(run, state, lr, progress)
     entry = {"step": state.step, "train_loss": state.last_train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
              "tokens_per_second": state.tokens_per_second}
     validate_now = bool(config.eval_every and state.step % config.eval_every == 0) or state.step == run.total_steps
@@ -288,7 +293,21 @@ def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_nor
         log.write(entry)
 
 
-def run_mfu(run: PreparedRun, tokens_per_second: float) -> Optional[float]:
+def show_progress(run: PreparedRun, state: TrainingState, lr: float, progress) -> None:
+    """Loss, learning rate, tokens/s and MFU over the whole run, and after warm-up (steady) once a step is past it."""
+    steady = state.steady_tokens_per_second
+    speed = f"{state.tokens_per_second:,.0f}" + (f" (steady {steady:,.0f})" if steady is not None else "")
+    mfu, steady_mfu = run_mfu(run, state.tokens_per_second), run_mfu(run, steady)
+    utilization = {}
+    if mfu is not None:
+        utilization["mfu"] = f"{mfu:.1%}" + (f" (steady {steady_mfu:.1%})" if steady_mfu is not None else "")
+    progress.update(1)
+    progress.set_postfix(loss=f"{state.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=speed, **utilization)
+
+
+def run_mfu(run: PreparedRun, tokens_per_second: Optional[float]) -> Optional[float]:
+    if tokens_per_second is None:
+        return None
     description = run.description
     return model_flops_utilization(tokens_per_second, description["flops_per_token"], description["peak_tflops_per_device"],
                                    run.accelerator.num_processes)
@@ -336,6 +355,9 @@ def build_run_record(run: PreparedRun, state: TrainingState) -> RunRecord:
         wall_time_seconds=state.train_seconds,
         tokens_per_second=state.tokens_per_second,
         mfu=run_mfu(run, state.tokens_per_second),
+        steady_tokens_per_second=state.steady_tokens_per_second,
+        steady_mfu=run_mfu(run, state.steady_tokens_per_second),
+        warmup_steps=state.warmup_steps,
         peak_memory_bytes=peak_memory_bytes(accelerator.device),
         peak_memory_kind="cuda_max_allocated" if accelerator.device.type == "cuda" else "process_max_rss",
         skipped_steps=state.skipped_steps,

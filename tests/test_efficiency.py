@@ -104,6 +104,75 @@ def test_evaluation_batches_of_short_responses_hold_as_many_tokens_as_the_first(
     assert length_sorted_batches([], 16) == [] and length_sorted_batches([5, 4, 3], 2) == [[0, 1], [2]]
 
 
+def test_padded_widths_round_up_to_the_multiple_within_the_data():
+    from studykit.batching import padded_width, resolve_pad_multiple
+
+    assert [padded_width(length, 64, 512) for length in (1, 63, 64, 65, 500, 512)] == [64, 64, 64, 128, 512, 512]
+    assert padded_width(500, 64, 500) == 500  # never wider than the data's seq_len, which the model's context holds
+    assert [padded_width(length, 1, 512) for length in (1, 65)] == [1, 65]
+    resolved = [resolve_pad_multiple(given, device) for given, device in ((None, "cuda"), (None, "cpu"), (8, "cuda"))]
+    assert resolved == [64, 1, 8]
+    with pytest.raises(UserError, match="--pad-to-multiple-of must be at least 1 .got 0."):
+        TrainConfig(pad_to_multiple_of=0).validate()
+
+
+def test_padding_to_a_multiple_changes_no_training_loss(deterministic_model_dir, processed_dir, tmp_path):
+    common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=4, grad_accum=2)
+    default, unpadded = train_in_process(TrainConfig, tmp_path, "default", **common)
+    assert default["config"]["pad_to_multiple_of"] == 1, "recorded as resolved: no padding on a CPU"
+    assert json.loads((tmp_path / "default" / "train_config.json").read_text())["pad_to_multiple_of"] == 1
+    for multiple in (16, 64):
+        record, padded = train_in_process(TrainConfig, tmp_path, f"pad{multiple}", pad_to_multiple_of=multiple,
+                                          **common)
+        assert record["config"]["pad_to_multiple_of"] == multiple
+        assert record["padded_tokens_seen"] > default["padded_tokens_seen"]
+        assert record["tokens_seen"] == default["tokens_seen"]
+        losses = [entry["train_loss"] for entry in padded]
+        assert losses == pytest.approx([entry["train_loss"] for entry in unpadded], rel=1e-6)
+        assert record["final_dev_loss"] == pytest.approx(default["final_dev_loss"], rel=1e-6)
+    # The seq_len of this data is 64: every batch padded to 64 is the fixed-length layout.
+    assert record["padded_tokens_seen"] == 3 * 8 * record["seq_len"]
+
+
+def test_padding_evaluation_batches_changes_no_perplexity(deterministic_model_dir, train_sequences):
+    model = load_base_model(str(deterministic_model_dir)).eval()
+    exact = score_sequences(model, train_sequences, 8, torch.device("cpu"), pad_token_id=0)
+    for multiple in (8, 64):
+        padded = score_sequences(model, train_sequences, 8, torch.device("cpu"), pad_token_id=0,
+                                 pad_to_multiple_of=multiple)
+        assert padded.token_counts.tolist() == exact.token_counts.tolist()
+        assert padded.nll_sums == pytest.approx(exact.nll_sums, rel=1e-6)
+
+
+def test_batches_reach_a_gpu_from_pinned_memory_without_blocking_the_host(monkeypatch):
+    """The CUDA branch, run on a CPU: pinning and the copy are recorded instead of done."""
+    from studykit.batching import to_device
+
+    batch, calls = collate([[1, 2, 3], [4]], 0), []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: calls.append("pin") or tensor)
+    monkeypatch.setattr(torch.Tensor, "to", lambda tensor, *args, **kwargs: calls.append((args, kwargs)) or tensor)
+    gpu = torch.device("cuda", 0)
+    assert to_device(batch, gpu).keys() == batch.keys()
+    assert calls == ["pin", ((gpu,), {"non_blocking": True})] * 3
+    calls.clear()
+    to_device(batch, torch.device("cpu"))
+    assert calls == [((torch.device("cpu"),), {})] * 3  # a CPU run moves (copies) nothing
+
+
+def test_a_steps_micro_batches_are_collated_before_its_first_forward_pass(small_vocab_inputs, tmp_path, monkeypatch):
+    from conftest import train_in_process as train_method
+
+    from studykit import batching, trainer
+
+    collated, seen_at_forward = [], []
+    collate_padded, batch_nll_of = batching.collate_padded, trainer.batch_nll
+    monkeypatch.setattr(batching, "collate_padded", lambda *args: collated.append(1) or collate_padded(*args))
+    monkeypatch.setattr(trainer, "batch_nll",
+                        lambda *args: seen_at_forward.append(len(collated)) or batch_nll_of(*args))
+    train_method("full", small_vocab_inputs, tmp_path / "run", max_steps=2, grad_accum=3, eval_every=0)
+    assert seen_at_forward == [3, 3, 3, 6, 6, 6]
+
+
 def test_packing_makes_full_blocks_of_the_response_stream(train_sequences):
     block = 16
     blocks = pack_sequences(train_sequences, block)
@@ -405,9 +474,56 @@ def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, proce
     record, _ = train_in_process(TrainConfig, tmp_path, "given", peak_tflops=0.5, **common)
     assert record["flops_per_token"] == 6 * record["total_params"] and record["peak_tflops_per_device"] == 0.5
     assert record["mfu"] == pytest.approx(record["tokens_per_second"] * record["flops_per_token"] / 0.5e12)
+    # 3 steps: the first 2 warm up, the third is the steady figure.
+    assert record["warmup_steps"] == 2 and unknown["steady_mfu"] is None
+    steady_flops = record["steady_tokens_per_second"] * record["flops_per_token"]
+    assert record["steady_mfu"] == pytest.approx(steady_flops / 0.5e12)
     assert "MFU against 0.5 TFLOP/s per device" in capsys.readouterr().out
     assert format_throughput({"tokens_per_second": 12345.6, "mfu": 0.4123}) == "12,346 (41.2% MFU)"
     assert format_throughput({"tokens_per_second": 12345.6, "mfu": None}) == "12,346"
+
+
+def test_steady_speed_leaves_out_the_warm_up_of_a_run_and_of_its_resumption():
+    from studykit.run_state import TrainingState, warmup_steps_for
+
+    assert [warmup_steps_for(steps) for steps in (1, 6, 20, 30, 1000)] == [2, 2, 2, 3, 100]
+    state = TrainingState()
+    state.start_session(total_steps=30)
+    for step in range(12):
+        state.record_step(2.0, tokens=100, seconds=10.0 if step < 3 else 1.0)  # warm-up steps are slow
+    assert (state.warmup_steps, state.steady_tokens, state.steady_seconds) == (3, 900, 9.0)
+    assert state.steady_tokens_per_second == 100 and state.tokens_per_second == pytest.approx(1200 / 39)
+    # Saved in a checkpoint and restored in a new process, which warms up again for two steps.
+    resumed = TrainingState(**state.to_dict())
+    resumed.start_session(total_steps=30)
+    for step in range(12, 30):
+        resumed.record_step(2.0, tokens=100, seconds=5.0 if step < 14 else 1.0)
+    assert (resumed.warmup_steps, resumed.steady_tokens) == (5, 2500)
+    assert resumed.steady_tokens_per_second == 100
+    fresh = TrainingState()
+    fresh.start_session(total_steps=2)
+    fresh.record_step(2.0, tokens=100, seconds=1.0)
+    fresh.record_step(2.0, tokens=100, seconds=1.0)
+    assert fresh.steady_tokens_per_second is None and fresh.warmup_steps == 2  # every step warmed up
+
+
+def test_a_resumed_run_keeps_its_steady_speed(small_vocab_inputs, tmp_path):
+    """A finished run's last checkpoint resumed (its run.json set aside): the step it trains again warms up, so the
+    steady figures are the ones the checkpoint saved."""
+    from conftest import train_in_process as train_method
+
+    from studykit.run_dir import CHECKPOINT_COMPLETE
+
+    run = tmp_path / "run"
+    first = train_method("full", small_vocab_inputs, run, max_steps=6, save_every=1, keep=1)
+    assert first["warmup_steps"] == 2 and first["steady_tokens_per_second"] > 0
+    saved = json.loads((run / "resume" / "step-000005" / CHECKPOINT_COMPLETE).read_text())
+    assert saved["warmup_steps"] == 2 and saved["steady_tokens"] > 0
+    (run / "run.json").unlink()
+    resumed = train_method("full", small_vocab_inputs, run, max_steps=6, save_every=1, keep=1, resume=True)
+    assert resumed["warmup_steps"] == 3  # steps 1-2, and step 6 after the restart
+    assert resumed["steady_tokens_per_second"] == pytest.approx(saved["steady_tokens"] / saved["steady_seconds"])
+    assert resumed["tokens_seen"] == first["tokens_seen"]
 
 
 def test_log_gives_the_learning_rate_each_step_trained_with(deterministic_model_dir, processed_dir, tmp_path, monkeypatch):

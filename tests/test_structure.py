@@ -16,7 +16,7 @@ from studykit import runtime
 LAYERS = [
     ["errors"],
     ["io", "hub", "locks", "config"],
-    ["runtime", "data", "oasst", "modeling", "loss", "metrics", "tiny", "sharded", "statistics", "figures",
+    ["runtime", "data", "oasst", "modeling", "loss", "batching", "metrics", "tiny", "sharded", "statistics", "figures",
      "optimizers"],
     ["methods", "run_state"],
     ["run_dir", "checkpointing", "memory", "safeguards"],
@@ -110,7 +110,7 @@ def test_docstrings_comments_and_help_texts_leave_the_training_code_version_alon
     loss = package_copy / "loss.py"
     docstring = ast.get_docstring(ast.parse(loss.read_text()), clean=False)
     edit(loss, docstring.splitlines()[0], "A docstring rewritten from scratch.")
-    edit(loss, "# A CPU wants chunks", "# A comment rewritten: a CPU wants chunks")
+    edit(loss, "# Every chunk reads and writes", "# A comment rewritten: every chunk reads and writes")
     edit(package_copy / "config.py", '"peak learning rate"', '"the peak learning rate, reworded"')
     edit(package_copy / "report.py", "def budget_differences(", "def budget_differences_renamed(")
     assert runtime.stage_code_version("studykit.trainer") == before["trainer"]
@@ -119,7 +119,7 @@ def test_docstrings_comments_and_help_texts_leave_the_training_code_version_alon
 
 def test_a_change_to_the_loss_changes_the_training_code_version(package_copy):
     before = runtime.stage_code_version("studykit.trainer")
-    edit(package_copy / "loss.py", 'LOGIT_CHUNK_BYTES = {"cpu": 16 * 2**20', 'LOGIT_CHUNK_BYTES = {"cpu": 32 * 2**20')
+    edit(package_copy / "loss.py", 'LOGIT_CHUNK_BYTES = {"cpu": 128 * 2**20', 'LOGIT_CHUNK_BYTES = {"cpu": 64 * 2**20')
     assert runtime.stage_code_version("studykit.trainer") != before
 
 
