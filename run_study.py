@@ -1,16 +1,13 @@
-"""The whole controlled study in one command: prepare -> every training run -> evaluation -> report.
+"""The whole study: the same command as `studykit-study` (its --help is in studykit/cli.py)."""
 
-`python run_study.py` runs studies/default.toml (GPT-2 Small, OASST1 from the hub: full FT, LoRA r=8, LoRA r=32 under
-one budget); `--preset quick` a tiny offline study on a CPU; `--config PATH` a study file of your own. Steps whose
-inputs have not changed are kept; `--dry-run` prints the plan.
-"""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from studykit.cli import study_main  # noqa: E402
+try:
+    from studykit.cli import study_command
+except ModuleNotFoundError as error:
+    if error.name != "studykit":
+        raise
+    # The kit runs installed (pip install -e .): without it, one sentence instead of the import's traceback.
+    raise SystemExit("error: the studykit package is not installed in this Python; run `pip install -e .` in the "
+                     "repository (bash scripts/study.sh and scripts/test.sh do it).") from None
 
 if __name__ == "__main__":
-    study_main(__doc__)
+    study_command()

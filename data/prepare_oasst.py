@@ -1,11 +1,13 @@
-"""Stage 1: OASST1 assistant responses -> filtered, tokenized sequences on disk (data/processed by default)."""
+"""Stage 1, preparing the data: the same command as `studykit-prepare` (its --help is in studykit/cli.py)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studykit.cli import prepare_main  # noqa: E402
+try:
+    from studykit.cli import prepare_command
+except ModuleNotFoundError as error:
+    if error.name != "studykit":
+        raise
+    # The kit runs installed (pip install -e .): without it, one sentence instead of the import's traceback.
+    raise SystemExit("error: the studykit package is not installed in this Python; run `pip install -e .` in the "
+                     "repository (bash scripts/study.sh and scripts/test.sh do it).") from None
 
 if __name__ == "__main__":
-    prepare_main(__doc__)
+    prepare_command()

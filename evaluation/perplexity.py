@@ -1,11 +1,13 @@
-"""Stage 4: held-out perplexity, exp(total NLL / total predicted tokens), for the base model and every run."""
+"""Stage 4, held-out perplexity: the same command as `studykit-eval` (its --help is in studykit/cli.py)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studykit.cli import evaluate_main  # noqa: E402
+try:
+    from studykit.cli import evaluate_command
+except ModuleNotFoundError as error:
+    if error.name != "studykit":
+        raise
+    # The kit runs installed (pip install -e .): without it, one sentence instead of the import's traceback.
+    raise SystemExit("error: the studykit package is not installed in this Python; run `pip install -e .` in the "
+                     "repository (bash scripts/study.sh and scripts/test.sh do it).") from None
 
 if __name__ == "__main__":
-    evaluate_main(__doc__)
+    evaluate_command()

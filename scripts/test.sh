@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up .venv (CPU torch) and runs the test suite. The README's test command; CI runs exactly this.
+# Sets up .venv (CPU torch, the kit with its test tools) and runs the test suite. The README's test command;
+# CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_SPEC="torch==2.13.0" . scripts/venv.sh
-python -m pip install --quiet -r requirements-dev.txt
+TORCH_BUILD=cpu STUDYKIT_EXTRAS="[dev]" . scripts/venv.sh
 # One thread per test process: two workers on two cores. Two threads each would make four on two cores, and torch's
 # threads then wait for each other (a tiny model's step took 50x as long).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -1,9 +1,69 @@
-# Sourced by study.sh and test.sh: create .venv on first use, activate it, and install torch if it is missing.
-# TORCH_SPEC picks the torch to install (test.sh asks for the CPU build; study.sh lets pip choose for the platform).
+# Sourced by study.sh and test.sh: check the Python version, create .venv on first use, activate it, install the torch
+# build this machine needs if torch is missing, then the kit itself (`pip install -e .`).
+#
+# TORCH_BUILD=cpu (test.sh: the tests always run on the CPU) or auto (study.sh): on a machine where nvidia-smi sees a
+# GPU, a CUDA build its driver supports; elsewhere the CPU build (a CUDA build is several GB a CPU never uses).
+# TORCH_INDEX_URL chooses the index by hand (e.g. https://download.pytorch.org/whl/cu126), TORCH_VERSION the release
+# (default: the one the test suite runs on), PYTHON the interpreter.
 PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH_BUILD=${TORCH_BUILD:-auto}
+# The CUDA builds PyTorch publishes for TORCH_VERSION, newest first (https://pytorch.org/get-started/locally/).
+TORCH_CUDA_BUILDS=${TORCH_CUDA_BUILDS:-"13.0 12.8 12.6"}
+
+# tomllib (the study files) is 3.11's; a 3.10 would otherwise install everything and then fail at import.
+if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+  echo "error: the kit needs Python 3.11 or newer, and $PYTHON is $("$PYTHON" -V 2>&1 || echo 'not found'); run again with PYTHON=python3.11 (or newer) bash $0." >&2
+  exit 2
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-# torch first, and only if missing: a bare `torch` requirement would pull a multi-GB CUDA build over one you chose.
-python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_SPEC"
+
+# What nvidia-smi says of this machine: the driver's highest CUDA version ("12.8"), or nothing without a GPU.
+gpu_cuda_version() {
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+# The newest of TORCH_CUDA_BUILDS that a driver supporting CUDA $1 runs, as PyTorch's index names it ("cu128").
+cuda_build_for() {
+  local build
+  for build in $TORCH_CUDA_BUILDS; do
+    if "$PYTHON" -c "import sys; sys.exit(0 if tuple(map(int, '$build'.split('.'))) <= tuple(map(int, '$1'.split('.'))) else 1)"; then
+      echo "cu${build/./}"
+      return 0
+    fi
+  done
+  return 1
+}
+
+DRIVER_CUDA=$([ "$TORCH_BUILD" = cpu ] || gpu_cuda_version)
+# torch first, and only if missing: a bare `torch` requirement (ours, or another package's) would pull whichever build
+# pip's index offers, a multi-GB CUDA one on Linux, over the one chosen here.
+if ! python -c "import torch" 2>/dev/null; then
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    echo "installing torch==$TORCH_VERSION from $TORCH_INDEX_URL (TORCH_INDEX_URL)"
+    python -m pip install --quiet --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+  elif [ -n "$DRIVER_CUDA" ]; then
+    if ! CUDA_BUILD=$(cuda_build_for "$DRIVER_CUDA"); then
+      echo "error: this GPU's driver supports CUDA $DRIVER_CUDA, older than every CUDA build of torch $TORCH_VERSION ($TORCH_CUDA_BUILDS); update the driver, or choose a build with TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ (and TORCH_VERSION)." >&2
+      exit 2
+    fi
+    echo "nvidia-smi sees a GPU (driver for CUDA $DRIVER_CUDA): installing torch==$TORCH_VERSION, the $CUDA_BUILD build"
+    python -m pip install --quiet --index-url "https://download.pytorch.org/whl/$CUDA_BUILD" "torch==$TORCH_VERSION"
+  else
+    # The +cpu build lives on PyTorch's CPU index (PyPI's Linux torch is the CUDA build); a machine with a local copy
+    # of that wheel (a wheelhouse in pip's config) finds it there without reaching the index.
+    echo "no NVIDIA GPU here: installing torch==$TORCH_VERSION+cpu, the CPU build"
+    python -m pip install --quiet --extra-index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu" \
+      2> >(grep -v -E "Retrying|NewConnectionError|Could not fetch URL|Name or service not known|Temporary failure" >&2)
+  fi
+fi
+if [ -n "$DRIVER_CUDA" ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "error: nvidia-smi sees a GPU, but the torch in .venv ($(python -c 'import torch; print(torch.__version__)' 2>/dev/null)) has no CUDA; install a CUDA build: .venv/bin/pip uninstall -y torch and run this again (it picks one for the driver), or pass TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ." >&2
+  exit 2
+fi
+# The kit, editable, with its dependencies (pyproject.toml): torch's bound is met by the build above, so pip keeps it.
+python -m pip install --quiet -e ".${STUDYKIT_EXTRAS:-}"

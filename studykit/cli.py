@@ -1,35 +1,60 @@
 """The commands: each parses its stage's config from the command line and runs the stage, a user's mistake reported
-as one `error:` line. The scripts in data/, training/, evaluation/ and run_study.py call these."""
+as one `error:` line. The console entry points (studykit-prepare, studykit-train-full, studykit-train-lora,
+studykit-eval, studykit-study; pyproject.toml) and the scripts in data/, training/, evaluation/ and run_study.py call
+these functions, so a script and its entry point print the same --help."""
 
 from __future__ import annotations
 
 from studykit.errors import report_user_errors
 
+PREPARE_DESCRIPTION = "Stage 1: OASST1 assistant responses -> filtered, tokenized sequences on disk (data/processed by default)."
+TRAIN_DESCRIPTIONS = {
+    "full": "Stage 2: full fine-tuning. Every weight trains; AdamW, mixed precision on CUDA, runs under `accelerate launch`.",
+    "lora": "Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by default.",
+}
+EVALUATE_DESCRIPTION = "Stage 4: held-out perplexity, exp(total NLL / total predicted tokens), for the base model and every run."
+STUDY_DESCRIPTION = """The whole controlled study in one command: prepare -> every training run -> evaluation -> report.
 
-def prepare_main(description: str) -> None:
+`run_study.py` (or `studykit-study`) runs studies/default.toml (GPT-2 Small, OASST1 from the hub: full FT, LoRA r=8,
+LoRA r=32 under one budget); `--preset quick` a tiny offline study on a CPU; `--config PATH` a study file of your own;
+`--set TABLE.KEY=VALUE` changes one of its settings. Steps whose inputs have not changed are kept; `--dry-run` prints
+the plan.
+"""
+
+
+def prepare_command() -> None:
     from studykit.config import PrepareConfig, parse_config
     from studykit.prepare import prepare
 
-    report_user_errors(lambda: prepare(parse_config(PrepareConfig, description)))()
+    report_user_errors(lambda: prepare(parse_config(PrepareConfig, PREPARE_DESCRIPTION)))()
 
 
-def train_method(method_name: str, description: str) -> None:
+def train_method(method_name: str) -> None:
     """Train with the method named in methods.METHODS: its config class gives the flags."""
     from studykit.config import parse_config
     from studykit.methods import METHODS
     from studykit.trainer import train
 
-    report_user_errors(lambda: train(parse_config(METHODS[method_name].config_class, description)))()
+    config_class = METHODS[method_name].config_class
+    report_user_errors(lambda: train(parse_config(config_class, TRAIN_DESCRIPTIONS[method_name])))()
 
 
-def evaluate_main(description: str) -> None:
+def train_full_command() -> None:
+    train_method("full")
+
+
+def train_lora_command() -> None:
+    train_method("lora")
+
+
+def evaluate_command() -> None:
     from studykit.config import EvalConfig, parse_config
     from studykit.evaluate import evaluate
 
-    report_user_errors(lambda: evaluate(parse_config(EvalConfig, description)))()
+    report_user_errors(lambda: evaluate(parse_config(EvalConfig, EVALUATE_DESCRIPTION)))()
 
 
-def study_main(description: str) -> None:
+def study_command() -> None:
     from studykit.study import parse_study_args, run_study
 
-    report_user_errors(lambda: run_study(parse_study_args(description)))()
+    report_user_errors(lambda: run_study(parse_study_args(STUDY_DESCRIPTION)))()

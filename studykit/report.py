@@ -360,7 +360,8 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
     meta = read_json(study.data_dir / META_FILE, "run the study again: it prepares the data again")
     figure_paths = draw_figures(built, study, chosen, results_dir)
     protocol = protocol_paragraph(study, meta, chosen, records, any(row.get("budget_differences") for row in built["rows"]))
-    results = {"study": study.name, "study_file": str(study.source), "study_config": study.settings, "code_version": code_version(),
+    results = {"study": study.name, "study_file": str(study.source), "study_config": study.settings,
+               "study_overrides": study.overrides, "code_version": code_version(),
                "resolved_configs": {t.name: config_to_dict(t.config) for trainings in chosen.values() for t in trainings},
                "protocol": protocol,
                "data": {key: meta.get(key) for key in ("source", "split_method", "seq_len", "lang", "sequences", "tokens", "fingerprint")},

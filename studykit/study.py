@@ -67,10 +67,11 @@ def build_tiny_model(study: Study) -> None:
 def run_study(config: StudyConfig) -> dict[str, Any]:
     """Run every step that is not current; return what was done (and what was kept)."""
     print_config(config)
-    study = load_study(study_path(config), config.output_dir, config.readme, config.seeds)
+    study = load_study(study_path(config), config.output_dir, config.readme, config.seeds, config.overrides)
     for spec in study.runs:
         spec.config = dataclasses.replace(spec.config, device=config.device)
-    print(f"study '{study.name}' from {study.source} -> {study.output_dir} (code version {code_version()})")
+    changed = f" with --set {' '.join(study.overrides)}" if study.overrides else ""
+    print(f"study '{study.name}' from {study.source}{changed} -> {study.output_dir} (code version {code_version()})")
     for step, action in plan(study):
         print(f"  {step:<24} {action}")
     done: dict[str, Any] = {"study": study.name, "output_dir": str(study.output_dir), "tiny_model_built": False, "prepared": False,

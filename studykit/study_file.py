@@ -4,12 +4,10 @@ of every step, checked in full (every key, every type, every run's settings) bef
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
 import tomllib
-import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,7 +19,9 @@ from studykit.config import (
     StudyConfig,
     TinyModelConfig,
     TrainConfig,
-    unwrap_optional,
+    check_settings,
+    field_types,
+    fields_accepted,
 )
 from studykit.errors import UserError
 from studykit.methods import METHODS
@@ -101,6 +101,7 @@ class Study:
     readme: Optional[Path]
     seeds: list[int]
     sweep_seeds: list[int]
+    overrides: list[str] = dataclasses.field(default_factory=list)  # run_study.py's --set, applied to `settings`
 
     @property
     def data_dir(self) -> Path:
@@ -154,67 +155,8 @@ def _table(settings: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
     return dict(value)
 
 
-def _field_types(config_cls: type) -> dict[str, tuple[Any, Optional[Sequence[str]]]]:
-    """Each field's type and, where its flag has them, its choices."""
-    hints = typing.get_type_hints(config_cls)
-    return {field.name: (hints[field.name], field.metadata.get("choices")) for field in dataclasses.fields(config_cls)}
-
-
-def _fits(value: Any, annotation: Any) -> bool:
-    """TOML has no null, so Optional[X] takes an X; an integer is a fine float, but true is no number."""
-    annotation, _ = unwrap_optional(annotation)
-    if typing.get_origin(annotation) is list:
-        return isinstance(value, list) and all(_fits(item, typing.get_args(annotation)[0]) for item in value)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    annotation, _ = unwrap_optional(annotation)
-    if typing.get_origin(annotation) is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('a ')}s"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(annotation, str(annotation))
-
-
-def _value_kind(value: Any) -> str:
-    kinds = {bool: "true/false", int: "a whole number", float: "a decimal number", str: "a string", list: "a list", dict: "a table"}
-    return kinds.get(type(value), f"a {type(value).__name__}")
-
-
-def _how_to_write(key: str, value: Any, annotation: Any) -> str:
-    annotation, _ = unwrap_optional(annotation)
-    if typing.get_origin(annotation) is list and _fits(value, typing.get_args(annotation)[0]):
-        return f"put it in brackets: {key} = {json.dumps([value])}"
-    if isinstance(value, str) and annotation in (bool, int, float):
-        return f"write {key} as {_type_name(annotation)}, without quotes"
-    return f"write {key} as {_type_name(annotation)}"
-
-
-def check_settings(values: dict[str, Any], types: dict[str, tuple[Any, Optional[Sequence[str]]]], where: str, source: Path,
-                   accepted: str) -> None:
-    """Every key of a study-file table is one its stage knows, and every value has that setting's type (and is one of
-    its choices): TOML values reach the configs unconverted, where a string lr would fail deep inside training."""
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        meant = [guess for key in unknown for guess in difflib.get_close_matches(key, list(types), n=1)]
-        raise UserError(f"{where} in {source} has unknown setting(s) {unknown}" + (f" (did you mean {meant}?)" if meant else "")
-                        + f"; use {accepted}.")
-    for key, value in values.items():
-        annotation, choices = types[key]
-        shown = json.dumps(value, default=str)
-        if not _fits(value, annotation):
-            raise UserError(f"{where} in {source} sets {key} = {shown}, {_value_kind(value)}, but {key} takes {_type_name(annotation)}; "
-                            f"{_how_to_write(key, value, annotation)}.")
-        if choices and value not in choices:
-            raise UserError(f"{where} in {source} sets {key} = {shown}; use one of {list(choices)}.")
-
-
 def check_stage_settings(values: dict[str, Any], config_cls: type, where: str, source: Path, accepted: Optional[str] = None) -> None:
-    check_settings(values, _field_types(config_cls), where, source,
-                   accepted or f"fields of {config_cls.__name__} (the stage's flags with _ for -)")
+    check_settings(values, field_types(config_cls), f"{where} in {source}", accepted or fields_accepted(config_cls))
 
 
 def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
@@ -271,77 +213,117 @@ def _seeds(budget: dict[str, Any], source: Path, seeds_override: Optional[Sequen
 
 
 def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[str] = None,
-               seeds: Optional[Sequence[int]] = None) -> Study:
+               seeds: Optional[Sequence[int]] = None, overrides: Sequence[str] = ()) -> Study:
     """Stage configs for every step of the study: [data] -> prepare, [budget] + [[runs]] -> training, [eval].
-    The whole file is checked here, before any step runs: a mistake in the last run must not surface after the
-    first runs have trained."""
+    The whole file is checked here, with --set's `overrides` applied, before any step runs: a mistake in the last run
+    must not surface after the first runs have trained."""
     try:
         settings = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path} is not valid TOML ({error}); fix the file.") from None
+    apply_overrides(settings, overrides, path)
+    # What the messages below call the study: a mistake that came from --set is told as such.
+    source = f"{path} with --set {' '.join(overrides)}" if overrides else path
     unknown = sorted(set(settings) - STUDY_TABLES)
     if unknown:
-        raise UserError(f"{path} has unknown table(s) {unknown}; a study file has {sorted(STUDY_TABLES)}.")
-    header = _table(settings, "study", path)
-    check_settings(header, {key: (kind, None) for key, kind in STUDY_HEADER_TYPES.items()}, "[study]", path,
+        raise UserError(f"{source} has unknown table(s) {unknown}; a study file has {sorted(STUDY_TABLES)}.")
+    header = _table(settings, "study", source)
+    check_settings(header, {key: (kind, None) for key, kind in STUDY_HEADER_TYPES.items()}, f"[study] in {source}",
                    f"the keys {sorted(STUDY_HEADER_TYPES)}")
     name = header.get("name", Path(path).stem)
     root = Path(output_dir) if output_dir else repo_path(header.get("output_dir", f"runs/{name}"))
     readme_path = None if readme == "" else Path(readme) if readme else repo_path(header["readme"]) if header.get("readme") else None
 
-    budget = _table(settings, "budget", path)
-    study_seeds, sweep_seeds = _seeds(budget, path, seeds)
-    budget_rates = _learning_rates(budget.pop("lr"), "[budget]", path) if "lr" in budget else None
+    budget = _table(settings, "budget", source)
+    study_seeds, sweep_seeds = _seeds(budget, source, seeds)
+    budget_rates = _learning_rates(budget.pop("lr"), "[budget]", source) if "lr" in budget else None
     # LoRA settings may sit in [budget] when every run is a LoRA run; _run_spec refuses them for a full run.
-    check_stage_settings(budget, LoraTrainConfig, "[budget]", path, "fields of TrainConfig or LoraTrainConfig (the training flags with _ for -)"
+    check_stage_settings(budget, LoraTrainConfig, "[budget]", source, "fields of TrainConfig or LoraTrainConfig (the training flags with _ for -)"
                          f", or {' or '.join(SEED_KEYS)}")
-    _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", path)
+    _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", source)
     tiny_model = None
     if "tiny_model" in settings:
-        tiny_table = _table(settings, "tiny_model", path)
-        check_stage_settings(tiny_table, TinyModelConfig, "[tiny_model]", path)
-        tiny_model = _build(TinyModelConfig, tiny_table, "[tiny_model]", path)
+        tiny_table = _table(settings, "tiny_model", source)
+        check_stage_settings(tiny_table, TinyModelConfig, "[tiny_model]", source)
+        tiny_model = _build(TinyModelConfig, tiny_table, "[tiny_model]", source)
         tiny_model.data_file = str(repo_path(tiny_model.data_file))
         tiny_model.general_text = str(repo_path(tiny_model.general_text))
         if tiny_model.heldout_text:
             tiny_model.heldout_text = str(repo_path(tiny_model.heldout_text))
         if "model" in budget:
-            raise UserError(f"{path} has both [tiny_model] and [budget] model; keep one of them.")
+            raise UserError(f"{source} has both [tiny_model] and [budget] model; keep one of them.")
         budget["model"] = str(root / "tiny-gpt2")
     model = budget.get("model", TrainConfig.model)
     tokenizer = budget.get("tokenizer") or model
 
-    data = _table(settings, "data", path)
-    _reject_runner_owned(data, {"output_dir", "tokenizer", "overwrite"}, "[data]", path)
-    check_stage_settings(data, PrepareConfig, "[data]", path)
+    data = _table(settings, "data", source)
+    _reject_runner_owned(data, {"output_dir", "tokenizer", "overwrite"}, "[data]", source)
+    check_stage_settings(data, PrepareConfig, "[data]", source)
     if data.get("data_file"):
         data["data_file"] = str(repo_path(data["data_file"]))
     # The runner decides whether the data is current; a dataset it prepares replaces the one made from older inputs.
     prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed"), "overwrite": True},
-                     "[data]", path)
+                     "[data]", source)
 
     entries = settings.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-        raise UserError(f"runs in {path} must be [[runs]] tables, one per run; see studies/default.toml.")
-    runs = [_run_spec(entry, budget, budget_rates, root, path) for entry in entries]
+        raise UserError(f"runs in {source} must be [[runs]] tables, one per run; see studies/default.toml.")
+    runs = [_run_spec(entry, budget, budget_rates, root, source) for entry in entries]
     if not runs:
-        raise UserError(f"{path} lists no [[runs]]; add at least one run (see studies/default.toml).")
+        raise UserError(f"{source} lists no [[runs]]; add at least one run (see studies/default.toml).")
     names = [spec.name for spec in runs]
     if len(set(names)) != len(names):
-        raise UserError(f"{path} names a run twice ({names}); give every [[runs]] entry its own name.")
+        raise UserError(f"{source} names a run twice ({names}); give every [[runs]] entry its own name.")
 
-    evaluation = _table(settings, "eval", path)
-    _reject_runner_owned(evaluation, {"model", "tokenizer", "data_dir", "checkpoints", "output_dir"}, "[eval]", path)
-    check_stage_settings(evaluation, EvalConfig, "[eval]", path)
+    evaluation = _table(settings, "eval", source)
+    _reject_runner_owned(evaluation, {"model", "tokenizer", "data_dir", "checkpoints", "output_dir"}, "[eval]", source)
+    check_stage_settings(evaluation, EvalConfig, "[eval]", source)
     if evaluation.get("extra_eval") and repo_path(evaluation["extra_eval"]).is_file():
         evaluation["extra_eval"] = str(repo_path(evaluation["extra_eval"]))
     eval_config = _build(EvalConfig, {**evaluation, "model": model, "tokenizer": budget.get("tokenizer"), "data_dir": str(root / "processed"),
-                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", path)
-    report_settings = _table(settings, "report", path)
-    check_stage_settings(report_settings, ReportConfig, "[report]", path)
-    report_config = _build(ReportConfig, report_settings, "[report]", path)
+                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", source)
+    report_settings = _table(settings, "report", source)
+    check_stage_settings(report_settings, ReportConfig, "[report]", source)
+    report_config = _build(ReportConfig, report_settings, "[report]", source)
     return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config, report_config, readme_path,
-                 study_seeds, sweep_seeds)
+                 study_seeds, sweep_seeds, list(overrides))
+
+
+def toml_value(text: str) -> Any:
+    """A --set value as TOML reads it (`1e-4`, `[1e-4, 3e-4]`, `"text"`, `true`); anything that is not one TOML value
+    is the text itself, a string (`--set budget.optimizer=adamw8bit`), checked as the setting's type like the file's."""
+    try:
+        parsed = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["value"] if set(parsed) == {"value"} else text
+
+
+def apply_overrides(settings: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
+    """run_study.py's --set TABLE.KEY=VALUE (or runs.NAME.KEY=VALUE: the [[runs]] entry of that name), in the order
+    given, onto the parsed study file, which is then checked as a whole as if the file said so."""
+    tables = sorted(STUDY_TABLES - {"runs"})
+    for override in overrides:
+        address, equals, text = override.partition("=")
+        keys = address.strip().split(".")
+        if not equals or not all(keys):
+            raise UserError(f"--set {override} is not TABLE.KEY=VALUE; write e.g. --set budget.lr=1e-4 or --set runs.NAME.rank=16.")
+        value = toml_value(text.strip())
+        if keys[0] == "runs":
+            runs = [entry for entry in settings.get("runs", []) if isinstance(entry, dict)]
+            named = [entry for entry in runs if len(keys) == 3 and entry.get("name") == keys[1]]
+            if not named:
+                raise UserError(f"--set {override} names no run of {path}: write runs.NAME.KEY=VALUE with NAME one of "
+                                f"{[entry.get('name') for entry in runs]}.")
+            named[0][keys[2]] = value
+            continue
+        if keys[0] not in tables or len(keys) != 2:
+            raise UserError(f"--set {override} names no setting of a study file: write TABLE.KEY=VALUE with TABLE one of {tables}, "
+                            "or runs.NAME.KEY=VALUE.")
+        table = settings.setdefault(keys[0], {})
+        if not isinstance(table, dict):
+            raise UserError(f"[{keys[0]}] in {path} must be a table of settings; see studies/default.toml.")
+        table[keys[1]] = value
 
 
 def _run_spec(entry: dict[str, Any], budget: dict[str, Any], budget_rates: Optional[list[float]], root: Path,
@@ -364,7 +346,7 @@ def _run_spec(entry: dict[str, Any], budget: dict[str, Any], budget_rates: Optio
     _reject_runner_owned(entry, RUNNER_OWNED, f"run '{name}'", source)
     rates = _learning_rates(entry.pop("lr"), f"run '{name}'", source) if "lr" in entry else budget_rates
     check_stage_settings(entry, config_cls, f"run '{name}'", source)
-    not_taken = sorted(set(budget) - set(_field_types(config_cls)))
+    not_taken = sorted(set(budget) - set(field_types(config_cls)))
     if not_taken:
         raise UserError(f"[budget] in {source} sets {not_taken}, which run '{name}' (method '{method}') does not take; "
                         "set them in the [[runs]] entries that use them.")

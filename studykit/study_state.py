@@ -90,7 +90,7 @@ def eval_inputs(study: Study, data_fingerprint: str, trainings: list[Training], 
 
 def report_inputs(study: Study, evaluation: dict[str, Any], sweeps: dict[str, Any]) -> dict[str, Any]:
     return {"eval": digest(evaluation), "sweeps": sweeps, "report": config_to_dict(study.report), "study": study.settings,
-            "seeds": study.seeds, "sweep_seeds": study.sweep_seeds, "code": stage_code_version("studykit.report")}
+            "overrides": study.overrides, "seeds": study.seeds, "sweep_seeds": study.sweep_seeds, "code": stage_code_version("studykit.report")}
 
 
 def current_data(study: Study) -> Optional[dict[str, Any]]:

@@ -3,7 +3,10 @@ in the method they name, and a study retrains a run only when code that training
 
 import ast
 import difflib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,7 +83,21 @@ def test_the_training_scripts_differ_only_in_their_method():
     changed = [line for line in difflib.unified_diff(full, lora, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     docstrings = [line for line in changed if line[1:].startswith('"""')]
     calls = [line[1:].strip() for line in changed if line not in docstrings]
-    assert sorted(calls) == ['train_method("full", __doc__)', 'train_method("lora", __doc__)'], changed
+    assert sorted(calls) == ['train_method("full")', 'train_method("lora")'], changed
+
+
+def test_the_scripts_edit_no_sys_path_and_say_when_the_kit_is_not_installed(tmp_path):
+    """The scripts run the installed package; run by a Python without it, each says how to install it."""
+    scripts = ["data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py",
+               "run_study.py"]
+    for script in scripts:
+        assert "sys.path" not in (REPO_ROOT / script).read_text(), script
+        if script == "run_study.py":
+            continue  # beside studykit/, Python finds the package from its own directory, installed or not
+        # -S: no site-packages, so no installed studykit; run from elsewhere, so the repository is not on the path.
+        result = subprocess.run([sys.executable, "-S", str(REPO_ROOT / script), "--help"], cwd=tmp_path,
+                                capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+        assert result.returncode == 1 and result.stderr.startswith("error: the studykit package is not installed"), result
 
 
 # ---------------------------------------------------------------------------------------------------------

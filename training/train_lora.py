@@ -1,11 +1,13 @@
-"""Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by default."""
+"""Stage 3, LoRA: the same command as `studykit-train-lora` (its --help is in studykit/cli.py)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studykit.cli import train_method  # noqa: E402
+try:
+    from studykit.cli import train_method
+except ModuleNotFoundError as error:
+    if error.name != "studykit":
+        raise
+    # The kit runs installed (pip install -e .): without it, one sentence instead of the import's traceback.
+    raise SystemExit("error: the studykit package is not installed in this Python; run `pip install -e .` in the "
+                     "repository (bash scripts/study.sh and scripts/test.sh do it).") from None
 
 if __name__ == "__main__":
-    train_method("lora", __doc__)
+    train_method("lora")
