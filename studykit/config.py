@@ -230,16 +230,16 @@ class TrainConfig:
     max_gpu_memory_gb: Optional[float] = option(None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)")
     auto_batch: bool = option(False, "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch")
     peak_tflops: Optional[float] = option(None, "one device's peak TFLOP/s, for the MFU figure (default: looked up by GPU name; none on a CPU)")
-    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
-    keep: int = option(2, "resumable checkpoints to keep")
-    resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
-    overwrite: bool = option(False, "replace a finished run in --output-dir")
-    trust_remote_code: bool = option(False, "allow model code from the hub to run")
     report_to: str = option("none", "experiment tracker that gets every log.jsonl line and the config: tensorboard (event "
                                     "files in <output-dir>/tensorboard/), wandb or mlflow (their own logins); none",
                             choices=TRACKERS)
     push_to_hub: Optional[str] = option(None, "Hub repo id (ORG/NAME) the finished checkpoint directory is uploaded to, "
                                               "without its resumable checkpoints (default: no upload)")
+    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
+    keep: int = option(2, "resumable checkpoints to keep")
+    resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
+    overwrite: bool = option(False, "replace a finished run in --output-dir")
+    trust_remote_code: bool = option(False, "allow model code from the hub to run")
 
     method = "full"
 
