@@ -23,12 +23,15 @@ from studykit.io import (
     disk_space_for,
     read_json,
 )
+from studykit.model_card import write_model_card
 from studykit.modeling import count_parameters, is_adapter_directory
 from studykit.run_dir import (
     CHECKPOINT_COMPLETE,
     RESUME_DIRECTORY,
+    RUN_LOG,
     RUN_RECORD,
     continue_advice,
+    read_run_log,
     resumable_checkpoints,
 )
 from studykit.run_state import RunRecord, TrainingParts, TrainingState
@@ -231,9 +234,9 @@ def load_resumable(checkpoint: Path, parts: TrainingParts, identity: dict[str, A
         raise _incomplete(checkpoint, f"has {CHECKPOINT_COMPLETE} damaged (unknown fields)") from None
 
 
-def save_final(parts: TrainingParts, tokenizer, record: RunRecord, output_dir: Path) -> None:
-    """Weights and tokenizer are staged, moved into place file by file, and run.json is written last. Every process
-    must call this."""
+def save_final(parts: TrainingParts, tokenizer, record: RunRecord, data_meta: dict[str, Any], output_dir: Path) -> None:
+    """Weights, tokenizer and model card are staged, moved into place file by file, and run.json is written last. Every
+    process must call this."""
     accelerator, model = parts.accelerator, parts.unwrapped_model
     accelerator.wait_for_everyone()
     if parts.sharded:
@@ -249,6 +252,8 @@ def save_final(parts: TrainingParts, tokenizer, record: RunRecord, output_dir: P
             with atomic_directory(output_dir / ".final") as staging, no_save_progress_bar():
                 model.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
+                # Written over the placeholder README.md peft's save_pretrained leaves beside an adapter.
+                write_model_card(staging, record, data_meta, read_run_log(output_dir / RUN_LOG))
             staged = output_dir / ".final"
             for path in staged.iterdir():
                 os.replace(path, output_dir / path.name)

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 import tomllib
 import types
@@ -290,6 +291,16 @@ DEVICES = ("auto", "cuda", "cpu")
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "paged-adamw8bit")
 # --loss-kernel: studykit.loss's own chunks, torch's linear_cross_entropy, Liger's Triton kernel; auto picks (loss.py).
 LOSS_KERNELS = ("auto", "studykit", "torch", "liger")
+# --report-to: the experiment trackers accelerate drives (studykit/trackers.py), or none.
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+# A Hub repo id: an optional namespace, then a name of letters, digits, '-', '_' and '.' (huggingface_hub's rule).
+REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]{1,96}")
+
+
+def check_repo_id(flag: str, repo_id: Optional[str], example: str) -> None:
+    """A repo id the Hub would refuse is refused before any training, not after it."""
+    if repo_id is not None and (not REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id):
+        raise UserError(f"{flag} takes a Hub repo id such as {example} (letters, digits, '-', '_', '.'; got '{repo_id}').")
 
 
 @dataclasses.dataclass
@@ -337,6 +348,11 @@ class TrainConfig:
     max_gpu_memory_gb: Optional[float] = option(None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)")
     auto_batch: bool = option(False, "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch")
     peak_tflops: Optional[float] = option(None, "one device's peak TFLOP/s, for the MFU figure (default: looked up by GPU name; none on a CPU)")
+    report_to: str = option("none", "experiment tracker that gets every log.jsonl line and the config: tensorboard (event "
+                                    "files in <output-dir>/tensorboard/), wandb or mlflow (their own logins); none",
+                            choices=TRACKERS)
+    push_to_hub: Optional[str] = option(None, "Hub repo id (ORG/NAME) the finished checkpoint directory is uploaded to, "
+                                              "without its resumable checkpoints (default: no upload)")
     save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
     keep: int = option(2, "resumable checkpoints to keep")
     resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
@@ -374,13 +390,15 @@ class TrainConfig:
             require("--max-gpu-memory-gb", self.max_gpu_memory_gb, "above 0; leave it out for no cap", lambda value: value > 0)
         if self.peak_tflops is not None:
             require("--peak-tflops", self.peak_tflops, "above 0; leave it out to look it up by GPU name", lambda value: value > 0)
+        check_repo_id("--push-to-hub", self.push_to_hub, "my-org/gpt2-oasst-lora")
 
 
 # Training settings that never change which examples a step sees or how the weights move: where things are read
 # and written, how often things are saved or logged, what may load, how memory is managed (the effective batch is
-# kept) and how MFU is reported. A study does not retrain a run when only these change.
+# kept), how MFU is reported, which tracker watches and where the result is uploaded. A study does not retrain a run
+# when only these change.
 OUTCOME_NEUTRAL = frozenset({"resume", "overwrite", "output_dir", "data_dir", "save_every", "keep", "log_every", "eval_batch_size",
-                             "trust_remote_code", "auto_batch", "max_gpu_memory_gb", "peak_tflops"})
+                             "trust_remote_code", "auto_batch", "max_gpu_memory_gb", "peak_tflops", "report_to", "push_to_hub"})
 # A resumed run may also change how its steps are computed and checked, never what they compute: the micro-batch
 # split of the same effective batch, compilation, gradient checkpointing, the loss kernel, padding (all equal to
 # float precision), and how often validation runs.
@@ -512,6 +530,8 @@ class StudyConfig:
                                  "on a CPU (with its estimated time) unless --device cpu", choices=DEVICES)
     assume_tflops: float = option(25.0, "sustained model TFLOP/s the --dry-run time estimate assumes (about a third of a "
                                         "24 GB RTX 3090/4090's fp16 peak); runs this study already finished give a measured one too")
+    push_to_hub: Optional[str] = option(None, "after the report, upload each chosen training to the Hub as ORG/PREFIX-<training> "
+                                              "and the results directory as the dataset ORG/PREFIX-results (default: no upload)")
 
     def validate(self) -> None:
         if self.num_processes < 1:
@@ -519,3 +539,4 @@ class StudyConfig:
         require("--assume-tflops", self.assume_tflops, "above 0", lambda value: value > 0)
         if self.num_processes > 1 and self.launcher != "accelerate":
             raise UserError("--num-processes needs --launcher accelerate (a local training is one process).")
+        check_repo_id("--push-to-hub", self.push_to_hub, "my-org/oasst-study")

@@ -26,10 +26,15 @@ RUN_RECORD = "run.json"
 RUN_LOG = "log.jsonl"
 TRAIN_CONFIG = "train_config.json"
 RESUME_DIRECTORY = "resume"
-# Files a training run writes into its output directory; --overwrite removes these and the resume/ directory.
+# --report-to tensorboard's event files: the run's record of its curves, not part of the model.
+TENSORBOARD_DIRECTORY = "tensorboard"
+# Which tracker run this directory writes to, so that --resume continues it (hidden: bookkeeping, never uploaded).
+TRACKER_RUN_FILE = ".tracker_run.json"
+# Files a training run writes into its output directory; --overwrite removes these and the resume/ and tensorboard/
+# directories.
 RUN_ARTIFACTS = (RUN_RECORD, RUN_LOG, TRAIN_CONFIG, "model.safetensors", "config.json", "generation_config.json", "README.md",
-                 "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
+                 "loss_curve.png", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", TRACKER_RUN_FILE)
 # Files that mark a directory as a training run's, finished or not (train_config.json is written before step 1).
 RUN_MARKERS = (RUN_RECORD, RUN_LOG, TRAIN_CONFIG, RESUME_DIRECTORY)
 CHECKPOINT_NAME = re.compile(r"step-\d+")
@@ -82,7 +87,9 @@ def clear_previous_run(output_dir: Path) -> None:
     output_dir = Path(output_dir)
     for name in RUN_ARTIFACTS:
         (output_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(output_dir / RESUME_DIRECTORY, ignore_errors=True)
+    for directory in (RESUME_DIRECTORY, TENSORBOARD_DIRECTORY):
+        # The old run's curves would otherwise be drawn under the new run's.
+        shutil.rmtree(output_dir / directory, ignore_errors=True)
 
 
 def continue_advice(output_dir: Path) -> str:

@@ -79,7 +79,8 @@ def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, fl
                     "a CUDA build of torch (see Install in the README).")
 
 
-def build_accelerator(precision: str, seed: int, device: str = "auto"):
+def build_accelerator(precision: str, seed: int, device: str = "auto", **tracking):
+    """The run's Accelerator; `tracking` is trackers.accelerator_tracking's log_with and project_dir (none: no tracker)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -93,7 +94,7 @@ def build_accelerator(precision: str, seed: int, device: str = "auto"):
         torch.backends.cudnn.allow_tf32 = True
     # cpu=True on a machine without CUDA is what lets `accelerate launch` / torchrun start several CPU
     # processes (gloo); without it each process would train alone.
-    accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type), cpu=device_type == "cpu")
+    accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type), cpu=device_type == "cpu", **tracking)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and parallelism(accelerator) != "FSDP":
         # accelerate shards only across GPUs; elsewhere it quietly runs the processes as plain data parallel.
         accelerator.print(f"warning: the FSDP config needs CUDA GPUs; here the processes run as {parallelism(accelerator)}, "

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 from studykit import locks
 from studykit.config import StudyConfig, TrainConfig, build_parser, print_config
 from studykit.errors import UserError, first_line
+from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
 from studykit.modeling import known_gpt2_config
@@ -76,7 +77,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         print(f"  {step:<24} {action}")
     done: dict[str, Any] = {"study": study.name, "output_dir": str(study.output_dir), "tiny_model_built": False, "prepared": False,
                             "trained": [], "resumed": [], "kept": [], "chosen": {}, "evaluated": False, "reported": False, "readme": None,
-                            "dry_run": config.dry_run, "pending": []}
+                            "dry_run": config.dry_run, "pending": [], "pushed": []}
     if config.dry_run:
         print_memory_plan(study)
         for line in time_estimate(study, config.assume_tflops):
@@ -150,6 +151,9 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         done["reported"] = True
     if study.readme is not None:
         done["readme"] = str(study.readme) if update_readme(study) else None
+    if config.push_to_hub:
+        # Last: an upload that fails leaves every result in place, and the sentence says how to upload it by hand.
+        done["pushed"] = push_study(config.push_to_hub, {t.name: Path(t.config.output_dir) for t in chosen}, study.results_dir)
     resumed = f" ({len(done['resumed'])} resumed)" if done["resumed"] else ""
     print(f"\ndone: trained {len(done['trained'])} training(s){resumed}, kept {len(done['kept'])}, evaluated: {done['evaluated']}, "
           f"report: {study.results_dir / 'results.md'}")

@@ -29,8 +29,9 @@ from studykit.runtime import REPO_ROOT
 
 STUDIES_DIR = REPO_ROOT / "studies"
 
-# Set by the runner for every run, never by the study file: where things go and how an old run is replaced.
-RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite", "device"}
+# Set by the runner for every run, never by the study file: where things go, how an old run is replaced, and where it
+# is uploaded (run_study.py --push-to-hub names a repo per training; one repo in [budget] would be every training's).
+RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite", "device", "push_to_hub"}
 
 STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
 
@@ -174,7 +175,8 @@ def _reject_runner_owned(values: dict[str, Any], owned: set[str], where: str, so
     clashing = sorted(owned & set(values))
     if clashing:
         raise UserError(f"{where} in {source} sets {clashing}, which the runner sets for every run; remove them "
-                        "(use [study] output_dir or --output-dir to move the study, and run_study.py --device to choose the device).")
+                        "(use [study] output_dir or --output-dir to move the study, run_study.py --device to choose the device, and "
+                        "--push-to-hub to upload).")
 
 
 def _learning_rates(value: Any, where: str, source: Path) -> list[float]:

@@ -26,6 +26,7 @@ from studykit.data import (
     split_window,
 )
 from studykit.errors import UserError
+from studykit.hub_upload import push_folder
 from studykit.io import check_writable_location, ensure_writable_directory
 from studykit.loss import batch_nll, resolve_loss_kernel, use_loss_kernel
 from studykit.methods import Method, method_of
@@ -62,6 +63,7 @@ from studykit.runtime import (
     stage_code_version,
 )
 from studykit.safeguards import Safeguards
+from studykit.trackers import Trackers, accelerator_tracking, check_tracker_installed
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -78,7 +80,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 def prepare_run(config: TrainConfig) -> PreparedRun:
     """Check every input, build the model the config's method trains, its optimizer and schedule."""
     method = method_of(config)
-    accelerator = build_accelerator(config.precision, config.seed, config.device)
+    accelerator = build_accelerator(config.precision, config.seed, config.device,
+                                    **accelerator_tracking(config.report_to, Path(config.output_dir)))
     loss_kernel = resolve_loss_kernel(config.loss_kernel, accelerator.device.type)
     # Saved as resolved, so train_config.json and run.json say what the batches were padded to.
     pad_multiple = resolve_pad_multiple(config.pad_to_multiple_of, accelerator.device.type)
@@ -219,6 +222,7 @@ def train(config: TrainConfig) -> RunRecord:
     """Run one training job end to end and return its run record (also written to run.json)."""
     output_dir = Path(config.output_dir)
     check_writable_location(output_dir, "--output-dir")
+    check_tracker_installed(config.report_to)
     # Under `accelerate launch` the main process holds the lock for all of them (the launcher's RANK, known before
     # the accelerator exists).
     with locks.exclusive(output_dir, "--output-dir", enabled=launch_rank() == 0):
@@ -256,8 +260,12 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
     progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process,
                     dynamic_ncols=True)
 
-    # The bar is closed however the loop ends, so an error line is the last thing on the terminal.
-    with progress, Safeguards(run, output_dir) as safeguards, memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]):
+    trackers = Trackers(accelerator, config.report_to, output_dir, config_to_dict(config), resumed_at_step=state.step)
+
+    # The bar is closed however the loop ends, so an error line is the last thing on the terminal; the tracker finishes
+    # however it ends, so its files are complete.
+    with (progress, trackers, Safeguards(run, output_dir) as safeguards,
+          memory.out_of_memory_as_user_error(run.description["memory"]["estimate"])):
         while state.step < run.total_steps:
             step_started = time.perf_counter()
             lr = run.scheduler.get_last_lr()[0]  # the rate this step trains with; optimizer_step moves the schedule on
@@ -267,18 +275,21 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
             safeguards.check_step(finite, state.step)
             # The window's tokens over all processes: its predicted tokens plus each example's first token.
             state.record_step(loss, step_tokens + run.examples_per_step, time.perf_counter() - step_started)
-            validate_and_log(run, state, lr, grad_norm, log, progress)
+            validate_and_log(run, state, lr, grad_norm, log, trackers, progress)
             safeguards.save_if_due(state)
         safeguards.check_final(state)
         record = build_run_record(run, state)
         # Still under the safeguards' signal handlers: a Ctrl-C now lets the final save finish rather than lose the run.
-        checkpointing.save_final(run.parts, run.tokenizer, record, output_dir)
+        checkpointing.save_final(run.parts, run.tokenizer, record, run.data_meta, output_dir)
+    if config.push_to_hub and accelerator.is_main_process:
+        push_folder(output_dir, config.push_to_hub)
     return record
 
 
-def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_norm: float, log: RunLog, progress) -> None:
+def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_norm: float, log: RunLog, trackers: Trackers,
+                     progress) -> None:
     """The progress bar after every step; the dev loss every --eval-every steps and at the end; a log.jsonl line every
-    --log-every steps and with every dev loss."""
+    --log-every steps and with every dev loss, and the same entry to the tracker (--report-to)."""
     config = run.config
     show_progress(run, state, lr, progress)
     entry = {"step": state.step, "train_loss": state.last_train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
@@ -291,6 +302,7 @@ def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_nor
     if validate_now or state.step % config.log_every == 0:
         entry["skipped_steps"] = state.skipped_steps
         log.write(entry)
+        trackers.log(entry)
 
 
 def show_progress(run: PreparedRun, state: TrainingState, lr: float, progress) -> None:

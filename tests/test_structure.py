@@ -18,11 +18,11 @@ from studykit import runtime
 # imports it back. A new module goes into the lowest layer that holds everything it imports.
 LAYERS = [
     ["errors"],
-    ["io", "hub", "locks", "config"],
+    ["io", "hub", "hub_upload", "locks", "config"],
     ["runtime", "data", "oasst", "modeling", "loss", "batching", "metrics", "tiny", "sharded", "statistics", "figures",
      "optimizers"],
     ["methods", "run_state"],
-    ["run_dir", "checkpointing", "memory", "safeguards"],
+    ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
     ["trainer", "prepare", "evaluate"],
     ["study_file"],
     ["samples", "report"],
