@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from studykit.errors import UserError
 
@@ -25,23 +23,37 @@ def _in_local_cache(repo_id: str, repo_type: str) -> bool:
         return False
 
 
-def _hub_host_answers() -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+def hub_is_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, also when it was set after huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def _hub_answers(repo_id: str, repo_type: str) -> bool:
+    """Ask the Hub about the repo through huggingface_hub's own client, so HF_ENDPOINT, HTTPS_PROXY and its other
+    settings apply (a raw socket probe ignored the proxy and called a Hub behind one unreachable). Any answer, even
+    "no such repo" (the loader then says so), means the Hub is there; no answer within the timeout means it is not."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=HUB_TIMEOUT_SECONDS):
-            return True
-    except OSError:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_SECONDS)
+    except HfHubHTTPError:
+        return True
+    except OfflineModeIsEnabled:
         return False
+    except Exception:  # the client's connection, timeout and proxy errors (httpx's, which are not OSErrors)
+        return False
+    return True
 
 
 def ensure_hub_reachable(name_or_path: str, local_flag: str, repo_type: str = "model") -> None:
     """Without this check the hub client retries for about a minute before failing with a stack trace."""
     if is_local_path(name_or_path) or _in_local_cache(name_or_path, repo_type):
         return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _hub_host_answers():
+    offline = hub_is_offline()
+    if offline or not _hub_answers(name_or_path, repo_type):
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
         raise UserError(
             f"'{name_or_path}' is neither a local path nor in the local cache and {reason}; "

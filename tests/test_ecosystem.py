@@ -288,3 +288,40 @@ def test_the_study_pushes_each_chosen_training_and_its_results(tmp_path):
     urls = hub_upload.push_study("org/oasst", trainings, tmp_path / "results", api=api)
     assert urls[-1] == "https://huggingface.co/datasets/org/oasst-results"
     assert [call[1]["repo_type"] for call in api.calls if call[0] == "upload_folder"] == ["model", "model", "dataset"]
+
+
+def test_the_hub_probe_asks_through_huggingface_hubs_client(monkeypatch):
+    """Any answer from the Hub (even "no such repo") means it is reachable; the client's connection error, or
+    HF_HUB_OFFLINE, is the one sentence naming the local flag. The client applies HF_ENDPOINT and HTTPS_PROXY itself."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from studykit import hub
+    from studykit.errors import UserError
+
+    asked = []
+
+    def answer_with(error):
+        def repo_info(self, repo_id, repo_type=None, timeout=None, **_):
+            asked.append((repo_id, repo_type, timeout))
+            if error is not None:
+                raise error
+        return repo_info
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_in_local_cache", lambda repo_id, repo_type: False)
+    response = type("Response", (), {"status_code": 404, "headers": {}, "request": None})()
+    for error in (None, RepositoryNotFoundError("no such repo", response=response)):
+        monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", answer_with(error))
+        hub.ensure_hub_reachable("someone/model", "--model PATH")
+    assert asked[-1] == ("someone/model", "model", hub.HUB_TIMEOUT_SECONDS)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", answer_with(ConnectionRefusedError("refused")))
+    with pytest.raises(UserError, match="the Hugging Face Hub cannot be reached; pass --model PATH"):
+        hub.ensure_hub_reachable("someone/model", "--model PATH")
+    asked.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set; pass --data-file PATH"):
+        hub.ensure_hub_reachable("someone/data", "--data-file PATH", "dataset")
+    assert asked == []
