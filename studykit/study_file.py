@@ -21,6 +21,7 @@ from studykit.config import (
     StudyConfig,
     TinyModelConfig,
     TrainConfig,
+    check_packing_context,
     unwrap_optional,
 )
 from studykit.errors import UserError
@@ -326,6 +327,12 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     runs = [_run_spec(entry, budget, budget_rates, root, path) for entry in entries]
     if not runs:
         raise UserError(f"{path} lists no [[runs]]; add at least one run (see studies/default.toml).")
+    for spec in runs:
+        try:
+            check_packing_context(spec.config.packing, prepare.context)
+        except UserError as error:
+            raise UserError(f"run '{spec.name}' in {path} with [data] context = \"{prepare.context}\": "
+                            f"{error}") from None
     names = [spec.name for spec in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{path} names a run twice ({names}); give every [[runs]] entry its own name.")
