@@ -261,6 +261,18 @@ def save_config(config: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# [data] context: what a response is fed after. The processed data records it; training and evaluation follow it.
+CONTEXTS = ("none", "parent")
+
+
+def check_packing_context(packing: bool, context: str) -> None:
+    """Packing joins responses into blocks without their prompts' boundaries, so it cannot keep prompt tokens out of
+    the loss."""
+    if packing and context != "none":
+        raise UserError(f"--packing cannot train data prepared with --context {context} (a packed block has no place "
+                        "for each response's prompt); drop --packing or prepare the data with --context none.")
+
+
 @dataclasses.dataclass
 class PrepareConfig:
     dataset: str = option("OpenAssistant/oasst1", "hub dataset id (used when --data-file is not given)")
@@ -273,6 +285,10 @@ class PrepareConfig:
                                          "dataset brings its own)")
     dev_fraction: float = option(0.05, "share of the training trees held out as the dev split, which training scores and "
                                         "every choice (learning rate, checkpoint) reads")
+    context: str = option("none", "none: each assistant response alone; parent: each response after the prompter "
+                                  "message it answers, whose tokens condition the response but are never targets nor "
+                                  "counted in perplexity (a response whose parent is not a prompter message in the "
+                                  "export is dropped)", choices=CONTEXTS)
     skip_bad_lines: bool = option(False, "drop corrupt JSONL lines instead of stopping")
     overwrite: bool = option(False, "replace a dataset in --output-dir that was prepared from other inputs (one from the same "
                                     "inputs is kept as it is)")

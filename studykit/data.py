@@ -42,11 +42,64 @@ def tokenize_responses(texts: Sequence[str], tokenizer, seq_len: int) -> tuple[l
     return sequences, truncated
 
 
-def sequences_fingerprint(input_ids: Sequence[Sequence[int]], message_ids: Sequence[str]) -> str:
+# Between a prompt and its response (--context parent): a blank line, the break OASST texts themselves put between
+# paragraphs. The sequence stays plain text of the kind GPT-2 was pretrained on, with no role marker it never saw and
+# no new token; GPT-2 encodes it as one token. samples.py ends its prompts with it too.
+CONTEXT_SEPARATOR = "\n\n"
+
+
+@dataclass
+class PromptedSequences:
+    """Responses tokenized after their prompts: each sequence's first prompt_lengths[i] tokens are prompt."""
+
+    input_ids: list[list[int]]
+    prompt_lengths: list[int]
+    truncated: int  # responses longer than seq_len alone: cut as without prompts, and kept with no prompt
+    prompts_shortened: int  # prompts that lost tokens from their start (all of them, for a truncated response)
+
+
+def tokenize_prompted_responses(prompts: Sequence[str], texts: Sequence[str], tokenizer,
+                                seq_len: int) -> PromptedSequences:
+    """Each prompt, then CONTEXT_SEPARATOR, then its response and EOS. Prompt and response are tokenized apart, so a
+    response's tokens, the targets, are exactly those it has under --context none and the perplexities of the two
+    settings score the same tokens. A sequence over seq_len keeps its response: the prompt loses its start, and its
+    end, nearest the response, stays."""
+    responses, truncated = tokenize_responses(texts, tokenizer, seq_len)
+    prompt_texts = [prompt.strip() + CONTEXT_SEPARATOR for prompt in prompts]
+    encoded = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+    sequences, prompt_lengths, shortened = [], [], 0
+    for prompt_ids, response_ids in zip(encoded, responses):
+        room = seq_len - len(response_ids)
+        kept = list(prompt_ids)[max(0, len(prompt_ids) - room):]
+        shortened += len(kept) < len(prompt_ids)
+        sequences.append(kept + response_ids)
+        prompt_lengths.append(len(kept))
+    return PromptedSequences(sequences, prompt_lengths, truncated, shortened)
+
+
+def predicted_tokens(length: int, prompt_length: int) -> int:
+    """The targets of one sequence: every token after its prompt; without a prompt every token but the first, which
+    nothing before it predicts."""
+    return length - max(1, prompt_length)
+
+
+def split_prompt_lengths(dataset) -> list[int]:
+    """A split's prompt_length column; zeros for data prepared before the column existed (responses alone)."""
+    if "prompt_length" in dataset.column_names:
+        return list(dataset["prompt_length"])
+    return [0] * len(dataset)
+
+
+def sequences_fingerprint(input_ids: Sequence[Sequence[int]], message_ids: Sequence[str],
+                          prompt_lengths: Optional[Sequence[int]] = None) -> str:
+    """Identifies a split's sequences and which of their tokens are prompt. A sequence without a prompt adds nothing
+    for it, so data without prompts keeps the fingerprint it had before prompts existed."""
     digest = hashlib.sha256()
-    for ids, message_id in zip(input_ids, message_ids):
+    for index, (ids, message_id) in enumerate(zip(input_ids, message_ids)):
         digest.update(str(message_id).encode("utf-8"))
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        if prompt_lengths is not None and prompt_lengths[index]:
+            digest.update(f"prompt:{prompt_lengths[index]}".encode("utf-8"))
     return digest.hexdigest()[:16]
 
 
@@ -101,7 +154,8 @@ def check_split_intact(path: Path, split: str, dataset, meta: dict[str, Any], re
     """Reads every sequence of the split, so a file cut short fails here rather than mid-run, and compares them with
     the fingerprint prepare recorded, which catches changed bytes that Arrow would read without complaint."""
     recorded = meta.get(f"{split}_fingerprint")
-    if recorded and sequences_fingerprint(dataset["input_ids"], dataset["message_id"]) != recorded:
+    fingerprint = sequences_fingerprint(dataset["input_ids"], dataset["message_id"], split_prompt_lengths(dataset))
+    if recorded and fingerprint != recorded:
         raise DamagedFile(path / split, f"its {split} sequences no longer match the fingerprint in {META_FILE}", remedy)
 
 
@@ -120,9 +174,11 @@ def pack_sequences(sequences: Sequence[Sequence[int]], block_size: int) -> list[
     return [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, pad_to: Optional[int] = None,
+            prompt_lengths: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence of the batch (or `pad_to`). Labels are masked by position, not by token id,
-    because GPT-2 pads with its EOS id and EOS must stay a target."""
+    because GPT-2 pads with its EOS id and EOS must stay a target. A sequence's first prompt_lengths[row] tokens are
+    prompt: attended to, never targets; the first response token, predicted from the prompt's last, is one."""
     width = pad_to or max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -130,6 +186,8 @@ def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, pad_to: Optio
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    for row, prompt_length in enumerate(prompt_lengths or ()):
+        labels[row, :prompt_length] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

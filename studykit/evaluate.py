@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from studykit import locks
 from studykit.batching import resolve_pad_multiple
 from studykit.config import EvalConfig, print_config, save_config
-from studykit.data import check_tokenizer_matches, load_processed, tokenize_responses
+from studykit.data import check_tokenizer_matches, load_processed, split_prompt_lengths, tokenize_responses
 from studykit.errors import UserError
 from studykit.io import (
     MIB,
@@ -122,6 +122,9 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
 
     autocast = autocast_for(device, config.precision)
     sequences = list(data.test["input_ids"])
+    # Prompt tokens (--context parent) condition their responses but are never scored: each row's NLL and tokens are
+    # its response's.
+    prompt_lengths = split_prompt_lengths(data.test)
     rows, scores_by_name = [], {}
     for target in targets:
         started = time.perf_counter()
@@ -131,7 +134,7 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
         scores = score_sequences(
             model, sequences, config.batch_size, device, tokenizer.pad_token_id, autocast,
             progress=lambda batches, name=target.name: tqdm(batches, desc=f"scoring {name}", leave=False),
-            pad_to_multiple_of=config.pad_to_multiple_of,
+            pad_to_multiple_of=config.pad_to_multiple_of, prompt_lengths=prompt_lengths,
         )
         row = build_row(target, model, scores, data.meta, time.perf_counter() - started)
         row["loss_kernel"] = loss_kernel

@@ -58,8 +58,12 @@ def score_sequences(
     batch_indices: Optional[Sequence[Sequence[int]]] = None,
     progress: Optional[Callable] = None,
     pad_to_multiple_of: Optional[int] = None,
+    prompt_lengths: Optional[Sequence[int]] = None,
 ) -> SequenceScores:
     """Score every sequence in length-sorted batches (little padding; the sums do not depend on batching).
+
+    A sequence's first prompt_lengths[i] tokens (default: none) condition the rest but are not scored: its NLL and
+    token count are those of its response and EOS alone.
 
     `batch_indices` restricts scoring to some batches (one process's share under DDP); unscored rows stay 0. Batches
     are padded to a multiple of `pad_to_multiple_of` (default: the device's, batching.resolve_pad_multiple), never
@@ -77,7 +81,9 @@ def score_sequences(
     if progress is not None:
         batches = progress(batches)
     for indices in batches:
-        batch = to_device(collate_padded([sequences[i] for i in indices], pad_token_id, multiple, longest), device)
+        prompts = [prompt_lengths[i] for i in indices] if prompt_lengths is not None else None
+        batch = collate_padded([sequences[i] for i in indices], pad_token_id, multiple, longest, prompts)
+        batch = to_device(batch, device)
         nll_sums[list(indices)] = batch_nll(model, batch, autocast or contextlib.nullcontext).per_sequence.cpu().numpy()
         token_counts[list(indices)] = predicted_tokens_per_sequence(batch["labels"]).cpu().numpy()
     model.train(was_training)

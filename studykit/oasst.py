@@ -23,6 +23,8 @@ TREES = "message trees"
 
 # The filter stages, in the order they are applied; meta.json counts what survives each one.
 FILTER_STAGES = ("read", "unique", "assistant", "not_deleted", "review_passed", "non_blank", "language")
+# The stage --context parent adds after them: the response's parent is a prompter message with text, in the export.
+PARENT_STAGE = "parent_prompt"
 
 
 @dataclass
@@ -449,6 +451,28 @@ def filter_messages(messages: Iterable[dict[str, Any]],
         counts["language"] += 1
         kept.append(message)
     return kept, counts
+
+
+def with_parent_prompts(responses: list[dict[str, Any]],
+                        messages: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The responses whose parent is a non-blank prompter message of `messages`, and those parents' texts.
+
+    A response without one (its parent an assistant message, or missing from the export, as when a tree was cut short
+    or its prompt failed to parse) is dropped rather than kept with an empty prompt: under --context parent every
+    response is then conditioned the same way. The parent's own review and deletion are not judged: the response,
+    which passed the filters, was written as the answer to that text. Splits are made by tree, so a parent lies in
+    its response's split."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for message in messages:
+        by_id.setdefault(str(message["message_id"]), message)
+    kept, prompts = [], []
+    for response in responses:
+        parent = by_id.get(str(response.get("parent_id")))
+        if parent is None or parent.get("role") != "prompter" or not (parent.get("text") or "").strip():
+            continue
+        kept.append(response)
+        prompts.append(parent["text"])
+    return kept, prompts
 
 
 def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]],

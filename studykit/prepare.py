@@ -12,8 +12,10 @@ from studykit.config import PrepareConfig, config_to_dict, print_config, save_co
 from studykit.data import (
     META_FILE,
     SPLITS,
+    PromptedSequences,
     combine_fingerprints,
     sequences_fingerprint,
+    tokenize_prompted_responses,
     tokenize_responses,
     tokenizer_fingerprint,
 )
@@ -30,11 +32,13 @@ from studykit.io import (
 from studykit.modeling import load_tokenizer
 from studykit.oasst import (
     FILTER_STAGES,
+    PARENT_STAGE,
     OasstSource,
     filter_messages,
     load_source,
     opening_prompts,
     parse_languages,
+    with_parent_prompts,
 )
 from studykit.runtime import stage_code_version
 
@@ -141,6 +145,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     return meta
 
 
+def tokenize_split(config: PrepareConfig, tokenizer, responses: list[dict[str, Any]],
+                   messages: list[dict[str, Any]],
+                   counts: dict[str, int]) -> tuple[list[dict[str, Any]], PromptedSequences]:
+    """The responses that make sequences and their tokens; under --context parent each after its parent's text (a
+    response without a prompter parent is dropped, and counts[PARENT_STAGE] says how many are left)."""
+    if config.context == "none":
+        input_ids, truncated = tokenize_responses([m["text"] for m in responses], tokenizer, config.seq_len)
+        return responses, PromptedSequences(input_ids, [0] * len(input_ids), truncated, 0)
+    responses, prompts = with_parent_prompts(responses, messages)
+    counts[PARENT_STAGE] = len(responses)
+    return responses, tokenize_prompted_responses(prompts, [m["text"] for m in responses], tokenizer, config.seq_len)
+
+
 def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tuple[dict[str, Any], dict[str, Any]]:
     """The filtered, tokenized splits and the meta.json that says how they were made."""
     import datasets
@@ -150,22 +167,32 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
         print(f"skipped {len(source.bad_lines)} corrupt line(s): {source.bad_lines[:20]}")
     languages = parse_languages(config.lang)
     splits, counts, tokens, truncated, fingerprints = {}, {}, {}, {}, {}
+    prompt_tokens, prompts_shortened = {}, {}
     for split in SPLITS:
         kept, split_counts = filter_messages(source.messages_by_split[split], languages)
         counts[split] = {stage: split_counts.get(stage, 0) for stage in FILTER_STAGES}
+        if kept:
+            kept, sequences = tokenize_split(config, tokenizer, kept, source.messages_by_split[split], counts[split])
         if not kept:
             raise UserError(
                 f"no {split} messages are left after the filters (counts: {counts[split]}); check --lang "
-                f"('{config.lang}') and the data file."
+                f"('{config.lang}'){' and --context' if config.context != 'none' else ''} and the data file."
             )
-        input_ids, truncated[split] = tokenize_responses([m["text"] for m in kept], tokenizer, config.seq_len)
+        input_ids, truncated[split] = sequences.input_ids, sequences.truncated
         message_ids = [str(m["message_id"]) for m in kept]
         tokens[split] = sum(len(ids) for ids in input_ids)
-        fingerprints[split] = sequences_fingerprint(input_ids, message_ids)
+        prompt_tokens[split], prompts_shortened[split] = sum(sequences.prompt_lengths), sequences.prompts_shortened
+        fingerprints[split] = sequences_fingerprint(input_ids, message_ids, sequences.prompt_lengths)
         splits[split] = datasets.Dataset.from_dict(
-            {"input_ids": input_ids, "message_id": message_ids, "message_tree_id": [str(m["message_tree_id"]) for m in kept]}
+            {"input_ids": input_ids, "prompt_length": sequences.prompt_lengths, "message_id": message_ids,
+             "message_tree_id": [str(m["message_tree_id"]) for m in kept]}
         )
-        print(f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens, {truncated[split]:,} truncated to {config.seq_len}")
+        prompted = (f" ({prompt_tokens[split]:,} of them prompt, {prompts_shortened[split]:,} prompts shortened)"
+                    if config.context != "none" else "")
+        print(f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens{prompted}, {truncated[split]:,} truncated "
+              f"to {config.seq_len}")
+    # Named in the fingerprints only when there are prompts: data prepared without them keeps its earlier fingerprints.
+    context = () if config.context == "none" else (f"context={config.context}",)
     meta = {
         "source": source.description,
         "source_shape": source.shape,
@@ -175,14 +202,19 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
         "eos_token_id": tokenizer.eos_token_id,
         "seq_len": config.seq_len,
         "lang": config.lang,
+        "context": config.context,
         "counts": counts,
         "sequences": {split: len(splits[split]) for split in SPLITS},
         "tokens": tokens,
         "truncated": truncated,
+        **({"prompt_tokens": prompt_tokens, "prompts_shortened": prompts_shortened}
+           if config.context != "none" else {}),
         "bad_lines_skipped": source.bad_lines,
-        "fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], fingerprints["test"], config.seq_len),
+        "fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], fingerprints["test"],
+                                            config.seq_len, *context),
         # What training reads (train and dev), apart from the test split: a changed test split retrains nothing.
-        "training_fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], config.seq_len),
+        "training_fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], config.seq_len,
+                                                     *context),
         **{f"{split}_fingerprint": fingerprints[split] for split in SPLITS},
         "config": config_to_dict(config),
     }

@@ -109,6 +109,9 @@ class PreparedRun:
     description: dict = field(default_factory=dict)
     # The step windows of the current epoch, planned once per epoch.
     windows_by_epoch: dict = field(default_factory=dict)
+    # Each sequence's prompt tokens (--context parent), which are never targets; None: no sequence has a prompt.
+    train_prompt_lengths: Optional[list] = None
+    dev_prompt_lengths: Optional[list] = None
 
     @property
     def accelerator(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from studykit.data import CONTEXT_SEPARATOR
 from studykit.io import atomic_write_text, read_json
 from studykit.study_file import Study
 
@@ -19,7 +20,8 @@ def write_samples(study: Study, run_dirs: dict[str, Path]) -> Path:
     prompts = read_json(prompts_file, f"delete {study.data_dir} and run the study again: it prepares the data again",
                         expect=list)[: study.report.sample_prompts]
     continuations = generate_continuations(study, run_dirs, prompts, study.report.sample_new_tokens)
-    atomic_write_text(path, format_samples_markdown(prompts, continuations, study.report.sample_new_tokens))
+    atomic_write_text(path, format_samples_markdown(prompts, continuations, study.report.sample_new_tokens,
+                                                    study.prepare.context))
     return path
 
 
@@ -48,8 +50,10 @@ def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Seq
         room = model_context_length(model) - max_new_tokens
         texts = []
         for prompt in prompts:
-            # A blank line after the prompt: the models saw responses alone, each starting a text of its own.
-            prompt_ids = tokenizer(prompt["text"].strip() + "\n\n", add_special_tokens=False)["input_ids"][-room:]
+            # The separator prepare puts between a prompt and its response under --context parent; under none the
+            # models saw responses alone, and a blank line likewise starts a text of its own.
+            prompt_text = prompt["text"].strip() + CONTEXT_SEPARATOR
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"][-room:]
             input_ids = torch.tensor([prompt_ids], device=device)
             with torch.no_grad():
                 output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
@@ -60,11 +64,20 @@ def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Seq
     return continuations
 
 
-def format_samples_markdown(prompts: Sequence[dict[str, str]], continuations: dict[str, list[str]], max_new_tokens: int) -> str:
+# What samples.md says the runs were trained on, by [data] context.
+TRAINED_ON = {
+    "none": "The models were trained on assistant responses alone, never on a prompt followed by its answer, so this "
+            "shows each model's style of text, not instruction following.",
+    "parent": "The runs were trained on each assistant response after the prompt it answers (the loss on the response "
+              "only), so this shows how they answer a prompt; the base model was never trained so.",
+}
+
+
+def format_samples_markdown(prompts: Sequence[dict[str, str]], continuations: dict[str, list[str]], max_new_tokens: int,
+                            context: str = "none") -> str:
     lines = ["# Side-by-side samples", "",
              f"Greedy continuations ({max_new_tokens} new tokens at most) of the opening prompts of held-out conversation "
-             "trees. The models were trained on assistant responses alone, never on a prompt followed by its answer, so "
-             "this shows each model's style of text, not instruction following.", ""]
+             f"trees. {TRAINED_ON[context]}", ""]
     for index, prompt in enumerate(prompts):
         lines += [f"## Prompt {index + 1} (tree {prompt['message_tree_id']})", "", quote(prompt["text"]), ""]
         for name, texts in continuations.items():

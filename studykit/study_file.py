@@ -19,6 +19,7 @@ from studykit.config import (
     StudyConfig,
     TinyModelConfig,
     TrainConfig,
+    check_packing_context,
     check_settings,
     field_types,
     fields_accepted,
@@ -273,6 +274,12 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     runs = [_run_spec(entry, budget, budget_rates, root, source) for entry in entries]
     if not runs:
         raise UserError(f"{source} lists no [[runs]]; add at least one run (see studies/default.toml).")
+    for spec in runs:
+        try:
+            check_packing_context(spec.config.packing, prepare.context)
+        except UserError as error:
+            raise UserError(f"run '{spec.name}' in {source} with [data] context = \"{prepare.context}\": "
+                            f"{error}") from None
     names = [spec.name for spec in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{source} names a run twice ({names}); give every [[runs]] entry its own name.")

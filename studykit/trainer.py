@@ -16,13 +16,15 @@ from tqdm.auto import tqdm
 
 from studykit import checkpointing, locks, memory
 from studykit.batching import resolve_pad_multiple, step_batches
-from studykit.config import TrainConfig, config_to_dict, print_config, save_config
+from studykit.config import TrainConfig, check_packing_context, config_to_dict, print_config, save_config
 from studykit.data import (
     check_tokenizer_matches,
     length_sorted_batches,
     load_processed,
     pack_sequences,
     plan_step_windows,
+    predicted_tokens,
+    split_prompt_lengths,
     split_window,
 )
 from studykit.errors import UserError
@@ -87,15 +89,18 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     pad_multiple = resolve_pad_multiple(config.pad_to_multiple_of, accelerator.device.type)
     config = dataclasses.replace(config, pad_to_multiple_of=pad_multiple)
     data = load_processed(config.data_dir)
+    # Known only once the data is read; a study checks it with its file (study_file.load_study).
+    check_packing_context(config.packing, data.meta.get("context", "none"))
     tokenizer_name = config.tokenizer or config.model
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
     check_tokenizer_matches(data, tokenizer, tokenizer_name)
     model, description = build_model(config, method, data.meta["seq_len"], loss_kernel)
     description["peak_tflops_per_device"] = device_peak_tflops(accelerator.device, config.peak_tflops)
 
-    train_sequences = list(data.train["input_ids"])
+    train_sequences, train_prompt_lengths = list(data.train["input_ids"]), split_prompt_lengths(data.train)
     if config.packing:
         train_sequences = pack_sequences(train_sequences, data.meta["seq_len"])
+        train_prompt_lengths = [0] * len(train_sequences)  # packing is refused for data with prompts
     examples_per_step = config.effective_batch * accelerator.num_processes
     windows_per_epoch = len(train_sequences) // examples_per_step
     if windows_per_epoch == 0:
@@ -119,7 +124,8 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     config, description["memory"] = memory.plan_memory(config, model, accelerator, max(train_sequences, key=len))
     parts = TrainingParts(accelerator, model, optimizer, scheduler)
     return PreparedRun(config, parts, tokenizer, train_sequences, list(data.dev["input_ids"]), data.meta, total_steps,
-                       windows_per_epoch, description)
+                       windows_per_epoch, description, train_prompt_lengths=train_prompt_lengths,
+                       dev_prompt_lengths=split_prompt_lengths(data.dev))
 
 
 def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: str) -> tuple[Any, dict[str, Any]]:
@@ -141,8 +147,18 @@ def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: 
     return model, description
 
 
-def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int]) -> tuple[list[list[int]], int]:
-    """This process's micro-batches for optimizer step `step`, and the predicted tokens of the whole step."""
+@dataclasses.dataclass
+class StepShare:
+    """This process's micro-batches of one optimizer step, and token counts of the whole step over all processes."""
+
+    micro_batches: list[list[int]]
+    predicted_tokens: int  # the step's targets, which its loss is the mean over
+    # The responses' tokens (prompts left out), each example's first token included: what tokens_seen counts.
+    response_tokens: int
+
+
+def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int], prompt_lengths: list[int]) -> StepShare:
+    """This process's micro-batches for optimizer step `step`, and the tokens of the whole step."""
     config, accelerator = run.config, run.accelerator
     epoch, index = divmod(step, run.windows_per_epoch)
     if epoch not in run.windows_by_epoch:
@@ -150,8 +166,9 @@ def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int]) -> t
         run.windows_by_epoch[epoch] = plan_step_windows(lengths, run.examples_per_step, config.seed, epoch, config.group_by_length)
     window = run.windows_by_epoch[epoch][index]
     micro_batches = split_window(window, lengths, config.grad_accum * accelerator.num_processes)
-    step_tokens = sum(lengths[i] - 1 for i in window)
-    return micro_batches[accelerator.process_index :: accelerator.num_processes], step_tokens
+    return StepShare(micro_batches[accelerator.process_index :: accelerator.num_processes],
+                     sum(predicted_tokens(lengths[i], prompt_lengths[i]) for i in window),
+                     sum(lengths[i] - prompt_lengths[i] for i in window))
 
 
 def dev_loss(run: PreparedRun) -> float:
@@ -161,7 +178,7 @@ def dev_loss(run: PreparedRun) -> float:
     share = batches[accelerator.process_index :: accelerator.num_processes]
     scores = score_sequences(
         run.model, run.dev_sequences, run.config.eval_batch_size, accelerator.device,
-        run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=share,
+        run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=share, prompt_lengths=run.dev_prompt_lengths,
     )
     if is_sharded(accelerator) and len(share) < math.ceil(len(batches) / accelerator.num_processes):
         # Under FSDP every forward pass gathers weights from all processes: one left with a batch fewer joins
@@ -178,9 +195,11 @@ def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_toke
     device (reading it would make the host wait for the device once per micro-batch)."""
     accelerator, model = run.accelerator, run.model
     step_nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    prompts = run.train_prompt_lengths
     batches = step_batches([[run.train_sequences[i] for i in indices] for indices in micro_batches],
                            run.tokenizer.pad_token_id, run.config.pad_to_multiple_of, run.data_meta["seq_len"],
-                           accelerator.device)
+                           accelerator.device,
+                           [[prompts[i] for i in indices] for indices in micro_batches] if prompts else None)
     for position, batch in enumerate(batches):
         last = position == len(batches) - 1
         # DDP averages gradients over processes; scaling by their number makes the step's gradient
@@ -255,6 +274,7 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
     log = RunLog(output_dir / RUN_LOG, accelerator.is_main_process, keep_until_step=state.step)
     state.start_session(run.total_steps)
     lengths = [len(s) for s in run.train_sequences]
+    prompt_lengths = run.train_prompt_lengths or [0] * len(lengths)
     run.model.train()
     reset_peak_memory(accelerator.device)
     progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process,
@@ -269,12 +289,11 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
         while state.step < run.total_steps:
             step_started = time.perf_counter()
             lr = run.scheduler.get_last_lr()[0]  # the rate this step trains with; optimizer_step moves the schedule on
-            micro_batches, step_tokens = micro_batches_for_step(run, state.step, lengths)
-            step_loss = forward_backward(run, micro_batches, step_tokens, state)
+            share = micro_batches_for_step(run, state.step, lengths, prompt_lengths)
+            step_loss = forward_backward(run, share.micro_batches, share.predicted_tokens, state)
             loss, grad_norm, finite = optimizer_step(run, step_loss, state)
             safeguards.check_step(finite, state.step)
-            # The window's tokens over all processes: its predicted tokens plus each example's first token.
-            state.record_step(loss, step_tokens + run.examples_per_step, time.perf_counter() - step_started)
+            state.record_step(loss, share.response_tokens, time.perf_counter() - step_started)
             validate_and_log(run, state, lr, grad_norm, log, trackers, progress)
             safeguards.save_if_due(state)
         safeguards.check_final(state)

@@ -132,7 +132,8 @@ def test_prepare_writes_dataset_and_meta(processed_dir, oasst_trees_file):
     assert sum(meta["counts"][split]["read"] for split in ("train", "dev", "test")) == 24 * 5
     assert sum(meta["counts"][split]["language"] for split in ("train", "dev", "test")) == 24 * 3
     assert meta["sequences"] == {"train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
-    assert set(data.train.column_names) == {"input_ids", "message_id", "message_tree_id"}
+    assert set(data.train.column_names) == {"input_ids", "prompt_length", "message_id", "message_tree_id"}
+    assert set(data.train["prompt_length"]) == {0}  # --context none: responses alone
     splits = {"train": data.train, "dev": data.dev, "test": data.test}
     trees = {name: set(split["message_tree_id"]) for name, split in splits.items()}
     assert trees["train"].isdisjoint(trees["dev"]) and trees["train"].isdisjoint(trees["test"]) and trees["dev"].isdisjoint(trees["test"])
