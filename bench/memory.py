@@ -40,8 +40,12 @@ from studykit.memory import (  # noqa: E402
     estimate_for_plan,
     gib,
 )
-from studykit.modeling import enable_activation_checkpointing, use_fused_gelu, wrap_with_lora  # noqa: E402
-from studykit.modeling import KNOWN_GPT2_SHAPES  # noqa: E402
+from studykit.modeling import (  # noqa: E402
+    KNOWN_GPT2_SHAPES,  # noqa: E402
+    enable_activation_checkpointing,
+    use_fused_gelu,
+    wrap_with_lora,
+)
 from studykit.optimizers import OPTIMIZERS, build_optimizer, check_runs_here  # noqa: E402
 from studykit.runtime import (  # noqa: E402
     autocast_for,
@@ -50,9 +54,13 @@ from studykit.runtime import (  # noqa: E402
     resolve_precision,
 )
 
-SHAPES = {"tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},
-          **{name: dict(zip(("n_layer", "n_embd", "n_head"), KNOWN_GPT2_SHAPES[hub_id])) for name, hub_id in (("small", "gpt2"),
-                                                                                                          ("medium", "gpt2-medium"))}}
+SHAPES = {
+    "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},
+    **{
+        name: dict(zip(("n_layer", "n_embd", "n_head"), KNOWN_GPT2_SHAPES[hub_id]))
+        for name, hub_id in (("small", "gpt2"), ("medium", "gpt2-medium"))
+    },
+}
 # Shapes whose steps a CPU would take too long to measure (GPT-2 Medium: minutes a step, 6 GB for AdamW alone).
 ESTIMATED_ONLY_ON_CPU = {"medium"}
 LORA = {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["attention"]}
@@ -60,19 +68,37 @@ LORA = {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["attention"]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=sorted(SHAPES),
-                        help="GPT-2's vocabulary with this shape, randomly initialised")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        choices=sorted(SHAPES),
+        help="GPT-2's vocabulary with this shape, randomly initialised",
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
-                        help="auto: fp16 on CUDA, fp32 on a CPU")
-    parser.add_argument("--optimizer", nargs="+", choices=OPTIMIZER_CHOICES, default=None,
-                        help="optimizers to compare (default: every one this device runs)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in the backward pass")
-    parser.add_argument("--max-gpu-memory-gb", type=float, default=None,
-                        help=f"GiB of the card to fit (default {PLAN_CARD_GIB}); on CUDA it also caps the allocator, "
-                             "as training's flag does")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp16", "bf16", "fp32"),
+        help="auto: fp16 on CUDA, fp32 on a CPU",
+    )
+    parser.add_argument(
+        "--optimizer",
+        nargs="+",
+        choices=OPTIMIZER_CHOICES,
+        default=None,
+        help="optimizers to compare (default: every one this device runs)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass"
+    )
+    parser.add_argument(
+        "--max-gpu-memory-gb",
+        type=float,
+        default=None,
+        help=f"GiB of the card to fit (default {PLAN_CARD_GIB}); on CUDA it also caps the allocator, "
+        "as training's flag does",
+    )
     return parser.parse_args()
 
 
@@ -110,8 +136,9 @@ def peak_of_two_steps(model, optimizer_name: str, batch, autocast, studykit: boo
                 loss = batch_nll(model, batch, autocast).total
             else:
                 with autocast():
-                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 labels=batch["labels"]).loss
+                    loss = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                    ).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -128,20 +155,34 @@ def print_estimates(args, optimizers: list[str], card_gib: float) -> None:
 
     precision = "fp16" if args.precision == "auto" else args.precision
     checkpointing = "with" if args.gradient_checkpointing else "without"
-    print(f"model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, precision {precision}, "
-          f"{checkpointing} gradient checkpointing")
-    print("measuring its steps on a CPU would take too long: these are the estimates for a CUDA GPU, built on the "
-          f"meta device (no weights); a card also holds the CUDA context ({gib(CUDA_CONTEXT_BYTES):.2f} GiB)")
-    print(f"{'method':<8} {'optimizer':<16} {'estimate GiB':>13} {'paged GiB':>10} {'+ context GiB':>14} "
-          f"{f'fits {card_gib:g} GiB':>12}")
+    print(
+        f"model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, precision {precision}, "
+        f"{checkpointing} gradient checkpointing"
+    )
+    print(
+        "measuring its steps on a CPU would take too long: these are the estimates for a CUDA GPU, built on the "
+        f"meta device (no weights); a card also holds the CUDA context ({gib(CUDA_CONTEXT_BYTES):.2f} GiB)"
+    )
+    print(
+        f"{'method':<8} {'optimizer':<16} {'estimate GiB':>13} {'paged GiB':>10} {'+ context GiB':>14} "
+        f"{f'fits {card_gib:g} GiB':>12}"
+    )
     model_config = GPT2Config(**SHAPES[args.model])
     for method, config_class, extra in (("full", TrainConfig, {}), ("lora", LoraTrainConfig, LORA)):
         for name in optimizers:
-            config = config_class(optimizer=name, batch_size=args.batch_size, precision=precision,
-                                  gradient_checkpointing=args.gradient_checkpointing, **extra)
+            config = config_class(
+                optimizer=name,
+                batch_size=args.batch_size,
+                precision=precision,
+                gradient_checkpointing=args.gradient_checkpointing,
+                **extra,
+            )
             estimate = estimate_for_plan(config, model_config, args.seq_len)
-            print(f"{method:<8} {name:<16} {gib(estimate.total):>13.2f} {gib(estimate.optimizer_state_paged):>10.2f} "
-                  f"{gib(estimate.total + CUDA_CONTEXT_BYTES):>14.2f} {fits(estimate.total, card_gib):>12}", flush=True)
+            print(
+                f"{method:<8} {name:<16} {gib(estimate.total):>13.2f} {gib(estimate.optimizer_state_paged):>10.2f} "
+                f"{gib(estimate.total + CUDA_CONTEXT_BYTES):>14.2f} {fits(estimate.total, card_gib):>12}",
+                flush=True,
+            )
 
 
 def print_measurements(args, device: torch.device, optimizers: list[str], card_gib: float) -> None:
@@ -152,10 +193,14 @@ def print_measurements(args, device: torch.device, optimizers: list[str], card_g
     sequences = [list(range(1, args.seq_len + 1))] * args.batch_size
     batch = {key: value.to(device) for key, value in collate(sequences, 0).items()}
     checkpointing = "with" if args.gradient_checkpointing else "without"
-    print(f"device: {device.type}, model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, "
-          f"precision {precision}, {checkpointing} gradient checkpointing")
-    print(f"{'method':<8} {'optimizer':<16} {'setup':<14} {'peak GiB':>9} {'estimate GiB':>13} "
-          f"{f'fits {card_gib:g} GiB':>12}")
+    print(
+        f"device: {device.type}, model: {args.model}, micro-batch {args.batch_size} x {args.seq_len} tokens, "
+        f"precision {precision}, {checkpointing} gradient checkpointing"
+    )
+    print(
+        f"{'method':<8} {'optimizer':<16} {'setup':<14} {'peak GiB':>9} {'estimate GiB':>13} "
+        f"{f'fits {card_gib:g} GiB':>12}"
+    )
     for method in ("full", "lora"):
         for name in optimizers:
             for setup in ("studykit", "usual setup"):
@@ -174,10 +219,12 @@ def measured_row(args, method: str, optimizer_name: str, setup: str, batch, auto
         return f"{'OOM':>9}"
     estimate = ""
     if setup == "studykit":
-        estimate = estimate_for_model(model, args.batch_size, args.seq_len, precision, args.gradient_checkpointing,
-                                      device.type, optimizer_name)
+        estimate = estimate_for_model(
+            model, args.batch_size, args.seq_len, precision, args.gradient_checkpointing, device.type, optimizer_name
+        )
         estimate = f"{gib(estimate.total):.2f}"
     return f"{gib(peak):>9.2f} {estimate:>13} {fits(peak, args.max_gpu_memory_gb or PLAN_CARD_GIB):>12}"
+
 
 def main() -> None:
     args = parse_args()

@@ -31,13 +31,19 @@ def padded_width(longest: int, multiple: int, max_width: int) -> int:
     return max(longest, min(-(-longest // multiple) * multiple, max_width))
 
 
-def collate_padded(sequences: Sequence[Sequence[int]], pad_token_id: int, multiple: int, max_width: int,
-                   prompt_lengths: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
+def collate_padded(
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    multiple: int,
+    max_width: int,
+    prompt_lengths: Optional[Sequence[int]] = None,
+) -> dict[str, torch.Tensor]:
     """A batch padded to `padded_width`, with the positions the loss scores (loss.predicted_positions), found here on
     the host so that the loss never waits for the device to count them. Prompt tokens are never targets (collate)."""
     longest = max(len(ids) for ids in sequences)
-    batch = collate(sequences, pad_token_id, pad_to=padded_width(longest, multiple, max_width),
-                    prompt_lengths=prompt_lengths)
+    batch = collate(
+        sequences, pad_token_id, pad_to=padded_width(longest, multiple, max_width), prompt_lengths=prompt_lengths
+    )
     batch["predicted_positions"] = predicted_positions(batch["labels"])
     return batch
 
@@ -51,12 +57,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def step_batches(groups: Sequence[Sequence[Sequence[int]]], pad_token_id: int, multiple: int, max_width: int,
-                 device: torch.device,
-                 prompt_length_groups: Optional[Sequence[Sequence[int]]] = None) -> list[dict[str, torch.Tensor]]:
+def step_batches(
+    groups: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int,
+    multiple: int,
+    max_width: int,
+    device: torch.device,
+    prompt_length_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> list[dict[str, torch.Tensor]]:
     """Every micro-batch of one optimizer step, collated and on its way to the device before the first forward pass:
     the host then queues the step's work without stopping to collate between micro-batches. prompt_length_groups
     gives each group's prompt lengths (None: no prompts)."""
     prompt_length_groups = prompt_length_groups or [None] * len(groups)
-    return [to_device(collate_padded(group, pad_token_id, multiple, max_width, prompt_lengths), device)
-            for group, prompt_lengths in zip(groups, prompt_length_groups)]
+    return [
+        to_device(collate_padded(group, pad_token_id, multiple, max_width, prompt_lengths), device)
+        for group, prompt_lengths in zip(groups, prompt_length_groups)
+    ]

@@ -91,9 +91,16 @@ def save_resumable(parts: TrainingParts, identity: dict[str, Any], state: Traini
     if accelerator.is_main_process:
         final = Path(output_dir) / RESUME_DIRECTORY / f"step-{state.step:06d}"
         needed = weight_bytes(model) + tensor_bytes(optimizer_state) + SAVE_OVERHEAD_BYTES
-        with (disk_space_for(output_dir, needed, f"the resumable checkpoint of step {state.step}", f"free some space, then "
-                             f"{continue_advice(output_dir)}"),
-              atomic_directory(final) as staging, no_save_progress_bar()):
+        with (
+            disk_space_for(
+                output_dir,
+                needed,
+                f"the resumable checkpoint of step {state.step}",
+                f"free some space, then {continue_advice(output_dir)}",
+            ),
+            atomic_directory(final) as staging,
+            no_save_progress_bar(),
+        ):
             model.save_pretrained(staging, state_dict=weights)
             atomic_write_json(staging / "run_identity.json", identity)
             torch.save(optimizer_state, staging / "optimizer.pt")
@@ -123,7 +130,9 @@ def set_aside_diverged(output_dir: Path, from_step: int) -> None:
 
 
 def _incomplete(checkpoint: Path, what: str) -> UnusableCheckpoint:
-    return UnusableCheckpoint(f"the checkpoint {checkpoint} {what}; delete it to resume from the one before, or start again with --overwrite.")
+    return UnusableCheckpoint(
+        f"the checkpoint {checkpoint} {what}; delete it to resume from the one before, or start again with --overwrite."
+    )
 
 
 def _load_weights(model, checkpoint: Path) -> None:
@@ -145,7 +154,9 @@ def _load_weights(model, checkpoint: Path) -> None:
         distinct = set(dict(model.named_parameters()))
         missing = [key for key in result.missing_keys if key in distinct]
     if result.unexpected_keys:
-        raise UnusableCheckpoint(f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model it was trained from.")
+        raise UnusableCheckpoint(
+            f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model it was trained from."
+        )
     if missing:
         raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")
 
@@ -189,7 +200,9 @@ def _load_tensors(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise _incomplete(path.parent, f"has {path.name} holding more than tensors (refused: unpickling it could run code)") from None
+        raise _incomplete(
+            path.parent, f"has {path.name} holding more than tensors (refused: unpickling it could run code)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError):
         raise _incomplete(path.parent, f"has {path.name} damaged") from None
 
@@ -200,12 +213,17 @@ def check_resume_matches(checkpoint: Path, identity: dict[str, Any]) -> None:
     saved = _read_checkpoint_json(checkpoint, "run_identity.json")
     current = dict(identity)
     saved_config, current_config = saved.pop("config"), current.pop("config")
-    changed = [f"--{key.replace('_', '-')} (was {saved_config[key]}, now {current_config.get(key)})"
-               for key in saved_config if key not in RESUME_MAY_CHANGE and saved_config[key] != current_config.get(key)]
+    changed = [
+        f"--{key.replace('_', '-')} (was {saved_config[key]}, now {current_config.get(key)})"
+        for key in saved_config
+        if key not in RESUME_MAY_CHANGE and saved_config[key] != current_config.get(key)
+    ]
     changed += [f"{key} (was {saved[key]}, now {current.get(key)})" for key in saved if saved[key] != current.get(key)]
     if changed:
-        raise UnusableCheckpoint(f"the checkpoint {checkpoint} belongs to a run with other settings: {'; '.join(changed[:3])}; "
-                                 "resume with the command that started the run plus --resume, or start again with --overwrite.")
+        raise UnusableCheckpoint(
+            f"the checkpoint {checkpoint} belongs to a run with other settings: {'; '.join(changed[:3])}; "
+            "resume with the command that started the run plus --resume, or start again with --overwrite."
+        )
 
 
 def load_resumable(checkpoint: Path, parts: TrainingParts, identity: dict[str, Any]) -> TrainingState:
@@ -248,7 +266,9 @@ def save_final(parts: TrainingParts, tokenizer, record: RunRecord, data_meta: di
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         needed = weight_bytes(model) + TOKENIZER_BYTES_PER_TOKEN * len(tokenizer) + SAVE_OVERHEAD_BYTES
-        with disk_space_for(output_dir, needed, "the final checkpoint", f"free some space, then {continue_advice(output_dir)}"):
+        with disk_space_for(
+            output_dir, needed, "the final checkpoint", f"free some space, then {continue_advice(output_dir)}"
+        ):
             with atomic_directory(output_dir / ".final") as staging, no_save_progress_bar():
                 model.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
@@ -259,7 +279,9 @@ def save_final(parts: TrainingParts, tokenizer, record: RunRecord, data_meta: di
                 os.replace(path, output_dir / path.name)
             staged.rmdir()
             record.checkpoint_bytes = sum(
-                (output_dir / name).stat().st_size for name in ("model.safetensors", "adapter_model.safetensors") if (output_dir / name).exists()
+                (output_dir / name).stat().st_size
+                for name in ("model.safetensors", "adapter_model.safetensors")
+                if (output_dir / name).exists()
             )
             atomic_write_json(output_dir / RUN_RECORD, record.to_dict())
     accelerator.wait_for_everyone()

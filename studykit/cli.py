@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from studykit.errors import report_user_errors
 
-PREPARE_DESCRIPTION = "Stage 1: OASST1 assistant responses -> filtered, tokenized sequences on disk (data/processed by default)."
+PREPARE_DESCRIPTION = (
+    "Stage 1: OASST1 assistant responses -> filtered, tokenized sequences on disk (data/processed by default)."
+)
 TRAIN_DESCRIPTIONS = {
     "full": "Stage 2: full fine-tuning. Every weight trains; AdamW, mixed precision on CUDA, runs under `accelerate launch`.",
     "lora": "Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by default.",
 }
-EVALUATE_DESCRIPTION = "Stage 4: held-out perplexity, exp(total NLL / total predicted tokens), for the base model and every run."
+EVALUATE_DESCRIPTION = (
+    "Stage 4: held-out perplexity, exp(total NLL / total predicted tokens), for the base model and every run."
+)
 STUDY_DESCRIPTION = """The whole controlled study in one command: prepare -> every training run -> evaluation -> report.
 
 `run_study.py` (or `studykit-study`) runs studies/default.toml (GPT-2 Small, OASST1 from the hub: full FT, LoRA r=8,

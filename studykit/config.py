@@ -65,10 +65,12 @@ class _Parser(argparse.ArgumentParser):
 LAUNCH_ACTIONS = ("resume", "overwrite")
 # argparse's name for --config FILE, apart from every field (StudyConfig's own `config` field is its study file).
 CONFIG_FILE_DEST = "config_file"
-CONFIG_FILE_HELP = ("settings to start from: the *_config.json this stage saved, or a .json or .toml file of the same "
-                    "keys (the flags with _ for -); flags given here override it; relative paths in it are read from the "
-                    "current directory, and its resume and overwrite are ignored (give --resume or --overwrite here), so "
-                    "a saved config relaunched as is never replaces a finished run (default: none)")
+CONFIG_FILE_HELP = (
+    "settings to start from: the *_config.json this stage saved, or a .json or .toml file of the same "
+    "keys (the flags with _ for -); flags given here override it; relative paths in it are read from the "
+    "current directory, and its resume and overwrite are ignored (give --resume or --overwrite here), so "
+    "a saved config relaunched as is never replaces a finished run (default: none)"
+)
 
 
 def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
@@ -151,12 +153,21 @@ def _type_name(annotation: Any) -> str:
     annotation, _ = unwrap_optional(annotation)
     if typing.get_origin(annotation) is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0]).removeprefix('a ')}s"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(annotation, str(annotation))
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        annotation, str(annotation)
+    )
 
 
 def _value_kind(value: Any) -> str:
-    kinds = {bool: "true/false", int: "a whole number", float: "a decimal number", str: "a string", list: "a list", dict: "a table",
-             type(None): "null"}
+    kinds = {
+        bool: "true/false",
+        int: "a whole number",
+        float: "a decimal number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+        type(None): "null",
+    }
     return kinds.get(type(value), f"a {type(value).__name__}")
 
 
@@ -169,21 +180,28 @@ def _how_to_write(key: str, value: Any, annotation: Any) -> str:
     return f"write {key} as {_type_name(annotation)}"
 
 
-def check_settings(values: dict[str, Any], types: dict[str, tuple[Any, Optional[Sequence[str]]]], place: str, accepted: str) -> None:
+def check_settings(
+    values: dict[str, Any], types: dict[str, tuple[Any, Optional[Sequence[str]]]], place: str, accepted: str
+) -> None:
     """Every key of a settings table (a study file's, a --config file's) is one its stage knows, and every value has
     that setting's type (and is one of its choices): file values reach the configs unconverted, where a string lr would
     fail deep inside training. `place` says where the table is, e.g. "[budget] in studies/quick.toml"."""
     unknown = sorted(set(values) - set(types))
     if unknown:
         meant = [guess for key in unknown for guess in difflib.get_close_matches(key, list(types), n=1)]
-        raise UserError(f"{place} has unknown setting(s) {unknown}" + (f" (did you mean {meant}?)" if meant else "")
-                        + f"; use {accepted}.")
+        raise UserError(
+            f"{place} has unknown setting(s) {unknown}"
+            + (f" (did you mean {meant}?)" if meant else "")
+            + f"; use {accepted}."
+        )
     for key, value in values.items():
         annotation, choices = types[key]
         shown = json.dumps(value, default=str)
         if not _fits(value, annotation):
-            raise UserError(f"{place} sets {key} = {shown}, {_value_kind(value)}, but {key} takes {_type_name(annotation)}; "
-                            f"{_how_to_write(key, value, annotation)}.")
+            raise UserError(
+                f"{place} sets {key} = {shown}, {_value_kind(value)}, but {key} takes {_type_name(annotation)}; "
+                f"{_how_to_write(key, value, annotation)}."
+            )
         if choices and value not in choices:
             raise UserError(f"{place} sets {key} = {shown}; use one of {list(choices)}.")
 
@@ -194,7 +212,9 @@ def read_config_file(path: Path, config_cls: type) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config {path} is not a file; pass a stage's saved *_config.json or a .toml file.")
     if path.suffix not in (".json", ".toml"):
-        raise UserError(f"--config {path} is neither a .json nor a .toml file; pass a stage's saved *_config.json or a .toml file.")
+        raise UserError(
+            f"--config {path} is neither a .json nor a .toml file; pass a stage's saved *_config.json or a .toml file."
+        )
     try:
         text = path.read_text(encoding="utf-8")
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -202,12 +222,16 @@ def read_config_file(path: Path, config_cls: type) -> dict[str, Any]:
         kind = "JSON" if path.suffix == ".json" else "TOML"
         raise UserError(f"--config {path} is not valid {kind} ({first_line(error)}); fix the file.") from None
     if not isinstance(values, dict):
-        raise UserError(f"--config {path} holds {_value_kind(values)}, not a table of settings; write one key per setting.")
+        raise UserError(
+            f"--config {path} holds {_value_kind(values)}, not a table of settings; write one key per setting."
+        )
     check_settings(values, field_types(config_cls), f"--config {path}", fields_accepted(config_cls))
     for key in LAUNCH_ACTIONS:
         if values.pop(key, False):
-            print(f"note: --config {path} sets {key} = true, which a config file never carries over; pass --{key} "
-                  "to do it.")
+            print(
+                f"note: --config {path} sets {key} = true, which a config file never carries over; pass --{key} "
+                "to do it."
+            )
     return values
 
 
@@ -248,8 +272,10 @@ def print_config(config: Any, stream=None) -> None:
 
 def check_pad_multiple(pad_to_multiple_of: Optional[int]) -> None:
     if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-        raise UserError(f"--pad-to-multiple-of must be at least 1 (got {pad_to_multiple_of}); leave it out for the "
-                        "device's default.")
+        raise UserError(
+            f"--pad-to-multiple-of must be at least 1 (got {pad_to_multiple_of}); leave it out for the "
+            "device's default."
+        )
 
 
 def save_config(config: Any, path: Path) -> None:
@@ -269,29 +295,44 @@ def check_packing_context(packing: bool, context: str) -> None:
     """Packing joins responses into blocks without their prompts' boundaries, so it cannot keep prompt tokens out of
     the loss."""
     if packing and context != "none":
-        raise UserError(f"--packing cannot train data prepared with --context {context} (a packed block has no place "
-                        "for each response's prompt); drop --packing or prepare the data with --context none.")
+        raise UserError(
+            f"--packing cannot train data prepared with --context {context} (a packed block has no place "
+            "for each response's prompt); drop --packing or prepare the data with --context none."
+        )
 
 
 @dataclasses.dataclass
 class PrepareConfig:
     dataset: str = option("OpenAssistant/oasst1", "hub dataset id (used when --data-file is not given)")
-    data_file: Optional[str] = option(None, "local OASST export: flat messages (.jsonl, .jsonl.gz, .parquet) or message trees (.jsonl, .jsonl.gz)")
+    data_file: Optional[str] = option(
+        None, "local OASST export: flat messages (.jsonl, .jsonl.gz, .parquet) or message trees (.jsonl, .jsonl.gz)"
+    )
     tokenizer: str = option("gpt2", "hub id or local directory of the tokenizer")
     output_dir: str = option("data/processed", "where the processed dataset is written")
     seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated")
     lang: str = option("en", "comma-separated language codes to keep, or 'all'")
-    test_fraction: float = option(0.05, "share of a local file's conversation trees held out as the test split (the hub "
-                                         "dataset brings its own)")
-    dev_fraction: float = option(0.05, "share of the training trees held out as the dev split, which training scores and "
-                                        "every choice (learning rate, checkpoint) reads")
-    context: str = option("none", "none: each assistant response alone; parent: each response after the prompter "
-                                  "message it answers, whose tokens condition the response but are never targets nor "
-                                  "counted in perplexity (a response whose parent is not a prompter message in the "
-                                  "export is dropped)", choices=CONTEXTS)
+    test_fraction: float = option(
+        0.05, "share of a local file's conversation trees held out as the test split (the hub dataset brings its own)"
+    )
+    dev_fraction: float = option(
+        0.05,
+        "share of the training trees held out as the dev split, which training scores and "
+        "every choice (learning rate, checkpoint) reads",
+    )
+    context: str = option(
+        "none",
+        "none: each assistant response alone; parent: each response after the prompter "
+        "message it answers, whose tokens condition the response but are never targets nor "
+        "counted in perplexity (a response whose parent is not a prompter message in the "
+        "export is dropped)",
+        choices=CONTEXTS,
+    )
     skip_bad_lines: bool = option(False, "drop corrupt JSONL lines instead of stopping")
-    overwrite: bool = option(False, "replace a dataset in --output-dir that was prepared from other inputs (one from the same "
-                                    "inputs is kept as it is)")
+    overwrite: bool = option(
+        False,
+        "replace a dataset in --output-dir that was prepared from other inputs (one from the same "
+        "inputs is kept as it is)",
+    )
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -316,7 +357,9 @@ REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]{1,96}")
 def check_repo_id(flag: str, repo_id: Optional[str], example: str) -> None:
     """A repo id the Hub would refuse is refused before any training, not after it."""
     if repo_id is not None and (not REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id):
-        raise UserError(f"{flag} takes a Hub repo id such as {example} (letters, digits, '-', '_', '.'; got '{repo_id}').")
+        raise UserError(
+            f"{flag} takes a Hub repo id such as {example} (letters, digits, '-', '_', '.'; got '{repo_id}')."
+        )
 
 
 @dataclasses.dataclass
@@ -335,40 +378,72 @@ class TrainConfig:
     lr: float = option(5e-5, "peak learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
     adam_beta1: float = option(0.9, "AdamW's decay rate of the gradient's running mean")
-    adam_beta2: float = option(0.95, "AdamW's decay rate of the squared gradient's running mean (0.95, as GPT-3 and "
-                                     "nanoGPT, is steadier than 0.999 over short runs)")
+    adam_beta2: float = option(
+        0.95,
+        "AdamW's decay rate of the squared gradient's running mean (0.95, as GPT-3 and "
+        "nanoGPT, is steadier than 0.999 over short runs)",
+    )
     adam_epsilon: float = option(1e-8, "AdamW's term added to the denominator for numerical stability")
-    optimizer: str = option("adamw", "adamw: torch's AdamW, 8 bytes of state per trainable parameter; "
-                                     "adamw8bit: bitsandbytes' 8-bit AdamW, about 2 bytes; paged-adamw8bit: the same, "
-                                     "in memory the CUDA driver moves to the CPU when the GPU is full (CUDA only)",
-                            choices=OPTIMIZER_CHOICES)
+    optimizer: str = option(
+        "adamw",
+        "adamw: torch's AdamW, 8 bytes of state per trainable parameter; "
+        "adamw8bit: bitsandbytes' 8-bit AdamW, about 2 bytes; paged-adamw8bit: the same, "
+        "in memory the CUDA driver moves to the CPU when the GPU is full (CUDA only)",
+        choices=OPTIMIZER_CHOICES,
+    )
     warmup_ratio: float = option(0.05, "share of steps with linear warmup")
     lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     precision: str = option("auto", "auto: fp16 mixed precision on CUDA, fp32 on CPU", choices=PRECISIONS)
-    device: str = option("auto", "auto: the GPU when torch sees one, else the CPU (where a model of over 50M parameters stops "
-                                 "with its estimated time unless --device cpu); cuda; cpu", choices=DEVICES)
+    device: str = option(
+        "auto",
+        "auto: the GPU when torch sees one, else the CPU (where a model of over 50M parameters stops "
+        "with its estimated time unless --device cpu); cuda; cpu",
+        choices=DEVICES,
+    )
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
     packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
     eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
-    eval_batch_size: int = option(16, "longest validation responses per batch; shorter ones fill batches of as many tokens")
+    eval_batch_size: int = option(
+        16, "longest validation responses per batch; shorter ones fill batches of as many tokens"
+    )
     log_every: int = option(10, "optimizer steps between log.jsonl lines")
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
-    loss_kernel: str = option("auto", "how the output layer and loss are computed, never as full logits: studykit (its "
-                              "own chunks), torch (torch's linear_cross_entropy, torch 2.13+), liger (Liger's Triton "
-                              "kernel: CUDA, liger-kernel installed); auto: studykit", choices=LOSS_KERNELS)
-    pad_to_multiple_of: Optional[int] = option(None, "pad each batch's length up to a multiple of this, for tensor "
-                                               "cores and few shapes under --compile; padding never counts (default: "
-                                               "64 on CUDA, 1 on a CPU)")
-    max_gpu_memory_gb: Optional[float] = option(None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)")
-    auto_batch: bool = option(False, "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch")
-    peak_tflops: Optional[float] = option(None, "one device's peak TFLOP/s, for the MFU figure (default: looked up by GPU name; none on a CPU)")
-    report_to: str = option("none", "experiment tracker that gets every log.jsonl line and the config: tensorboard (event "
-                                    "files in <output-dir>/tensorboard/), wandb or mlflow (their own logins); none",
-                            choices=TRACKERS)
-    push_to_hub: Optional[str] = option(None, "Hub repo id (ORG/NAME) the finished checkpoint directory is uploaded to, "
-                                              "without its resumable checkpoints (default: no upload)")
+    loss_kernel: str = option(
+        "auto",
+        "how the output layer and loss are computed, never as full logits: studykit (its "
+        "own chunks), torch (torch's linear_cross_entropy, torch 2.13+), liger (Liger's Triton "
+        "kernel: CUDA, liger-kernel installed); auto: studykit",
+        choices=LOSS_KERNELS,
+    )
+    pad_to_multiple_of: Optional[int] = option(
+        None,
+        "pad each batch's length up to a multiple of this, for tensor "
+        "cores and few shapes under --compile; padding never counts (default: "
+        "64 on CUDA, 1 on a CPU)",
+    )
+    max_gpu_memory_gb: Optional[float] = option(
+        None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)"
+    )
+    auto_batch: bool = option(
+        False,
+        "use the largest micro-batch that fits (memory cap or GPU) and raise --grad-accum to keep the effective batch",
+    )
+    peak_tflops: Optional[float] = option(
+        None, "one device's peak TFLOP/s, for the MFU figure (default: looked up by GPU name; none on a CPU)"
+    )
+    report_to: str = option(
+        "none",
+        "experiment tracker that gets every log.jsonl line and the config: tensorboard (event "
+        "files in <output-dir>/tensorboard/), wandb or mlflow (their own logins); none",
+        choices=TRACKERS,
+    )
+    push_to_hub: Optional[str] = option(
+        None,
+        "Hub repo id (ORG/NAME) the finished checkpoint directory is uploaded to, "
+        "without its resumable checkpoints (default: no upload)",
+    )
     save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
     keep: int = option(2, "resumable checkpoints to keep")
     resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
@@ -382,8 +457,13 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
     def validate(self) -> None:
-        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size,
-                    "--log-every": self.log_every, "--keep": self.keep}
+        positive = {
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--eval-batch-size": self.eval_batch_size,
+            "--log-every": self.log_every,
+            "--keep": self.keep,
+        }
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1 (got {value}).")
@@ -403,9 +483,19 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them.")
         if self.max_gpu_memory_gb is not None:
-            require("--max-gpu-memory-gb", self.max_gpu_memory_gb, "above 0; leave it out for no cap", lambda value: value > 0)
+            require(
+                "--max-gpu-memory-gb",
+                self.max_gpu_memory_gb,
+                "above 0; leave it out for no cap",
+                lambda value: value > 0,
+            )
         if self.peak_tflops is not None:
-            require("--peak-tflops", self.peak_tflops, "above 0; leave it out to look it up by GPU name", lambda value: value > 0)
+            require(
+                "--peak-tflops",
+                self.peak_tflops,
+                "above 0; leave it out to look it up by GPU name",
+                lambda value: value > 0,
+            )
         check_repo_id("--push-to-hub", self.push_to_hub, "my-org/gpt2-oasst-lora")
 
 
@@ -413,13 +503,36 @@ class TrainConfig:
 # and written, how often things are saved or logged, what may load, how memory is managed (the effective batch is
 # kept), how MFU is reported, which tracker watches and where the result is uploaded. A study does not retrain a run
 # when only these change.
-OUTCOME_NEUTRAL = frozenset({"resume", "overwrite", "output_dir", "data_dir", "save_every", "keep", "log_every", "eval_batch_size",
-                             "trust_remote_code", "auto_batch", "max_gpu_memory_gb", "peak_tflops", "report_to", "push_to_hub"})
+OUTCOME_NEUTRAL = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "output_dir",
+        "data_dir",
+        "save_every",
+        "keep",
+        "log_every",
+        "eval_batch_size",
+        "trust_remote_code",
+        "auto_batch",
+        "max_gpu_memory_gb",
+        "peak_tflops",
+        "report_to",
+        "push_to_hub",
+    }
+)
 # A resumed run may also change how its steps are computed and checked, never what they compute: the micro-batch
 # split of the same effective batch, compilation, gradient checkpointing, the loss kernel, padding (all equal to
 # float precision), and how often validation runs.
-RESUME_MAY_CHANGE = OUTCOME_NEUTRAL | {"batch_size", "grad_accum", "compile", "gradient_checkpointing", "eval_every",
-                                       "loss_kernel", "pad_to_multiple_of"}
+RESUME_MAY_CHANGE = OUTCOME_NEUTRAL | {
+    "batch_size",
+    "grad_accum",
+    "compile",
+    "gradient_checkpointing",
+    "eval_every",
+    "loss_kernel",
+    "pad_to_multiple_of",
+}
 
 
 @dataclasses.dataclass
@@ -431,7 +544,9 @@ class LoraTrainConfig(TrainConfig):
     rank: int = option(8, "LoRA rank r")
     alpha: Optional[float] = option(None, "LoRA alpha (default: 2 x rank)")
     dropout: float = option(0.05, "dropout on the LoRA input")
-    target_modules: list[str] = option(["attention"], "preset (attention, attention+mlp, all-linear) or module-name suffixes such as attn.c_attn")
+    target_modules: list[str] = option(
+        ["attention"], "preset (attention, attention+mlp, all-linear) or module-name suffixes such as attn.c_attn"
+    )
     use_rslora: bool = option(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
     use_dora: bool = option(False, "weight-decomposed LoRA (DoRA)")
     loraplus_lr_ratio: Optional[float] = option(None, "LoRA+: learning rate of the B matrices = ratio x --lr")
@@ -446,7 +561,9 @@ class LoraTrainConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if not (self.rank > 0 and math.isfinite(self.alpha) and self.alpha > 0):
-            raise UserError(f"LoRA needs a positive rank and alpha (got rank={self.rank}, alpha={self.alpha}); pass --rank and --alpha above 0.")
+            raise UserError(
+                f"LoRA needs a positive rank and alpha (got rank={self.rank}, alpha={self.alpha}); pass --rank and --alpha above 0."
+            )
         require("--dropout", self.dropout, "from 0 to below 1", lambda value: 0 <= value < 1)
         if self.loraplus_lr_ratio is not None:
             require("--loraplus-lr-ratio", self.loraplus_lr_ratio, "above 0", lambda value: value > 0)
@@ -458,18 +575,28 @@ class EvalConfig:
     tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")
     data_dir: str = option("data/processed", "processed dataset; its test split is scored")
     checkpoints: str = option("checkpoints", "directory whose run directories (full models or adapters) are scored")
-    runs: list[str] = option([], "names of the run directories under --checkpoints to score (default: every finished run)")
+    runs: list[str] = option(
+        [], "names of the run directories under --checkpoints to score (default: every finished run)"
+    )
     output_dir: str = option("results", "where perplexity.json and results.md are written")
     batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
-    loss_kernel: str = option("auto", "how the output layer and the NLL are computed: studykit, torch or liger, as in "
-                              "training (auto: studykit)", choices=LOSS_KERNELS)
-    pad_to_multiple_of: Optional[int] = option(None, "pad each batch's length up to a multiple of this; no perplexity "
-                                               "changes (default: 64 on CUDA, 1 on a CPU)")
+    loss_kernel: str = option(
+        "auto",
+        "how the output layer and the NLL are computed: studykit, torch or liger, as in training (auto: studykit)",
+        choices=LOSS_KERNELS,
+    )
+    pad_to_multiple_of: Optional[int] = option(
+        None,
+        "pad each batch's length up to a multiple of this; no perplexity changes (default: 64 on CUDA, 1 on a CPU)",
+    )
     include_base: bool = option(True, "also score the base model")
-    extra_eval: Optional[str] = option(None, "general text scored beside OASST, to show what a method forgets: a local text file "
-                                             "(paragraphs split at blank lines, else lines) or a hub dataset NAME:CONFIG[:SPLIT] "
-                                             "such as wikitext:wikitext-2-raw-v1 (test split by default)")
+    extra_eval: Optional[str] = option(
+        None,
+        "general text scored beside OASST, to show what a method forgets: a local text file "
+        "(paragraphs split at blank lines, else lines) or a hub dataset NAME:CONFIG[:SPLIT] "
+        "such as wikitext:wikitext-2-raw-v1 (test split by default)",
+    )
     trust_remote_code: bool = option(False, "allow model code from the hub to run")
 
     def validate(self) -> None:
@@ -483,12 +610,17 @@ class TinyModelConfig:
     """A study's [tiny_model]: a small GPT-2 and its own tokenizer, built offline and first trained briefly on general
     English text, so that, as with GPT-2, fine-tuning adapts a model that already models language."""
 
-    data_file: str = option("data/sample/oasst_sample.jsonl", "OASST texts the byte-level tokenizer is trained on, beside the "
-                                                              "general text")
-    general_text: str = option("data/sample/general_text.txt", "plain English text the model is pre-trained on (paragraphs "
-                                                               "separated by blank lines)")
-    heldout_text: Optional[str] = option("data/sample/general_text_heldout.txt", "general text never trained on, scored before "
-                                                                                  "and after pre-training (none: not scored)")
+    data_file: str = option(
+        "data/sample/oasst_sample.jsonl", "OASST texts the byte-level tokenizer is trained on, beside the general text"
+    )
+    general_text: str = option(
+        "data/sample/general_text.txt",
+        "plain English text the model is pre-trained on (paragraphs separated by blank lines)",
+    )
+    heldout_text: Optional[str] = option(
+        "data/sample/general_text_heldout.txt",
+        "general text never trained on, scored before and after pre-training (none: not scored)",
+    )
     vocab_size: int = option(512, "tokenizer vocabulary size")
     n_layer: int = option(2, "transformer blocks")
     n_embd: int = option(64, "hidden size")
@@ -510,7 +642,9 @@ class ReportConfig:
     """A study's [report]: the bootstrap and the samples."""
 
     bootstrap_resamples: int = option(2000, "bootstrap resamples per interval")
-    bootstrap_seed: int = option(0, "seed of the bootstrap resamples (the same for every run, so their intervals are paired)")
+    bootstrap_seed: int = option(
+        0, "seed of the bootstrap resamples (the same for every run, so their intervals are paired)"
+    )
     sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md")
     sample_new_tokens: int = option(40, "tokens generated per sample at most")
 
@@ -524,30 +658,67 @@ class StudyConfig:
     """The study runner: which study file to run, and where its results go. The study itself (data, budget, runs)
     lives in the TOML file, so one file is the record of what was compared."""
 
-    preset: str = option("default", "a study in studies/: default (GPT-2 Small, OASST1 from the hub) or quick (tiny model, shipped sample, CPU)")
+    preset: str = option(
+        "default",
+        "a study in studies/: default (GPT-2 Small, OASST1 from the hub) or quick (tiny model, shipped sample, CPU)",
+    )
     config: Optional[str] = option(None, "a study TOML file of your own (overrides --preset)")
-    output_dir: Optional[str] = option(None, "directory for the study's data, checkpoints and results (default: the study file's output_dir)")
-    readme: Optional[str] = option(None, "README whose results block is rewritten (default: the study file's readme; the quick preset names none)")
-    dry_run: bool = option(False, "print what would be prepared, trained, evaluated and reported, with an estimated time, and do nothing")
-    seeds: Optional[list[int]] = option(None, "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2")
-    overrides: list[str] = option([], "change one setting of the study file, TABLE.KEY=VALUE or runs.NAME.KEY=VALUE for the "
-                                      "[[runs]] entry of that name (repeatable; the last wins), e.g. --set budget.lr=1e-4 --set "
-                                      "runs.lora_r8.rank=16; VALUE is a TOML value (1e-4, [1e-4, 3e-4], \"text\", true), anything "
-                                      "else a string; checked like the file and recorded in results.json",
-                                  flag="--set", repeatable=True)
-    gpus: Optional[str] = option(None, "train side by side, one training per GPU: CUDA device ids such as 0,1, or 'all' for every "
-                                       "visible GPU (default: one training at a time)")
-    launcher: str = option("local", "local: each training in a process of its own; accelerate: each under `accelerate launch` "
-                                    "with --num-processes processes", choices=("local", "accelerate"))
-    num_processes: int = option(1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)")
-    print_commands: bool = option(False, "print every pending training as one command line (for a cluster scheduler, e.g. a "
-                                         "SLURM array) and train nothing; a later run gathers what finished")
-    device: str = option("auto", "every training's --device: auto stops a study of a model over 50M parameters that would train "
-                                 "on a CPU (with its estimated time) unless --device cpu", choices=DEVICES)
-    assume_tflops: float = option(25.0, "sustained model TFLOP/s the --dry-run time estimate assumes (about a third of a "
-                                        "24 GB RTX 3090/4090's fp16 peak); runs this study already finished give a measured one too")
-    push_to_hub: Optional[str] = option(None, "after the report, upload each chosen training to the Hub as ORG/PREFIX-<training> "
-                                              "and the results directory as the dataset ORG/PREFIX-results (default: no upload)")
+    output_dir: Optional[str] = option(
+        None, "directory for the study's data, checkpoints and results (default: the study file's output_dir)"
+    )
+    readme: Optional[str] = option(
+        None, "README whose results block is rewritten (default: the study file's readme; the quick preset names none)"
+    )
+    dry_run: bool = option(
+        False, "print what would be prepared, trained, evaluated and reported, with an estimated time, and do nothing"
+    )
+    seeds: Optional[list[int]] = option(
+        None, "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2"
+    )
+    overrides: list[str] = option(
+        [],
+        "change one setting of the study file, TABLE.KEY=VALUE or runs.NAME.KEY=VALUE for the "
+        "[[runs]] entry of that name (repeatable; the last wins), e.g. --set budget.lr=1e-4 --set "
+        'runs.lora_r8.rank=16; VALUE is a TOML value (1e-4, [1e-4, 3e-4], "text", true), anything '
+        "else a string; checked like the file and recorded in results.json",
+        flag="--set",
+        repeatable=True,
+    )
+    gpus: Optional[str] = option(
+        None,
+        "train side by side, one training per GPU: CUDA device ids such as 0,1, or 'all' for every "
+        "visible GPU (default: one training at a time)",
+    )
+    launcher: str = option(
+        "local",
+        "local: each training in a process of its own; accelerate: each under `accelerate launch` "
+        "with --num-processes processes",
+        choices=("local", "accelerate"),
+    )
+    num_processes: int = option(
+        1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)"
+    )
+    print_commands: bool = option(
+        False,
+        "print every pending training as one command line (for a cluster scheduler, e.g. a "
+        "SLURM array) and train nothing; a later run gathers what finished",
+    )
+    device: str = option(
+        "auto",
+        "every training's --device: auto stops a study of a model over 50M parameters that would train "
+        "on a CPU (with its estimated time) unless --device cpu",
+        choices=DEVICES,
+    )
+    assume_tflops: float = option(
+        25.0,
+        "sustained model TFLOP/s the --dry-run time estimate assumes (about a third of a "
+        "24 GB RTX 3090/4090's fp16 peak); runs this study already finished give a measured one too",
+    )
+    push_to_hub: Optional[str] = option(
+        None,
+        "after the report, upload each chosen training to the Hub as ORG/PREFIX-<training> "
+        "and the results directory as the dataset ORG/PREFIX-results (default: no upload)",
+    )
 
     def validate(self) -> None:
         if self.num_processes < 1:

@@ -58,8 +58,9 @@ class PromptedSequences:
     prompts_shortened: int  # prompts that lost tokens from their start (all of them, for a truncated response)
 
 
-def tokenize_prompted_responses(prompts: Sequence[str], texts: Sequence[str], tokenizer,
-                                seq_len: int) -> PromptedSequences:
+def tokenize_prompted_responses(
+    prompts: Sequence[str], texts: Sequence[str], tokenizer, seq_len: int
+) -> PromptedSequences:
     """Each prompt, then CONTEXT_SEPARATOR, then its response and EOS. Prompt and response are tokenized apart, so a
     response's tokens, the targets, are exactly those it has under --context none and the perplexities of the two
     settings score the same tokens. A sequence over seq_len keeps its response: the prompt loses its start, and its
@@ -70,7 +71,7 @@ def tokenize_prompted_responses(prompts: Sequence[str], texts: Sequence[str], to
     sequences, prompt_lengths, shortened = [], [], 0
     for prompt_ids, response_ids in zip(encoded, responses):
         room = seq_len - len(response_ids)
-        kept = list(prompt_ids)[max(0, len(prompt_ids) - room):]
+        kept = list(prompt_ids)[max(0, len(prompt_ids) - room) :]
         shortened += len(kept) < len(prompt_ids)
         sequences.append(kept + response_ids)
         prompt_lengths.append(len(kept))
@@ -90,8 +91,9 @@ def split_prompt_lengths(dataset) -> list[int]:
     return [0] * len(dataset)
 
 
-def sequences_fingerprint(input_ids: Sequence[Sequence[int]], message_ids: Sequence[str],
-                          prompt_lengths: Optional[Sequence[int]] = None) -> str:
+def sequences_fingerprint(
+    input_ids: Sequence[Sequence[int]], message_ids: Sequence[str], prompt_lengths: Optional[Sequence[int]] = None
+) -> str:
     """Identifies a split's sequences and which of their tokens are prompt. A sequence without a prompt adds nothing
     for it, so data without prompts keeps the fingerprint it had before prompts existed."""
     digest = hashlib.sha256()
@@ -133,13 +135,17 @@ def load_processed(data_dir: str | Path) -> ProcessedData:
     remedy = f"prepare it again with `python data/prepare_oasst.py --output-dir {path} --overwrite` (and the data flags you used)"
     meta = read_json(path / META_FILE, remedy)
     if "dev" not in meta.get("sequences", {}):
-        raise UserError(f"the processed dataset in {path} has no dev split (it was prepared by an earlier version of the kit, "
-                        f"which held out a validation split only); {remedy}.")
+        raise UserError(
+            f"the processed dataset in {path} has no dev split (it was prepared by an earlier version of the kit, "
+            f"which held out a validation split only); {remedy}."
+        )
     try:
         dataset_dict = datasets.load_from_disk(str(path))
         for split in SPLITS:
             if split not in dataset_dict or len(dataset_dict[split]) == 0:
-                raise UserError(f"the processed dataset in {path} has no {split} examples; run data/prepare_oasst.py on more data.")
+                raise UserError(
+                    f"the processed dataset in {path} has no {split} examples; run data/prepare_oasst.py on more data."
+                )
             check_split_intact(path, split, dataset_dict[split], meta, remedy)
     except FileNotFoundError as error:
         raise UserError(f"the processed dataset in {path} is incomplete ({first_line(error)}); {remedy}.") from None
@@ -174,8 +180,12 @@ def pack_sequences(sequences: Sequence[Sequence[int]], block_size: int) -> list[
     return [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_token_id: int, pad_to: Optional[int] = None,
-            prompt_lengths: Optional[Sequence[int]] = None) -> dict[str, torch.Tensor]:
+def collate(
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    pad_to: Optional[int] = None,
+    prompt_lengths: Optional[Sequence[int]] = None,
+) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence of the batch (or `pad_to`). Labels are masked by position, not by token id,
     because GPT-2 pads with its EOS id and EOS must stay a target. A sequence's first prompt_lengths[row] tokens are
     prompt: attended to, never targets; the first response token, predicted from the prompt's last, is one."""
@@ -211,7 +221,10 @@ def plan_step_windows(
             for start in range(0, len(order), chunk)
             for index in sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
         ]
-    windows = [order[start : start + examples_per_step] for start in range(0, len(order) - examples_per_step + 1, examples_per_step)]
+    windows = [
+        order[start : start + examples_per_step]
+        for start in range(0, len(order) - examples_per_step + 1, examples_per_step)
+    ]
     if group_by_length:
         rng.shuffle(windows)
     return windows

@@ -36,13 +36,19 @@ def report_user_errors(main: Callable[[], None]) -> Callable[[], None]:
             # The saves that matter say which disk and how much they need (io.disk_space_for); this catches the rest.
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            print(f"error: the disk is full ({error}); free some space and run the same command again (files being written "
-                  "were discarded, finished ones kept).", file=sys.stderr)
+            print(
+                f"error: the disk is full ({error}); free some space and run the same command again (files being written "
+                "were discarded, finished ones kept).",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             # Ctrl-C outside the training loop (or a second one inside it). Writes are atomic: what was being
             # written is discarded, what was already in place stays.
-            print("error: interrupted; files being written were discarded, finished ones kept; run the command again.", file=sys.stderr)
+            print(
+                "error: interrupted; files being written were discarded, finished ones kept; run the command again.",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapped

@@ -61,26 +61,40 @@ def find_runs(checkpoints: Path, names: Sequence[str] = ()) -> list[EvalTarget]:
     by their files: an adapter config or a model config with weights, and a run record."""
     checkpoints = Path(checkpoints)
     if not checkpoints.is_dir():
-        raise UserError(f"--checkpoints {checkpoints} is not a directory; pass the directory that holds your training runs "
-                        "(each run's --output-dir inside it).")
+        raise UserError(
+            f"--checkpoints {checkpoints} is not a directory; pass the directory that holds your training runs "
+            "(each run's --output-dir inside it)."
+        )
     for partial in find_partial_directories(checkpoints):
         print(f"warning: skipping {partial}, an unfinished write left by a crash.")
     targets = []
     missing = [name for name in names if not (checkpoints / name).is_dir()]
     if missing:
-        raise UserError(f"--runs names {missing}, which --checkpoints {checkpoints} does not hold; pass the names of its run directories.")
-    for run_dir in sorted(p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".") and (not names or p.name in names)):
+        raise UserError(
+            f"--runs names {missing}, which --checkpoints {checkpoints} does not hold; pass the names of its run directories."
+        )
+    for run_dir in sorted(
+        p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".") and (not names or p.name in names)
+    ):
         finished = (run_dir / RUN_RECORD).exists()
-        has_weights = (run_dir / "adapter_model.safetensors").exists() if is_adapter_directory(run_dir) else is_full_model_directory(run_dir)
+        has_weights = (
+            (run_dir / "adapter_model.safetensors").exists()
+            if is_adapter_directory(run_dir)
+            else is_full_model_directory(run_dir)
+        )
         if not (has_weights or is_adapter_directory(run_dir) or is_run_directory(run_dir)):
             continue
         if not finished:
-            print(f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish "
-                  "(run its training command again with --resume to finish it).")
+            print(
+                f"warning: skipping {run_dir}: it has no {RUN_RECORD}, so its training did not finish "
+                "(run its training command again with --resume to finish it)."
+            )
             continue
         if not has_weights:
-            raise UserError(f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
-                            "or move it out of --checkpoints.")
+            raise UserError(
+                f"{run_dir} is a finished run without its weights (no .safetensors file); train it again "
+                "or move it out of --checkpoints."
+            )
         record = load_run_record(run_dir)
         check_checkpoint_files(run_dir)
         targets.append(EvalTarget(run_dir.name, record.method, run_dir, record))
@@ -102,22 +116,32 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
     config = dataclasses.replace(config, pad_to_multiple_of=pad_multiple)
     data = load_processed(config.data_dir)
     tokenizer_name = config.tokenizer or config.model
-    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
+    tokenizer = load_tokenizer(
+        tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code
+    )
     check_tokenizer_matches(data, tokenizer, tokenizer_name)
     extra_sequences = load_extra_eval(config.extra_eval, tokenizer, data.meta["seq_len"]) if config.extra_eval else None
     runs = find_runs(Path(config.checkpoints), config.runs)
     if not runs and not config.include_base:
-        raise UserError(f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base.")
+        raise UserError(
+            f"nothing to evaluate: no finished runs in {config.checkpoints}; train one first or drop --no-include-base."
+        )
     if not runs:
         print(f"warning: no finished runs in {config.checkpoints}; only the base model is scored.")
     targets = ([EvalTarget("base", "base", None, None)] if config.include_base else []) + runs
-    check_adapter_bases([target for target in targets if target.path is not None and is_adapter_directory(target.path)], config)
+    check_adapter_bases(
+        [target for target in targets if target.path is not None and is_adapter_directory(target.path)], config
+    )
     # Checked after the inputs, so a mistake in them creates nothing, and before scoring, so no work is lost.
     output_dir = ensure_writable_directory(Path(config.output_dir), "--output-dir")
     # The scores: 16 bytes per response and scored model, plus the JSON and Markdown beside them.
     needed = 16 * (len(data.test) + len(extra_sequences or [])) * len(targets) + MIB
-    space = (output_dir, needed, "the evaluation results", "free some space and run the same command again (the previous results "
-             "are untouched)")
+    space = (
+        output_dir,
+        needed,
+        "the evaluation results",
+        "free some space and run the same command again (the previous results are untouched)",
+    )
     require_free_space(*space)
 
     autocast = autocast_for(device, config.precision)
@@ -132,27 +156,50 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
         model.to(device)
         use_loss_kernel(model, loss_kernel)
         scores = score_sequences(
-            model, sequences, config.batch_size, device, tokenizer.pad_token_id, autocast,
+            model,
+            sequences,
+            config.batch_size,
+            device,
+            tokenizer.pad_token_id,
+            autocast,
             progress=lambda batches, name=target.name: tqdm(batches, desc=f"scoring {name}", leave=False),
-            pad_to_multiple_of=config.pad_to_multiple_of, prompt_lengths=prompt_lengths,
+            pad_to_multiple_of=config.pad_to_multiple_of,
+            prompt_lengths=prompt_lengths,
         )
         row = build_row(target, model, scores, data.meta, time.perf_counter() - started)
         row["loss_kernel"] = loss_kernel
         scores_by_name[target.name] = scores
         print(f"{target.name}: perplexity {scores.perplexity:.4f} over {scores.tokens:,} tokens")
         if extra_sequences is not None:
-            extra_scores = score_sequences(model, extra_sequences, config.batch_size, device, tokenizer.pad_token_id,
-                                           autocast, pad_to_multiple_of=config.pad_to_multiple_of)
+            extra_scores = score_sequences(
+                model,
+                extra_sequences,
+                config.batch_size,
+                device,
+                tokenizer.pad_token_id,
+                autocast,
+                pad_to_multiple_of=config.pad_to_multiple_of,
+            )
             scores_by_name[EXTRA_EVAL_PREFIX + target.name] = extra_scores
-            row.update(extra_eval=config.extra_eval, extra_eval_perplexity=extra_scores.perplexity, extra_eval_tokens=extra_scores.tokens)
-            print(f"{target.name}: {config.extra_eval} perplexity {extra_scores.perplexity:.4f} over {extra_scores.tokens:,} tokens")
+            row.update(
+                extra_eval=config.extra_eval,
+                extra_eval_perplexity=extra_scores.perplexity,
+                extra_eval_tokens=extra_scores.tokens,
+            )
+            print(
+                f"{target.name}: {config.extra_eval} perplexity {extra_scores.perplexity:.4f} over {extra_scores.tokens:,} tokens"
+            )
         rows.append(row)
         del model
 
     with disk_space_for(*space):
         # The largest file first: if it does not fit, the previous results are all still there.
-        save_per_response_scores(output_dir / "per_response_nll.npz", scores_by_name, list(data.test["message_id"]),
-                                 list(data.test["message_tree_id"]))
+        save_per_response_scores(
+            output_dir / "per_response_nll.npz",
+            scores_by_name,
+            list(data.test["message_id"]),
+            list(data.test["message_tree_id"]),
+        )
         atomic_write_json(output_dir / "perplexity.json", rows)
         table = format_results_table(rows)
         atomic_write_text(output_dir / "results.md", table)
@@ -168,7 +215,9 @@ def format_params(count: int) -> str:
 def format_results_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| Method | Trainable params | Perplexity |", "|---|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['name']} ({row['method']}) | {format_params(row['trainable_params'])} | {row['perplexity']:.3f} |")
+        lines.append(
+            f"| {row['name']} ({row['method']}) | {format_params(row['trainable_params'])} | {row['perplexity']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +243,9 @@ def read_extra_eval_texts(source: str) -> list[str]:
         blocks = blank_line.split(text) if blank_line.search(text) else text.splitlines()
         return [block.strip() for block in blocks if block.strip()]
     if path.is_dir():
-        raise UserError(f"--extra-eval {path} is a directory; pass a text file or a hub dataset such as wikitext:wikitext-2-raw-v1.")
+        raise UserError(
+            f"--extra-eval {path} is a directory; pass a text file or a hub dataset such as wikitext:wikitext-2-raw-v1."
+        )
     from studykit.hub import ensure_hub_reachable
 
     name, _, rest = source.partition(":")
@@ -204,7 +255,9 @@ def read_extra_eval_texts(source: str) -> list[str]:
 
     dataset = datasets.load_dataset(name, dataset_config or None, split=split or "test")
     if "text" not in dataset.column_names:
-        raise UserError(f"--extra-eval {source} has no 'text' column (columns: {dataset.column_names}); pass a text dataset or file.")
+        raise UserError(
+            f"--extra-eval {source} has no 'text' column (columns: {dataset.column_names}); pass a text dataset or file."
+        )
     return [text.strip() for text in dataset["text"] if text and text.strip()]
 
 
@@ -216,8 +269,10 @@ def check_adapter_bases(adapters: list[EvalTarget], config: EvalConfig) -> None:
     fingerprint = base_model_fingerprint(load_base_model(config.model, "--model", config.trust_remote_code))
     for target in recorded:
         if target.run_record.base_model_fingerprint != fingerprint:
-            raise UserError(f"the adapter in {target.path} was trained on another base model ('{target.run_record.base_model}') "
-                            f"than --model '{config.model}'; evaluate it with that --model, or move it out of --checkpoints.")
+            raise UserError(
+                f"the adapter in {target.path} was trained on another base model ('{target.run_record.base_model}') "
+                f"than --model '{config.model}'; evaluate it with that --model, or move it out of --checkpoints."
+            )
 
 
 def load_target(target: EvalTarget, config: EvalConfig):
@@ -248,8 +303,9 @@ def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict
     return row
 
 
-def save_per_response_scores(path: Path, scores_by_name: dict[str, SequenceScores], message_ids: list[str],
-                             tree_ids: list[str]) -> None:
+def save_per_response_scores(
+    path: Path, scores_by_name: dict[str, SequenceScores], message_ids: list[str], tree_ids: list[str]
+) -> None:
     """Per-response NLL and token counts, aligned by message id and tagged with the conversation tree (for intervals
     that resample whole trees, and paired comparisons)."""
     arrays = {"message_id": np.asarray(message_ids), "message_tree_id": np.asarray(tree_ids)}

@@ -59,8 +59,15 @@ def plot_perplexity_vs_params(rows: Sequence[dict[str, Any]], path: Path) -> Pat
         test = row["test"]
         value = test["mean_perplexity"]
         low, high = (test["ci_low"], test["ci_high"]) if test["ci_low"] is not None else (value, value)
-        axes.errorbar(row["trainable_params"], value, yerr=[[value - low], [high - value]], fmt="o", capsize=4,
-                      color=f"C{index % 10}", label=row["name"])
+        axes.errorbar(
+            row["trainable_params"],
+            value,
+            yerr=[[value - low], [high - value]],
+            fmt="o",
+            capsize=4,
+            color=f"C{index % 10}",
+            label=row["name"],
+        )
     for row in rows:
         if not row["trainable_params"]:
             test = row["test"]
@@ -92,8 +99,15 @@ def _save(pyplot, figure, path: Path) -> Path:
 def _note_left_out(axes, names: Sequence[str], why: str) -> None:
     """Name the runs a panel could not draw, so a missing point reads as missing rather than as absent."""
     if names:
-        axes.text(0.02, 0.02, f"not shown ({why}): {', '.join(names)}", transform=axes.transAxes, fontsize="small",
-                  color="gray", va="bottom")
+        axes.text(
+            0.02,
+            0.02,
+            f"not shown ({why}): {', '.join(names)}",
+            transform=axes.transAxes,
+            fontsize="small",
+            color="gray",
+            va="bottom",
+        )
 
 
 def _edge_of_grid(learning_rates: Sequence[float], chosen_lr: float) -> bool:
@@ -101,8 +115,9 @@ def _edge_of_grid(learning_rates: Sequence[float], chosen_lr: float) -> bool:
     return any(math.isclose(chosen_lr, edge, rel_tol=1e-9) for edge in (min(learning_rates), max(learning_rates)))
 
 
-def plot_dev_perplexity_vs_lr(sweeps: dict[str, list[tuple[float, float]]], chosen: dict[str, float],
-                              path: Path) -> Path:
+def plot_dev_perplexity_vs_lr(
+    sweeps: dict[str, list[tuple[float, float]]], chosen: dict[str, float], path: Path
+) -> Path:
     """Dev perplexity against learning rate (log scale), one line per run from its (lr, dev perplexity) sweep, the
     chosen rate starred. A run whose chosen rate is at the edge of its grid is labelled "(edge: widen the grid)". A rate
     whose perplexity is missing or not finite (it diverged) is left off the line and counted in the label."""
@@ -117,15 +132,27 @@ def plot_dev_perplexity_vs_lr(sweeps: dict[str, list[tuple[float, float]]], chos
             label += " (edge: widen the grid)"
         if len(scored) < len(sweep):
             label += f" ({len(sweep) - len(scored)} of {len(sweep)} rates diverged)"
-        axes.plot([lr for lr, _ in scored], [perplexity for _, perplexity in scored], marker="o", color=color,
-                  label=label)
-        starred = [(lr, perplexity) for lr, perplexity in scored
-                   if name in chosen and math.isclose(lr, chosen[name], rel_tol=1e-9)]
+        axes.plot(
+            [lr for lr, _ in scored], [perplexity for _, perplexity in scored], marker="o", color=color, label=label
+        )
+        starred = [
+            (lr, perplexity)
+            for lr, perplexity in scored
+            if name in chosen and math.isclose(lr, chosen[name], rel_tol=1e-9)
+        ]
         if starred:
             axes.plot(*starred[0], marker="*", markersize=18, color=color, markeredgecolor="black", zorder=3)
         perplexities += [perplexity for _, perplexity in scored]
-    axes.plot([], [], marker="*", markersize=14, linestyle="", color="white", markeredgecolor="black",
-              label="chosen learning rate")
+    axes.plot(
+        [],
+        [],
+        marker="*",
+        markersize=14,
+        linestyle="",
+        color="white",
+        markeredgecolor="black",
+        label="chosen learning rate",
+    )
     axes.set_xscale("log")
     if perplexities and max(perplexities) > LOG_PERPLEXITY_SPREAD * min(perplexities):
         axes.set_yscale("log")
@@ -155,9 +182,16 @@ def plot_learn_forget(points: list[dict[str, Any]], path: Path) -> Path:
         if not (_finite(forgetting) and _finite(test_perplexity)):
             left_out.append(point["name"])
             continue
-        axes.errorbar(forgetting, test_perplexity, xerr=_seed_std(point, "forgetting_std"),
-                      yerr=_seed_std(point, "test_perplexity_std"), fmt="o", capsize=4, color=f"C{index % 10}",
-                      label=point["name"])
+        axes.errorbar(
+            forgetting,
+            test_perplexity,
+            xerr=_seed_std(point, "forgetting_std"),
+            yerr=_seed_std(point, "test_perplexity_std"),
+            fmt="o",
+            capsize=4,
+            color=f"C{index % 10}",
+            label=point["name"],
+        )
     axes.axvline(0.0, color="gray", linestyle="--", label="no forgetting (the base model's NLL)")
     _note_left_out(axes, left_out, "a value is missing")
     axes.set_xlabel("forgetting: change in NLL per token on general text from the base (nats; right = forgot more)")
@@ -170,8 +204,9 @@ def plot_learn_forget(points: list[dict[str, Any]], path: Path) -> Path:
 
 def _training_time_axis(points: Sequence[dict[str, Any]]) -> tuple[str, float]:
     """The training-time label and seconds per unit: minutes unless some run took over two hours, then hours."""
-    longest = max((point["wall_time_seconds"] for point in points if _finite(point.get("wall_time_seconds"))),
-                  default=0.0)
+    longest = max(
+        (point["wall_time_seconds"] for point in points if _finite(point.get("wall_time_seconds"))), default=0.0
+    )
     return ("training time (hours)", 3600.0) if longest > 2 * 3600 else ("training time (minutes)", 60.0)
 
 
@@ -184,39 +219,74 @@ def plot_cost_vs_quality(points: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     time_label, seconds_per_unit = _training_time_axis(points)
-    panels = [("peak memory (GiB)", "peak_memory_bytes", 2.0**30, "linear"),
-              (time_label, "wall_time_seconds", seconds_per_unit, "linear"),
-              ("training FLOPs (log scale)", "train_flops", 1.0, "log")]
+    panels = [
+        ("peak memory (GiB)", "peak_memory_bytes", 2.0**30, "linear"),
+        (time_label, "wall_time_seconds", seconds_per_unit, "linear"),
+        ("training FLOPs (log scale)", "train_flops", 1.0, "log"),
+    ]
     figure, all_axes = pyplot.subplots(1, 3, figsize=(14, 4.5), sharey=True)
     for axes, (label, key, unit, scale) in zip(all_axes, panels):
-        drawn = [(index, point[key] / unit, point["test_perplexity"]) for index, point in enumerate(points)
-                 if _finite(point.get(key)) and _finite(point.get("test_perplexity"))]
+        drawn = [
+            (index, point[key] / unit, point["test_perplexity"])
+            for index, point in enumerate(points)
+            if _finite(point.get(key)) and _finite(point.get("test_perplexity"))
+        ]
         for index, cost, test_perplexity in drawn:
             axes.plot(cost, test_perplexity, marker="o", linestyle="", color=f"C{index % 10}")
-        front = [drawn[position] for position in pareto_front([cost for _, cost, _ in drawn],
-                                                               [value for _, _, value in drawn])]
+        front = [
+            drawn[position]
+            for position in pareto_front([cost for _, cost, _ in drawn], [value for _, _, value in drawn])
+        ]
         if front:
             # A step after each front point: the best perplexity any run reaches at this cost or less.
-            axes.step([cost for _, cost, _ in front], [value for _, _, value in front], where="post", color="black",
-                      alpha=0.5, zorder=1)
-            axes.plot([cost for _, cost, _ in front], [value for _, _, value in front], marker="o", markersize=14,
-                      linestyle="", markerfacecolor="none", markeredgecolor="black")
+            axes.step(
+                [cost for _, cost, _ in front],
+                [value for _, _, value in front],
+                where="post",
+                color="black",
+                alpha=0.5,
+                zorder=1,
+            )
+            axes.plot(
+                [cost for _, cost, _ in front],
+                [value for _, _, value in front],
+                marker="o",
+                markersize=14,
+                linestyle="",
+                markerfacecolor="none",
+                markeredgecolor="black",
+            )
             axes.set_xscale(scale)
         else:
             axes.text(0.5, 0.5, "no run has this measurement", transform=axes.transAxes, ha="center", color="gray")
         drawn_indices = {index for index, _, _ in drawn}
-        _note_left_out(axes, [point["name"] for index, point in enumerate(points) if index not in drawn_indices],
-                       "no value")
+        _note_left_out(
+            axes, [point["name"] for index, point in enumerate(points) if index not in drawn_indices], "no value"
+        )
         axes.set_xlabel(label)
         axes.grid(alpha=0.3, which="both")
     all_axes[0].set_ylabel("test perplexity (lower is better)")
     figure.suptitle("cost against quality")
-    handles = [Line2D([], [], marker="o", linestyle="", color=f"C{index % 10}", label=point["name"])
-               for index, point in enumerate(points)]
-    handles.append(Line2D([], [], marker="o", markersize=14, markerfacecolor="none", markeredgecolor="black",
-                          color="black", alpha=0.5, label="Pareto front: nothing both cheaper and better"))
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=f"C{index % 10}", label=point["name"])
+        for index, point in enumerate(points)
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="o",
+            markersize=14,
+            markerfacecolor="none",
+            markeredgecolor="black",
+            color="black",
+            alpha=0.5,
+            label="Pareto front: nothing both cheaper and better",
+        )
+    )
     figure.tight_layout()
     # Below the panels, after tight_layout, so the panels keep their width; the tight save makes room for it.
-    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 5),
-                  fontsize="small")
+    figure.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 5), fontsize="small"
+    )
     return _save(pyplot, figure, path)

@@ -33,7 +33,9 @@ def hub_api():
     return HfApi()
 
 
-def push_folder(folder: Path, repo_id: str, repo_type: str = "model", commit_message: Optional[str] = None, api: Any = None) -> str:
+def push_folder(
+    folder: Path, repo_id: str, repo_type: str = "model", commit_message: Optional[str] = None, api: Any = None
+) -> str:
     """Create the repo if needed and upload `folder` to it, without the bookkeeping; returns the repo's URL. `api` is a
     huggingface_hub.HfApi (tests pass a stand-in). A failure is one sentence, and the files stay where they are."""
     api = api if api is not None else hub_api()
@@ -42,15 +44,22 @@ def push_folder(folder: Path, repo_id: str, repo_type: str = "model", commit_mes
         raise UserError(f"{folder} holds nothing to upload; train the run (or run the study) first.")
     try:
         url = api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, ignore_patterns=list(UPLOAD_IGNORE),
-                          commit_message=commit_message or f"Upload {folder.name} (studykit)")
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type=repo_type,
+            ignore_patterns=list(UPLOAD_IGNORE),
+            commit_message=commit_message or f"Upload {folder.name} (studykit)",
+        )
     except (OSError, ValueError) as error:
         # huggingface_hub's HTTP errors are OSErrors (requests' and httpx's alike), as is a missing token; a bad id is a
         # ValueError.
         kind = " --repo-type dataset" if repo_type == "dataset" else ""
         excludes = " ".join(f"--exclude '{pattern}'" for pattern in UPLOAD_IGNORE)
-        raise UserError(f"uploading {folder} to {repo_id} failed ({first_line(error)}); the files are kept: log in with "
-                        f"`hf auth login` and upload them with `hf upload{kind} {repo_id} {folder} {excludes}`.") from None
+        raise UserError(
+            f"uploading {folder} to {repo_id} failed ({first_line(error)}); the files are kept: log in with "
+            f"`hf auth login` and upload them with `hf upload{kind} {repo_id} {folder} {excludes}`."
+        ) from None
     print(f"uploaded {folder} to {url}")
     return str(url)
 
@@ -74,5 +83,7 @@ def study_uploads(prefix: str, training_dirs: dict[str, Path], results_dir: Path
 def push_study(prefix: str, training_dirs: dict[str, Path], results_dir: Path, api: Any = None) -> list[str]:
     """Upload a study's chosen trainings and results (study_uploads); the URLs, in that order."""
     api = api if api is not None else hub_api()
-    return [push_folder(upload.folder, upload.repo_id, upload.repo_type, api=api)
-            for upload in study_uploads(prefix, training_dirs, results_dir)]
+    return [
+        push_folder(upload.folder, upload.repo_id, upload.repo_type, api=api)
+        for upload in study_uploads(prefix, training_dirs, results_dir)
+    ]

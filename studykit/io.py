@@ -37,7 +37,9 @@ class DiskFull(UserError):
     """A write that the disk had no room for; the atomic writers leave the previous complete version in place."""
 
 
-def read_json(path: Path, remedy: str = "delete it and run the command that made it again", expect: Optional[type] = dict) -> Any:
+def read_json(
+    path: Path, remedy: str = "delete it and run the command that made it again", expect: Optional[type] = dict
+) -> Any:
     """A JSON file the kit wrote, or a DamagedFile naming it and `remedy` (what the user should do). A missing file
     is the caller's business (FileNotFoundError)."""
     path = Path(path)
@@ -70,12 +72,18 @@ def is_out_of_space(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(error)
-    return any(marker in text for marker in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
+    return any(
+        marker in text for marker in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+    )
 
 
 def _as_out_of_space(error: BaseException, where: Path) -> BaseException:
     """Called before a failed write's leftovers are removed, while the disk is still as full as the write left it."""
-    if not is_out_of_space(error) and isinstance(error, (OSError, RuntimeError)) and free_bytes(where) < NEARLY_FULL_BYTES:
+    if (
+        not is_out_of_space(error)
+        and isinstance(error, (OSError, RuntimeError))
+        and free_bytes(where) < NEARLY_FULL_BYTES
+    ):
         return OSError(errno.ENOSPC, f"No space left on device ({error})")
     return error
 
@@ -112,8 +120,10 @@ def require_free_space(target: Path, needed_bytes: int, what: str, then: str) ->
 
 
 def _disk_full_message(target: Path, what: str, needed_bytes: int, free: int, then: str) -> str:
-    return (f"the disk holding {target} is full: writing {what} needs about {format_size(needed_bytes)} and "
-            f"{format_size(free)} is free; {then}")
+    return (
+        f"the disk holding {target} is full: writing {what} needs about {format_size(needed_bytes)} and "
+        f"{format_size(free)} is free; {then}"
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -29,8 +29,12 @@ class OutputInUse(UserError):
 
 
 def _owner_record() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def _read_owner(owner_path: Path) -> dict[str, Any] | None:
@@ -77,12 +81,16 @@ def exclusive(directory: Path, flag: str, enabled: bool = True) -> Iterator[None
     lock, made_lock_file = _acquire(lock_path)
     if lock is None:
         _remove_empty(made_directories)
-        raise OutputInUse(f"{_describe(_read_owner(owner_path))} is writing to {directory}; wait for it to finish or stop it, "
-                          f"or pass another {flag}.")
+        raise OutputInUse(
+            f"{_describe(_read_owner(owner_path))} is writing to {directory}; wait for it to finish or stop it, "
+            f"or pass another {flag}."
+        )
     try:
         left_behind = _read_owner(owner_path)
         if left_behind:
-            print(f"note: taking over the lock on {directory} from {_describe(left_behind)}, which ended without releasing it.")
+            print(
+                f"note: taking over the lock on {directory} from {_describe(left_behind)}, which ended without releasing it."
+            )
         owner_path.write_text(json.dumps(_owner_record()) + "\n", encoding="utf-8")
         yield
     finally:

@@ -155,16 +155,22 @@ def resolve_loss_kernel(choice: str, device_type: str) -> str:
     if choice == "auto":
         return AUTO_LOSS_KERNEL
     if choice == "torch" and not torch_has_fused_loss():
-        raise UserError(f"--loss-kernel torch needs torch.nn.functional.linear_cross_entropy, which torch "
-                        f"{torch.__version__} lacks (it came in 2.13); upgrade torch or use --loss-kernel auto.")
+        raise UserError(
+            f"--loss-kernel torch needs torch.nn.functional.linear_cross_entropy, which torch "
+            f"{torch.__version__} lacks (it came in 2.13); upgrade torch or use --loss-kernel auto."
+        )
     if choice == "liger":
         if device_type != "cuda":
-            raise UserError(f"--loss-kernel liger needs a CUDA GPU (Liger's kernels are written in Triton) and this "
-                            f"run is on {device_type}; use --loss-kernel auto.")
+            raise UserError(
+                f"--loss-kernel liger needs a CUDA GPU (Liger's kernels are written in Triton) and this "
+                f"run is on {device_type}; use --loss-kernel auto."
+            )
         missing = [name for name in ("liger_kernel", "triton") if importlib.util.find_spec(name) is None]
         if missing:
-            raise UserError(f"--loss-kernel liger needs the {' and '.join(missing)} package, which is not installed; "
-                            "pip install liger-kernel, or use --loss-kernel auto.")
+            raise UserError(
+                f"--loss-kernel liger needs the {' and '.join(missing)} package, which is not installed; "
+                "pip install liger-kernel, or use --loss-kernel auto."
+            )
     return choice
 
 
@@ -182,9 +188,15 @@ def _unwrapped(model):
     return getattr(inner, "_orig_mod", inner)  # torch.compile
 
 
-def output_layer_nll(kernel: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     compute_dtype: torch.dtype, needs_hidden_grad: bool,
-                     needs_weight_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def output_layer_nll(
+    kernel: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    compute_dtype: torch.dtype,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The summed NLL of `targets` under softmax(hidden @ weight.T) (differentiable) and, where the kernel gives them
     without extra work, each position's NLL (fp32, detached). Without gradients every kernel gives them; with them
     torch's and Liger's kernels return the total only, since their per-position form recomputes the logits in
@@ -199,8 +211,9 @@ def output_layer_nll(kernel: str, hidden: torch.Tensor, weight: torch.Tensor, ta
     return nll.sum(), nll
 
 
-def library_nll(kernel: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                reduction: str) -> torch.Tensor:
+def library_nll(
+    kernel: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str
+) -> torch.Tensor:
     """torch's or Liger's fused linear cross-entropy ("sum": the total, its gradients made in forward; "none": each
     position's NLL), in the dtype of `hidden` and `weight`."""
     if kernel == "torch":
@@ -223,7 +236,9 @@ class BatchNLL:
     per_sequence: Optional[torch.Tensor]
 
 
-def batch_nll(model, batch: dict[str, torch.Tensor], autocast_context: Callable[[], contextlib.AbstractContextManager]) -> BatchNLL:
+def batch_nll(
+    model, batch: dict[str, torch.Tensor], autocast_context: Callable[[], contextlib.AbstractContextManager]
+) -> BatchNLL:
     """Summed next-token NLL of a collated batch (padding labelled IGNORE_INDEX never counts; EOS does).
 
     The model returns its final, normalised hidden states (`logits_to_keep=1` spares the full logits) and the output
@@ -238,17 +253,31 @@ def batch_nll(model, batch: dict[str, torch.Tensor], autocast_context: Callable[
         per_sequence = token_nll_per_sequence(logits, labels)
         return BatchNLL(per_sequence.sum(), per_sequence.detach().double())
     with autocast_context():
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True, logits_to_keep=1)
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         final_hidden = outputs.hidden_states[-1]
         del outputs  # the other layers' hidden states and the last position's logits are not needed
         positions = batch["predicted_positions"] if "predicted_positions" in batch else predicted_positions(labels)
         hidden = final_hidden.reshape(-1, final_hidden.size(-1)).index_select(0, positions)
         targets = labels.reshape(-1).index_select(0, positions + 1)  # the next token, in the same row
         device_type = hidden.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        )
         grad_enabled = torch.is_grad_enabled()
-        total, nll = output_layer_nll(loss_kernel_of(model), hidden, head.weight, targets, compute_dtype,
-                                      grad_enabled and hidden.requires_grad, grad_enabled and head.weight.requires_grad)
+        total, nll = output_layer_nll(
+            loss_kernel_of(model),
+            hidden,
+            head.weight,
+            targets,
+            compute_dtype,
+            grad_enabled and hidden.requires_grad,
+            grad_enabled and head.weight.requires_grad,
+        )
     if nll is None:
         return BatchNLL(total, None)
     per_sequence = torch.zeros(labels.size(0), dtype=torch.float64, device=labels.device)
@@ -265,4 +294,3 @@ def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
     has_target = labels[:, 1:] != IGNORE_INDEX
     rows, columns = has_target.nonzero(as_tuple=True)
     return rows * labels.size(1) + columns
-

@@ -28,7 +28,9 @@ from studykit.runtime import precision_name
 GIB = 1024**3
 FP32_BYTES = 4
 # What to try, in the order that costs least: the flags named when a run does not fit.
-MEMORY_FLAGS = "--batch-size (smaller), --grad-accum (larger, keeps the effective batch), --gradient-checkpointing, --auto-batch"
+MEMORY_FLAGS = (
+    "--batch-size (smaller), --grad-accum (larger, keeps the effective batch), --gradient-checkpointing, --auto-batch"
+)
 
 
 @dataclass
@@ -45,7 +47,13 @@ class ModelShape:
     def from_config(cls, config: Any) -> "ModelShape":
         hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
         intermediate = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * hidden
-        return cls(hidden, int(config.num_hidden_layers), int(config.num_attention_heads), int(intermediate), int(config.vocab_size))
+        return cls(
+            hidden,
+            int(config.num_hidden_layers),
+            int(config.num_attention_heads),
+            int(intermediate),
+            int(config.vocab_size),
+        )
 
 
 @dataclass
@@ -71,7 +79,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.half_precision_weight_copies + self.gradients + self.optimizer_state + self.activations + self.loss
+        return (
+            self.weights
+            + self.half_precision_weight_copies
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.loss
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total": self.total}
@@ -85,15 +100,24 @@ class MemoryEstimate:
             ("gradients (fp32, trainable only)", self.gradients),
             (f"optimizer state ({OPTIMIZERS[self.optimizer].state_description})", self.optimizer_state),
             (f"activations {this} gradient checkpointing", self.activations),
-            ("output layer and loss (chunked logits)" if self.chunked_loss else "logits, log-probabilities and their gradient", self.loss),
+            (
+                "output layer and loss (chunked logits)"
+                if self.chunked_loss
+                else "logits, log-probabilities and their gradient",
+                self.loss,
+            ),
         ]
-        lines = [f"memory estimate at micro-batch {self.micro_batch} x {self.seq_len} tokens, precision {self.precision}:"]
+        lines = [
+            f"memory estimate at micro-batch {self.micro_batch} x {self.seq_len} tokens, precision {self.precision}:"
+        ]
         lines += [f"  {name:<46} {gib(size):>8.2f} GiB" for name, size in rows]
         lines.append(f"  {'total':<46} {gib(self.total):>8.2f} GiB")
         lines.append(f"  (activations {other} gradient checkpointing: {gib(self.activations_other_setting):.2f} GiB)")
         if self.optimizer_state_paged:
-            lines.append(f"  (and {gib(self.optimizer_state_paged):.2f} GiB of paged optimizer state, which the CUDA "
-                         "driver keeps in CPU memory when the GPU needs the room)")
+            lines.append(
+                f"  (and {gib(self.optimizer_state_paged):.2f} GiB of paged optimizer state, which the CUDA "
+                "driver keeps in CPU memory when the GPU needs the room)"
+            )
         return "\n".join(lines)
 
 
@@ -106,8 +130,15 @@ def compute_bytes(precision: str) -> int:
     return 2 if precision in ("fp16", "bf16") else FP32_BYTES
 
 
-def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_checkpointing: bool, attention_scores_kept: bool, seq_len: int,
-                               adapter_dropout_features: int = 0, device_type: str = "cuda") -> float:
+def activation_bytes_per_token(
+    shape: ModelShape,
+    precision: str,
+    gradient_checkpointing: bool,
+    attention_scores_kept: bool,
+    seq_len: int,
+    adapter_dropout_features: int = 0,
+    device_type: str = "cuda",
+) -> float:
     """Per token, summed over layers, what autograd keeps for the backward pass.
 
     Without checkpointing each block keeps (Korthikanti et al. 2022, generalised to any MLP width) the inputs of
@@ -129,7 +160,14 @@ def activation_bytes_per_token(shape: ModelShape, precision: str, gradient_check
     return shape.layers * block
 
 
-def loss_bytes(shape: ModelShape, precision: str, tokens: int, chunked: bool, output_layer_trainable: bool, device_type: str = "cuda") -> int:
+def loss_bytes(
+    shape: ModelShape,
+    precision: str,
+    tokens: int,
+    chunked: bool,
+    output_layer_trainable: bool,
+    device_type: str = "cuda",
+) -> int:
     """The output layer and the loss at their peak.
 
     Chunked (studykit.loss): one chunk's fp32 logits, which become their gradient in place, beside a half-precision
@@ -170,11 +208,14 @@ def estimate_training_memory(
     optimizer's state depends on the sizes of the trainable tensors (an 8-bit optimizer keeps small ones in fp32);
     without them, the trainable parameters count as one tensor."""
     shape = ModelShape.from_config(model_config)
-    optimizer_state, optimizer_state_paged = optimizer_state_bytes(optimizer,
-                                                                   trainable_tensor_sizes or [trainable_params])
+    optimizer_state, optimizer_state_paged = optimizer_state_bytes(
+        optimizer, trainable_tensor_sizes or [trainable_params]
+    )
     tokens = micro_batch * seq_len
     per_token = {
-        setting: activation_bytes_per_token(shape, precision, setting, attention_scores_kept, seq_len, adapter_dropout_features, device_type)
+        setting: activation_bytes_per_token(
+            shape, precision, setting, attention_scores_kept, seq_len, adapter_dropout_features, device_type
+        )
         for setting in (True, False)
     }
     return MemoryEstimate(
@@ -195,20 +236,40 @@ def estimate_training_memory(
     )
 
 
-def estimate_for_model(model, micro_batch: int, seq_len: int, precision: str, gradient_checkpointing: bool,
-                       device_type: str = "cuda", optimizer: str = "adamw") -> MemoryEstimate:
+def estimate_for_model(
+    model,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    gradient_checkpointing: bool,
+    device_type: str = "cuda",
+    optimizer: str = "adamw",
+) -> MemoryEstimate:
     """The estimate for a loaded (possibly LoRA-wrapped) model, counting its trainable parameters."""
     trainable, total = count_parameters(model)
     config = model.config
     # On a CPU, SDPA with attention dropout falls back to the step-by-step computation, as eager attention is.
     attention_dropout = float(getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", None) or 0.0)
-    scores_kept = getattr(config, "_attn_implementation", None) == "eager" or (device_type == "cpu" and attention_dropout > 0)
+    scores_kept = getattr(config, "_attn_implementation", None) == "eager" or (
+        device_type == "cpu" and attention_dropout > 0
+    )
     head = output_layer(model)
-    return estimate_training_memory(config, total, trainable, micro_batch, seq_len, precision, gradient_checkpointing, scores_kept,
-                                    chunked_loss=head is not None, output_layer_trainable=head is not None and head.weight.requires_grad,
-                                    adapter_dropout_features=adapter_dropout_features(model), device_type=device_type,
-                                    optimizer=optimizer,
-                                    trainable_tensor_sizes=[p.numel() for p in model.parameters() if p.requires_grad])
+    return estimate_training_memory(
+        config,
+        total,
+        trainable,
+        micro_batch,
+        seq_len,
+        precision,
+        gradient_checkpointing,
+        scores_kept,
+        chunked_loss=head is not None,
+        output_layer_trainable=head is not None and head.weight.requires_grad,
+        adapter_dropout_features=adapter_dropout_features(model),
+        device_type=device_type,
+        optimizer=optimizer,
+        trainable_tensor_sizes=[p.numel() for p in model.parameters() if p.requires_grad],
+    )
 
 
 def adapter_dropout_features(model) -> int:
@@ -216,7 +277,9 @@ def adapter_dropout_features(model) -> int:
     features = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict) and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in dropouts.values()):
+        if isinstance(dropouts, torch.nn.ModuleDict) and any(
+            isinstance(d, torch.nn.Dropout) and d.p > 0 for d in dropouts.values()
+        ):
             features += int(module.in_features)
     return features
 
@@ -258,7 +321,9 @@ def apply_memory_cap(max_gpu_memory_gb: Optional[float], device: torch.device, s
         return None
     cap = int(max_gpu_memory_gb * GIB)
     if device.type != "cuda":
-        say(f"note: --max-gpu-memory-gb {max_gpu_memory_gb:g} only applies to CUDA; on {device.type} it only guides --auto-batch.")
+        say(
+            f"note: --max-gpu-memory-gb {max_gpu_memory_gb:g} only applies to CUDA; on {device.type} it only guides --auto-batch."
+        )
         return cap
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = min(1.0, cap / total)
@@ -335,27 +400,46 @@ def plan_memory(config, model, accelerator, longest_sequence: list[int]) -> tupl
     precision = precision_name(accelerator.mixed_precision)
 
     def estimate_at(batch_size: int) -> MemoryEstimate:
-        return estimate_for_model(accelerator.unwrap_model(model), batch_size, seq_len, precision, config.gradient_checkpointing,
-                                  accelerator.device.type, config.optimizer)
+        return estimate_for_model(
+            accelerator.unwrap_model(model),
+            batch_size,
+            seq_len,
+            precision,
+            config.gradient_checkpointing,
+            accelerator.device.type,
+            config.optimizer,
+        )
 
     cap = apply_memory_cap(config.max_gpu_memory_gb, accelerator.device, accelerator.print)
     requested = (config.batch_size, config.grad_accum)
     if config.auto_batch:
         if accelerator.device.type == "cuda":
-            batch_size = largest_fitting_by_probe(config, model, accelerator, longest_sequence, estimate_at(config.batch_size).optimizer_state)
+            batch_size = largest_fitting_by_probe(
+                config, model, accelerator, longest_sequence, estimate_at(config.batch_size).optimizer_state
+            )
         else:
             batch_size = largest_fitting_by_estimate(config, estimate_at, cap)
         config = with_micro_batch(config, batch_size)
-        accelerator.print(f"--auto-batch: micro-batch {config.batch_size} x grad-accum {config.grad_accum} "
-                          f"(asked for {requested[0]} x {requested[1]}; the effective batch {config.effective_batch} is kept)")
+        accelerator.print(
+            f"--auto-batch: micro-batch {config.batch_size} x grad-accum {config.grad_accum} "
+            f"(asked for {requested[0]} x {requested[1]}; the effective batch {config.effective_batch} is kept)"
+        )
     estimate = estimate_at(config.batch_size)
     accelerator.print(estimate.describe())
     if cap is not None and estimate.total > cap:
-        accelerator.print(f"warning: the estimate ({gib(estimate.total):.2f} GiB) exceeds --max-gpu-memory-gb; if the run "
-                          f"runs out of memory, try {MEMORY_FLAGS}.")
-    record = {"estimate": estimate.to_dict(), "max_gpu_memory_gb": config.max_gpu_memory_gb, "auto_batch": config.auto_batch,
-              "requested_batch_size": requested[0], "requested_grad_accum": requested[1],
-              "batch_size": config.batch_size, "grad_accum": config.grad_accum}
+        accelerator.print(
+            f"warning: the estimate ({gib(estimate.total):.2f} GiB) exceeds --max-gpu-memory-gb; if the run "
+            f"runs out of memory, try {MEMORY_FLAGS}."
+        )
+    record = {
+        "estimate": estimate.to_dict(),
+        "max_gpu_memory_gb": config.max_gpu_memory_gb,
+        "auto_batch": config.auto_batch,
+        "requested_batch_size": requested[0],
+        "requested_grad_accum": requested[1],
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+    }
     return config, record
 
 
@@ -366,7 +450,11 @@ def out_of_memory_as_user_error(estimate: Optional[dict[str, Any]]) -> Iterator[
         yield
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        expected = f"the estimate for this setting was {gib(estimate['total']):.2f} GiB at micro-batch {estimate['micro_batch']}; " if estimate else ""
+        expected = (
+            f"the estimate for this setting was {gib(estimate['total']):.2f} GiB at micro-batch {estimate['micro_batch']}; "
+            if estimate
+            else ""
+        )
         raise UserError(f"the GPU ran out of memory; {expected}try {MEMORY_FLAGS}.") from None
 
 
@@ -407,8 +495,9 @@ def estimate_for_plan(config, model_config, seq_len: int) -> MemoryEstimate:
         base_model = AutoModelForCausalLM.from_config(model_config)
         model, _ = method_of(config).wrap(base_model, config)
     precision = "fp16" if config.precision == "auto" else config.precision
-    return estimate_for_model(model, config.batch_size, seq_len, precision, config.gradient_checkpointing, "cuda",
-                              config.optimizer)
+    return estimate_for_model(
+        model, config.batch_size, seq_len, precision, config.gradient_checkpointing, "cuda", config.optimizer
+    )
 
 
 def plan_line(config, model_config, seq_len: int) -> str:
@@ -426,9 +515,16 @@ def plan_line(config, model_config, seq_len: int) -> str:
     estimate = estimate_at(config.batch_size)
     on_card = estimate.total + CUDA_CONTEXT_BYTES
     checkpointing = "with" if config.gradient_checkpointing else "without"
-    leaner = {"adamw": ", --optimizer adamw8bit", "adamw8bit": ", --optimizer paged-adamw8bit"}.get(config.optimizer, "")
-    verdict = (f"fits a {PLAN_CARD_GIB} GB card" if on_card <= PLAN_CARD_GIB * GIB else
-               f"does not fit a {PLAN_CARD_GIB} GB card (try {MEMORY_FLAGS}{leaner})")
-    return (f"needs {gib(estimate.total):.2f} GiB at micro-batch {config.batch_size} x {seq_len} tokens{chosen} "
-            f"({estimate.precision}, {config.optimizer}, {checkpointing} gradient checkpointing), "
-            f"{gib(on_card):.2f} GiB with the CUDA context: {verdict}")
+    leaner = {"adamw": ", --optimizer adamw8bit", "adamw8bit": ", --optimizer paged-adamw8bit"}.get(
+        config.optimizer, ""
+    )
+    verdict = (
+        f"fits a {PLAN_CARD_GIB} GB card"
+        if on_card <= PLAN_CARD_GIB * GIB
+        else f"does not fit a {PLAN_CARD_GIB} GB card (try {MEMORY_FLAGS}{leaner})"
+    )
+    return (
+        f"needs {gib(estimate.total):.2f} GiB at micro-batch {config.batch_size} x {seq_len} tokens{chosen} "
+        f"({estimate.precision}, {config.optimizer}, {checkpointing} gradient checkpointing), "
+        f"{gib(on_card):.2f} GiB with the CUDA context: {verdict}"
+    )

@@ -45,7 +45,10 @@ def grouped(model, weight_decay: float, learning_rate: Callable[[str], float]) -
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             groups.setdefault((decays(name, parameter), learning_rate(name)), []).append(parameter)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr} for (decay, lr), params in groups.items()]
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr}
+        for (decay, lr), params in groups.items()
+    ]
 
 
 def wrap_full(model, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
@@ -72,10 +75,19 @@ def wrap_lora(model, config: LoraTrainConfig) -> tuple[Any, dict[str, Any]]:
     )
 
     base_params = sum(p.numel() for p in model.parameters())
-    model = wrap_with_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
+    model = wrap_with_lora(
+        model, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora
+    )
     adapted = [strip_peft_prefix(name) for name in adapted_module_names(model)]
-    lora = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "target_modules": config.target_modules,
-            "use_rslora": config.use_rslora, "use_dora": config.use_dora, "loraplus_lr_ratio": config.loraplus_lr_ratio}
+    lora = {
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "dropout": config.dropout,
+        "target_modules": config.target_modules,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "loraplus_lr_ratio": config.loraplus_lr_ratio,
+    }
     return model, {"adapted_modules": adapted, "base_params": base_params, "lora": lora}
 
 
@@ -85,29 +97,52 @@ def describe_lora(record) -> str:
     if lora.get("loraplus_lr_ratio"):
         variants.append(f"LoRA+ x{lora['loraplus_lr_ratio']:g}")
     targets = ",".join(lora.get("target_modules") or [])
-    return f"LoRA r={lora.get('rank')} a={lora.get('alpha', 0):g} {targets}" + (f" ({', '.join(variants)})" if variants else "")
+    return f"LoRA r={lora.get('rank')} a={lora.get('alpha', 0):g} {targets}" + (
+        f" ({', '.join(variants)})" if variants else ""
+    )
 
 
 def check_lora_targets(skeleton, config: LoraTrainConfig) -> None:
     """The target modules match layers LoRA can adapt (what wrap_with_lora refuses, it refuses here)."""
     from studykit.modeling import wrap_with_lora
 
-    wrap_with_lora(skeleton, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora)
+    wrap_with_lora(
+        skeleton, config.rank, config.alpha, config.dropout, config.target_modules, config.use_rslora, config.use_dora
+    )
 
 
 def lora_parameter_groups(model, config: LoraTrainConfig) -> list[dict[str, Any]]:
     """LoRA+ (Hayou et al. 2024) gives the B matrices `loraplus_lr_ratio` x the learning rate of the A matrices."""
     ratio = config.loraplus_lr_ratio
-    return grouped(model, config.weight_decay, lambda name: config.lr * ratio if ratio and "lora_B" in name else config.lr)
+    return grouped(
+        model, config.weight_decay, lambda name: config.lr * ratio if ratio and "lora_B" in name else config.lr
+    )
 
 
 # Model FLOPs per trained token: 2N forward, 2N backward to the activations, 2N for the weight gradients, which LoRA's
 # frozen base skips (its adapters' are negligible). Attention's own matmuls (12 x layers x width x context per token,
 # 8% more at GPT-2 Small's 512 tokens) are left out, so an MFU from this errs low.
 METHODS: dict[str, Method] = {
-    "full": Method("full", TrainConfig, "training/train_full_ft.py", wrap_full, 6, full_parameter_groups, describe_full, reference=True),
-    "lora": Method("lora", LoraTrainConfig, "training/train_lora.py", wrap_lora, 4, lora_parameter_groups, describe_lora,
-                   check_on_skeleton=check_lora_targets),
+    "full": Method(
+        "full",
+        TrainConfig,
+        "training/train_full_ft.py",
+        wrap_full,
+        6,
+        full_parameter_groups,
+        describe_full,
+        reference=True,
+    ),
+    "lora": Method(
+        "lora",
+        LoraTrainConfig,
+        "training/train_lora.py",
+        wrap_lora,
+        4,
+        lora_parameter_groups,
+        describe_lora,
+        check_on_skeleton=check_lora_targets,
+    ),
 }
 
 

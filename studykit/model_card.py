@@ -51,14 +51,31 @@ def model_card(record: RunRecord, data_meta: dict[str, Any], name: str) -> str:
     library = "peft" if adapter else "transformers"
     base_model = hub_model_id(record.base_model)
     metadata = ["---", f"library_name: {library}"] + ([f"base_model: {yaml_value(base_model)}"] if base_model else [])
-    metadata += ["pipeline_tag: text-generation", "tags:", "- studykit", f"- {'lora' if adapter else 'full-fine-tuning'}", "- gpt2"]
+    metadata += [
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- studykit",
+        f"- {'lora' if adapter else 'full-fine-tuning'}",
+        "- gpt2",
+    ]
     if dataset:
         metadata += ["datasets:", f"- {dataset}"]
     if dev_perplexity is not None:
-        metadata += ["model-index:", f"- name: {yaml_value(name)}", "  results:", "  - task:", "      type: text-generation",
-                     "    dataset:", f"      name: {yaml_value(dataset or data_meta.get('source', 'local data'))}",
-                     f"      type: {yaml_value(dataset or 'local')}", "      split: dev", "    metrics:", "    - type: perplexity",
-                     f"      value: {dev_perplexity:.4f}", "      name: dev perplexity"]
+        metadata += [
+            "model-index:",
+            f"- name: {yaml_value(name)}",
+            "  results:",
+            "  - task:",
+            "      type: text-generation",
+            "    dataset:",
+            f"      name: {yaml_value(dataset or data_meta.get('source', 'local data'))}",
+            f"      type: {yaml_value(dataset or 'local')}",
+            "      split: dev",
+            "    metrics:",
+            "    - type: perplexity",
+            f"      value: {dev_perplexity:.4f}",
+            "      name: dev perplexity",
+        ]
     metadata.append("---")
     config = record.config
     body = [
@@ -82,9 +99,13 @@ def model_card(record: RunRecord, data_meta: dict[str, Any], name: str) -> str:
         "",
         "## Result",
         "",
-        (f"Final dev loss {record.final_dev_loss:.4f} nats per token (dev perplexity {dev_perplexity:.3f}). The dev split is "
-         "carved out of the training conversations; a study's report gives the test split's perplexity with intervals over "
-         "seeds and conversation trees." if dev_perplexity is not None else "No dev loss was recorded."),
+        (
+            f"Final dev loss {record.final_dev_loss:.4f} nats per token (dev perplexity {dev_perplexity:.3f}). The dev split is "
+            "carved out of the training conversations; a study's report gives the test split's perplexity with intervals over "
+            "seeds and conversation trees."
+            if dev_perplexity is not None
+            else "No dev loss was recorded."
+        ),
         "",
         f"![loss curve]({LOSS_CURVE})",
         "",
@@ -95,14 +116,24 @@ def model_card(record: RunRecord, data_meta: dict[str, Any], name: str) -> str:
     ]
     here = "<this directory or repo>"
     if adapter:
-        body += ["from peft import PeftModel", "", f'base = AutoModelForCausalLM.from_pretrained("{record.base_model}")',
-                 f'model = PeftModel.from_pretrained(base, "{here}")  # merge_and_unload() folds the adapter in']
+        body += [
+            "from peft import PeftModel",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{record.base_model}")',
+            f'model = PeftModel.from_pretrained(base, "{here}")  # merge_and_unload() folds the adapter in',
+        ]
     else:
         body += ["", f'model = AutoModelForCausalLM.from_pretrained("{here}")']
     body += [f'tokenizer = AutoTokenizer.from_pretrained("{here}")']
-    body += ["```", "", "## Reproducing it", "",
-             "`train_config.json` holds every setting (every default filled in) and `run.json` every measurement, the "
-             f"library versions and the code version (`{record.versions.get('code')}`) that produced it.", ""]
+    body += [
+        "```",
+        "",
+        "## Reproducing it",
+        "",
+        "`train_config.json` holds every setting (every default filled in) and `run.json` every measurement, the "
+        f"library versions and the code version (`{record.versions.get('code')}`) that produced it.",
+        "",
+    ]
     return "\n".join(metadata + [""] + body)
 
 
@@ -112,12 +143,16 @@ def what_trained(record: RunRecord) -> str:
         return "every weight (full fine-tuning)"
     lora = record.lora or {}
     variants = [name for name, on in (("rsLoRA", lora.get("use_rslora")), ("DoRA", lora.get("use_dora"))) if on]
-    return (f"LoRA adapters (rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}"
-            f"{', ' + ', '.join(variants) if variants else ''}; targets {lora.get('target_modules')}) on "
-            f"{len(record.adapted_modules)} modules: {', '.join(f'`{name}`' for name in record.adapted_modules)}")
+    return (
+        f"LoRA adapters (rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}"
+        f"{', ' + ', '.join(variants) if variants else ''}; targets {lora.get('target_modules')}) on "
+        f"{len(record.adapted_modules)} modules: {', '.join(f'`{name}`' for name in record.adapted_modules)}"
+    )
 
 
-def write_model_card(directory: Path, record: RunRecord, data_meta: dict[str, Any], log_entries: list[dict[str, Any]]) -> Path:
+def write_model_card(
+    directory: Path, record: RunRecord, data_meta: dict[str, Any], log_entries: list[dict[str, Any]]
+) -> Path:
     """README.md and its loss curve, into a checkpoint directory (or the staging directory of one: the card is named
     after the run's output directory, not the directory it is written in)."""
     directory = Path(directory)

@@ -30,8 +30,11 @@ def is_damaged_file_error(error: BaseException) -> bool:
     from safetensors import SafetensorError
 
     text = str(error)
-    return (isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, SafetensorError))
-            or "not a valid JSON file" in text or "Error while deserializing" in text)
+    return (
+        isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, SafetensorError))
+        or "not a valid JSON file" in text
+        or "Error while deserializing" in text
+    )
 
 
 def damaged_model_files(name_or_path: str, what: str, error: BaseException) -> UserError:
@@ -44,7 +47,12 @@ def damaged_model_files(name_or_path: str, what: str, error: BaseException) -> U
 
 # The hub's GPT-2 sizes by name: (layers, width, heads), all with GPT-2's vocabulary and 1,024 positions. What plans
 # and estimates need before (or without) a download.
-KNOWN_GPT2_SHAPES = {"gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25)}
+KNOWN_GPT2_SHAPES = {
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
 GPT2_VOCABULARY = 50257
 
 
@@ -71,9 +79,13 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
         if not isinstance(error, (OSError, ValueError)):
             raise
         if "trust_remote_code" in str(error):
-            raise UserError(f"the tokenizer '{name_or_path}' needs its own Python code to load, which runs only with "
-                            "--trust-remote-code; pass it if you trust that code, or use a standard tokenizer.") from None
-        raise UserError(f"could not load a tokenizer from '{name_or_path}' ({first_line(error)}); pass {flag} PATH.") from None
+            raise UserError(
+                f"the tokenizer '{name_or_path}' needs its own Python code to load, which runs only with "
+                "--trust-remote-code; pass it if you trust that code, or use a standard tokenizer."
+            ) from None
+        raise UserError(
+            f"could not load a tokenizer from '{name_or_path}' ({first_line(error)}); pass {flag} PATH."
+        ) from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer '{name_or_path}' has no EOS token; responses must end with one.")
     if tokenizer.pad_token_id is None:
@@ -87,7 +99,9 @@ def model_context_length(model_or_config) -> int:
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))
 
 
-def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None):
+def load_base_model(
+    name_or_path: str, flag: str = "--model", trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None
+):
     """Weights load from safetensors only; SDPA attention where the model supports it."""
     from transformers import AutoModelForCausalLM
 
@@ -95,13 +109,21 @@ def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code:
     path = Path(name_or_path)
     if is_adapter_directory(path):
         # transformers would quietly load the adapter's base model with the adapter applied, and train on top of it.
-        raise UserError(f"{path} is a LoRA adapter, not a base model; pass the model it was trained on with {flag} "
-                        "(evaluation/perplexity.py applies adapters it finds in --checkpoints).")
+        raise UserError(
+            f"{path} is a LoRA adapter, not a base model; pass the model it was trained on with {flag} "
+            "(evaluation/perplexity.py applies adapters it finds in --checkpoints)."
+        )
     if path.is_dir() and not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        found = f" (only {', '.join(pickled[:2])}: pickled weights are never loaded, because unpickling can run code)" if pickled else ""
-        raise UserError(f"{path} holds no .safetensors weights{found}; save the model with save_pretrained "
-                        f"(safetensors is its default) and pass that directory with {flag}.")
+        found = (
+            f" (only {', '.join(pickled[:2])}: pickled weights are never loaded, because unpickling can run code)"
+            if pickled
+            else ""
+        )
+        raise UserError(
+            f"{path} holds no .safetensors weights{found}; save the model with save_pretrained "
+            f"(safetensors is its default) and pass that directory with {flag}."
+        )
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -113,9 +135,13 @@ def load_base_model(name_or_path: str, flag: str = "--model", trust_remote_code:
         if not isinstance(error, (OSError, ValueError)):
             raise
         if "trust_remote_code" in str(error):
-            raise UserError(f"'{name_or_path}' needs its own Python code to load, which runs only with --trust-remote-code; "
-                            "pass it if you trust that code, or use a standard model.") from None
-        raise UserError(f"could not load a model from '{name_or_path}' ({first_line(error)}); pass {flag} PATH.") from None
+            raise UserError(
+                f"'{name_or_path}' needs its own Python code to load, which runs only with --trust-remote-code; "
+                "pass it if you trust that code, or use a standard model."
+            ) from None
+        raise UserError(
+            f"could not load a model from '{name_or_path}' ({first_line(error)}); pass {flag} PATH."
+        ) from None
     use_fused_gelu(model)
     return model
 
@@ -145,7 +171,9 @@ def describe_kernels(model) -> dict[str, str]:
     elif any(isinstance(module, NewGELUActivation) for module in modules):
         activation = "gelu_new (Python)"
     else:
-        activation = str(getattr(model.config, "activation_function", None) or getattr(model.config, "hidden_act", "unknown"))
+        activation = str(
+            getattr(model.config, "activation_function", None) or getattr(model.config, "hidden_act", "unknown")
+        )
     return {
         "attention": str(getattr(model.config, "_attn_implementation", "unknown")),
         "mlp_activation": activation,
@@ -181,11 +209,21 @@ def resolve_target_modules(targets: Sequence[str]) -> list[str] | str:
     return list(targets)
 
 
-def wrap_with_lora(model, rank: int, alpha: float, dropout: float, targets: Sequence[str], use_rslora: bool = False, use_dora: bool = False):
+def wrap_with_lora(
+    model,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str],
+    use_rslora: bool = False,
+    use_dora: bool = False,
+):
     from peft import LoraConfig, get_peft_model
 
     if rank <= 0 or alpha <= 0:
-        raise UserError(f"LoRA needs a positive rank and alpha (got rank={rank}, alpha={alpha}); pass --rank and --alpha above 0.")
+        raise UserError(
+            f"LoRA needs a positive rank and alpha (got rank={rank}, alpha={alpha}); pass --rank and --alpha above 0."
+        )
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -213,7 +251,13 @@ def adaptable_layer_names(model) -> list[str]:
     """Name suffixes (`attn.c_attn`) of the layers LoRA can adapt: linear layers, GPT-2's Conv1D among them."""
     from transformers.pytorch_utils import Conv1D
 
-    return sorted({".".join(name.split(".")[-2:]) for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))})
+    return sorted(
+        {
+            ".".join(name.split(".")[-2:])
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
+        }
+    )
 
 
 def adapted_module_names(model) -> list[str]:
@@ -280,7 +324,9 @@ def load_checkpoint_for_eval(path: Path, base_model: str, trust_remote_code: boo
             return PeftModel.from_pretrained(model, str(path))
         except Exception as error:
             if is_damaged_file_error(error):
-                raise DamagedFile(path, f"the adapter fails to load: {first_line(error)}", "train that run again") from None
+                raise DamagedFile(
+                    path, f"the adapter fails to load: {first_line(error)}", "train that run again"
+                ) from None
             if not isinstance(error, (RuntimeError, ValueError, KeyError)):
                 raise
             raise UserError(
@@ -289,4 +335,6 @@ def load_checkpoint_for_eval(path: Path, base_model: str, trust_remote_code: boo
             ) from None
     if is_full_model_directory(path):
         return load_base_model(str(path), "--checkpoints", trust_remote_code)
-    raise UserError(f"{path} holds neither a full model (config.json + safetensors) nor a LoRA adapter; train it again.")
+    raise UserError(
+        f"{path} holds neither a full model (config.json + safetensors) nor a LoRA adapter; train it again."
+    )

@@ -195,8 +195,9 @@ def record_messages(record: NumberedRecord) -> tuple[str, list[dict[str, Any]]]:
         raise CorruptRecord(f"a JSON {json_type(value)}, not an object")
     shape = record_shape(value)
     if shape is None:
-        raise CorruptRecord(f"neither a message (no message_id) nor a tree (no prompt); its keys are "
-                            f"{shown_keys(value)}")
+        raise CorruptRecord(
+            f"neither a message (no message_id) nor a tree (no prompt); its keys are {shown_keys(value)}"
+        )
     if shape == TREES:
         return TREES, flatten_tree(value)
     check_fields(value, FLAT_MESSAGE_FIELDS)
@@ -207,8 +208,9 @@ def shown_numbers(numbers: list[int]) -> str:
     return ", ".join(map(str, numbers[:SHOWN_NUMBERS])) + (" ..." if len(numbers) > SHOWN_NUMBERS else "")
 
 
-def check_records(path: Path, records: list[NumberedRecord], unit: str,
-                  skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
+def check_records(
+    path: Path, records: list[NumberedRecord], unit: str, skip_bad_lines: bool
+) -> tuple[str, list[dict[str, Any]], list[int]]:
     """The file's shape, the messages of its valid records and the numbers of the others. Every refusal that is
     about particular lines (or rows) names their numbers."""
     if not records:
@@ -247,8 +249,10 @@ def check_records(path: Path, records: list[NumberedRecord], unit: str,
         )
     messages = [message for _, messages_of_record in valid[shape] for message in messages_of_record]
     if not messages:
-        raise UserError(f"{path} holds {len(valid[shape])} message tree(s) but no messages (every prompt is null); "
-                        "pass an export that holds messages with --data-file.")
+        raise UserError(
+            f"{path} holds {len(valid[shape])} message tree(s) but no messages (every prompt is null); "
+            "pass an export that holds messages with --data-file."
+        )
     return shape, messages, bad_numbers
 
 
@@ -276,8 +280,10 @@ def open_binary(path: Path):
     with open(path, "rb") as probe:
         magic = probe.read(len(GZIP_MAGIC))
     if magic and magic != GZIP_MAGIC:
-        raise UserError(f"{path} is not gzip data although its name ends in .gz; rename it without .gz if it is "
-                        "JSON Lines, or download or copy it again.")
+        raise UserError(
+            f"{path} is not gzip data although its name ends in .gz; rename it without .gz if it is "
+            "JSON Lines, or download or copy it again."
+        )
     return gzip.open(path, "rb")
 
 
@@ -299,21 +305,26 @@ def read_jsonl_records(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict
             for number, line in enumerate(stream, start=1):
                 if number == 1 and line.startswith(UTF8_BOM):
                     # Windows editors start a file with a byte-order mark, which is not part of the first record.
-                    line = line[len(UTF8_BOM):]
+                    line = line[len(UTF8_BOM) :]
                 if not line.strip():
                     continue
                 first_line, last_line = first_line or line, line
                 records.append(parse_json_line(number, line))
     except EOFError:
-        raise UserError(f"{path} is damaged: its gzip data ends early (the file was cut short); download or copy it "
-                        "again and pass it with --data-file.") from None
+        raise UserError(
+            f"{path} is damaged: its gzip data ends early (the file was cut short); download or copy it "
+            "again and pass it with --data-file."
+        ) from None
     except (gzip.BadGzipFile, zlib.error) as error:
         detail = " ".join(str(error).split())[:120]
-        raise UserError(f"{path} is damaged: its gzip data is corrupt ({detail}); download or copy it again and pass "
-                        "it with --data-file.") from None
+        raise UserError(
+            f"{path} is damaged: its gzip data is corrupt ({detail}); download or copy it again and pass "
+            "it with --data-file."
+        ) from None
     except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror or error}); pass a readable OASST export with "
-                        "--data-file.") from None
+        raise UserError(
+            f"cannot read {path} ({error.strerror or error}); pass a readable OASST export with --data-file."
+        ) from None
     if records and holds_json_array(records, first_line, last_line):
         raise UserError(
             f"{path} holds one JSON array, but OASST exports are JSON Lines (one message or tree per line); "
@@ -329,8 +340,9 @@ def read_parquet_records(path: Path, skip_bad_lines: bool) -> tuple[str, list[di
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as error:  # pyarrow raises several unrelated types for a non-parquet file
         detail = " ".join(str(error).split())[:200]
-        raise UserError(f"{path} is not a readable parquet file ({detail}); pass an OASST export with "
-                        "--data-file.") from None
+        raise UserError(
+            f"{path} is not a readable parquet file ({detail}); pass an OASST export with --data-file."
+        ) from None
     records = [NumberedRecord(number, row) for number, row in enumerate(rows, start=1)]
     return check_records(path, records, "row", skip_bad_lines)
 
@@ -338,11 +350,14 @@ def read_parquet_records(path: Path, skip_bad_lines: bool) -> tuple[str, list[di
 def read_local_file(path: Path, skip_bad_lines: bool) -> tuple[str, list[dict[str, Any]], list[int]]:
     """The shape of an OASST export, its messages (ids and tree ids strings) and the numbers of lines skipped."""
     if not path.exists():
-        raise UserError(f"data file {path} does not exist; pass an OASST export (.jsonl, .jsonl.gz or .parquet) "
-                        "with --data-file.")
+        raise UserError(
+            f"data file {path} does not exist; pass an OASST export (.jsonl, .jsonl.gz or .parquet) with --data-file."
+        )
     if path.is_dir():
-        raise UserError(f"data file {path} is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) "
-                        "with --data-file.")
+        raise UserError(
+            f"data file {path} is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) "
+            "with --data-file."
+        )
     if path.suffix == ".parquet":
         return read_parquet_records(path, skip_bad_lines)
     return read_jsonl_records(path, skip_bad_lines)
@@ -353,16 +368,19 @@ def tree_rank(tree_id: str) -> str:
     return hashlib.sha256(str(tree_id).encode("utf-8")).hexdigest()
 
 
-def split_by_tree(messages: list[dict[str, Any]], held_out_fraction: float,
-                  what: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]:
+def split_by_tree(
+    messages: list[dict[str, Any]], held_out_fraction: float, what: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], list[str]]:
     """Whole conversation trees go to one side: (kept messages, held-out messages, kept tree ids, held-out tree ids).
 
     Trees are ranked by a hash of their id, so the split depends neither on file order nor on Python's hash seed, and
     the same trees are held out every time. `what` names the held-out side in the error for too few trees."""
     tree_ids = sorted({str(message["message_tree_id"]) for message in messages}, key=tree_rank)
     if len(tree_ids) < 2:
-        raise UserError(f"the data holds fewer than two conversation trees, too few to hold one out as {what}; pass a larger "
-                        "export.")
+        raise UserError(
+            f"the data holds fewer than two conversation trees, too few to hold one out as {what}; pass a larger "
+            "export."
+        )
     held_out_count = min(len(tree_ids) - 1, max(1, math.ceil(held_out_fraction * len(tree_ids))))
     held_out_trees = set(tree_ids[:held_out_count])
     kept, held_out = [], []
@@ -371,16 +389,21 @@ def split_by_tree(messages: list[dict[str, Any]], held_out_fraction: float,
     return kept, held_out, sorted(set(tree_ids) - held_out_trees), sorted(held_out_trees)
 
 
-def three_way_split(train_side: list[dict[str, Any]], test: list[dict[str, Any]], dev_fraction: float,
-                    test_trees: Optional[list[str]] = None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+def three_way_split(
+    train_side: list[dict[str, Any]],
+    test: list[dict[str, Any]],
+    dev_fraction: float,
+    test_trees: Optional[list[str]] = None,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
     """The dev split is carved out of the training side by conversation tree; train, dev and test share no tree."""
     train, dev, train_trees, dev_trees = split_by_tree(train_side, dev_fraction, "the dev split")
     test_trees = test_trees if test_trees is not None else sorted({str(message["message_tree_id"]) for message in test})
     return {"train": train, "dev": dev, "test": test}, {"train": train_trees, "dev": dev_trees, "test": test_trees}
 
 
-def load_source(data_file: Optional[str], dataset_name: str, test_fraction: float, dev_fraction: float,
-                skip_bad_lines: bool) -> OasstSource:
+def load_source(
+    data_file: Optional[str], dataset_name: str, test_fraction: float, dev_fraction: float, skip_bad_lines: bool
+) -> OasstSource:
     """Messages of the three splits: test is the hub dataset's validation split, or a local file's held-out trees;
     dev is carved out of what remains for training. Only training reads dev; only evaluation reads test."""
     dev_method = f"dev: {dev_fraction:.0%} of the training trees"
@@ -417,13 +440,15 @@ def load_hub_splits(dataset_name: str) -> dict[str, list[dict[str, Any]]]:
     dataset_dict = datasets.load_dataset(dataset_name)
     missing = {"train", "validation"} - set(dataset_dict)
     if missing:
-        raise UserError(f"hub dataset {dataset_name} lacks split(s) {sorted(missing)}; pass a local export with "
-                        "--data-file.")
+        raise UserError(
+            f"hub dataset {dataset_name} lacks split(s) {sorted(missing)}; pass a local export with --data-file."
+        )
     return {split: dataset_dict[split].to_list() for split in ("train", "validation")}
 
 
-def filter_messages(messages: Iterable[dict[str, Any]],
-                    languages: Optional[set[str]]) -> tuple[list[dict[str, Any]], Counter]:
+def filter_messages(
+    messages: Iterable[dict[str, Any]], languages: Optional[set[str]]
+) -> tuple[list[dict[str, Any]], Counter]:
     """Keep assistant responses that are live, passed review, non-blank and in the chosen languages."""
     counts: Counter = Counter()
     seen_ids: set[str] = set()
@@ -453,8 +478,9 @@ def filter_messages(messages: Iterable[dict[str, Any]],
     return kept, counts
 
 
-def with_parent_prompts(responses: list[dict[str, Any]],
-                        messages: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+def with_parent_prompts(
+    responses: list[dict[str, Any]], messages: Iterable[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The responses whose parent is a non-blank prompter message of `messages`, and those parents' texts.
 
     A response without one (its parent an assistant message, or missing from the export, as when a tree was cut short
@@ -475,8 +501,9 @@ def with_parent_prompts(responses: list[dict[str, Any]],
     return kept, prompts
 
 
-def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[str]],
-                    count: int) -> list[dict[str, str]]:
+def opening_prompts(
+    messages: Iterable[dict[str, Any]], languages: Optional[set[str]], count: int
+) -> list[dict[str, str]]:
     """The first prompter message of up to `count` trees (live, non-blank, in the chosen languages), in a stable
     order that does not depend on file order: fixed held-out prompts for side-by-side samples."""
     opening = {}
@@ -487,8 +514,10 @@ def opening_prompts(messages: Iterable[dict[str, Any]], languages: Optional[set[
             continue
         opening.setdefault(str(message["message_tree_id"]), message)
     chosen = sorted(opening.values(), key=lambda message: tree_rank(message["message_tree_id"]))[:count]
-    return [{"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]}
-            for m in chosen]
+    return [
+        {"message_tree_id": str(m["message_tree_id"]), "message_id": str(m["message_id"]), "text": m["text"]}
+        for m in chosen
+    ]
 
 
 def parse_languages(lang: str) -> Optional[set[str]]:

@@ -73,14 +73,24 @@ def paged_adamw8bit_state_bytes(values: int) -> tuple[int, int]:
 
 def build_adamw(groups: ParameterGroups, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # Fused: one kernel for every parameter on CUDA. A CPU keeps the for-each implementation the golden numbers pin.
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_epsilon, fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        fused=device.type == "cuda",
+    )
 
 
 def build_adamw8bit(groups: ParameterGroups, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     bitsandbytes = import_bitsandbytes()
-    return bitsandbytes.optim.AdamW8bit(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                        eps=config.adam_epsilon, min_8bit_size=BNB_MIN_8BIT_SIZE)
+    return bitsandbytes.optim.AdamW8bit(
+        groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        min_8bit_size=BNB_MIN_8BIT_SIZE,
+    )
 
 
 def build_paged_adamw8bit(groups: ParameterGroups, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -102,16 +112,28 @@ def build_paged_adamw8bit(groups: ParameterGroups, config: TrainConfig, device: 
                             paged.copy_(loaded)
                             state[key] = paged
 
-    return PagedAdamW8bit(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                          min_8bit_size=BNB_MIN_8BIT_SIZE)
+    return PagedAdamW8bit(
+        groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        min_8bit_size=BNB_MIN_8BIT_SIZE,
+    )
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", "AdamW, 2 x fp32", None, False, build_adamw, adamw_state_bytes),
-    "adamw8bit": OptimizerSpec("adamw8bit", "8-bit AdamW, uint8 + scales", "bitsandbytes", False, build_adamw8bit,
-                               adamw8bit_state_bytes),
-    "paged-adamw8bit": OptimizerSpec("paged-adamw8bit", "paged 8-bit, scales on GPU", "bitsandbytes", True,
-                                     build_paged_adamw8bit, paged_adamw8bit_state_bytes),
+    "adamw8bit": OptimizerSpec(
+        "adamw8bit", "8-bit AdamW, uint8 + scales", "bitsandbytes", False, build_adamw8bit, adamw8bit_state_bytes
+    ),
+    "paged-adamw8bit": OptimizerSpec(
+        "paged-adamw8bit",
+        "paged 8-bit, scales on GPU",
+        "bitsandbytes",
+        True,
+        build_paged_adamw8bit,
+        paged_adamw8bit_state_bytes,
+    ),
 }
 # The update steps of bitsandbytes' AdamW8bit: 8-bit moments, and fp32 ones for small tensors.
 BNB_UPDATE_OPS = ("bitsandbytes::optimizer_update_8bit_blockwise", "bitsandbytes::optimizer_update_32bit")
@@ -122,9 +144,10 @@ def import_bitsandbytes():
     try:
         import bitsandbytes
     except (ImportError, OSError, RuntimeError) as error:
-        raise UserError(f"bitsandbytes is installed but does not load ({first_line(error)}); reinstall it for this "
-                        "torch (pip install --force-reinstall --no-deps bitsandbytes), or use --optimizer adamw."
-                        ) from None
+        raise UserError(
+            f"bitsandbytes is installed but does not load ({first_line(error)}); reinstall it for this "
+            "torch (pip install --force-reinstall --no-deps bitsandbytes), or use --optimizer adamw."
+        ) from None
     return bitsandbytes
 
 
@@ -134,22 +157,30 @@ def check_runs_here(name: str, device: torch.device) -> None:
     if spec.library is not None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         # FSDP gathers and spreads optimizer state by parameter name in the parameters' shapes (studykit/sharded.py);
         # bitsandbytes' block scales have shapes of their own.
-        raise UserError(f"--optimizer {name} does not run under FSDP; use --optimizer adamw, or DDP (a config "
-                        "without FSDP), whose processes each hold the whole 8-bit state.")
+        raise UserError(
+            f"--optimizer {name} does not run under FSDP; use --optimizer adamw, or DDP (a config "
+            "without FSDP), whose processes each hold the whole 8-bit state."
+        )
     if spec.cuda_only and device.type != "cuda":
-        raise UserError(f"--optimizer {name} pages its state between GPU and CPU memory, which needs a CUDA GPU; "
-                        f"on {device.type} use --optimizer adamw8bit (as little state, in ordinary memory) or adamw.")
+        raise UserError(
+            f"--optimizer {name} pages its state between GPU and CPU memory, which needs a CUDA GPU; "
+            f"on {device.type} use --optimizer adamw8bit (as little state, in ordinary memory) or adamw."
+        )
     if spec.library is None:
         return
     if importlib.util.find_spec(spec.library) is None:
-        raise UserError(f"--optimizer {name} needs {spec.library}, which is not installed; pip install {spec.library} "
-                        "(0.50.2 and later run on a CPU too), or use --optimizer adamw.")
+        raise UserError(
+            f"--optimizer {name} needs {spec.library}, which is not installed; pip install {spec.library} "
+            "(0.50.2 and later run on a CPU too), or use --optimizer adamw."
+        )
     bitsandbytes = import_bitsandbytes()
     dispatch_key = "CUDA" if device.type == "cuda" else device.type.upper()
     if not all(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key) for op in BNB_UPDATE_OPS):
-        raise UserError(f"--optimizer {name}: this bitsandbytes ({bitsandbytes.__version__}) has no 8-bit optimizer "
-                        f"for {device.type}; pip install -U bitsandbytes (0.50.2 and later run on a CPU too), or use "
-                        "--optimizer adamw.")
+        raise UserError(
+            f"--optimizer {name}: this bitsandbytes ({bitsandbytes.__version__}) has no 8-bit optimizer "
+            f"for {device.type}; pip install -U bitsandbytes (0.50.2 and later run on a CPU too), or use "
+            "--optimizer adamw."
+        )
 
 
 def build_optimizer(groups: ParameterGroups, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

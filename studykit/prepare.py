@@ -68,8 +68,10 @@ def check_dataset_directory(output_dir: Path) -> bool:
     holds_dataset = (output_dir / META_FILE).is_file() and (output_dir / PREPARE_CONFIG_FILE).is_file()
     others = visible_entries(output_dir)
     if others and not holds_dataset:
-        raise UserError(f"{output_dir} is not empty and holds no prepared dataset ({', '.join(others[:3])}); "
-                        "choose an empty or new --output-dir.")
+        raise UserError(
+            f"{output_dir} is not empty and holds no prepared dataset ({', '.join(others[:3])}); "
+            "choose an empty or new --output-dir."
+        )
     return holds_dataset
 
 
@@ -88,12 +90,24 @@ def prepare_inputs(config: PrepareConfig, tokenizer) -> dict[str, Any]:
     source: dict[str, Any] = {"dataset": config.dataset}
     if config.data_file:
         settings.pop("data_file")
-        source = {"data_file_sha256": file_digest(Path(config.data_file))} if Path(config.data_file).is_file() else {"data_file": config.data_file}
-    return {"settings": settings, "source": source, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "code": stage_code_version("studykit.prepare")}
+        source = (
+            {"data_file_sha256": file_digest(Path(config.data_file))}
+            if Path(config.data_file).is_file()
+            else {"data_file": config.data_file}
+        )
+    return {
+        "settings": settings,
+        "source": source,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "code": stage_code_version("studykit.prepare"),
+    }
 
 
-INPUT_NAMES = {"source": "the data", "tokenizer_fingerprint": "the tokenizer's vocabulary", "code": "the kit's prepare code"}
+INPUT_NAMES = {
+    "source": "the data",
+    "tokenizer_fingerprint": "the tokenizer's vocabulary",
+    "code": "the kit's prepare code",
+}
 
 
 def existing_inputs(output_dir: Path) -> Optional[dict[str, Any]]:
@@ -107,8 +121,11 @@ def existing_inputs(output_dir: Path) -> Optional[dict[str, Any]]:
 def describe_changes(old: Optional[dict[str, Any]], new: dict[str, Any]) -> str:
     if old is None:
         return "it records no inputs (an earlier version of the kit made it, or its meta.json is damaged)"
-    changed = [f"--{key.replace('_', '-')} (was {old.get('settings', {}).get(key)}, now {value})"
-               for key, value in new["settings"].items() if old.get("settings", {}).get(key) != value]
+    changed = [
+        f"--{key.replace('_', '-')} (was {old.get('settings', {}).get(key)}, now {value})"
+        for key, value in new["settings"].items()
+        if old.get("settings", {}).get(key) != value
+    ]
     changed += [INPUT_NAMES[key] for key in INPUT_NAMES if old.get(key) != new[key]]
     return "it was made from other inputs: " + ", ".join(changed[:4])
 
@@ -116,7 +133,9 @@ def describe_changes(old: Optional[dict[str, Any]], new: dict[str, Any]) -> str:
 def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
     context = getattr(tokenizer, "model_max_length", None)
     if context and context < UNSET_CONTEXT and seq_len > context:
-        raise UserError(f"--seq-len {seq_len} exceeds the context of '{tokenizer_name}' ({context} tokens); pass --seq-len {context} or less.")
+        raise UserError(
+            f"--seq-len {seq_len} exceeds the context of '{tokenizer_name}' ({context} tokens); pass --seq-len {context} or less."
+        )
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -131,23 +150,33 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         recorded = existing_inputs(output_dir) if holds_dataset else None
         if holds_dataset and recorded == inputs:
             meta = read_json(output_dir / META_FILE)
-            print(f"up to date: {output_dir} was prepared from the same inputs (fingerprint {meta['fingerprint']}); nothing rewritten")
+            print(
+                f"up to date: {output_dir} was prepared from the same inputs (fingerprint {meta['fingerprint']}); nothing rewritten"
+            )
             return meta
         started = time.perf_counter()
-        source = load_source(config.data_file, config.dataset, config.test_fraction, config.dev_fraction, config.skip_bad_lines)
+        source = load_source(
+            config.data_file, config.dataset, config.test_fraction, config.dev_fraction, config.skip_bad_lines
+        )
         splits, meta = build_dataset(config, tokenizer, source)
         # Judged once the data has been read and tokenized: a mistake in the data is the one to report first.
         if holds_dataset and not config.overwrite:
-            raise UserError(f"{output_dir} holds a prepared dataset, but {describe_changes(recorded, inputs)}; pass --overwrite "
-                            "to replace it, or choose another --output-dir.")
+            raise UserError(
+                f"{output_dir} holds a prepared dataset, but {describe_changes(recorded, inputs)}; pass --overwrite "
+                "to replace it, or choose another --output-dir."
+            )
         meta.update(inputs=inputs, seconds=round(time.perf_counter() - started, 3))
         save_dataset(config, source, splits, meta, output_dir)
     return meta
 
 
-def tokenize_split(config: PrepareConfig, tokenizer, responses: list[dict[str, Any]],
-                   messages: list[dict[str, Any]],
-                   counts: dict[str, int]) -> tuple[list[dict[str, Any]], PromptedSequences]:
+def tokenize_split(
+    config: PrepareConfig,
+    tokenizer,
+    responses: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    counts: dict[str, int],
+) -> tuple[list[dict[str, Any]], PromptedSequences]:
     """The responses that make sequences and their tokens; under --context parent each after its parent's text (a
     response without a prompter parent is dropped, and counts[PARENT_STAGE] says how many are left)."""
     if config.context == "none":
@@ -184,13 +213,22 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
         prompt_tokens[split], prompts_shortened[split] = sum(sequences.prompt_lengths), sequences.prompts_shortened
         fingerprints[split] = sequences_fingerprint(input_ids, message_ids, sequences.prompt_lengths)
         splits[split] = datasets.Dataset.from_dict(
-            {"input_ids": input_ids, "prompt_length": sequences.prompt_lengths, "message_id": message_ids,
-             "message_tree_id": [str(m["message_tree_id"]) for m in kept]}
+            {
+                "input_ids": input_ids,
+                "prompt_length": sequences.prompt_lengths,
+                "message_id": message_ids,
+                "message_tree_id": [str(m["message_tree_id"]) for m in kept],
+            }
         )
-        prompted = (f" ({prompt_tokens[split]:,} of them prompt, {prompts_shortened[split]:,} prompts shortened)"
-                    if config.context != "none" else "")
-        print(f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens{prompted}, {truncated[split]:,} truncated "
-              f"to {config.seq_len}")
+        prompted = (
+            f" ({prompt_tokens[split]:,} of them prompt, {prompts_shortened[split]:,} prompts shortened)"
+            if config.context != "none"
+            else ""
+        )
+        print(
+            f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens{prompted}, {truncated[split]:,} truncated "
+            f"to {config.seq_len}"
+        )
     # Named in the fingerprints only when there are prompts: data prepared without them keeps its earlier fingerprints.
     context = () if config.context == "none" else (f"context={config.context}",)
     meta = {
@@ -207,28 +245,40 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
         "sequences": {split: len(splits[split]) for split in SPLITS},
         "tokens": tokens,
         "truncated": truncated,
-        **({"prompt_tokens": prompt_tokens, "prompts_shortened": prompts_shortened}
-           if config.context != "none" else {}),
+        **(
+            {"prompt_tokens": prompt_tokens, "prompts_shortened": prompts_shortened} if config.context != "none" else {}
+        ),
         "bad_lines_skipped": source.bad_lines,
-        "fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], fingerprints["test"],
-                                            config.seq_len, *context),
+        "fingerprint": combine_fingerprints(
+            fingerprints["train"], fingerprints["dev"], fingerprints["test"], config.seq_len, *context
+        ),
         # What training reads (train and dev), apart from the test split: a changed test split retrains nothing.
-        "training_fingerprint": combine_fingerprints(fingerprints["train"], fingerprints["dev"], config.seq_len,
-                                                     *context),
+        "training_fingerprint": combine_fingerprints(
+            fingerprints["train"], fingerprints["dev"], config.seq_len, *context
+        ),
         **{f"{split}_fingerprint": fingerprints[split] for split in SPLITS},
         "config": config_to_dict(config),
     }
     return splits, meta
 
 
-def save_dataset(config: PrepareConfig, source: OasstSource, splits: dict[str, Any], meta: dict[str, Any], output_dir: Path) -> None:
+def save_dataset(
+    config: PrepareConfig, source: OasstSource, splits: dict[str, Any], meta: dict[str, Any], output_dir: Path
+) -> None:
     """The dataset and its records replace --output-dir in one rename, or nothing changes."""
     import datasets
 
-    needed = sum(DATASET_BYTES_PER_TOKEN * meta["tokens"][split] + DATASET_BYTES_PER_RESPONSE * len(splits[split]) for split in SPLITS)
+    needed = sum(
+        DATASET_BYTES_PER_TOKEN * meta["tokens"][split] + DATASET_BYTES_PER_RESPONSE * len(splits[split])
+        for split in SPLITS
+    )
     prompts = opening_prompts(source.messages_by_split["test"], parse_languages(config.lang), PROMPTS_KEPT)
-    with disk_space_for(output_dir.parent, needed, "the processed dataset", "free some space and run the same command again "
-                        "(an earlier dataset in --output-dir is untouched)"):
+    with disk_space_for(
+        output_dir.parent,
+        needed,
+        "the processed dataset",
+        "free some space and run the same command again (an earlier dataset in --output-dir is untouched)",
+    ):
         with atomic_directory(output_dir) as staging:
             datasets.DatasetDict(splits).save_to_disk(str(staging))
             atomic_write_json(staging / META_FILE, meta)

@@ -32,9 +32,25 @@ TENSORBOARD_DIRECTORY = "tensorboard"
 TRACKER_RUN_FILE = ".tracker_run.json"
 # Files a training run writes into its output directory; --overwrite removes these and the resume/ and tensorboard/
 # directories.
-RUN_ARTIFACTS = (RUN_RECORD, RUN_LOG, TRAIN_CONFIG, "model.safetensors", "config.json", "generation_config.json", "README.md",
-                 "loss_curve.png", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", TRACKER_RUN_FILE)
+RUN_ARTIFACTS = (
+    RUN_RECORD,
+    RUN_LOG,
+    TRAIN_CONFIG,
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    "loss_curve.png",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    TRACKER_RUN_FILE,
+)
 # Files that mark a directory as a training run's, finished or not (train_config.json is written before step 1).
 RUN_MARKERS = (RUN_RECORD, RUN_LOG, TRAIN_CONFIG, RESUME_DIRECTORY)
 CHECKPOINT_NAME = re.compile(r"step-\d+")
@@ -47,7 +63,9 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     directory = Path(output_dir) / RESUME_DIRECTORY
     if not directory.is_dir():
         return []
-    complete = [p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / CHECKPOINT_COMPLETE).exists()]
+    complete = [
+        p for p in directory.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / CHECKPOINT_COMPLETE).exists()
+    ]
     return sorted(complete, key=lambda p: p.name)
 
 
@@ -60,24 +78,34 @@ def check_run_directory(output_dir: Path, resume: bool, overwrite: bool) -> Opti
     --overwrite clears the old run only once every input has been checked (clear_previous_run)."""
     output_dir = Path(output_dir)
     for partial in find_partial_directories(output_dir / RESUME_DIRECTORY) + find_partial_directories(output_dir):
-        print(f"warning: ignoring {partial}, an unfinished write left by a crash; it is never loaded and can be deleted.")
+        print(
+            f"warning: ignoring {partial}, an unfinished write left by a crash; it is never loaded and can be deleted."
+        )
     if resume:
         if (output_dir / RUN_RECORD).exists():
-            raise UserError(f"{output_dir} holds a finished run ({RUN_RECORD}), so there is nothing to resume; "
-                            "pass --overwrite instead of --resume to train it again.")
+            raise UserError(
+                f"{output_dir} holds a finished run ({RUN_RECORD}), so there is nothing to resume; "
+                "pass --overwrite instead of --resume to train it again."
+            )
         checkpoints = resumable_checkpoints(output_dir)
         if not checkpoints:
-            raise UserError(f"--resume found no complete resumable checkpoint in {output_dir / RESUME_DIRECTORY}; "
-                            "start again with --overwrite instead of --resume.")
+            raise UserError(
+                f"--resume found no complete resumable checkpoint in {output_dir / RESUME_DIRECTORY}; "
+                "start again with --overwrite instead of --resume."
+            )
         return checkpoints[-1]
     holds_run = is_run_directory(output_dir)
     if holds_run and not overwrite:
-        raise UserError(f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir.")
+        raise UserError(
+            f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir."
+        )
     others = visible_entries(output_dir)
     if others and not holds_run:
         # A model directory, a dataset, anything else: the final save would write over files it does not own.
-        raise UserError(f"{output_dir} is not empty and holds no training run ({', '.join(others[:3])}); "
-                        "choose an empty or new --output-dir.")
+        raise UserError(
+            f"{output_dir} is not empty and holds no training run ({', '.join(others[:3])}); "
+            "choose an empty or new --output-dir."
+        )
     return None
 
 
@@ -97,8 +125,10 @@ def continue_advice(output_dir: Path) -> str:
     checkpoints = resumable_checkpoints(output_dir)
     if checkpoints:
         return f"run the same command with --resume to continue from {checkpoints[-1]}, which is intact."
-    return ("run the same command with --overwrite to train again (no resumable checkpoint was saved; --save-every N keeps "
-            "them).")
+    return (
+        "run the same command with --overwrite to train again (no resumable checkpoint was saved; --save-every N keeps "
+        "them)."
+    )
 
 
 class RunLog:
@@ -123,8 +153,10 @@ class RunLog:
             if not is_out_of_space(error):
                 raise
             # A torn last line is dropped when the log is read back.
-            raise DiskFull(f"the disk holding {self.path} is full: appending to the training log failed; free some space, "
-                           f"then {continue_advice(self.path.parent)}") from None
+            raise DiskFull(
+                f"the disk holding {self.path} is full: appending to the training log failed; free some space, "
+                f"then {continue_advice(self.path.parent)}"
+            ) from None
 
 
 def read_run_log(path: Path, until_step: Optional[int] = None) -> list[dict[str, Any]]:
@@ -137,7 +169,11 @@ def read_run_log(path: Path, until_step: Optional[int] = None) -> list[dict[str,
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and (until_step is None or entry["step"] <= until_step):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("step"), int)
+            and (until_step is None or entry["step"] <= until_step)
+        ):
             entries.append(entry)
     return entries
 

@@ -136,11 +136,14 @@ class PreparedRun:
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with its checkpoint for the remaining steps to be those the first run would
         have taken: the settings, the data, the step count that shapes the schedule, the examples per step."""
-        return {"config": config_to_dict(self.config), "data_fingerprint": self.data_meta["training_fingerprint"],
-                "total_steps": self.total_steps,
-                "examples_per_step": self.examples_per_step,
-                # FSDP checkpoints key the optimizer state by parameter name, the others by position.
-                "fsdp": self.parts.sharded}
+        return {
+            "config": config_to_dict(self.config),
+            "data_fingerprint": self.data_meta["training_fingerprint"],
+            "total_steps": self.total_steps,
+            "examples_per_step": self.examples_per_step,
+            # FSDP checkpoints key the optimizer state by parameter name, the others by position.
+            "fsdp": self.parts.sharded,
+        }
 
 
 @dataclass
@@ -211,13 +214,17 @@ class RunRecord:
     def from_dict(cls, values: dict[str, Any], where: str) -> "RunRecord":
         version = values.get("schema_version", 1)
         if version != RUN_RECORD_SCHEMA:
-            raise UserError(f"{where} is a run record of schema {version}, written by "
-                            f"{'an earlier' if version < RUN_RECORD_SCHEMA else 'a later'} version of the kit (this one reads "
-                            f"schema {RUN_RECORD_SCHEMA}); train that run again with this version.")
+            raise UserError(
+                f"{where} is a run record of schema {version}, written by "
+                f"{'an earlier' if version < RUN_RECORD_SCHEMA else 'a later'} version of the kit (this one reads "
+                f"schema {RUN_RECORD_SCHEMA}); train that run again with this version."
+            )
         known = {item.name for item in dataclasses.fields(cls)}
         missing = sorted(name for name in known if name not in values and _required(cls, name))
         if missing:
-            raise UserError(f"{where} lacks {', '.join(missing[:4])}; it is not a complete run record: train that run again.")
+            raise UserError(
+                f"{where} lacks {', '.join(missing[:4])}; it is not a complete run record: train that run again."
+            )
         return cls(**{key: value for key, value in values.items() if key in known})
 
     @property

@@ -42,8 +42,10 @@ CPU_GUARD_PARAMETERS = 50_000_000
 def device_type_for(device: str) -> str:
     """--device as a torch device type: auto takes the GPU when torch sees one."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of torch "
-                        "(see Install in the README) or pass --device cpu.")
+        raise UserError(
+            f"--device cuda, but this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of torch "
+            "(see Install in the README) or pass --device cpu."
+        )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -74,9 +76,11 @@ def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, fl
         return
     seconds = flops / (cpu_matmul_tflops() * 1e12)
     duration = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-    raise UserError(f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:.0f}M parameters) on this CPU would "
-                    f"take about {duration} at its measured matmul speed; pass --device cpu to train on the CPU anyway, or install "
-                    "a CUDA build of torch (see Install in the README).")
+    raise UserError(
+        f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:.0f}M parameters) on this CPU would "
+        f"take about {duration} at its measured matmul speed; pass --device cpu to train on the CPU anyway, or install "
+        "a CUDA build of torch (see Install in the README)."
+    )
 
 
 def build_accelerator(precision: str, seed: int, device: str = "auto", **tracking):
@@ -94,11 +98,15 @@ def build_accelerator(precision: str, seed: int, device: str = "auto", **trackin
         torch.backends.cudnn.allow_tf32 = True
     # cpu=True on a machine without CUDA is what lets `accelerate launch` / torchrun start several CPU
     # processes (gloo); without it each process would train alone.
-    accelerator = Accelerator(mixed_precision=resolve_precision(precision, device_type), cpu=device_type == "cpu", **tracking)
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(precision, device_type), cpu=device_type == "cpu", **tracking
+    )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and parallelism(accelerator) != "FSDP":
         # accelerate shards only across GPUs; elsewhere it quietly runs the processes as plain data parallel.
-        accelerator.print(f"warning: the FSDP config needs CUDA GPUs; here the processes run as {parallelism(accelerator)}, "
-                          "each holding the whole model.")
+        accelerator.print(
+            f"warning: the FSDP config needs CUDA GPUs; here the processes run as {parallelism(accelerator)}, "
+            "each holding the whole model."
+        )
     set_seed(seed)
     return accelerator
 
@@ -177,7 +185,9 @@ def studykit_imports(module: str) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "studykit":
             if node.module == "studykit":
-                found.update(f"studykit.{alias.name}" for alias in node.names if _module_path(f"studykit.{alias.name}").exists())
+                found.update(
+                    f"studykit.{alias.name}" for alias in node.names if _module_path(f"studykit.{alias.name}").exists()
+                )
             else:
                 found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -199,7 +209,11 @@ def _code_without_documentation(path: Path) -> str:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and _is_string(body[0]):
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and _is_string(body[0])
+        ):
             node.body = body[1:] or [ast.Pass()]
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option" and len(node.args) >= 2:
             node.args[1] = ast.Constant("")  # a config field's help text
@@ -207,13 +221,30 @@ def _code_without_documentation(path: Path) -> str:
 
 
 def _is_string(statement: ast.stmt) -> bool:
-    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str)
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Constant)
+        and isinstance(statement.value.value, str)
+    )
 
 
 # Dense fp16/bf16 tensor-core peaks in TFLOP/s (no sparsity), by a part of the name torch.cuda.get_device_name() gives;
 # the longest part that matches wins ("A100" over "A10", "L40S" over "L4").
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0,
-               "A10": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H100 PCIe": 756.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def device_peak_tflops(device: torch.device, given: Optional[float] = None) -> Optional[float]:
@@ -228,6 +259,8 @@ def device_peak_tflops(device: torch.device, given: Optional[float] = None) -> O
     return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
-def model_flops_utilization(tokens_per_second: float, flops_per_token: int, peak_tflops: Optional[float], devices: int) -> Optional[float]:
+def model_flops_utilization(
+    tokens_per_second: float, flops_per_token: int, peak_tflops: Optional[float], devices: int
+) -> Optional[float]:
     """Share of the devices' peak spent on the model's FLOPs (None when the peak is unknown)."""
     return tokens_per_second * flops_per_token / (peak_tflops * 1e12 * devices) if peak_tflops else None

@@ -83,7 +83,11 @@ def processes_where(accelerator, holds: bool) -> int:
 
 def weights_are_finite(parts: TrainingParts) -> bool:
     """Whether every trainable weight is finite, agreed by all processes (under FSDP each sees only its own slice)."""
-    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in parts.model.parameters() if p.requires_grad)
+    local = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+        for p in parts.model.parameters()
+        if p.requires_grad
+    )
     return processes_where(parts.accelerator, local) == parts.accelerator.num_processes
 
 
@@ -112,8 +116,10 @@ class Safeguards:
         if self.nonfinite_streak >= NONFINITE_PATIENCE:
             first = step_index + 2 - self.nonfinite_streak
             # Skipped steps leave the weights alone: those of the step before the streak produced every NaN.
-            raise self._diverged(f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row (steps {first}-{step_index + 1})",
-                                 first - 1)
+            raise self._diverged(
+                f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row (steps {first}-{step_index + 1})",
+                first - 1,
+            )
         if finite and self.unconfirmed_checkpoint and self.run.accelerator.is_main_process:
             checkpointing.prune_resumable(self.output_dir, self.run.config.keep)
         self.unconfirmed_checkpoint = self.unconfirmed_checkpoint and not finite
@@ -145,5 +151,9 @@ class Safeguards:
             checkpointing.set_aside_diverged(self.output_dir, suspect_from_step)
         accelerator.wait_for_everyone()
         checkpoints = resumable_checkpoints(self.output_dir)
-        kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no good resumable checkpoint was saved (see --save-every)"
+        kept = (
+            f"the last good checkpoint is {checkpoints[-1]}"
+            if checkpoints
+            else "no good resumable checkpoint was saved (see --save-every)"
+        )
         return UserError(f"{what}; {kept}; start again with --overwrite and a lower --lr, or --precision fp32/bf16.")

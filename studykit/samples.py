@@ -15,18 +15,23 @@ def write_samples(study: Study, run_dirs: dict[str, Path]) -> Path:
     prompts_file = study.data_dir / "prompts.json"
     path = study.results_dir / "samples.md"
     if not prompts_file.exists():
-        atomic_write_text(path, "# Side-by-side samples\n\nThe processed data has no prompts.json; prepare it again to get samples.\n")
+        atomic_write_text(
+            path, "# Side-by-side samples\n\nThe processed data has no prompts.json; prepare it again to get samples.\n"
+        )
         return path
-    prompts = read_json(prompts_file, f"delete {study.data_dir} and run the study again: it prepares the data again",
-                        expect=list)[: study.report.sample_prompts]
+    prompts = read_json(
+        prompts_file, f"delete {study.data_dir} and run the study again: it prepares the data again", expect=list
+    )[: study.report.sample_prompts]
     continuations = generate_continuations(study, run_dirs, prompts, study.report.sample_new_tokens)
-    atomic_write_text(path, format_samples_markdown(prompts, continuations, study.report.sample_new_tokens,
-                                                    study.prepare.context))
+    atomic_write_text(
+        path, format_samples_markdown(prompts, continuations, study.report.sample_new_tokens, study.prepare.context)
+    )
     return path
 
 
-def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Sequence[dict[str, str]],
-                           max_new_tokens: int) -> dict[str, list[str]]:
+def generate_continuations(
+    study: Study, run_dirs: dict[str, Path], prompts: Sequence[dict[str, str]], max_new_tokens: int
+) -> dict[str, list[str]]:
     """Greedy continuations of each prompt by the base model and by every run."""
     import torch
 
@@ -44,8 +49,11 @@ def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Seq
     targets = {"base": None, **run_dirs}
     continuations = {}
     for name, path in targets.items():
-        model = (load_base_model(study.model, "--model", trust_remote_code) if path is None
-                 else load_checkpoint_for_eval(path, study.model, trust_remote_code))
+        model = (
+            load_base_model(study.model, "--model", trust_remote_code)
+            if path is None
+            else load_checkpoint_for_eval(path, study.model, trust_remote_code)
+        )
         model.to(device).eval()
         room = model_context_length(model) - max_new_tokens
         texts = []
@@ -56,9 +64,14 @@ def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Seq
             prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"][-room:]
             input_ids = torch.tensor([prompt_ids], device=device)
             with torch.no_grad():
-                output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                        do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            texts.append(tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True))
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            texts.append(tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True))
         continuations[name] = texts
         del model
     return continuations
@@ -67,17 +80,22 @@ def generate_continuations(study: Study, run_dirs: dict[str, Path], prompts: Seq
 # What samples.md says the runs were trained on, by [data] context.
 TRAINED_ON = {
     "none": "The models were trained on assistant responses alone, never on a prompt followed by its answer, so this "
-            "shows each model's style of text, not instruction following.",
+    "shows each model's style of text, not instruction following.",
     "parent": "The runs were trained on each assistant response after the prompt it answers (the loss on the response "
-              "only), so this shows how they answer a prompt; the base model was never trained so.",
+    "only), so this shows how they answer a prompt; the base model was never trained so.",
 }
 
 
-def format_samples_markdown(prompts: Sequence[dict[str, str]], continuations: dict[str, list[str]], max_new_tokens: int,
-                            context: str = "none") -> str:
-    lines = ["# Side-by-side samples", "",
-             f"Greedy continuations ({max_new_tokens} new tokens at most) of the opening prompts of held-out conversation "
-             f"trees. {TRAINED_ON[context]}", ""]
+def format_samples_markdown(
+    prompts: Sequence[dict[str, str]], continuations: dict[str, list[str]], max_new_tokens: int, context: str = "none"
+) -> str:
+    lines = [
+        "# Side-by-side samples",
+        "",
+        f"Greedy continuations ({max_new_tokens} new tokens at most) of the opening prompts of held-out conversation "
+        f"trees. {TRAINED_ON[context]}",
+        "",
+    ]
     for index, prompt in enumerate(prompts):
         lines += [f"## Prompt {index + 1} (tree {prompt['message_tree_id']})", "", quote(prompt["text"]), ""]
         for name, texts in continuations.items():
@@ -86,4 +104,6 @@ def format_samples_markdown(prompts: Sequence[dict[str, str]], continuations: di
 
 
 def quote(text: str) -> str:
-    return "\n".join("> " + line for line in (text.strip() or "(no text: the model ended it at once with EOS)").splitlines())
+    return "\n".join(
+        "> " + line for line in (text.strip() or "(no text: the model ended it at once with EOS)").splitlines()
+    )

@@ -38,14 +38,20 @@ TREE_CHUNK_ELEMENTS = 2_000_000
 SEED_DRAW_STREAM = 1
 
 # What each interval covers and leaves out, in the words the report prints beside it.
-SEEDS_AND_TREES_COVER = ("seeds (training noise: data order, LoRA init, dropout) and held-out conversation trees; "
-                         "not the choice of learning-rate grid or of the base model")
-PAIRED_SEEDS_AND_TREES_COVER = ("seeds (training noise: data order, LoRA init, dropout; each run paired with the "
-                                "reference trained on the same seed) and held-out conversation trees; "
-                                "not the choice of learning-rate grid or of the base model")
+SEEDS_AND_TREES_COVER = (
+    "seeds (training noise: data order, LoRA init, dropout) and held-out conversation trees; "
+    "not the choice of learning-rate grid or of the base model"
+)
+PAIRED_SEEDS_AND_TREES_COVER = (
+    "seeds (training noise: data order, LoRA init, dropout; each run paired with the "
+    "reference trained on the same seed) and held-out conversation trees; "
+    "not the choice of learning-rate grid or of the base model"
+)
 TREES_ONLY_COVER = "held-out conversation trees only; one seed, so training noise is not in the interval"
-SEEDS_AND_TEXTS_COVER = ("seeds (training noise: data order, LoRA init, dropout) and general texts; "
-                         "not the choice of learning-rate grid, of the base model or of the general-text set")
+SEEDS_AND_TEXTS_COVER = (
+    "seeds (training noise: data order, LoRA init, dropout) and general texts; "
+    "not the choice of learning-rate grid, of the base model or of the general-text set"
+)
 TEXTS_ONLY_COVER = "general texts only; one seed, so training noise is not in the interval"
 TOO_FEW_TREES_COVER = f"no interval: under {MIN_TREES_FOR_INTERVAL} held-out conversation trees"
 TOO_FEW_TEXTS_COVER = f"no interval: under {MIN_TEXTS_FOR_INTERVAL} general texts"
@@ -71,8 +77,9 @@ def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int,
-                        seed: int) -> Optional[tuple[float, float]]:
+def perplexity_interval(
+    nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int
+) -> Optional[tuple[float, float]]:
     """95% interval of the token-weighted perplexity exp(sum NLL / sum tokens), resampling whole responses
     (None for fewer than MIN_TEXTS_FOR_INTERVAL)."""
     if len(nll) < MIN_TEXTS_FOR_INTERVAL:
@@ -81,8 +88,9 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int,
     return _percentile_interval(np.exp(nll_sums / token_sums))
 
 
-def paired_ratio(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, resamples: int,
-                 seed: int) -> dict[str, Optional[float]]:
+def paired_ratio(
+    nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int
+) -> dict[str, Optional[float]]:
     """Perplexity ratio of a model to a reference scored on the same responses, with a paired bootstrap interval:
     each resample takes the same responses for both, so what the two share (hard responses) cancels."""
     difference = np.asarray(nll, dtype=np.float64) - np.asarray(reference_nll, dtype=np.float64)
@@ -137,8 +145,13 @@ def _sums_by_tree(values_by_seed: np.ndarray, tree_of_response: np.ndarray, tree
     return np.stack([np.bincount(tree_of_response, weights=row, minlength=tree_count) for row in values_by_seed])
 
 
-def _two_level_resamples(numerators_by_tree: np.ndarray, tokens_by_tree: np.ndarray,
-                         per_seed: Callable[[np.ndarray], np.ndarray], resamples: int, seed: int) -> np.ndarray:
+def _two_level_resamples(
+    numerators_by_tree: np.ndarray,
+    tokens_by_tree: np.ndarray,
+    per_seed: Callable[[np.ndarray], np.ndarray],
+    resamples: int,
+    seed: int,
+) -> np.ndarray:
     """Bootstrap replicates of the mean over drawn seeds of per_seed(sum numerator / sum tokens over drawn trees).
 
     numerators_by_tree is (seeds, trees), tokens_by_tree (trees,). Each replicate draws seeds with replacement and
@@ -158,15 +171,18 @@ def _two_level_resamples(numerators_by_tree: np.ndarray, tokens_by_tree: np.ndar
     return replicates
 
 
-def _per_response_arrays(values_by_seed: np.ndarray, tokens: np.ndarray,
-                         tree_ids: Optional[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _per_response_arrays(
+    values_by_seed: np.ndarray, tokens: np.ndarray, tree_ids: Optional[Sequence]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """values_by_seed as (seeds, responses) float64 and tokens as float64, with each response's tree and the tree
     count; without tree_ids every response is its own tree (independent texts)."""
     values_by_seed = np.atleast_2d(np.asarray(values_by_seed, dtype=np.float64))
     tokens = np.asarray(tokens, dtype=np.float64)
     if values_by_seed.ndim != 2 or values_by_seed.shape[1] != len(tokens):
-        raise ValueError(f"NLL of shape {values_by_seed.shape} does not match {len(tokens)} token counts; "
-                         "pass (seeds, responses) scored on the same responses.")
+        raise ValueError(
+            f"NLL of shape {values_by_seed.shape} does not match {len(tokens)} token counts; "
+            "pass (seeds, responses) scored on the same responses."
+        )
     if tree_ids is None:
         return values_by_seed, tokens, np.arange(len(tokens)), len(tokens)
     if len(tree_ids) != len(tokens):
@@ -178,16 +194,29 @@ def _per_response_arrays(values_by_seed: np.ndarray, tokens: np.ndarray,
 def _one_model(nll: np.ndarray, several_seeds: str) -> np.ndarray:
     """nll as one model's values per response; several seeds' belong to the seeds function named."""
     if np.ndim(nll) != 1:
-        raise ValueError(f"expected one model's NLL per response, got shape {np.shape(nll)}; "
-                         f"for several seeds use {several_seeds}.")
+        raise ValueError(
+            f"expected one model's NLL per response, got shape {np.shape(nll)}; for several seeds use {several_seeds}."
+        )
     return nll
 
 
-def _replicates(values_by_seed: np.ndarray, tokens: np.ndarray, tree_of_response: np.ndarray, tree_count: int,
-                per_seed: Callable[[np.ndarray], np.ndarray], resamples: int, seed: int) -> np.ndarray:
+def _replicates(
+    values_by_seed: np.ndarray,
+    tokens: np.ndarray,
+    tree_of_response: np.ndarray,
+    tree_count: int,
+    per_seed: Callable[[np.ndarray], np.ndarray],
+    resamples: int,
+    seed: int,
+) -> np.ndarray:
     """`_two_level_resamples` from per-response values (seeds, responses) and token counts, summed per tree first."""
-    return _two_level_resamples(_sums_by_tree(values_by_seed, tree_of_response, tree_count),
-                                _sums_by_tree(tokens[None], tree_of_response, tree_count)[0], per_seed, resamples, seed)
+    return _two_level_resamples(
+        _sums_by_tree(values_by_seed, tree_of_response, tree_count),
+        _sums_by_tree(tokens[None], tree_of_response, tree_count)[0],
+        per_seed,
+        resamples,
+        seed,
+    )
 
 
 def _unchanged(values: np.ndarray) -> np.ndarray:
@@ -197,41 +226,54 @@ def _unchanged(values: np.ndarray) -> np.ndarray:
 def _seed_spread(per_seed_values: np.ndarray) -> dict:
     """The seeds' sample standard deviation (None for one seed: there is no spread to see) and their range."""
     values = [float(value) for value in per_seed_values]
-    return {"seed_std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "seed_range": (min(values), max(values))}
+    return {
+        "seed_std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "seed_range": (min(values), max(values)),
+    }
 
 
-def _cover(seed_count: int, unit_count: int, minimum: int, seeds_cover: str, one_seed_cover: str,
-           too_few_cover: str) -> str:
+def _cover(
+    seed_count: int, unit_count: int, minimum: int, seeds_cover: str, one_seed_cover: str, too_few_cover: str
+) -> str:
     if unit_count < minimum:
         return too_few_cover
     return seeds_cover if seed_count > 1 else one_seed_cover
 
 
-def perplexity_interval_by_tree(nll: np.ndarray, tokens: np.ndarray, tree_ids: Sequence, resamples: int,
-                                seed: int) -> Optional[tuple[float, float]]:
+def perplexity_interval_by_tree(
+    nll: np.ndarray, tokens: np.ndarray, tree_ids: Sequence, resamples: int, seed: int
+) -> Optional[tuple[float, float]]:
     """95% interval of the token-weighted perplexity exp(sum NLL / sum tokens), resampling whole conversation trees.
 
     Covers which held-out conversations were drawn, counting a tree's responses as one unit (they share a prompt and
     context, so treating them as independent makes the interval too narrow). Leaves out training noise (one model)
     and anything every tree shares (the split's source, the tokenizer, the base model). None for fewer than
     MIN_TREES_FOR_INTERVAL trees."""
-    nll_by_seed, tokens, tree_of_response, tree_count = _per_response_arrays(_one_model(nll, "seeds_and_trees"),
-                                                                             tokens, tree_ids)
+    nll_by_seed, tokens, tree_of_response, tree_count = _per_response_arrays(
+        _one_model(nll, "seeds_and_trees"), tokens, tree_ids
+    )
     if tree_count < MIN_TREES_FOR_INTERVAL:
         return None
     return _percentile_interval(_replicates(nll_by_seed, tokens, tree_of_response, tree_count, np.exp, resamples, seed))
 
 
-def _paired_log_ratios(nll_by_seed: np.ndarray, reference_nll_by_seed: np.ndarray, tokens: np.ndarray,
-                       tree_ids: Sequence, resamples: int, seed: int) -> tuple[np.ndarray, Optional[np.ndarray], int]:
+def _paired_log_ratios(
+    nll_by_seed: np.ndarray,
+    reference_nll_by_seed: np.ndarray,
+    tokens: np.ndarray,
+    tree_ids: Sequence,
+    resamples: int,
+    seed: int,
+) -> tuple[np.ndarray, Optional[np.ndarray], int]:
     """Per-seed log perplexity ratios (sum nll - sum reference) / sum tokens, the bootstrap replicates of their mean
     over drawn seed indices and trees (None under MIN_TREES_FOR_INTERVAL trees), and the tree count."""
     nll_by_seed, tokens, tree_of_response, tree_count = _per_response_arrays(nll_by_seed, tokens, tree_ids)
     reference_nll_by_seed = np.atleast_2d(np.asarray(reference_nll_by_seed, dtype=np.float64))
     if reference_nll_by_seed.shape != nll_by_seed.shape:
-        raise ValueError(f"the reference's NLL has shape {reference_nll_by_seed.shape}, the run's {nll_by_seed.shape}; "
-                         "score both on the same responses with the same seeds.")
+        raise ValueError(
+            f"the reference's NLL has shape {reference_nll_by_seed.shape}, the run's {nll_by_seed.shape}; "
+            "score both on the same responses with the same seeds."
+        )
     # Seed by seed, and the seed index is drawn once for both: the same seed is the same data order for both runs.
     difference_by_seed = nll_by_seed - reference_nll_by_seed
     log_ratios = difference_by_seed.sum(axis=1) / tokens.sum()
@@ -241,16 +283,18 @@ def _paired_log_ratios(nll_by_seed: np.ndarray, reference_nll_by_seed: np.ndarra
     return log_ratios, replicates, tree_count
 
 
-def paired_ratio_by_tree(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, tree_ids: Sequence,
-                         resamples: int, seed: int) -> dict[str, Optional[float]]:
+def paired_ratio_by_tree(
+    nll: np.ndarray, reference_nll: np.ndarray, tokens: np.ndarray, tree_ids: Sequence, resamples: int, seed: int
+) -> dict[str, Optional[float]]:
     """Perplexity ratio of a model to a reference scored on the same responses, exp((sum nll - sum reference) / sum
     tokens), with a paired tree-bootstrap interval.
 
     Each resample draws the same trees for both models, so what they share (hard conversations) cancels and the
     interval covers how the difference between them varies across held-out trees. Leaves out training noise (one
     model each). ci_low and ci_high are None for fewer than MIN_TREES_FOR_INTERVAL trees."""
-    log_ratios, replicates, _ = _paired_log_ratios(_one_model(nll, "paired_ratio_seeds_and_trees"), reference_nll,
-                                                   tokens, tree_ids, resamples, seed)
+    log_ratios, replicates, _ = _paired_log_ratios(
+        _one_model(nll, "paired_ratio_seeds_and_trees"), reference_nll, tokens, tree_ids, resamples, seed
+    )
     low, high = _percentile_interval(np.exp(replicates)) if replicates is not None else (None, None)
     return {"ratio": math.exp(log_ratios[0]), "ci_low": low, "ci_high": high}
 
@@ -260,8 +304,7 @@ def paired_ratio_by_tree(nll: np.ndarray, reference_nll: np.ndarray, tokens: np.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def seeds_and_trees(nll_by_seed: np.ndarray, tokens: np.ndarray, tree_ids: Sequence, resamples: int,
-                    seed: int) -> dict:
+def seeds_and_trees(nll_by_seed: np.ndarray, tokens: np.ndarray, tree_ids: Sequence, resamples: int, seed: int) -> dict:
     """A run's test perplexity over its training seeds, with an interval that counts seeds and held-out trees.
 
     nll_by_seed is (seeds, responses), every seed scored on the same responses (a 1-D array is one seed).
@@ -280,19 +323,32 @@ def seeds_and_trees(nll_by_seed: np.ndarray, tokens: np.ndarray, tree_ids: Seque
     nll_by_seed, tokens, tree_of_response, tree_count = _per_response_arrays(nll_by_seed, tokens, tree_ids)
     seed_perplexities = np.exp(nll_by_seed.sum(axis=1) / tokens.sum())
     seed_count = len(seed_perplexities)
-    result = {"mean_perplexity": float(seed_perplexities.mean()),
-              "seed_perplexities": [float(value) for value in seed_perplexities], **_seed_spread(seed_perplexities),
-              "ci_low": None, "ci_high": None, "seed_count": seed_count, "tree_count": tree_count,
-              "covers": _cover(seed_count, tree_count, MIN_TREES_FOR_INTERVAL, SEEDS_AND_TREES_COVER,
-                               TREES_ONLY_COVER, TOO_FEW_TREES_COVER)}
+    result = {
+        "mean_perplexity": float(seed_perplexities.mean()),
+        "seed_perplexities": [float(value) for value in seed_perplexities],
+        **_seed_spread(seed_perplexities),
+        "ci_low": None,
+        "ci_high": None,
+        "seed_count": seed_count,
+        "tree_count": tree_count,
+        "covers": _cover(
+            seed_count, tree_count, MIN_TREES_FOR_INTERVAL, SEEDS_AND_TREES_COVER, TREES_ONLY_COVER, TOO_FEW_TREES_COVER
+        ),
+    }
     if tree_count >= MIN_TREES_FOR_INTERVAL:
         replicates = _replicates(nll_by_seed, tokens, tree_of_response, tree_count, np.exp, resamples, seed)
         result["ci_low"], result["ci_high"] = _percentile_interval(replicates)
     return result
 
 
-def paired_ratio_seeds_and_trees(nll_by_seed: np.ndarray, reference_nll_by_seed: np.ndarray, tokens: np.ndarray,
-                                 tree_ids: Sequence, resamples: int, seed: int) -> dict:
+def paired_ratio_seeds_and_trees(
+    nll_by_seed: np.ndarray,
+    reference_nll_by_seed: np.ndarray,
+    tokens: np.ndarray,
+    tree_ids: Sequence,
+    resamples: int,
+    seed: int,
+) -> dict:
     """Perplexity ratio of a run to the reference across seeds, with an interval over seeds and held-out trees.
 
     Both arrays are (seeds, responses) and row s of each was trained with seed s (the same data order). seed_ratios
@@ -303,13 +359,26 @@ def paired_ratio_seeds_and_trees(nll_by_seed: np.ndarray, reference_nll_by_seed:
     seeds' ratios over the drawn trees. It covers training noise and which conversations were held out; it leaves out
     the learning-rate grid and the base model. With one seed it is paired_ratio_by_tree's interval and `covers` says
     training noise is not in it; None for fewer than MIN_TREES_FOR_INTERVAL trees."""
-    log_ratios, replicates, tree_count = _paired_log_ratios(nll_by_seed, reference_nll_by_seed, tokens, tree_ids,
-                                                            resamples, seed)
+    log_ratios, replicates, tree_count = _paired_log_ratios(
+        nll_by_seed, reference_nll_by_seed, tokens, tree_ids, resamples, seed
+    )
     low, high = _percentile_interval(np.exp(replicates)) if replicates is not None else (None, None)
-    return {"ratio": math.exp(log_ratios.mean()), "seed_ratios": [math.exp(value) for value in log_ratios],
-            "ci_low": low, "ci_high": high, "seed_count": len(log_ratios), "tree_count": tree_count,
-            "covers": _cover(len(log_ratios), tree_count, MIN_TREES_FOR_INTERVAL, PAIRED_SEEDS_AND_TREES_COVER,
-                             TREES_ONLY_COVER, TOO_FEW_TREES_COVER)}
+    return {
+        "ratio": math.exp(log_ratios.mean()),
+        "seed_ratios": [math.exp(value) for value in log_ratios],
+        "ci_low": low,
+        "ci_high": high,
+        "seed_count": len(log_ratios),
+        "tree_count": tree_count,
+        "covers": _cover(
+            len(log_ratios),
+            tree_count,
+            MIN_TREES_FOR_INTERVAL,
+            PAIRED_SEEDS_AND_TREES_COVER,
+            TREES_ONLY_COVER,
+            TOO_FEW_TREES_COVER,
+        ),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -317,15 +386,18 @@ def paired_ratio_seeds_and_trees(nll_by_seed: np.ndarray, reference_nll_by_seed:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _nll_changes(nll_by_seed: np.ndarray, base_nll: np.ndarray, tokens: np.ndarray, resamples: int,
-                 seed: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _nll_changes(
+    nll_by_seed: np.ndarray, base_nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Per-seed changes (sum nll_s - sum base) / sum tokens and the bootstrap replicates of their mean over drawn
     seeds and texts (None under MIN_TEXTS_FOR_INTERVAL texts)."""
     nll_by_seed, tokens, text_index, text_count = _per_response_arrays(nll_by_seed, tokens, None)
     base_nll = np.asarray(base_nll, dtype=np.float64)
     if base_nll.shape != tokens.shape:
-        raise ValueError(f"the base model's NLL has {base_nll.size} values for {len(tokens)} texts; "
-                         "score the base on the same general texts.")
+        raise ValueError(
+            f"the base model's NLL has {base_nll.size} values for {len(tokens)} texts; "
+            "score the base on the same general texts."
+        )
     difference_by_seed = nll_by_seed - base_nll[None]
     changes = difference_by_seed.sum(axis=1) / tokens.sum()
     if text_count < MIN_TEXTS_FOR_INTERVAL:
@@ -333,8 +405,9 @@ def _nll_changes(nll_by_seed: np.ndarray, base_nll: np.ndarray, tokens: np.ndarr
     return changes, _replicates(difference_by_seed, tokens, text_index, text_count, _unchanged, resamples, seed)
 
 
-def nll_change_per_token(nll: np.ndarray, base_nll: np.ndarray, tokens: np.ndarray, resamples: int,
-                         seed: int) -> dict[str, Optional[float]]:
+def nll_change_per_token(
+    nll: np.ndarray, base_nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int
+) -> dict[str, Optional[float]]:
     """Forgetting as a change: (sum nll - sum base_nll) / sum tokens on the same general texts, in nats per token.
 
     Positive means the fine-tuned model is worse than the base on general text (it forgot); exp(change) is its
@@ -347,8 +420,9 @@ def nll_change_per_token(nll: np.ndarray, base_nll: np.ndarray, tokens: np.ndarr
     return {"change": float(changes[0]), "ci_low": low, "ci_high": high}
 
 
-def nll_change_seeds(nll_by_seed: np.ndarray, base_nll: np.ndarray, tokens: np.ndarray, resamples: int,
-                     seed: int) -> dict:
+def nll_change_seeds(
+    nll_by_seed: np.ndarray, base_nll: np.ndarray, tokens: np.ndarray, resamples: int, seed: int
+) -> dict:
     """Forgetting across seeds: the mean over seeds of each seed's nll_change_per_token, with its spread and an
     interval over seeds and texts.
 
@@ -361,11 +435,23 @@ def nll_change_seeds(nll_by_seed: np.ndarray, base_nll: np.ndarray, tokens: np.n
     changes, replicates = _nll_changes(nll_by_seed, base_nll, tokens, resamples, seed)
     low, high = _percentile_interval(replicates) if replicates is not None else (None, None)
     text_count = np.shape(tokens)[0]
-    return {"change": float(changes.mean()), "seed_changes": [float(value) for value in changes],
-            **_seed_spread(changes), "ci_low": low, "ci_high": high, "seed_count": len(changes),
-            "text_count": text_count,
-            "covers": _cover(len(changes), text_count, MIN_TEXTS_FOR_INTERVAL, SEEDS_AND_TEXTS_COVER,
-                             TEXTS_ONLY_COVER, TOO_FEW_TEXTS_COVER)}
+    return {
+        "change": float(changes.mean()),
+        "seed_changes": [float(value) for value in changes],
+        **_seed_spread(changes),
+        "ci_low": low,
+        "ci_high": high,
+        "seed_count": len(changes),
+        "text_count": text_count,
+        "covers": _cover(
+            len(changes),
+            text_count,
+            MIN_TEXTS_FOR_INTERVAL,
+            SEEDS_AND_TEXTS_COVER,
+            TEXTS_ONLY_COVER,
+            TOO_FEW_TEXTS_COVER,
+        ),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,9 +468,11 @@ def pareto_front(costs: Sequence[float], perplexities: Sequence[float]) -> list[
     inf) cannot be compared and is never on the front."""
     if len(costs) != len(perplexities):
         raise ValueError(f"{len(costs)} costs for {len(perplexities)} perplexities; pass one of each per point.")
-    comparable = [index for index, (cost, perplexity) in enumerate(zip(costs, perplexities))
-                  if cost is not None and perplexity is not None
-                  and math.isfinite(cost) and math.isfinite(perplexity)]
+    comparable = [
+        index
+        for index, (cost, perplexity) in enumerate(zip(costs, perplexities))
+        if cost is not None and perplexity is not None and math.isfinite(cost) and math.isfinite(perplexity)
+    ]
     front: list[int] = []
     best_cheaper = math.inf
     # Cheapest first: a point is on the front when it beats every cheaper point's perplexity; points of equal cost

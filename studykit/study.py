@@ -54,14 +54,27 @@ def build_tiny_model(study: Study) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        note = build_pretrained_tiny_gpt2(Path(study.model), Path(spec.data_file), Path(spec.general_text), spec.vocab_size, spec.n_layer,
-                                          spec.n_embd, spec.pretrain_steps, block_size=spec.pretrain_block_size, lr=spec.pretrain_lr,
-                                          seed=spec.seed, heldout_text_file=Path(spec.heldout_text) if spec.heldout_text else None)
+        note = build_pretrained_tiny_gpt2(
+            Path(study.model),
+            Path(spec.data_file),
+            Path(spec.general_text),
+            spec.vocab_size,
+            spec.n_layer,
+            spec.n_embd,
+            spec.pretrain_steps,
+            block_size=spec.pretrain_block_size,
+            lr=spec.pretrain_lr,
+            seed=spec.seed,
+            heldout_text_file=Path(spec.heldout_text) if spec.heldout_text else None,
+        )
     finally:
         torch.set_num_threads(threads)
     mark_current(Path(study.model), tiny_model_inputs(study))
-    scored = (f"; held-out perplexity {note.heldout_perplexity_before:.1f} -> {note.heldout_perplexity_after:.1f}"
-              if note.heldout_perplexity_after is not None else "")
+    scored = (
+        f"; held-out perplexity {note.heldout_perplexity_before:.1f} -> {note.heldout_perplexity_after:.1f}"
+        if note.heldout_perplexity_after is not None
+        else ""
+    )
     print(f"built tiny model {study.model}: {note.note}{scored}")
 
 
@@ -75,9 +88,22 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     print(f"study '{study.name}' from {study.source}{changed} -> {study.output_dir} (code version {code_version()})")
     for step, action in plan(study):
         print(f"  {step:<24} {action}")
-    done: dict[str, Any] = {"study": study.name, "output_dir": str(study.output_dir), "tiny_model_built": False, "prepared": False,
-                            "trained": [], "resumed": [], "kept": [], "chosen": {}, "evaluated": False, "reported": False, "readme": None,
-                            "dry_run": config.dry_run, "pending": [], "pushed": []}
+    done: dict[str, Any] = {
+        "study": study.name,
+        "output_dir": str(study.output_dir),
+        "tiny_model_built": False,
+        "prepared": False,
+        "trained": [],
+        "resumed": [],
+        "kept": [],
+        "chosen": {},
+        "evaluated": False,
+        "reported": False,
+        "readme": None,
+        "dry_run": config.dry_run,
+        "pending": [],
+        "pushed": [],
+    }
     if config.dry_run:
         print_memory_plan(study)
         for line in time_estimate(study, config.assume_tflops):
@@ -93,8 +119,10 @@ def print_memory_plan(study: Study) -> None:
 
     model_config = planning_config(study.model)
     if model_config is None:
-        print(f"  {'memory':<24} not estimated: '{study.model}' is neither a GPT-2 size the kit knows nor a local model "
-              "directory (yet)")
+        print(
+            f"  {'memory':<24} not estimated: '{study.model}' is neither a GPT-2 size the kit knows nor a local model "
+            "directory (yet)"
+        )
         return
     for spec in study.runs:
         print(f"  {'memory ' + spec.name:<24} {plan_line(spec.config, model_config, study.prepare.seq_len)}")
@@ -104,8 +132,11 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
     check_extra_eval_reachable(study)
     check_runs_against_the_base_model(study)
     if not config.print_commands:
-        refuse_slow_cpu_run(config.device, f"the study's pending trainings of {study.model}",
-                            lambda: (base_model_parameters(study), pending_work(study, current_data(study))[1]))
+        refuse_slow_cpu_run(
+            config.device,
+            f"the study's pending trainings of {study.model}",
+            lambda: (base_model_parameters(study), pending_work(study, current_data(study))[1]),
+        )
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
         done["tiny_model_built"] = True
@@ -119,21 +150,30 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
     fingerprint = meta["training_fingerprint"]
 
     # The sweep (every rate, the sweep seeds), then the chosen rate with every seed: a choice reads dev losses only.
-    if not train_phase(study, config, [t for spec in study.runs for t in study.sweep_trainings(spec)], fingerprint, done):
+    if not train_phase(
+        study, config, [t for spec in study.runs for t in study.sweep_trainings(spec)], fingerprint, done
+    ):
         return done
     sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
     for sweep in sweeps.values():
         done["chosen"][sweep.run] = sweep.chosen_lr
         if sweep.at_edge:
-            print(f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid {sweep.learning_rates}; "
-                  "the best rate may lie beyond it: widen the grid.")
+            print(
+                f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid {sweep.learning_rates}; "
+                "the best rate may lie beyond it: widen the grid."
+            )
     chosen = [t for spec in study.runs for t in study.replicate_trainings(spec, sweeps[spec.name].chosen_lr)]
     if not train_phase(study, config, chosen, fingerprint, done):
         return done
 
-    warn_about_stale_runs(study, {training.name for spec in study.runs for training in study.sweep_trainings(spec)} | {t.name for t in chosen})
+    warn_about_stale_runs(
+        study,
+        {training.name for spec in study.runs for training in study.sweep_trainings(spec)} | {t.name for t in chosen},
+    )
     evaluation = eval_inputs(study, meta["fingerprint"], chosen, fingerprint)
-    evaluated = all(is_current(study.results_dir, evaluation, name) for name in ("perplexity.json", "per_response_nll.npz"))
+    evaluated = all(
+        is_current(study.results_dir, evaluation, name) for name in ("perplexity.json", "per_response_nll.npz")
+    )
     # A training trained now always gets scored, even one whose inputs match an earlier evaluation.
     if done["trained"] or not evaluated:
         from studykit.evaluate import evaluate
@@ -144,8 +184,12 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         done["evaluated"] = True
     inputs = report_inputs(study, evaluation, {name: sweep.to_dict() for name, sweep in sweeps.items()})
     if done["evaluated"] or not is_current(study.results_dir, inputs, "results.json", REPORT_INPUTS_FILE):
-        with disk_space_for(study.results_dir, REPORT_BYTES, "the report (results, figures, samples)",
-                            "free some space and run the same study command again (the trained runs are kept)"):
+        with disk_space_for(
+            study.results_dir,
+            REPORT_BYTES,
+            "the report (results, figures, samples)",
+            "free some space and run the same study command again (the trained runs are kept)",
+        ):
             write_report(study, sweeps, fingerprint)
         mark_current(study.results_dir, inputs, REPORT_INPUTS_FILE)
         done["reported"] = True
@@ -153,14 +197,20 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         done["readme"] = str(study.readme) if update_readme(study) else None
     if config.push_to_hub:
         # Last: an upload that fails leaves every result in place, and the sentence says how to upload it by hand.
-        done["pushed"] = push_study(config.push_to_hub, {t.name: Path(t.config.output_dir) for t in chosen}, study.results_dir)
+        done["pushed"] = push_study(
+            config.push_to_hub, {t.name: Path(t.config.output_dir) for t in chosen}, study.results_dir
+        )
     resumed = f" ({len(done['resumed'])} resumed)" if done["resumed"] else ""
-    print(f"\ndone: trained {len(done['trained'])} training(s){resumed}, kept {len(done['kept'])}, evaluated: {done['evaluated']}, "
-          f"report: {study.results_dir / 'results.md'}")
+    print(
+        f"\ndone: trained {len(done['trained'])} training(s){resumed}, kept {len(done['kept'])}, evaluated: {done['evaluated']}, "
+        f"report: {study.results_dir / 'results.md'}"
+    )
     return done
 
 
-def train_phase(study: Study, config: StudyConfig, trainings: list[Training], fingerprint: str, done: dict[str, Any]) -> bool:
+def train_phase(
+    study: Study, config: StudyConfig, trainings: list[Training], fingerprint: str, done: dict[str, Any]
+) -> bool:
     """Train what is not current of one phase; False when they were printed as commands instead (nothing more to do
     until they have run)."""
     pending = []
@@ -194,15 +244,25 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
         return [f"estimate: not made, the base model's size is unknown here ({error})"]
     measured = measured_tokens_per_second(study, meta["training_fingerprint"] if meta else None)
     measured_seconds = sum(count / measured[method] for method, count in tokens.items() if method in measured)
-    lines = [f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed {assumed_tflops:g} "
-             "model TFLOP/s (--assume-tflops)" + (f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
-                                                  f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
-                                                  if measured else "")]
+    lines = [
+        f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed {assumed_tflops:g} "
+        "model TFLOP/s (--assume-tflops)"
+        + (
+            f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
+            f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
+            if measured
+            else ""
+        )
+    ]
     if meta is None and not unknown:
-        lines.append("  (the data is not prepared yet: every sequence counted at full length, so this is an upper bound)")
+        lines.append(
+            "  (the data is not prepared yet: every sequence counted at full length, so this is an upper bound)"
+        )
     if unknown:
-        lines.append(f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the data "
-                     "once, or give [budget] max_steps)")
+        lines.append(
+            f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the data "
+            "once, or give [budget] max_steps)"
+        )
     return lines
 
 
@@ -216,10 +276,16 @@ def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, flo
         sweep = sweep_result(study, spec, fingerprint, adopt=False)
         trainings = study.sweep_trainings(spec)
         if sweep.chosen_lr is None:
-            trainings += [study.training(spec, spec.learning_rates[0], seed) for seed in study.seeds if seed not in study.sweep_seeds]
+            trainings += [
+                study.training(spec, spec.learning_rates[0], seed)
+                for seed in study.seeds
+                if seed not in study.sweep_seeds
+            ]
         else:
             trainings += study.replicate_trainings(spec, sweep.chosen_lr)
-        pending = {t.name for t in trainings if fingerprint is None or not training_is_current(t, fingerprint, adopt=False)}
+        pending = {
+            t.name for t in trainings if fingerprint is None or not training_is_current(t, fingerprint, adopt=False)
+        }
         tokens = training_tokens(spec.config, meta, study.prepare.seq_len)
         if tokens is None:
             unknown.append(spec.name)
@@ -231,7 +297,13 @@ def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, flo
 
 
 def format_hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.0f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )
 
 
 def training_tokens(config: TrainConfig, meta: Optional[dict[str, Any]], seq_len: int) -> Optional[int]:
@@ -252,7 +324,9 @@ def measured_tokens_per_second(study: Study, fingerprint: Optional[str]) -> dict
     for spec in study.runs:
         for lr in spec.learning_rates:
             for seed in study.seeds:
-                record = finished_record(study.training(spec, lr, seed), fingerprint, adopt=False) if fingerprint else None
+                record = (
+                    finished_record(study.training(spec, lr, seed), fingerprint, adopt=False) if fingerprint else None
+                )
                 if record is not None:
                     rates.setdefault(spec.method, []).append(record.tokens_per_second)
     return {method: sum(values) / len(values) for method, values in rates.items()}
@@ -288,7 +362,9 @@ def base_model_config(study: Study, exact_shape: bool = False):
     if study.tiny_model is not None:
         tiny = study.tiny_model
         if exact_shape:
-            return GPT2Config(vocab_size=tiny.vocab_size, n_positions=256, n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=2)
+            return GPT2Config(
+                vocab_size=tiny.vocab_size, n_positions=256, n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=2
+            )
         # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
         return GPT2Config(n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=1)
     known = known_gpt2_config(study.model)
@@ -298,8 +374,10 @@ def base_model_config(study: Study, exact_shape: bool = False):
     try:
         return AutoConfig.from_pretrained(study.model, trust_remote_code=study.runs[0].config.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise UserError(f"could not read a model config from '{study.model}' ({first_line(error)}); set [budget] model to a model "
-                        "directory or hub id (and trust_remote_code = true for a model with its own code).") from None
+        raise UserError(
+            f"could not read a model config from '{study.model}' ({first_line(error)}); set [budget] model to a model "
+            "directory or hub id (and trust_remote_code = true for a model with its own code)."
+        ) from None
 
 
 def check_runs_against_the_base_model(study: Study) -> None:
@@ -330,8 +408,10 @@ def warn_about_stale_runs(study: Study, listed: set[str]) -> None:
         return
     for path in sorted(study.checkpoints_dir.iterdir()):
         if path.is_dir() and path.name not in listed and not path.name.startswith("."):
-            print(f"warning: {path} is not a training of this study (as it now stands); the study ignores it: delete it to free "
-                  "the space.")
+            print(
+                f"warning: {path} is not a training of this study (as it now stands); the study ignores it: delete it to free "
+                "the space."
+            )
 
 
 def parse_study_args(description: str, argv: Optional[Sequence[str]] = None) -> StudyConfig:

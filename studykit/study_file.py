@@ -118,8 +118,9 @@ class Study:
         return self.output_dir / "results"
 
     def training(self, spec: RunSpec, lr: float, seed: int) -> Training:
-        config = dataclasses.replace(spec.config, lr=lr, seed=seed,
-                                     output_dir=str(self.checkpoints_dir / training_name(spec.name, lr, seed)))
+        config = dataclasses.replace(
+            spec.config, lr=lr, seed=seed, output_dir=str(self.checkpoints_dir / training_name(spec.name, lr, seed))
+        )
         return Training(spec.name, spec.method, lr, seed, config)
 
     def sweep_trainings(self, spec: RunSpec) -> list[Training]:
@@ -157,7 +158,9 @@ def _table(settings: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
     return dict(value)
 
 
-def check_stage_settings(values: dict[str, Any], config_cls: type, where: str, source: Path, accepted: Optional[str] = None) -> None:
+def check_stage_settings(
+    values: dict[str, Any], config_cls: type, where: str, source: Path, accepted: Optional[str] = None
+) -> None:
     check_settings(values, field_types(config_cls), f"{where} in {source}", accepted or fields_accepted(config_cls))
 
 
@@ -175,33 +178,49 @@ def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
 def _reject_runner_owned(values: dict[str, Any], owned: set[str], where: str, source: Path) -> None:
     clashing = sorted(owned & set(values))
     if clashing:
-        raise UserError(f"{where} in {source} sets {clashing}, which the runner sets for every run; remove them "
-                        "(use [study] output_dir or --output-dir to move the study, run_study.py --device to choose the device, and "
-                        "--push-to-hub to upload).")
+        raise UserError(
+            f"{where} in {source} sets {clashing}, which the runner sets for every run; remove them "
+            "(use [study] output_dir or --output-dir to move the study, run_study.py --device to choose the device, and "
+            "--push-to-hub to upload)."
+        )
 
 
 def _learning_rates(value: Any, where: str, source: Path) -> list[float]:
     """`lr = 1e-4` or a grid `lr = [1e-5, 3e-5, 1e-4]`: finite numbers above 0, each once; sorted."""
     rates = value if isinstance(value, list) else [value]
-    if not rates or not all(isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
-                            for rate in rates):
-        raise UserError(f"{where} in {source} sets lr = {json.dumps(value)}; write a number above 0 or a list of them, "
-                        "e.g. lr = [1e-4, 3e-4, 1e-3].")
+    if not rates or not all(
+        isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+        for rate in rates
+    ):
+        raise UserError(
+            f"{where} in {source} sets lr = {json.dumps(value)}; write a number above 0 or a list of them, "
+            "e.g. lr = [1e-4, 3e-4, 1e-3]."
+        )
     if len(set(rates)) != len(rates):
         raise UserError(f"{where} in {source} lists a learning rate twice ({json.dumps(value)}); list each rate once.")
     return sorted(float(rate) for rate in rates)
 
 
-def _seeds(budget: dict[str, Any], source: Path, seeds_override: Optional[Sequence[int]]) -> tuple[list[int], list[int]]:
+def _seeds(
+    budget: dict[str, Any], source: Path, seeds_override: Optional[Sequence[int]]
+) -> tuple[list[int], list[int]]:
     """[budget] seeds and sweep_seeds (or a single `seed`); --seeds replaces the study file's seeds."""
     for key in SEED_KEYS:
         value = budget.get(key)
-        if value is not None and not (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-                                      and len(set(value)) == len(value)):
-            raise UserError(f"[budget] in {source} sets {key} = {json.dumps(value)}; write a list of different whole numbers, "
-                            f"e.g. {key} = [0, 1, 2].")
+        if value is not None and not (
+            isinstance(value, list)
+            and value
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+            and len(set(value)) == len(value)
+        ):
+            raise UserError(
+                f"[budget] in {source} sets {key} = {json.dumps(value)}; write a list of different whole numbers, "
+                f"e.g. {key} = [0, 1, 2]."
+            )
     if "seeds" in budget and "seed" in budget:
-        raise UserError(f"[budget] in {source} sets both seed and seeds; keep seeds (every run is trained with each of them).")
+        raise UserError(
+            f"[budget] in {source} sets both seed and seeds; keep seeds (every run is trained with each of them)."
+        )
     seeds = list(seeds_override or budget.pop("seeds", None) or [budget.pop("seed", TrainConfig.seed)])
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds lists a seed twice ({seeds}); list each seed once.")
@@ -209,14 +228,21 @@ def _seeds(budget: dict[str, Any], source: Path, seeds_override: Optional[Sequen
     if sweep_seeds is None or (seeds_override and not set(sweep_seeds) <= set(seeds)):
         sweep_seeds = seeds[:1]
     if not set(sweep_seeds) <= set(seeds):
-        raise UserError(f"[budget] in {source} sets sweep_seeds = {sweep_seeds}, not all of them among seeds = {seeds}; "
-                        "sweep with some of the seeds every run is trained with.")
+        raise UserError(
+            f"[budget] in {source} sets sweep_seeds = {sweep_seeds}, not all of them among seeds = {seeds}; "
+            "sweep with some of the seeds every run is trained with."
+        )
     budget.pop("seeds", None)
     return seeds, list(sweep_seeds)
 
 
-def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[str] = None,
-               seeds: Optional[Sequence[int]] = None, overrides: Sequence[str] = ()) -> Study:
+def load_study(
+    path: Path,
+    output_dir: Optional[str] = None,
+    readme: Optional[str] = None,
+    seeds: Optional[Sequence[int]] = None,
+    overrides: Sequence[str] = (),
+) -> Study:
     """Stage configs for every step of the study: [data] -> prepare, [budget] + [[runs]] -> training, [eval].
     The whole file is checked here, with --set's `overrides` applied, before any step runs: a mistake in the last run
     must not surface after the first runs have trained."""
@@ -231,18 +257,35 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     if unknown:
         raise UserError(f"{source} has unknown table(s) {unknown}; a study file has {sorted(STUDY_TABLES)}.")
     header = _table(settings, "study", source)
-    check_settings(header, {key: (kind, None) for key, kind in STUDY_HEADER_TYPES.items()}, f"[study] in {source}",
-                   f"the keys {sorted(STUDY_HEADER_TYPES)}")
+    check_settings(
+        header,
+        {key: (kind, None) for key, kind in STUDY_HEADER_TYPES.items()},
+        f"[study] in {source}",
+        f"the keys {sorted(STUDY_HEADER_TYPES)}",
+    )
     name = header.get("name", Path(path).stem)
     root = Path(output_dir) if output_dir else repo_path(header.get("output_dir", f"runs/{name}"))
-    readme_path = None if readme == "" else Path(readme) if readme else repo_path(header["readme"]) if header.get("readme") else None
+    readme_path = (
+        None
+        if readme == ""
+        else Path(readme)
+        if readme
+        else repo_path(header["readme"])
+        if header.get("readme")
+        else None
+    )
 
     budget = _table(settings, "budget", source)
     study_seeds, sweep_seeds = _seeds(budget, source, seeds)
     budget_rates = _learning_rates(budget.pop("lr"), "[budget]", source) if "lr" in budget else None
     # LoRA settings may sit in [budget] when every run is a LoRA run; _run_spec refuses them for a full run.
-    check_stage_settings(budget, LoraTrainConfig, "[budget]", source, "fields of TrainConfig or LoraTrainConfig (the training flags with _ for -)"
-                         f", or {' or '.join(SEED_KEYS)}")
+    check_stage_settings(
+        budget,
+        LoraTrainConfig,
+        "[budget]",
+        source,
+        f"fields of TrainConfig or LoraTrainConfig (the training flags with _ for -), or {' or '.join(SEED_KEYS)}",
+    )
     _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", source)
     tiny_model = None
     if "tiny_model" in settings:
@@ -265,8 +308,12 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     if data.get("data_file"):
         data["data_file"] = str(repo_path(data["data_file"]))
     # The runner decides whether the data is current; a dataset it prepares replaces the one made from older inputs.
-    prepare = _build(PrepareConfig, {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed"), "overwrite": True},
-                     "[data]", source)
+    prepare = _build(
+        PrepareConfig,
+        {**data, "tokenizer": tokenizer, "output_dir": str(root / "processed"), "overwrite": True},
+        "[data]",
+        source,
+    )
 
     entries = settings.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
@@ -278,8 +325,9 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
         try:
             check_packing_context(spec.config.packing, prepare.context)
         except UserError as error:
-            raise UserError(f"run '{spec.name}' in {source} with [data] context = \"{prepare.context}\": "
-                            f"{error}") from None
+            raise UserError(
+                f"run '{spec.name}' in {source} with [data] context = \"{prepare.context}\": {error}"
+            ) from None
     names = [spec.name for spec in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{source} names a run twice ({names}); give every [[runs]] entry its own name.")
@@ -289,13 +337,38 @@ def load_study(path: Path, output_dir: Optional[str] = None, readme: Optional[st
     check_stage_settings(evaluation, EvalConfig, "[eval]", source)
     if evaluation.get("extra_eval") and repo_path(evaluation["extra_eval"]).is_file():
         evaluation["extra_eval"] = str(repo_path(evaluation["extra_eval"]))
-    eval_config = _build(EvalConfig, {**evaluation, "model": model, "tokenizer": budget.get("tokenizer"), "data_dir": str(root / "processed"),
-                                      "checkpoints": str(root / "checkpoints"), "output_dir": str(root / "results")}, "[eval]", source)
+    eval_config = _build(
+        EvalConfig,
+        {
+            **evaluation,
+            "model": model,
+            "tokenizer": budget.get("tokenizer"),
+            "data_dir": str(root / "processed"),
+            "checkpoints": str(root / "checkpoints"),
+            "output_dir": str(root / "results"),
+        },
+        "[eval]",
+        source,
+    )
     report_settings = _table(settings, "report", source)
     check_stage_settings(report_settings, ReportConfig, "[report]", source)
     report_config = _build(ReportConfig, report_settings, "[report]", source)
-    return Study(name, Path(path), settings, root, model, tiny_model, prepare, runs, eval_config, report_config, readme_path,
-                 study_seeds, sweep_seeds, list(overrides))
+    return Study(
+        name,
+        Path(path),
+        settings,
+        root,
+        model,
+        tiny_model,
+        prepare,
+        runs,
+        eval_config,
+        report_config,
+        readme_path,
+        study_seeds,
+        sweep_seeds,
+        list(overrides),
+    )
 
 
 def toml_value(text: str) -> Any:
@@ -316,49 +389,64 @@ def apply_overrides(settings: dict[str, Any], overrides: Sequence[str], path: Pa
         address, equals, text = override.partition("=")
         keys = address.strip().split(".")
         if not equals or not all(keys):
-            raise UserError(f"--set {override} is not TABLE.KEY=VALUE; write e.g. --set budget.lr=1e-4 or --set runs.NAME.rank=16.")
+            raise UserError(
+                f"--set {override} is not TABLE.KEY=VALUE; write e.g. --set budget.lr=1e-4 or --set runs.NAME.rank=16."
+            )
         value = toml_value(text.strip())
         if keys[0] == "runs":
             runs = [entry for entry in settings.get("runs", []) if isinstance(entry, dict)]
             named = [entry for entry in runs if len(keys) == 3 and entry.get("name") == keys[1]]
             if not named:
-                raise UserError(f"--set {override} names no run of {path}: write runs.NAME.KEY=VALUE with NAME one of "
-                                f"{[entry.get('name') for entry in runs]}.")
+                raise UserError(
+                    f"--set {override} names no run of {path}: write runs.NAME.KEY=VALUE with NAME one of "
+                    f"{[entry.get('name') for entry in runs]}."
+                )
             named[0][keys[2]] = value
             continue
         if keys[0] not in tables or len(keys) != 2:
-            raise UserError(f"--set {override} names no setting of a study file: write TABLE.KEY=VALUE with TABLE one of {tables}, "
-                            "or runs.NAME.KEY=VALUE.")
+            raise UserError(
+                f"--set {override} names no setting of a study file: write TABLE.KEY=VALUE with TABLE one of {tables}, "
+                "or runs.NAME.KEY=VALUE."
+            )
         table = settings.setdefault(keys[0], {})
         if not isinstance(table, dict):
             raise UserError(f"[{keys[0]}] in {path} must be a table of settings; see studies/default.toml.")
         table[keys[1]] = value
 
 
-def _run_spec(entry: dict[str, Any], budget: dict[str, Any], budget_rates: Optional[list[float]], root: Path,
-              source: Path) -> RunSpec:
+def _run_spec(
+    entry: dict[str, Any], budget: dict[str, Any], budget_rates: Optional[list[float]], root: Path, source: Path
+) -> RunSpec:
     entry = dict(entry)
     name, method = str(entry.pop("name", "")), entry.pop("method", None)
     if not RUN_NAME.fullmatch(name) or "__" in name:
-        raise UserError(f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . - "
-                        "(without a double underscore, which separates a training's run, rate and seed).")
+        raise UserError(
+            f"a [[runs]] entry in {source} has no usable name ('{name}'); give it a name of letters, digits, _ . - "
+            "(without a double underscore, which separates a training's run, rate and seed)."
+        )
     if not isinstance(method, str) or method not in METHODS:
         raise UserError(f"run '{name}' in {source} has method {method!r}; use one of {sorted(METHODS)}.")
     config_cls = METHODS[method].config_class
     shared = sorted(SHARED_BY_ALL_RUNS & set(entry))
     if shared:
-        raise UserError(f"run '{name}' in {source} sets {shared}, but the runs of a study are compared on one base model and one "
-                        f"tokenization; set {' and '.join(shared)} once for the whole study in [budget] (or build a [tiny_model]).")
+        raise UserError(
+            f"run '{name}' in {source} sets {shared}, but the runs of a study are compared on one base model and one "
+            f"tokenization; set {' and '.join(shared)} once for the whole study in [budget] (or build a [tiny_model])."
+        )
     if "seed" in entry or any(key in entry for key in SEED_KEYS):
-        raise UserError(f"run '{name}' in {source} sets its own seed, but every run is trained with the study's seeds (the same "
-                        "data order per seed for every method); set [budget] seeds instead.")
+        raise UserError(
+            f"run '{name}' in {source} sets its own seed, but every run is trained with the study's seeds (the same "
+            "data order per seed for every method); set [budget] seeds instead."
+        )
     _reject_runner_owned(entry, RUNNER_OWNED, f"run '{name}'", source)
     rates = _learning_rates(entry.pop("lr"), f"run '{name}'", source) if "lr" in entry else budget_rates
     check_stage_settings(entry, config_cls, f"run '{name}'", source)
     not_taken = sorted(set(budget) - set(field_types(config_cls)))
     if not_taken:
-        raise UserError(f"[budget] in {source} sets {not_taken}, which run '{name}' (method '{method}') does not take; "
-                        "set them in the [[runs]] entries that use them.")
+        raise UserError(
+            f"[budget] in {source} sets {not_taken}, which run '{name}' (method '{method}') does not take; "
+            "set them in the [[runs]] entries that use them."
+        )
     values = {**budget, **entry, "output_dir": str(root / "checkpoints" / name), "data_dir": str(root / "processed")}
     if rates:
         values["lr"] = rates[0]

@@ -57,8 +57,10 @@ def train_in_fresh_process(training: Training, config: TrainConfig) -> None:
             pool.submit(train_run, config).result()
         except Interrupted as stopped:
             # The trainer's advice (--resume) is for its own command; the study resumes by itself.
-            error = UserError(f"{training.name}: training stopped by {stopped.signal_name} after step {stopped.step} and saved a "
-                              "resumable checkpoint; run the same study command again to continue it.")
+            error = UserError(
+                f"{training.name}: training stopped by {stopped.signal_name} after step {stopped.step} and saved a "
+                "resumable checkpoint; run the same study command again to continue it."
+            )
             error.exit_code = stopped.exit_code
             raise error from None
 
@@ -115,7 +117,9 @@ class DeviceScheduler:
     """Runs trainings side by side, one per device: a device takes the next pending training as soon as its own ends.
     `start(training, device)` launches one and returns its process."""
 
-    def __init__(self, devices: Sequence[str], start: Callable[[Training, str], Any], poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(
+        self, devices: Sequence[str], start: Callable[[Training, str], Any], poll_seconds: float = POLL_SECONDS
+    ) -> None:
         if not devices:
             raise ValueError("the scheduler needs at least one device")
         self.devices, self.start, self.poll_seconds = list(devices), start, poll_seconds
@@ -140,7 +144,9 @@ class DeviceScheduler:
         return failed
 
 
-def run_trainings(trainings: Sequence[Training], training_fingerprint: str, study_config: StudyConfig) -> dict[str, bool]:
+def run_trainings(
+    trainings: Sequence[Training], training_fingerprint: str, study_config: StudyConfig
+) -> dict[str, bool]:
     """Train every given training where --gpus / --launcher say; returns, for each, whether it was resumed."""
     devices = visible_gpus(study_config.gpus)
     if devices or study_config.launcher == "accelerate":
@@ -148,8 +154,11 @@ def run_trainings(trainings: Sequence[Training], training_fingerprint: str, stud
     resumed = {}
     for training in trainings:
         config, checkpoint = how_to_start(training, training_fingerprint)
-        print(f"\n=== training {training.name}" + (f": resuming the unfinished training from {checkpoint.name}" if checkpoint else "")
-              + " ===")
+        print(
+            f"\n=== training {training.name}"
+            + (f": resuming the unfinished training from {checkpoint.name}" if checkpoint else "")
+            + " ==="
+        )
         if checkpoint is None:
             mark_started(training, training_fingerprint)
         try:
@@ -163,8 +172,9 @@ def run_trainings(trainings: Sequence[Training], training_fingerprint: str, stud
     return resumed
 
 
-def run_as_commands(trainings: Sequence[Training], training_fingerprint: str, study_config: StudyConfig,
-                    devices: list[str]) -> dict[str, bool]:
+def run_as_commands(
+    trainings: Sequence[Training], training_fingerprint: str, study_config: StudyConfig, devices: list[str]
+) -> dict[str, bool]:
     """Each training as its own command: side by side on `devices` (one each), or one after the other under accelerate
     launch with all the devices. A failed training is named with the last line it printed."""
     logs = Path(trainings[0].config.output_dir).parent / ".logs" if trainings else None
@@ -182,7 +192,9 @@ def run_as_commands(trainings: Sequence[Training], training_fingerprint: str, st
             environment["CUDA_VISIBLE_DEVICES"] = device
         logs.mkdir(parents=True, exist_ok=True)
         log = open(logs / f"{training.name}.log", "w", encoding="utf-8")
-        print(f"=== training {training.name}" + (f" on GPU {device}" if device is not None else "") + f"; log: {log.name}")
+        print(
+            f"=== training {training.name}" + (f" on GPU {device}" if device is not None else "") + f"; log: {log.name}"
+        )
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=REPO_ROOT)
 
     if devices and study_config.launcher != "accelerate":
@@ -192,13 +204,19 @@ def run_as_commands(trainings: Sequence[Training], training_fingerprint: str, st
         failed = [(training, code) for training in trainings if (code := start(training, all_devices).wait()) != 0]
     if failed:
         training, code = failed[0]
-        raise UserError(f"{len(failed)} training(s) failed, first {training.name} (exit status {code}: "
-                        f"{last_line(logs / f'{training.name}.log')}); fix the cause and run the same study command again.")
+        raise UserError(
+            f"{len(failed)} training(s) failed, first {training.name} (exit status {code}: "
+            f"{last_line(logs / f'{training.name}.log')}); fix the cause and run the same study command again."
+        )
     return resumed
 
 
 def last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()] if path.exists() else []
+    lines = (
+        [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
     return lines[-1].strip() if lines else "no output"
 
 

@@ -73,24 +73,44 @@ def tiny_model_inputs(study: Study) -> dict[str, Any]:
 
 
 def prepare_inputs(study: Study) -> dict[str, Any]:
-    prepare = {key: value for key, value in config_to_dict(study.prepare).items() if key not in ("output_dir", "overwrite")}
+    prepare = {
+        key: value for key, value in config_to_dict(study.prepare).items() if key not in ("output_dir", "overwrite")
+    }
     return {"prepare": prepare, "tiny_model": _tiny_model(study), "code": stage_code_version("studykit.prepare")}
 
 
 def training_inputs(training: Training, training_fingerprint: str) -> dict[str, Any]:
     """What a training's result depends on: its method and settings, the train and dev splits, the training code."""
-    return {"method": training.method, "config": outcome_settings(training.config), "data_fingerprint": training_fingerprint,
-            "code": stage_code_version("studykit.trainer")}
+    return {
+        "method": training.method,
+        "config": outcome_settings(training.config),
+        "data_fingerprint": training_fingerprint,
+        "code": stage_code_version("studykit.trainer"),
+    }
 
 
-def eval_inputs(study: Study, data_fingerprint: str, trainings: list[Training], training_fingerprint: str) -> dict[str, Any]:
-    return {"eval": outcome_settings(study.eval), "trainings": {t.name: digest(training_inputs(t, training_fingerprint)) for t in trainings},
-            "data_fingerprint": data_fingerprint, "code": stage_code_version("studykit.evaluate")}
+def eval_inputs(
+    study: Study, data_fingerprint: str, trainings: list[Training], training_fingerprint: str
+) -> dict[str, Any]:
+    return {
+        "eval": outcome_settings(study.eval),
+        "trainings": {t.name: digest(training_inputs(t, training_fingerprint)) for t in trainings},
+        "data_fingerprint": data_fingerprint,
+        "code": stage_code_version("studykit.evaluate"),
+    }
 
 
 def report_inputs(study: Study, evaluation: dict[str, Any], sweeps: dict[str, Any]) -> dict[str, Any]:
-    return {"eval": digest(evaluation), "sweeps": sweeps, "report": config_to_dict(study.report), "study": study.settings,
-            "overrides": study.overrides, "seeds": study.seeds, "sweep_seeds": study.sweep_seeds, "code": stage_code_version("studykit.report")}
+    return {
+        "eval": digest(evaluation),
+        "sweeps": sweeps,
+        "report": config_to_dict(study.report),
+        "study": study.settings,
+        "overrides": study.overrides,
+        "seeds": study.seeds,
+        "sweep_seeds": study.sweep_seeds,
+        "code": stage_code_version("studykit.report"),
+    }
 
 
 def current_data(study: Study) -> Optional[dict[str, Any]]:
@@ -117,8 +137,12 @@ def training_is_current(training: Training, training_fingerprint: str, adopt: bo
     expected = dict(inputs["config"])
     if expected.get("pad_to_multiple_of") is None:
         expected["pad_to_multiple_of"] = resolve_pad_multiple(None, record.device.split(":")[0])
-    matches = (record.method == training.method and outcome_settings(record.config) == expected
-               and record.training_data_fingerprint == training_fingerprint and record.train_code_version == inputs["code"])
+    matches = (
+        record.method == training.method
+        and outcome_settings(record.config) == expected
+        and record.training_data_fingerprint == training_fingerprint
+        and record.train_code_version == inputs["code"]
+    )
     if matches and adopt:
         mark_current(run_dir, inputs)
     return matches
@@ -152,9 +176,16 @@ class SweepResult:
     at_edge: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run, "learning_rates": self.learning_rates, "dev_loss": {repr(lr): loss for lr, loss in self.dev_losses.items()},
-                "dev_perplexity": {repr(lr): (math.exp(loss) if loss is not None else None) for lr, loss in self.dev_losses.items()},
-                "chosen_lr": self.chosen_lr, "at_edge": self.at_edge}
+        return {
+            "run": self.run,
+            "learning_rates": self.learning_rates,
+            "dev_loss": {repr(lr): loss for lr, loss in self.dev_losses.items()},
+            "dev_perplexity": {
+                repr(lr): (math.exp(loss) if loss is not None else None) for lr, loss in self.dev_losses.items()
+            },
+            "chosen_lr": self.chosen_lr,
+            "at_edge": self.at_edge,
+        }
 
 
 def sweep_result(study: Study, spec: RunSpec, training_fingerprint: Optional[str], adopt: bool = True) -> SweepResult:
@@ -175,8 +206,10 @@ def sweep_result(study: Study, spec: RunSpec, training_fingerprint: Optional[str
         return SweepResult(spec.name, spec.learning_rates, dev_losses, pending, None, False)
     finite = {lr: loss for lr, loss in dev_losses.items() if loss is not None}
     if not finite:
-        raise UserError(f"every learning rate of run '{spec.name}' ({spec.learning_rates}) ended with a non-finite dev loss; "
-                        f"lower the grid in {study.source}.")
+        raise UserError(
+            f"every learning rate of run '{spec.name}' ({spec.learning_rates}) ended with a non-finite dev loss; "
+            f"lower the grid in {study.source}."
+        )
     chosen = min(finite, key=finite.get)
     at_edge = chosen in (spec.learning_rates[0], spec.learning_rates[-1])
     return SweepResult(spec.name, spec.learning_rates, dev_losses, [], chosen, at_edge)
@@ -199,22 +232,38 @@ def plan(study: Study) -> list[tuple[str, str]]:
     steps.append(("prepare", f"keep (fingerprint {meta['fingerprint']})" if meta else f"prepare {study.data_dir}"))
     for spec in study.runs:
         sweep = sweep_result(study, spec, fingerprint, adopt=False)
-        trainings = study.sweep_trainings(spec) if sweep.chosen_lr is None else study.replicate_trainings(spec, sweep.chosen_lr)
+        trainings = (
+            study.sweep_trainings(spec) if sweep.chosen_lr is None else study.replicate_trainings(spec, sweep.chosen_lr)
+        )
         actions = [training_action(training, fingerprint) for training in trainings]  # records nothing
         to_train = [training.name for training, action in zip(trainings, actions) if action != "keep"]
         label = f"run {spec.name}"
         if sweep.chosen_lr is None:
             later = len(study.seeds) - len(study.sweep_seeds)
-            steps.append((label, f"sweep lr {[lr_label(lr) for lr in spec.learning_rates]} with seed(s) {study.sweep_seeds}: train {len(to_train)} of "
-                                 f"{len(trainings)}; then {later} more at the rate with the lowest dev loss"))
+            steps.append(
+                (
+                    label,
+                    f"sweep lr {[lr_label(lr) for lr in spec.learning_rates]} with seed(s) {study.sweep_seeds}: train {len(to_train)} of "
+                    f"{len(trainings)}; then {later} more at the rate with the lowest dev loss",
+                )
+            )
         else:
-            chosen = f"lr {sweep.chosen_lr:g}" + (" (chosen on dev; at the grid's edge)" if sweep.at_edge else " (chosen on dev)"
-                                                  if spec.sweeps else "")
-            steps.append((label, f"{chosen}, seeds {study.seeds}: " + (f"train {len(to_train)} of {len(trainings)}" if to_train else "keep")))
+            chosen = f"lr {sweep.chosen_lr:g}" + (
+                " (chosen on dev; at the grid's edge)" if sweep.at_edge else " (chosen on dev)" if spec.sweeps else ""
+            )
+            steps.append(
+                (
+                    label,
+                    f"{chosen}, seeds {study.seeds}: "
+                    + (f"train {len(to_train)} of {len(trainings)}" if to_train else "keep"),
+                )
+            )
         for training, action in zip(trainings, actions):
             if action != "keep":
                 steps.append((f"  {training.name}", action))
-    steps.append(("evaluate", f"score base + the chosen trainings on the test split -> {study.results_dir} (unless current)"))
+    steps.append(
+        ("evaluate", f"score base + the chosen trainings on the test split -> {study.results_dir} (unless current)")
+    )
     steps.append(("report", "results.json, results.md, figures, samples.md (unless current)"))
     steps.append(("README", f"rewrite the results block of {study.readme}" if study.readme else "leave alone"))
     return steps
@@ -226,4 +275,8 @@ def training_action(training: Training, fingerprint: Optional[str]) -> str:
     if training_is_current(training, fingerprint, adopt=False):
         return "keep"
     checkpoint = resumable_training(training, fingerprint)
-    return f"resume the unfinished training from {checkpoint.name}" if checkpoint else f"train {training.method} -> {training.config.output_dir}"
+    return (
+        f"resume the unfinished training from {checkpoint.name}"
+        if checkpoint
+        else f"train {training.method} -> {training.config.output_dir}"
+    )

@@ -52,8 +52,13 @@ def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int):
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"])
-    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                             unk_token="<|endoftext|>", model_max_length=256)
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=256,
+    )
 
 
 def tiny_gpt2(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: int, seed: int):
@@ -63,13 +68,27 @@ def tiny_gpt2(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: in
     if n_embd % n_head:
         raise UserError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}); choose sizes that divide.")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return GPT2LMHeadModel(config)
 
 
-def build_tiny_gpt2(output_dir: Path, tokenizer, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
-                    n_positions: int = 256, seed: int = 0) -> Path:
+def build_tiny_gpt2(
+    output_dir: Path,
+    tokenizer,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 2,
+    n_positions: int = 256,
+    seed: int = 0,
+) -> Path:
     model = tiny_gpt2(tokenizer, n_layer, n_embd, n_head, n_positions, seed)
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as staging:
@@ -122,8 +141,9 @@ def read_paragraphs(text_file: Path) -> list[str]:
     try:
         text = text_file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{text_file} does not exist; pass a plain text file, such as data/sample/general_text.txt.") \
-            from None
+        raise UserError(
+            f"{text_file} does not exist; pass a plain text file, such as data/sample/general_text.txt."
+        ) from None
     except UnicodeDecodeError:
         raise UserError(f"{text_file} is not UTF-8 text; pass a plain text file.") from None
     paragraphs = [block.strip() for block in BLANK_LINE.split(text) if block.strip()]
@@ -189,8 +209,9 @@ def shuffled_batches(blocks: int, batch_size: int, seed: int) -> Iterator[list[i
         order = order[batch_size:]
 
 
-def pretrain(model, blocks: Sequence[Sequence[int]], steps: int, batch_size: int, peak_lr: float, seed: int,
-             pad_token_id: int) -> Optional[float]:
+def pretrain(
+    model, blocks: Sequence[Sequence[int]], steps: int, batch_size: int, peak_lr: float, seed: int, pad_token_id: int
+) -> Optional[float]:
     """`steps` AdamW updates on batches of blocks, with dropout off (see dropout_off); returns the last step's mean
     NLL per predicted token (None for 0 steps)."""
     if steps == 0:
@@ -219,8 +240,9 @@ def heldout_perplexity(model, paragraphs: Sequence[str], tokenizer, block_size: 
     return perplexity(float(scores.nll_sums.sum()), int(scores.token_counts.sum()))
 
 
-def check_pretraining_settings(pretrain_steps: int, block_size: int, batch_size: int, lr: float,
-                               n_positions: int) -> None:
+def check_pretraining_settings(
+    pretrain_steps: int, block_size: int, batch_size: int, lr: float, n_positions: int
+) -> None:
     if pretrain_steps < 0:
         raise UserError(f"pretrain_steps must be at least 0 (got {pretrain_steps}); 0 keeps the random model.")
     if not 2 <= block_size <= n_positions:
@@ -233,10 +255,22 @@ def check_pretraining_settings(pretrain_steps: int, block_size: int, batch_size:
 # blocks of 128 tokens (about 10 passes over the text) take 15-25 s and bring held-out perplexity from ~520 to 47-49
 # (seeds 0, 1, 2, 42). lr 1e-3, 2e-3 and 5e-3 reached 56, 48 and 76. 4 layers of 128 reached 48 in 70 s (training
 # loss 3.2 against 3.6: the 41k tokens of text, not the model's size, are the limit).
-def build_pretrained_tiny_gpt2(output_dir: Path, oasst_file: Path, general_text_file: Path, vocab_size: int,
-                               n_layer: int, n_embd: int, pretrain_steps: int, block_size: int = 128,
-                               lr: float = 3e-3, seed: int = 0, heldout_text_file: Optional[Path] = None,
-                               batch_size: int = 8, n_head: int = 2, n_positions: int = 256) -> TinyModelNote:
+def build_pretrained_tiny_gpt2(
+    output_dir: Path,
+    oasst_file: Path,
+    general_text_file: Path,
+    vocab_size: int,
+    n_layer: int,
+    n_embd: int,
+    pretrain_steps: int,
+    block_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    heldout_text_file: Optional[Path] = None,
+    batch_size: int = 8,
+    n_head: int = 2,
+    n_positions: int = 256,
+) -> TinyModelNote:
     """The quick preset's base model, saved to `output_dir` in one rename: a byte-level tokenizer trained on the
     OASST sample's texts and the general text, a tiny GPT-2 (seeded), then `pretrain_steps` steps on the general
     text alone (0: the random model). The held-out text, if given, is scored before and after and never trained on.
@@ -249,8 +283,10 @@ def build_pretrained_tiny_gpt2(output_dir: Path, oasst_file: Path, general_text_
     model = tiny_gpt2(tokenizer, n_layer, n_embd, n_head, n_positions, seed)
     blocks = training_blocks(general_paragraphs, tokenizer, block_size)
     if not blocks:
-        raise UserError(f"{general_text_file} is shorter than one block of {block_size} tokens; "
-                        "pass a longer text or a smaller block_size.")
+        raise UserError(
+            f"{general_text_file} is shorter than one block of {block_size} tokens; "
+            "pass a longer text or a smaller block_size."
+        )
 
     def score_heldout() -> Optional[float]:
         return heldout_perplexity(model, heldout_paragraphs, tokenizer, block_size) if heldout_paragraphs else None
@@ -262,16 +298,35 @@ def build_pretrained_tiny_gpt2(output_dir: Path, oasst_file: Path, general_text_
     general_text_file = Path(general_text_file)
     heldout_name = Path(heldout_text_file).name if heldout_text_file is not None else None
     note = TinyModelNote(
-        note=(f"tiny GPT-2 pre-trained for {pretrain_steps} steps on {general_text_file.name}" if pretrain_steps
-              else "randomly initialised tiny GPT-2 (pretrain_steps 0)"),
-        general_text=general_text_file.name, general_text_sha256=file_sha256(general_text_file),
-        oasst_file=Path(oasst_file).name, oasst_file_sha256=file_sha256(oasst_file),
-        heldout_text=heldout_name, heldout_text_sha256=file_sha256(heldout_text_file) if heldout_name else None,
-        vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, seed=seed,
-        pretrain_steps=pretrain_steps, block_size=block_size, batch_size=batch_size, lr=lr, lr_schedule=LR_SCHEDULE,
-        training_blocks=len(blocks), final_training_loss=final_loss,
-        heldout_perplexity_before=heldout_before, heldout_perplexity_after=score_heldout(),
-        pretrain_seconds=round(pretrain_seconds, 2), build_seconds=0.0)
+        note=(
+            f"tiny GPT-2 pre-trained for {pretrain_steps} steps on {general_text_file.name}"
+            if pretrain_steps
+            else "randomly initialised tiny GPT-2 (pretrain_steps 0)"
+        ),
+        general_text=general_text_file.name,
+        general_text_sha256=file_sha256(general_text_file),
+        oasst_file=Path(oasst_file).name,
+        oasst_file_sha256=file_sha256(oasst_file),
+        heldout_text=heldout_name,
+        heldout_text_sha256=file_sha256(heldout_text_file) if heldout_name else None,
+        vocab_size=len(tokenizer),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        seed=seed,
+        pretrain_steps=pretrain_steps,
+        block_size=block_size,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=LR_SCHEDULE,
+        training_blocks=len(blocks),
+        final_training_loss=final_loss,
+        heldout_perplexity_before=heldout_before,
+        heldout_perplexity_after=score_heldout(),
+        pretrain_seconds=round(pretrain_seconds, 2),
+        build_seconds=0.0,
+    )
     with atomic_directory(Path(output_dir)) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

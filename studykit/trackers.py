@@ -20,7 +20,11 @@ from studykit.io import DamagedFile, atomic_write_json, read_json
 from studykit.run_dir import TENSORBOARD_DIRECTORY, TRACKER_RUN_FILE
 
 # The import name each tracker needs and the package pip installs it from.
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
 # W&B's project and MLflow's experiment: every run of the kit in one place, each under its output directory's name.
 # TensorBoard names its run directory after the run instead (tensorboard/<run name>/).
 PROJECT = "studykit"
@@ -32,7 +36,9 @@ def check_tracker_installed(report_to: str) -> None:
         return
     module, package = TRACKER_PACKAGES[report_to]
     if importlib.util.find_spec(module) is None:
-        raise UserError(f"--report-to {report_to} needs the {package} package; `pip install {package}`, or pass --report-to none.")
+        raise UserError(
+            f"--report-to {report_to} needs the {package} package; `pip install {package}`, or pass --report-to none."
+        )
 
 
 def accelerator_tracking(report_to: str, output_dir: Path) -> dict[str, Any]:
@@ -69,22 +75,29 @@ def init_kwargs(run: dict[str, str], output_dir: Path, resumed_at_step: int) -> 
     if tracker == "wandb":
         return {"wandb": {"id": run["run_id"], "resume": "allow", "name": run["run_name"], "dir": str(output_dir)}}
     if tracker == "mlflow":
-        return {"mlflow": {"run_id": run["mlflow_run_id"]} if run.get("mlflow_run_id") else {"run_name": run["run_name"]}}
+        return {
+            "mlflow": {"run_id": run["mlflow_run_id"]} if run.get("mlflow_run_id") else {"run_name": run["run_name"]}
+        }
     return {}
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """The config as every tracker takes hyperparameters: numbers, strings and booleans (a list becomes its JSON text;
     an unset option is left out)."""
-    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value) for key, value in config.items()
-            if value is not None}
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        for key, value in config.items()
+        if value is not None
+    }
 
 
 class Trackers:
     """The run's tracker, a context manager: `log` every log.jsonl entry; it finishes however the run ends (an
     interrupt, an error), so its files are flushed. With --report-to none it does nothing at all."""
 
-    def __init__(self, accelerator, report_to: str, output_dir: Path, config: dict[str, Any], resumed_at_step: int) -> None:
+    def __init__(
+        self, accelerator, report_to: str, output_dir: Path, config: dict[str, Any], resumed_at_step: int
+    ) -> None:
         self.accelerator, self.enabled = accelerator, report_to != "none"
         if not self.enabled:
             return
@@ -93,8 +106,11 @@ class Trackers:
         project = run["run_name"] if report_to == "tensorboard" else PROJECT
         # Hyperparameters are stored once, when the tracker run starts: MLflow refuses to change a logged parameter, and
         # what a resume may change (the micro-batch split) is in train_config.json.
-        accelerator.init_trackers(project, config=hyperparameters(config) if new else None,
-                                  init_kwargs=init_kwargs(run, output_dir, resumed_at_step))
+        accelerator.init_trackers(
+            project,
+            config=hyperparameters(config) if new else None,
+            init_kwargs=init_kwargs(run, output_dir, resumed_at_step),
+        )
         if accelerator.is_main_process:
             if report_to == "mlflow":
                 run["mlflow_run_id"] = accelerator.get_tracker("mlflow").active_run.info.run_id

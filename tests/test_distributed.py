@@ -26,11 +26,30 @@ def free_port() -> int:
 
 
 def accelerate_launch(script: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(REPO_ROOT / script), *map(str, args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(DDP_CONFIG),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(REPO_ROOT / script),
+        *map(str, args),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"accelerate launch exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"accelerate launch exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -40,13 +59,29 @@ def runs(tmp_path_factory, gpt2_tokenizer, processed_dir):
     # No dropout: each process draws its own masks, so only a deterministic model can match exactly.
     model = build_tiny_model(root / "model", gpt2_tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     common = ["--model", model, "--data-dir", processed_dir, *BUDGET]
-    single = run_script("training/train_full_ft.py", *common, "--output-dir", root / "single", "--batch-size", "4", "--grad-accum", "1")
-    ddp = accelerate_launch("training/train_full_ft.py", *common, "--output-dir", root / "ddp", "--batch-size", "2", "--grad-accum", "1")
+    single = run_script(
+        "training/train_full_ft.py", *common, "--output-dir", root / "single", "--batch-size", "4", "--grad-accum", "1"
+    )
+    ddp = accelerate_launch(
+        "training/train_full_ft.py", *common, "--output-dir", root / "ddp", "--batch-size", "2", "--grad-accum", "1"
+    )
     # LoRA with gradient accumulation and checkpointing: no_sync on all but the last micro-batch of each process.
     lora = ["--rank", "4", "--dropout", "0", "--gradient-checkpointing", *common]
-    lora_single = run_script("training/train_lora.py", *lora, "--output-dir", root / "lora_single", "--batch-size", "4", "--grad-accum", "1")
-    lora_ddp = accelerate_launch("training/train_lora.py", *lora, "--output-dir", root / "lora_ddp", "--batch-size", "1", "--grad-accum", "2")
-    return {"root": root, "stdout": {"single": single.stdout, "ddp": ddp.stdout, "lora_single": lora_single.stdout, "lora_ddp": lora_ddp.stdout}}
+    lora_single = run_script(
+        "training/train_lora.py", *lora, "--output-dir", root / "lora_single", "--batch-size", "4", "--grad-accum", "1"
+    )
+    lora_ddp = accelerate_launch(
+        "training/train_lora.py", *lora, "--output-dir", root / "lora_ddp", "--batch-size", "1", "--grad-accum", "2"
+    )
+    return {
+        "root": root,
+        "stdout": {
+            "single": single.stdout,
+            "ddp": ddp.stdout,
+            "lora_single": lora_single.stdout,
+            "lora_ddp": lora_ddp.stdout,
+        },
+    }
 
 
 def read_log(run_dir):
@@ -59,7 +94,9 @@ def test_two_processes_reproduce_the_single_process_loss_curve(runs, single, ddp
     # One line per step: a second writer would have doubled them.
     assert [entry["step"] for entry in distributed] == [1, 2, 3, 4] == [entry["step"] for entry in reference]
     for key in ("train_loss", "lr"):
-        assert [entry[key] for entry in distributed] == pytest.approx([entry[key] for entry in reference], rel=1e-5), key
+        assert [entry[key] for entry in distributed] == pytest.approx([entry[key] for entry in reference], rel=1e-5), (
+            key
+        )
     validation = {entry["step"]: entry["dev_loss"] for entry in distributed if "dev_loss" in entry}
     expected = {entry["step"]: entry["dev_loss"] for entry in reference if "dev_loss" in entry}
     assert validation.keys() == expected.keys() == {2, 4}

@@ -60,7 +60,9 @@ def test_tensorboard_gets_every_log_line_at_its_step(small_vocab_inputs, tmp_pat
     assert load_run_record(output_dir).config["report_to"] == "tensorboard"
 
 
-def test_a_resumed_run_continues_the_same_tensorboard_run_and_draws_every_step_once(small_vocab_inputs, tmp_path, monkeypatch):
+def test_a_resumed_run_continues_the_same_tensorboard_run_and_draws_every_step_once(
+    small_vocab_inputs, tmp_path, monkeypatch
+):
     output_dir = tmp_path / "crashed"
     log = trackers.Trackers.log
 
@@ -94,8 +96,12 @@ def test_a_resumed_run_continues_the_tracker_run_its_first_start_noted(tmp_path)
     assert not new and trackers.init_kwargs(again, tmp_path, 4)["wandb"]["id"] == "abc123"
     # Another tracker on resume starts its own run; MLflow reopens its run by the id it gave it.
     assert trackers.tracker_run(tmp_path, "mlflow", resuming=True)[1]
-    assert trackers.init_kwargs({"tracker": "mlflow", "run_name": "x", "mlflow_run_id": "r1"}, tmp_path, 4) == {"mlflow": {"run_id": "r1"}}
-    assert trackers.init_kwargs({"tracker": "tensorboard", "run_name": "x"}, tmp_path, 4) == {"tensorboard": {"purge_step": 5}}
+    assert trackers.init_kwargs({"tracker": "mlflow", "run_name": "x", "mlflow_run_id": "r1"}, tmp_path, 4) == {
+        "mlflow": {"run_id": "r1"}
+    }
+    assert trackers.init_kwargs({"tracker": "tensorboard", "run_name": "x"}, tmp_path, 4) == {
+        "tensorboard": {"purge_step": 5}
+    }
     (tmp_path / trackers.TRACKER_RUN_FILE).write_text("{torn")
     assert trackers.tracker_run(tmp_path, "wandb", resuming=True)[1], "a damaged note starts a new tracker run"
 
@@ -106,8 +112,9 @@ def test_report_to_is_outcome_neutral_for_the_study_and_for_resume(tmp_path):
     tracked_file = tmp_path / "tracked.toml"
     tracked_file.write_text(study_file.read_text().replace("[budget]\n", '[budget]\nreport_to = "tensorboard"\n', 1))
     plain, tracked = (load_study(path, str(tmp_path / "out")) for path in (study_file, tracked_file))
-    plain_training, tracked_training = (study.replicate_trainings(study.runs[0], study.runs[0].learning_rates[0])[0]
-                                        for study in (plain, tracked))
+    plain_training, tracked_training = (
+        study.replicate_trainings(study.runs[0], study.runs[0].learning_rates[0])[0] for study in (plain, tracked)
+    )
     assert tracked_training.name == plain_training.name == ONE_RUN_TRAINING
     assert (tracked_training.config.report_to, plain_training.config.report_to) == ("tensorboard", "none")
     assert digest(training_inputs(tracked_training, "fp")) == digest(training_inputs(plain_training, "fp"))
@@ -124,7 +131,9 @@ def test_a_study_file_cannot_push_every_training_to_one_repo(tmp_path):
 
 def test_a_missing_tracker_package_is_one_sentence_before_any_work(small_vocab_inputs, tmp_path, monkeypatch):
     real_find_spec = trackers.importlib.util.find_spec
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        trackers.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
     with pytest.raises(UserError) as refused:
         train_in_process("full", small_vocab_inputs, tmp_path / "run", report_to="wandb")
     message = str(refused.value)
@@ -164,13 +173,18 @@ def test_every_final_checkpoint_gets_a_model_card_with_its_loss_curve(method, sm
     text = (output_dir / MODEL_CARD).read_text()
     metadata = card_metadata(text)
     assert metadata["library_name"] == ["peft" if method == "lora" else "transformers"]
-    assert "- studykit" in metadata["tags"] and ("- lora" if method == "lora" else "- full-fine-tuning") in metadata["tags"]
+    assert (
+        "- studykit" in metadata["tags"]
+        and ("- lora" if method == "lora" else "- full-fine-tuning") in metadata["tags"]
+    )
     # A local base model is never named in the Hub's metadata (it would refuse the path); the text names it.
     assert "base_model" not in metadata and f"`{small_vocab_inputs['model']}`" in text
     perplexity = next(line for line in metadata["model-index"] if line.startswith("value: "))
     assert float(perplexity.split(": ")[1]) == pytest.approx(math.exp(record["final_dev_loss"]), rel=1e-4)
     assert f"{record['trainable_params']:,} of {record['total_params']:,} parameters" in text
-    assert f"{record['steps']:,} optimizer steps of {record['effective_batch']} sequences, seed {record['seed']}" in text
+    assert (
+        f"{record['steps']:,} optimizer steps of {record['effective_batch']} sequences, seed {record['seed']}" in text
+    )
     assert f"{record['seq_len']} tokens at most" in text and "test split" in text
     assert f"![loss curve]({LOSS_CURVE})" in text and (output_dir / LOSS_CURVE).read_bytes()[:4] == b"\x89PNG"
     if method == "lora":
@@ -205,7 +219,9 @@ class RecordingApi:
 
     def create_repo(self, repo_id, repo_type=None, exist_ok=False):
         if self.fails:
-            raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nmore detail")
+            raise OSError(
+                "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nmore detail"
+            )
         self.calls.append(("create_repo", repo_id, repo_type, exist_ok))
         return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
 
@@ -214,10 +230,22 @@ class RecordingApi:
 
 
 def run_directory_with_bookkeeping(root: Path) -> Path:
-    for name in ("model.safetensors", "README.md", "loss_curve.png", "run.json", "resume/step-000002/model.safetensors",
-                 "resume/step-000004.diverged/optimizer.pt", "resume/step-000006.partial-77/rng.pt", ".final.partial-12/vocab.json",
-                 "model.safetensors.partial-12", ".studykit.lock", ".study_inputs_started.json", ".tracker_run.json",
-                 "tensorboard/run/events.out.tfevents.1", "sub/.hidden"):
+    for name in (
+        "model.safetensors",
+        "README.md",
+        "loss_curve.png",
+        "run.json",
+        "resume/step-000002/model.safetensors",
+        "resume/step-000004.diverged/optimizer.pt",
+        "resume/step-000006.partial-77/rng.pt",
+        ".final.partial-12/vocab.json",
+        "model.safetensors.partial-12",
+        ".studykit.lock",
+        ".study_inputs_started.json",
+        ".tracker_run.json",
+        "tensorboard/run/events.out.tfevents.1",
+        "sub/.hidden",
+    ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x")
     return root
@@ -230,7 +258,9 @@ def test_the_upload_leaves_out_checkpoints_partial_writes_hidden_files_and_event
     assert hub_upload.upload_plan(folder) == ["README.md", "loss_curve.png", "model.safetensors", "run.json"]
     # The same list huggingface_hub's own filter makes from the same patterns.
     every_file = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
-    assert list(filter_repo_objects(every_file, ignore_patterns=list(hub_upload.UPLOAD_IGNORE))) == hub_upload.upload_plan(folder)
+    assert list(
+        filter_repo_objects(every_file, ignore_patterns=list(hub_upload.UPLOAD_IGNORE))
+    ) == hub_upload.upload_plan(folder)
 
     api = RecordingApi()
     url = hub_upload.push_folder(folder, "org/gpt2-lora", api=api)
@@ -306,6 +336,7 @@ def test_the_hub_probe_asks_through_huggingface_hubs_client(monkeypatch):
             asked.append((repo_id, repo_type, timeout))
             if error is not None:
                 raise error
+
         return repo_info
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

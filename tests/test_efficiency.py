@@ -36,7 +36,9 @@ GIB = 1024**3
 @pytest.fixture(scope="module")
 def deterministic_model_dir(tmp_path_factory, gpt2_tokenizer):
     """Without dropout, runs that split the same step differently must agree to float precision."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-no-dropout"), gpt2_tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-no-dropout"), gpt2_tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,15 @@ def train_sequences(processed_dir):
 def unpadded_nll(model, sequences):
     """The reference: each sequence alone, no padding anywhere."""
     with torch.no_grad():
-        return [float(token_nll_per_sequence(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids]))) for ids in sequences]
+        return [
+            float(token_nll_per_sequence(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids])))
+            for ids in sequences
+        ]
 
 
-def test_dynamic_padding_gives_the_loss_of_fixed_length_padding(deterministic_model_dir, train_sequences, processed_dir):
+def test_dynamic_padding_gives_the_loss_of_fixed_length_padding(
+    deterministic_model_dir, train_sequences, processed_dir
+):
     model = load_base_model(str(deterministic_model_dir)).eval()
     seq_len = load_processed(processed_dir).meta["seq_len"]
     lengths = [len(ids) for ids in train_sequences]
@@ -69,11 +76,17 @@ def test_dynamic_padding_gives_the_loss_of_fixed_length_padding(deterministic_mo
     fixed = window_loss([window], pad_to=seq_len)
     for micro_batches in (1, 2, 4, 8):
         assert window_loss(split_window(window, lengths, micro_batches), pad_to=None) == pytest.approx(fixed, rel=1e-5)
-    assert fixed == pytest.approx(sum(unpadded_nll(model, [train_sequences[i] for i in window])) / step_tokens, rel=1e-5)
-    assert max(lengths[i] for i in window) < seq_len, "the window should hold padding for the comparison to mean anything"
+    assert fixed == pytest.approx(
+        sum(unpadded_nll(model, [train_sequences[i] for i in window])) / step_tokens, rel=1e-5
+    )
+    assert max(lengths[i] for i in window) < seq_len, (
+        "the window should hold padding for the comparison to mean anything"
+    )
 
 
-def test_length_sorted_evaluation_gives_the_perplexity_of_fixed_length_padding(deterministic_model_dir, train_sequences, processed_dir):
+def test_length_sorted_evaluation_gives_the_perplexity_of_fixed_length_padding(
+    deterministic_model_dir, train_sequences, processed_dir
+):
     model = load_base_model(str(deterministic_model_dir)).eval()
     seq_len = load_processed(processed_dir).meta["seq_len"]
     scores = score_sequences(model, train_sequences, 8, torch.device("cpu"), pad_token_id=0)
@@ -122,8 +135,9 @@ def test_padding_to_a_multiple_changes_no_training_loss(deterministic_model_dir,
     assert default["config"]["pad_to_multiple_of"] == 1, "recorded as resolved: no padding on a CPU"
     assert json.loads((tmp_path / "default" / "train_config.json").read_text())["pad_to_multiple_of"] == 1
     for multiple in (16, 64):
-        record, padded = train_in_process(TrainConfig, tmp_path, f"pad{multiple}", pad_to_multiple_of=multiple,
-                                          **common)
+        record, padded = train_in_process(
+            TrainConfig, tmp_path, f"pad{multiple}", pad_to_multiple_of=multiple, **common
+        )
         assert record["config"]["pad_to_multiple_of"] == multiple
         assert record["padded_tokens_seen"] > default["padded_tokens_seen"]
         assert record["tokens_seen"] == default["tokens_seen"]
@@ -138,8 +152,9 @@ def test_padding_evaluation_batches_changes_no_perplexity(deterministic_model_di
     model = load_base_model(str(deterministic_model_dir)).eval()
     exact = score_sequences(model, train_sequences, 8, torch.device("cpu"), pad_token_id=0)
     for multiple in (8, 64):
-        padded = score_sequences(model, train_sequences, 8, torch.device("cpu"), pad_token_id=0,
-                                 pad_to_multiple_of=multiple)
+        padded = score_sequences(
+            model, train_sequences, 8, torch.device("cpu"), pad_token_id=0, pad_to_multiple_of=multiple
+        )
         assert padded.token_counts.tolist() == exact.token_counts.tolist()
         assert padded.nll_sums == pytest.approx(exact.nll_sums, rel=1e-6)
 
@@ -167,8 +182,9 @@ def test_a_steps_micro_batches_are_collated_before_its_first_forward_pass(small_
     collated, seen_at_forward = [], []
     collate_padded, batch_nll_of = batching.collate_padded, trainer.batch_nll
     monkeypatch.setattr(batching, "collate_padded", lambda *args: collated.append(1) or collate_padded(*args))
-    monkeypatch.setattr(trainer, "batch_nll",
-                        lambda *args: seen_at_forward.append(len(collated)) or batch_nll_of(*args))
+    monkeypatch.setattr(
+        trainer, "batch_nll", lambda *args: seen_at_forward.append(len(collated)) or batch_nll_of(*args)
+    )
     train_method("full", small_vocab_inputs, tmp_path / "run", max_steps=2, grad_accum=3, eval_every=0)
     assert seen_at_forward == [3, 3, 3, 6, 6, 6]
 
@@ -192,28 +208,48 @@ def train_in_process(config_cls, tmp_path, name, **overrides):
 
 
 def test_packing_run_trains_on_full_blocks(deterministic_model_dir, processed_dir, tmp_path):
-    record, _ = train_in_process(TrainConfig, tmp_path, "packed", model=str(deterministic_model_dir), data_dir=str(processed_dir),
-                                 batch_size=2, grad_accum=2, packing=True)
+    record, _ = train_in_process(
+        TrainConfig,
+        tmp_path,
+        "packed",
+        model=str(deterministic_model_dir),
+        data_dir=str(processed_dir),
+        batch_size=2,
+        grad_accum=2,
+        packing=True,
+    )
     assert record["packing"] is True
     # Packed blocks are all seq_len long, so no position in any batch is padding.
     assert record["tokens_seen"] == record["padded_tokens_seen"] == 3 * 4 * record["seq_len"]
 
 
-def test_auto_batch_with_a_smaller_micro_batch_gives_the_same_losses(deterministic_model_dir, processed_dir, tmp_path, capsys):
+def test_auto_batch_with_a_smaller_micro_batch_gives_the_same_losses(
+    deterministic_model_dir, processed_dir, tmp_path, capsys
+):
     common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=4, grad_accum=2)
     _, reference = train_in_process(TrainConfig, tmp_path, "asked", **common)
     # A cap far below the estimate makes the CPU path halve the micro-batch down to 1.
     record, auto = train_in_process(TrainConfig, tmp_path, "auto", auto_batch=True, max_gpu_memory_gb=1e-4, **common)
     assert "only applies to CUDA" in capsys.readouterr().out
     assert (record["memory"]["batch_size"], record["memory"]["grad_accum"]) == (1, 8)
-    saved = json.loads((tmp_path / "auto" / "train_config.json").read_text())  # the config the run used, beside its output
-    assert (saved["batch_size"], saved["grad_accum"]) == (1, 8) == (record["config"]["batch_size"], record["config"]["grad_accum"])
+    saved = json.loads(
+        (tmp_path / "auto" / "train_config.json").read_text()
+    )  # the config the run used, beside its output
+    assert (
+        (saved["batch_size"], saved["grad_accum"])
+        == (1, 8)
+        == (record["config"]["batch_size"], record["config"]["grad_accum"])
+    )
     assert record["effective_batch"] == 8
-    assert [entry["train_loss"] for entry in auto] == pytest.approx([entry["train_loss"] for entry in reference], rel=1e-5)
+    assert [entry["train_loss"] for entry in auto] == pytest.approx(
+        [entry["train_loss"] for entry in reference], rel=1e-5
+    )
     assert [entry["tokens_seen"] for entry in auto] == [entry["tokens_seen"] for entry in reference]
 
 
-def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(tiny_model_dir, train_sequences, monkeypatch):
+def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
+    tiny_model_dir, train_sequences, monkeypatch
+):
     """The CUDA path of --auto-batch, run on a CPU: the step itself raises CUDA's out-of-memory error above three
     sequences, as the allocator under a cap would, after its forward and backward have made gradients."""
     from studykit import loss, memory
@@ -238,14 +274,20 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(tiny_
     config = TrainConfig(batch_size=8, grad_accum=1)
     assert memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024) == 2
     assert tried == [8, 4, 2]
-    assert all(parameter.grad is None for parameter in model.parameters())  # neither failed nor fitting probes leave gradients
+    assert all(
+        parameter.grad is None for parameter in model.parameters()
+    )  # neither failed nor fitting probes leave gradients
     assert torch.equal(torch.get_rng_state(), rng_before)
     # From 6 the next try is half, 3, which still divides the effective batch of 12 exactly.
     tried.clear()
-    assert memory.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024) == 3
+    assert (
+        memory.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024) == 3
+    )
     assert tried == [6, 3]
 
-    monkeypatch.setattr(loss, "batch_nll", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(
+        loss, "batch_nll", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    )
     with pytest.raises(UserError, match="even a micro-batch of 1 sequences .*--gradient-checkpointing"):
         memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024)
 
@@ -294,7 +336,9 @@ def test_compile_flag_trains_to_the_same_losses(deterministic_model_dir, process
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     record, compiled = train_in_process(TrainConfig, tmp_path, "compiled", compile=True, **common)
     assert record["config"]["compile"] is True
-    assert [entry["train_loss"] for entry in compiled] == pytest.approx([entry["train_loss"] for entry in eager], rel=1e-5)
+    assert [entry["train_loss"] for entry in compiled] == pytest.approx(
+        [entry["train_loss"] for entry in eager], rel=1e-5
+    )
     from safetensors.torch import load_file
 
     assert not any(key.startswith("_orig_mod") for key in load_file(tmp_path / "compiled" / "model.safetensors"))
@@ -363,8 +407,9 @@ def test_activation_estimate_is_close_to_what_autograd_keeps(tiny_model_dir):
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("dropout", ["no dropout", "dropout"])
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])  # those that run on a CPU
-def test_estimate_bounds_the_measured_peak_of_two_training_steps(method, dropout, optimizer, deterministic_model_dir,
-                                                                  tiny_model_dir):
+def test_estimate_bounds_the_measured_peak_of_two_training_steps(
+    method, dropout, optimizer, deterministic_model_dir, tiny_model_dir
+):
     """Every tensor of two steps (forward, chunked loss, backward, optimizer), counted while alive. With GPT-2's
     dropout (0.1), SDPA on a CPU falls back to keeping the attention matrices, which the estimate for a CPU counts."""
     from studykit.memory import TensorMemoryPeak, estimate_for_model
@@ -381,8 +426,9 @@ def test_estimate_bounds_the_measured_peak_of_two_training_steps(method, dropout
             batch_nll(model, batch, contextlib.nullcontext).total.backward()
             steps.step()
             steps.zero_grad(set_to_none=True)
-    estimate = estimate_for_model(model, 8, 128, "fp32", gradient_checkpointing=False, device_type="cpu",
-                                  optimizer=optimizer)
+    estimate = estimate_for_model(
+        model, 8, 128, "fp32", gradient_checkpointing=False, device_type="cpu", optimizer=optimizer
+    )
     # Measured: 0.89-0.95 of the estimate with AdamW, 0.86-0.95 with 8-bit AdamW (whose CPU update dequantises one
     # tensor's moments at a time, after the backward pass has freed the activations). Above it, a 6 GB run could
     # fail that the estimate passed.
@@ -423,7 +469,9 @@ def test_memory_cap_on_a_gpu_limits_the_allocator_to_that_share_of_the_card(monk
 
     fractions, said = [], []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * GIB))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append(fraction))
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: fractions.append(fraction)
+    )
     gpu = torch.device("cuda", 0)
     assert apply_memory_cap(6, gpu, said.append) == 6 * GIB
     assert fractions == [0.25] and said == ["GPU memory capped at 6 GiB (25.0% of 24.0 GiB)"]
@@ -456,8 +504,17 @@ def test_device_peak_for_mfu_is_looked_up_by_gpu_name(monkeypatch):
 
     gpu, name = torch.device("cuda", 0), {}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name["gpu"])
-    expected = {"NVIDIA A100-SXM4-80GB": 312, "NVIDIA A10": 125, "NVIDIA A10G": 70, "NVIDIA L40S": 362, "NVIDIA L4": 121,
-                "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "Tesla T4": 65, "NVIDIA GeForce GTX 1660 SUPER": None}
+    expected = {
+        "NVIDIA A100-SXM4-80GB": 312,
+        "NVIDIA A10": 125,
+        "NVIDIA A10G": 70,
+        "NVIDIA L40S": 362,
+        "NVIDIA L4": 121,
+        "NVIDIA H100 80GB HBM3": 989,
+        "NVIDIA H100 PCIe": 756,
+        "Tesla T4": 65,
+        "NVIDIA GeForce GTX 1660 SUPER": None,
+    }
     for name["gpu"], tflops in expected.items():
         assert device_peak_tflops(gpu) == tflops, name["gpu"]
     assert device_peak_tflops(gpu, given=40) == 40  # --peak-tflops, for a GPU the table lacks
@@ -526,7 +583,9 @@ def test_a_resumed_run_keeps_its_steady_speed(small_vocab_inputs, tmp_path):
     assert resumed["tokens_seen"] == first["tokens_seen"]
 
 
-def test_log_gives_the_learning_rate_each_step_trained_with(deterministic_model_dir, processed_dir, tmp_path, monkeypatch):
+def test_log_gives_the_learning_rate_each_step_trained_with(
+    deterministic_model_dir, processed_dir, tmp_path, monkeypatch
+):
     """3 steps, 2 of them linear warmup to 1e-3 (0.7 x 3, rounded down), then cosine: by hand, 5e-4, 1e-3, 1e-3 (cosine at 0).
     The log once gave the rate of the step after: 1e-3, 1e-3, 0."""
     from studykit import trainer
@@ -539,7 +598,16 @@ def test_log_gives_the_learning_rate_each_step_trained_with(deterministic_model_
         return step(run, step_loss, state)
 
     monkeypatch.setattr(trainer, "optimizer_step", record_the_rate)
-    _, log = train_in_process(TrainConfig, tmp_path, "schedule", model=str(deterministic_model_dir), data_dir=str(processed_dir),
-                              batch_size=2, grad_accum=1, lr=1e-3, warmup_ratio=0.7)
+    _, log = train_in_process(
+        TrainConfig,
+        tmp_path,
+        "schedule",
+        model=str(deterministic_model_dir),
+        data_dir=str(processed_dir),
+        batch_size=2,
+        grad_accum=1,
+        lr=1e-3,
+        warmup_ratio=0.7,
+    )
     assert used == pytest.approx([5e-4, 1e-3, 1e-3])
     assert [entry["lr"] for entry in log] == pytest.approx(used)

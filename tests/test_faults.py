@@ -34,17 +34,52 @@ from studykit.run_dir import read_run_log
 
 
 def prepare_args(data_file, tokenizer, output_dir, *extra):
-    return ["--data-file", data_file, "--tokenizer", tokenizer, "--output-dir", output_dir, "--seq-len", "64",
-            "--test-fraction", "0.2", *extra]
+    return [
+        "--data-file",
+        data_file,
+        "--tokenizer",
+        tokenizer,
+        "--output-dir",
+        output_dir,
+        "--seq-len",
+        "64",
+        "--test-fraction",
+        "0.2",
+        *extra,
+    ]
 
 
 def train_args(inputs, output_dir, *extra):
-    return ["--model", inputs["model"], "--data-dir", inputs["data"], "--output-dir", output_dir, "--batch-size", "2",
-            "--grad-accum", "2", "--lr", "1e-3", "--log-every", "1", *extra]
+    return [
+        "--model",
+        inputs["model"],
+        "--data-dir",
+        inputs["data"],
+        "--output-dir",
+        output_dir,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def eval_args(inputs, checkpoints, output_dir):
-    return ["--model", inputs["model"], "--data-dir", inputs["data"], "--checkpoints", checkpoints, "--output-dir", output_dir]
+    return [
+        "--model",
+        inputs["model"],
+        "--data-dir",
+        inputs["data"],
+        "--checkpoints",
+        checkpoints,
+        "--output-dir",
+        output_dir,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +102,9 @@ def lock_holder():
     processes = []
 
     def hold(directory):
-        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO_ROOT), str(directory)], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(REPO_ROOT), str(directory)], stdout=subprocess.PIPE, text=True
+        )
         assert process.stdout.readline().strip() == "locked"
         processes.append(process)
         return process
@@ -79,11 +116,18 @@ def lock_holder():
 
 
 def test_a_second_prepare_on_a_busy_directory_is_refused_and_a_dead_holders_lock_is_taken_over(
-        in_process, lock_holder, tmp_path, oasst_trees_file, gpt2_tokenizer_dir):
+    in_process, lock_holder, tmp_path, oasst_trees_file, gpt2_tokenizer_dir
+):
     output = tmp_path / "data"
     holder = lock_holder(output)
-    message = refused(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output), watch=[tmp_path], runner=in_process)
-    assert f"process {holder.pid} (`-c " in message and f"is writing to {output}" in message and "another --output-dir" in message
+    message = refused(
+        PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output), watch=[tmp_path], runner=in_process
+    )
+    assert (
+        f"process {holder.pid} (`-c " in message
+        and f"is writing to {output}" in message
+        and "another --output-dir" in message
+    )
 
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -94,7 +138,9 @@ def test_a_second_prepare_on_a_busy_directory_is_refused_and_a_dead_holders_lock
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "study"])
-def test_evaluation_and_the_study_runner_refuse_a_busy_directory(stage, in_process, lock_holder, tmp_path, small_vocab_inputs):
+def test_evaluation_and_the_study_runner_refuse_a_busy_directory(
+    stage, in_process, lock_holder, tmp_path, small_vocab_inputs
+):
     if stage == "evaluate":
         (tmp_path / "checkpoints").mkdir()
         output = tmp_path / "results"
@@ -112,15 +158,28 @@ def test_two_trainings_on_one_output_directory(in_process, tmp_path, small_vocab
     first is killed (kill -9 leaves its lock file behind), its lock is taken over."""
     output = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    first = subprocess.Popen([sys.executable, str(REPO_ROOT / FULL), *map(str, train_args(small_vocab_inputs, output, "--max-steps", "100000"))],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / FULL),
+            *map(str, train_args(small_vocab_inputs, output, "--max-steps", "100000")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         owner = output / (locks.LOCK_FILE + locks.OWNER_SUFFIX)
         deadline = time.monotonic() + 240
         while not owner.exists():
             assert first.poll() is None and time.monotonic() < deadline, "the first training never took its lock"
             time.sleep(0.2)
-        message = refused(FULL, *train_args(small_vocab_inputs, output, "--max-steps", "2", "--overwrite"), watch=[], runner=in_process)
+        message = refused(
+            FULL,
+            *train_args(small_vocab_inputs, output, "--max-steps", "2", "--overwrite"),
+            watch=[],
+            runner=in_process,
+        )
         assert f"process {first.pid} (`train_full_ft.py " in message and f"is writing to {output}" in message
     finally:
         first.send_signal(signal.SIGKILL)
@@ -144,7 +203,9 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small filesystem needs root")
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield mount_point
@@ -161,20 +222,27 @@ def fill_disk(disk, leave_bytes):
     return filler
 
 
-def test_a_full_disk_stops_training_with_the_last_checkpoint_intact_and_resume_finishes(in_process, small_disk, small_vocab_inputs,
-                                                                                       tmp_path):
+def test_a_full_disk_stops_training_with_the_last_checkpoint_intact_and_resume_finishes(
+    in_process, small_disk, small_vocab_inputs, tmp_path
+):
     """The step-2 checkpoint fits, the step-4 one does not: the run stops naming the disk, what the save needs and the
     checkpoint it can resume from; once space is freed, --resume ends with the weights of an uninterrupted run."""
     reference = train_in_process("full", small_vocab_inputs, tmp_path / "reference", max_steps=6, save_every=2)
-    checkpoint_size = sum(p.stat().st_size for p in (tmp_path / "reference" / "resume" / "step-000004").rglob("*") if p.is_file())
+    checkpoint_size = sum(
+        p.stat().st_size for p in (tmp_path / "reference" / "resume" / "step-000004").rglob("*") if p.is_file()
+    )
     output = small_disk / "run"
     args = train_args(small_vocab_inputs, output, "--max-steps", "6", "--save-every", "2", "--eval-every", "3")
     filler = fill_disk(small_disk, int(1.6 * checkpoint_size))
     line = last_error_line(in_process(FULL, *args, env=QUIET))
-    assert line.startswith(f"error: the disk holding {output} is full: writing the resumable checkpoint of step 4 needs about "), line
+    assert line.startswith(
+        f"error: the disk holding {output} is full: writing the resumable checkpoint of step 4 needs about "
+    ), line
     assert " is free; free some space, then run the same command with --resume to continue from" in line, line
     assert line.endswith(f"{output / 'resume' / 'step-000002'}, which is intact."), line
-    assert [p.name for p in (output / "resume").iterdir()] == ["step-000002"], "a half-written checkpoint was left behind"
+    assert [p.name for p in (output / "resume").iterdir()] == ["step-000002"], (
+        "a half-written checkpoint was left behind"
+    )
 
     filler.unlink()
     resumed = in_process(FULL, *args, "--resume")
@@ -192,8 +260,12 @@ def test_running_out_of_space_in_the_middle_of_a_write(in_process, monkeypatch, 
     monkeypatch.setattr(checkpointing, "SAVE_OVERHEAD_BYTES", 0)
     output = small_disk / "run"
     fill_disk(small_disk, 200_000)
-    line = last_error_line(in_process(FULL, *train_args(small_vocab_inputs, output, "--max-steps", "4", "--save-every", "2"), env=QUIET))
-    assert line.startswith(f"error: the disk holding {output} is full: writing the resumable checkpoint of step 2 needs about"), line
+    line = last_error_line(
+        in_process(FULL, *train_args(small_vocab_inputs, output, "--max-steps", "4", "--save-every", "2"), env=QUIET)
+    )
+    assert line.startswith(
+        f"error: the disk holding {output} is full: writing the resumable checkpoint of step 2 needs about"
+    ), line
     assert "--overwrite to train again (no resumable checkpoint was saved" in line
     assert not list((output / "resume").glob(f"*{PARTIAL_MARKER}*")) if (output / "resume").exists() else True
 
@@ -210,7 +282,9 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_full_disk_at_the_final_save_keeps_the_resumable_checkpoint(in_process, monkeypatch, small_vocab_inputs, tmp_path):
+def test_a_full_disk_at_the_final_save_keeps_the_resumable_checkpoint(
+    in_process, monkeypatch, small_vocab_inputs, tmp_path
+):
     """Injected at the writer (safetensors, as transformers and peft call it), so it runs on any machine."""
     from safetensors import SafetensorError
     from transformers import modeling_utils
@@ -239,19 +313,29 @@ def test_a_full_disk_at_the_final_save_keeps_the_resumable_checkpoint(in_process
     assert json.loads((output / "run.json").read_text())["steps"] == 4
 
 
-def test_a_full_disk_during_prepare_leaves_the_earlier_dataset(in_process, monkeypatch, tmp_path, oasst_trees_file, gpt2_tokenizer_dir):
+def test_a_full_disk_during_prepare_leaves_the_earlier_dataset(
+    in_process, monkeypatch, tmp_path, oasst_trees_file, gpt2_tokenizer_dir
+):
     import datasets
 
     output = tmp_path / "data"
     assert in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output)).returncode == 0
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", enospc)
-    message = refused(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32", "--overwrite"),
-                      watch=[tmp_path], runner=in_process)
+    message = refused(
+        PREPARE,
+        *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32", "--overwrite"),
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert message.startswith(f"error: the disk holding {tmp_path} is full: writing the processed dataset needs about ")
-    assert message.endswith("free some space and run the same command again (an earlier dataset in --output-dir is untouched)")
+    assert message.endswith(
+        "free some space and run the same command again (an earlier dataset in --output-dir is untouched)"
+    )
 
 
-def test_a_full_disk_during_evaluation_leaves_the_earlier_results(in_process, monkeypatch, tmp_path, small_vocab_inputs):
+def test_a_full_disk_during_evaluation_leaves_the_earlier_results(
+    in_process, monkeypatch, tmp_path, small_vocab_inputs
+):
     import numpy as np
 
     checkpoints = tmp_path / "checkpoints"
@@ -262,15 +346,21 @@ def test_a_full_disk_during_evaluation_leaves_the_earlier_results(in_process, mo
     before = snapshot(tmp_path / "results")
     message = last_error_line(in_process(EVALUATE, *args, env=QUIET))
     assert snapshot(tmp_path / "results") == before
-    assert message.startswith(f"error: the disk holding {tmp_path / 'results'} is full: writing the evaluation results needs about")
+    assert message.startswith(
+        f"error: the disk holding {tmp_path / 'results'} is full: writing the evaluation results needs about"
+    )
 
 
 def test_a_full_disk_during_evaluation_on_a_real_small_disk(in_process, small_disk, tmp_path, small_vocab_inputs):
     checkpoints = tmp_path / "checkpoints"
     train_in_process("lora", small_vocab_inputs, checkpoints / "lora", max_steps=2)
     fill_disk(small_disk, 100_000)
-    message = refused(EVALUATE, *eval_args(small_vocab_inputs, checkpoints, small_disk / "results"), watch=[small_disk / "results"],
-                      runner=in_process)
+    message = refused(
+        EVALUATE,
+        *eval_args(small_vocab_inputs, checkpoints, small_disk / "results"),
+        watch=[small_disk / "results"],
+        runner=in_process,
+    )
     assert f"the disk holding {small_disk / 'results'} is full" in message
 
 
@@ -286,8 +376,11 @@ def test_a_full_disk_while_writing_the_report_keeps_the_trained_runs(tmp_path, m
     study_file = one_run_study(tmp_path / "study.toml", steps=2)
     output = tmp_path / "out"
     monkeypatch.setattr(figures, "plot_loss_curves", enospc)
-    with pytest.raises(UserError, match=r"the disk holding .*results is full: writing the report \(results, figures, samples\) needs "
-                                        r"about .* free some space and run the same study command again \(the trained runs are kept\)"):
+    with pytest.raises(
+        UserError,
+        match=r"the disk holding .*results is full: writing the report \(results, figures, samples\) needs "
+        r"about .* free some space and run the same study command again \(the trained runs are kept\)",
+    ):
         run_study(StudyConfig(config=str(study_file), output_dir=str(output)))
     monkeypatch.undo()
     again = run_study(StudyConfig(config=str(study_file), output_dir=str(output)))
@@ -309,8 +402,10 @@ def cut_short(path):
 @pytest.fixture
 def copied_inputs(tmp_path, small_vocab_inputs):
     """The small model and its data, copied so that a test may damage them."""
-    return {"model": shutil.copytree(small_vocab_inputs["model"], tmp_path / "model"),
-            "data": shutil.copytree(small_vocab_inputs["data"], tmp_path / "data")}
+    return {
+        "model": shutil.copytree(small_vocab_inputs["model"], tmp_path / "model"),
+        "data": shutil.copytree(small_vocab_inputs["data"], tmp_path / "data"),
+    }
 
 
 def change_one_token(data_dir):
@@ -318,8 +413,9 @@ def change_one_token(data_dir):
     import datasets
 
     dataset = datasets.load_from_disk(str(data_dir))
-    train = dataset["train"].map(lambda row, index: {"input_ids": [row["input_ids"][0] + (index == 0), *row["input_ids"][1:]]},
-                                 with_indices=True)
+    train = dataset["train"].map(
+        lambda row, index: {"input_ids": [row["input_ids"][0] + (index == 0), *row["input_ids"][1:]]}, with_indices=True
+    )
     staged = data_dir.with_name("staged")
     datasets.DatasetDict({"train": train, "dev": dataset["dev"], "test": dataset["test"]}).save_to_disk(str(staged))
     for split in ("train", "dev", "test"):
@@ -327,12 +423,17 @@ def change_one_token(data_dir):
         shutil.move(staged / split, data_dir / split)
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("arrow cut short", "is damaged ("),
-    ("a token changed", "/train is damaged (its train sequences no longer match the fingerprint in meta.json)"),
-    ("meta.json garbled", "meta.json is damaged (not valid JSON"),
-])
-def test_a_damaged_processed_dataset_is_named_by_training_and_evaluation(damage, expected, in_process, copied_inputs, tmp_path):
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("arrow cut short", "is damaged ("),
+        ("a token changed", "/train is damaged (its train sequences no longer match the fingerprint in meta.json)"),
+        ("meta.json garbled", "meta.json is damaged (not valid JSON"),
+    ],
+)
+def test_a_damaged_processed_dataset_is_named_by_training_and_evaluation(
+    damage, expected, in_process, copied_inputs, tmp_path
+):
     data = copied_inputs["data"]
     if damage == "arrow cut short":
         cut_short(next((data / "train").glob("*.arrow")))
@@ -340,59 +441,91 @@ def test_a_damaged_processed_dataset_is_named_by_training_and_evaluation(damage,
         change_one_token(data)
     else:
         (data / "meta.json").write_text('{"seq_len": 64, "fingerp')
-    message = refused(FULL, *train_args(copied_inputs, tmp_path / "run", "--max-steps", "2"), watch=[tmp_path], runner=in_process)
-    assert expected in message and "prepare it again with `python data/prepare_oasst.py --output-dir" in message, message
+    message = refused(
+        FULL, *train_args(copied_inputs, tmp_path / "run", "--max-steps", "2"), watch=[tmp_path], runner=in_process
+    )
+    assert expected in message and "prepare it again with `python data/prepare_oasst.py --output-dir" in message, (
+        message
+    )
     (tmp_path / "checkpoints").mkdir()
-    message = refused(EVALUATE, *eval_args(copied_inputs, tmp_path / "checkpoints", tmp_path / "results"), watch=[tmp_path],
-                      runner=in_process)
+    message = refused(
+        EVALUATE,
+        *eval_args(copied_inputs, tmp_path / "checkpoints", tmp_path / "results"),
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert expected in message and "--overwrite" in message, message
 
 
-@pytest.mark.parametrize("file, expected", [
-    ("model.safetensors", "is damaged (the model fails to load: Error while deserializing header"),
-    ("tokenizer.json", "is damaged (its tokenizer fails to load"),
-    ("config.json", "is damaged (its tokenizer fails to load: It looks like the config file"),
-])
+@pytest.mark.parametrize(
+    "file, expected",
+    [
+        ("model.safetensors", "is damaged (the model fails to load: Error while deserializing header"),
+        ("tokenizer.json", "is damaged (its tokenizer fails to load"),
+        ("config.json", "is damaged (its tokenizer fails to load: It looks like the config file"),
+    ],
+)
 def test_a_damaged_base_model_is_named(file, expected, in_process, copied_inputs, tmp_path):
     cut_short(copied_inputs["model"] / file)
-    message = refused(FULL, *train_args(copied_inputs, tmp_path / "run", "--max-steps", "2"), watch=[tmp_path], runner=in_process)
-    assert f"{copied_inputs['model']} {expected}" in message and "save it again with save_pretrained" in message, message
+    message = refused(
+        FULL, *train_args(copied_inputs, tmp_path / "run", "--max-steps", "2"), watch=[tmp_path], runner=in_process
+    )
+    assert f"{copied_inputs['model']} {expected}" in message and "save it again with save_pretrained" in message, (
+        message
+    )
 
 
-@pytest.mark.parametrize("file, expected", [
-    ("adapter_model.safetensors", "adapter_model.safetensors is damaged (Error while deserializing header"),
-    ("adapter_config.json", "adapter_config.json is damaged (not valid JSON"),
-    ("run.json", "run.json is damaged (not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "file, expected",
+    [
+        ("adapter_model.safetensors", "adapter_model.safetensors is damaged (Error while deserializing header"),
+        ("adapter_config.json", "adapter_config.json is damaged (not valid JSON"),
+        ("run.json", "run.json is damaged (not valid JSON"),
+    ],
+)
 def test_a_damaged_finished_run_is_named_by_evaluation(file, expected, in_process, small_vocab_inputs, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     train_in_process("lora", small_vocab_inputs, checkpoints / "lora", max_steps=2)
     cut_short(checkpoints / "lora" / file)
-    message = refused(EVALUATE, *eval_args(small_vocab_inputs, checkpoints, tmp_path / "results"), watch=[tmp_path], runner=in_process)
+    message = refused(
+        EVALUATE, *eval_args(small_vocab_inputs, checkpoints, tmp_path / "results"), watch=[tmp_path], runner=in_process
+    )
     assert expected in message and "train that run again" in message, message
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "run_identity.json"])
-def test_a_damaged_resumable_checkpoint_is_named_and_the_one_before_resumes(file, in_process, small_vocab_inputs, tmp_path):
+@pytest.mark.parametrize(
+    "file", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "run_identity.json"]
+)
+def test_a_damaged_resumable_checkpoint_is_named_and_the_one_before_resumes(
+    file, in_process, small_vocab_inputs, tmp_path
+):
     output = tmp_path / "run"
     args = train_args(small_vocab_inputs, output, "--max-steps", "6", "--save-every", "2", "--keep", "2")
-    train_in_process("full", small_vocab_inputs, output, max_steps=6, save_every=2, keep=2, batch_size=2, grad_accum=2, lr=1e-3)
+    train_in_process(
+        "full", small_vocab_inputs, output, max_steps=6, save_every=2, keep=2, batch_size=2, grad_accum=2, lr=1e-3
+    )
     # What a machine lost after step 4's checkpoint leaves: no final weights, no run.json, two checkpoints.
     (output / "run.json").unlink()
     latest = output / "resume" / "step-000004"
     cut_short(latest / file)
     message = refused(FULL, *args, "--resume", watch=[tmp_path], runner=in_process)
-    assert message == (f"error: the checkpoint {latest} has {file} damaged" + message.split(f"{file} damaged", 1)[1]), message
+    assert message == (f"error: the checkpoint {latest} has {file} damaged" + message.split(f"{file} damaged", 1)[1]), (
+        message
+    )
     assert message.endswith("; delete it to resume from the one before, or start again with --overwrite."), message
 
     shutil.rmtree(latest)
     resumed = in_process(FULL, *args, "--resume")
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step-000002 at step 2" in resumed.stdout, resumed.stderr[-2000:]
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step-000002 at step 2" in resumed.stdout, (
+        resumed.stderr[-2000:]
+    )
 
 
 def test_garbled_lines_of_the_training_log_are_dropped(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_bytes(b'{"step": 1, "train_loss": 2.0}\n\xff\xfe garbage\n[1, 2]\n{"no_step": 3}\n{"step": 2, "train_loss": 1.5}\n{"step": 3, "tra')
+    log.write_bytes(
+        b'{"step": 1, "train_loss": 2.0}\n\xff\xfe garbage\n[1, 2]\n{"no_step": 3}\n{"step": 2, "train_loss": 1.5}\n{"step": 3, "tra'
+    )
     assert [entry["step"] for entry in read_run_log(log)] == [1, 2]
 
 

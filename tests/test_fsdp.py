@@ -16,13 +16,28 @@ from test_distributed import free_port
 
 @pytest.fixture(scope="module")
 def model_without_dropout(tmp_path_factory, gpt2_tokenizer):
-    return build_tiny_model(tmp_path_factory.mktemp("fsdp-model"), gpt2_tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("fsdp-model"), gpt2_tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_fsdp_checkpoint_is_gathered_whole_and_resumes_to_the_uninterrupted_weights(method, model_without_dropout, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(REPO_ROOT / "tests" / "workers" / "fsdp_resume.py"), str(model_without_dropout), str(tmp_path), method]
+def test_fsdp_checkpoint_is_gathered_whole_and_resumes_to_the_uninterrupted_weights(
+    method, model_without_dropout, tmp_path
+):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO_ROOT / "tests" / "workers" / "fsdp_resume.py"),
+        str(model_without_dropout),
+        str(tmp_path),
+        method,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # Saving from the main process alone would wait forever for the other process's shards: the timeout is the failure.
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)

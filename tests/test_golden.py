@@ -36,8 +36,9 @@ def measure(inputs, root: Path) -> dict:
 
     measured = {}
     for method in METHODS:
-        record = train_in_process(method, inputs, root / "checkpoints" / method, max_steps=6, log_every=1, eval_every=3,
-                                  precision="fp32")
+        record = train_in_process(
+            method, inputs, root / "checkpoints" / method, max_steps=6, log_every=1, eval_every=3, precision="fp32"
+        )
         log = read_run_log(root / "checkpoints" / method / "log.jsonl")
         measured[method] = {
             "trainable_params": record["trainable_params"],
@@ -47,8 +48,15 @@ def measure(inputs, root: Path) -> dict:
             "dev_loss": {str(entry["step"]): entry["dev_loss"] for entry in log if "dev_loss" in entry},
             "final_validation_loss": record["final_dev_loss"],
         }
-    rows = evaluate(EvalConfig(model=str(inputs["model"]), data_dir=str(inputs["data"]), checkpoints=str(root / "checkpoints"),
-                               output_dir=str(root / "results"), precision="fp32"))
+    rows = evaluate(
+        EvalConfig(
+            model=str(inputs["model"]),
+            data_dir=str(inputs["data"]),
+            checkpoints=str(root / "checkpoints"),
+            output_dir=str(root / "results"),
+            precision="fp32",
+        )
+    )
     measured["perplexity"] = {row["name"]: row["perplexity"] for row in rows}
     measured["tokens"] = {row["name"]: row["tokens"] for row in rows}
     return measured
@@ -58,15 +66,26 @@ def differences(golden, measured, where="") -> list[str]:
     """Every value that differs: numbers beyond RTOL, anything else at all."""
     if isinstance(golden, dict) and isinstance(measured, dict):
         found = [f"{where}: keys {sorted(golden)} != {sorted(measured)}"] if set(golden) != set(measured) else []
-        return found + [line for key in golden if key in measured for line in differences(golden[key], measured[key], f"{where}.{key}")]
+        return found + [
+            line
+            for key in golden
+            if key in measured
+            for line in differences(golden[key], measured[key], f"{where}.{key}")
+        ]
     if isinstance(golden, list) and isinstance(measured, list) and len(golden) == len(measured):
-        return [line for index, (a, b) in enumerate(zip(golden, measured)) for line in differences(a, b, f"{where}[{index}]")]
+        return [
+            line
+            for index, (a, b) in enumerate(zip(golden, measured))
+            for line in differences(a, b, f"{where}[{index}]")
+        ]
     if isinstance(golden, float) and isinstance(measured, float):
         return [] if math.isclose(golden, measured, rel_tol=RTOL) else [f"{where}: golden {golden!r}, now {measured!r}"]
     return [] if golden == measured else [f"{where}: golden {golden!r}, now {measured!r}"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the golden numbers are CPU fp32 values; CUDA kernels (TF32) differ")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the golden numbers are CPU fp32 values; CUDA kernels (TF32) differ"
+)
 def test_both_methods_reproduce_their_golden_numbers(small_vocab_inputs, tmp_path):
     measured = measure(small_vocab_inputs, tmp_path)
     if REGENERATE:

@@ -22,7 +22,12 @@ from studykit.trainer import prepare_run, train
 
 BLOCKS, WIDTH = 2, 64
 # (in, out) of each GPT-2 projection on a 64-wide model.
-SHAPES = {"attn.c_attn": (WIDTH, 3 * WIDTH), "attn.c_proj": (WIDTH, WIDTH), "mlp.c_fc": (WIDTH, 4 * WIDTH), "mlp.c_proj": (4 * WIDTH, WIDTH)}
+SHAPES = {
+    "attn.c_attn": (WIDTH, 3 * WIDTH),
+    "attn.c_proj": (WIDTH, WIDTH),
+    "mlp.c_fc": (WIDTH, 4 * WIDTH),
+    "mlp.c_proj": (4 * WIDTH, WIDTH),
+}
 
 
 def wrap(inputs, **settings):
@@ -34,7 +39,11 @@ def wrap(inputs, **settings):
 def lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
-    return {name.removeprefix("base_model.model."): module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
 
 
 def expected_modules(suffixes):
@@ -42,15 +51,27 @@ def expected_modules(suffixes):
 
 
 def test_cli_accepts_every_variant_flag():
-    config = parse_config(LoraTrainConfig, "", ["--target-modules", "attention+mlp", "--use-rslora", "--use-dora", "--loraplus-lr-ratio", "16"])
-    assert (config.target_modules, config.use_rslora, config.use_dora, config.loraplus_lr_ratio) == (["attention+mlp"], True, True, 16.0)
+    config = parse_config(
+        LoraTrainConfig,
+        "",
+        ["--target-modules", "attention+mlp", "--use-rslora", "--use-dora", "--loraplus-lr-ratio", "16"],
+    )
+    assert (config.target_modules, config.use_rslora, config.use_dora, config.loraplus_lr_ratio) == (
+        ["attention+mlp"],
+        True,
+        True,
+        16.0,
+    )
 
 
-@pytest.mark.parametrize("preset, suffixes", [
-    ("attention", ["attn.c_attn", "attn.c_proj"]),
-    ("attention+mlp", list(SHAPES)),
-    ("all-linear", list(SHAPES)),
-])
+@pytest.mark.parametrize(
+    "preset, suffixes",
+    [
+        ("attention", ["attn.c_attn", "attn.c_proj"]),
+        ("attention+mlp", list(SHAPES)),
+        ("all-linear", list(SHAPES)),
+    ],
+)
 def test_target_presets_adapt_exactly_their_modules(small_vocab_inputs, preset, suffixes):
     rank = 4
     _, model, description = wrap(small_vocab_inputs, rank=rank, target_modules=[preset])
@@ -82,12 +103,21 @@ def test_dora_adds_a_magnitude_per_output_initialised_to_the_weight_norms(small_
 
 
 def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(small_vocab_inputs):
-    config = LoraTrainConfig(model=str(small_vocab_inputs["model"]), data_dir=str(small_vocab_inputs["data"]), rank=4, lr=1e-3,
-                             loraplus_lr_ratio=16.0, batch_size=2, grad_accum=1)
+    config = LoraTrainConfig(
+        model=str(small_vocab_inputs["model"]),
+        data_dir=str(small_vocab_inputs["data"]),
+        rank=4,
+        lr=1e-3,
+        loraplus_lr_ratio=16.0,
+        batch_size=2,
+        grad_accum=1,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         run = prepare_run(config)
     names = {id(parameter): name for name, parameter in run.model.named_parameters()}
-    learning_rates = {names[id(p)]: group["initial_lr"] for group in run.optimizer.param_groups for p in group["params"]}
+    learning_rates = {
+        names[id(p)]: group["initial_lr"] for group in run.optimizer.param_groups for p in group["params"]
+    }
     lora_b = [lr for name, lr in learning_rates.items() if "lora_B" in name]
     others = [lr for name, lr in learning_rates.items() if "lora_B" not in name]
     assert lora_b and others
@@ -95,15 +125,29 @@ def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(small_vocab
 
 
 def test_a_variant_run_trains_saves_and_loads_back_to_its_numbers(small_vocab_inputs, tmp_path):
-    config = LoraTrainConfig(model=str(small_vocab_inputs["model"]), data_dir=str(small_vocab_inputs["data"]),
-                             output_dir=str(tmp_path / "variant"), rank=4, lr=1e-2, target_modules=["attention+mlp"],
-                             use_rslora=True, use_dora=True, loraplus_lr_ratio=4.0, max_steps=3, batch_size=4, grad_accum=1)
+    config = LoraTrainConfig(
+        model=str(small_vocab_inputs["model"]),
+        data_dir=str(small_vocab_inputs["data"]),
+        output_dir=str(tmp_path / "variant"),
+        rank=4,
+        lr=1e-2,
+        target_modules=["attention+mlp"],
+        use_rslora=True,
+        use_dora=True,
+        loraplus_lr_ratio=4.0,
+        max_steps=3,
+        batch_size=4,
+        grad_accum=1,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         record = train(config).to_dict()
     assert record["lora"]["use_dora"] and record["lora"]["use_rslora"] and len(record["adapted_modules"]) == 4 * BLOCKS
     model = load_checkpoint_for_eval(tmp_path / "variant", str(small_vocab_inputs["model"]))
     layer = next(iter(lora_layers(model).values()))
-    assert layer.scaling["default"] == pytest.approx(config.alpha / math.sqrt(config.rank)) and "default" in layer.lora_magnitude_vector
+    assert (
+        layer.scaling["default"] == pytest.approx(config.alpha / math.sqrt(config.rank))
+        and "default" in layer.lora_magnitude_vector
+    )
     data = load_processed(small_vocab_inputs["data"])
     scores = score_sequences(model, list(data.dev["input_ids"]), 8, torch.device("cpu"), 0)
     assert scores.mean_nll == pytest.approx(record["final_dev_loss"], rel=1e-5)

@@ -52,7 +52,9 @@ def loss_and_gradients(model, compute_loss):
 
 def full_logits(model):
     batch = collate(SEQUENCES, 50256)
-    per_sequence = token_nll_per_sequence(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    per_sequence = token_nll_per_sequence(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     return per_sequence.sum(), per_sequence.detach()
 
 
@@ -106,9 +108,9 @@ def relative_errors(gradients, reference):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_chunked_loss_under_fp16_loses_no_more_gradient_precision_than_the_usual_fp16_loss(method, kernel,
-                                                                                           tiny_model_dir,
-                                                                                           three_positions_a_chunk):
+def test_chunked_loss_under_fp16_loses_no_more_gradient_precision_than_the_usual_fp16_loss(
+    method, kernel, tiny_model_dir, three_positions_a_chunk
+):
     """fp16, the default on a GPU: each chunk's softmax gradient is made in fp32 and cast to fp16 before the
     matmuls, unscaled (the loss scale only reaches it in backward). Its gradients must be as close to fp32's as
     those of the usual fp16 step (full logits, autocast's fp32 cross-entropy, gradients scaled as GradScaler does)."""
@@ -122,6 +124,7 @@ def test_chunked_loss_under_fp16_loses_no_more_gradient_precision_than_the_usual
             with autocast():
                 total, per_sequence = compute_loss(model)
             return total * loss_scale, per_sequence
+
         return compute
 
     reference_total, _, reference = loss_and_gradients(build(tiny_model_dir, method), full_logits)
@@ -155,8 +158,9 @@ class LargestNewTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_no_tensor_the_size_of_the_batch_logits_is_ever_made(method, kernel, tiny_model_dir, three_positions_a_chunk,
-                                                             monkeypatch):
+def test_no_tensor_the_size_of_the_batch_logits_is_ever_made(
+    method, kernel, tiny_model_dir, three_positions_a_chunk, monkeypatch
+):
     """Every tensor the step makes, counted where it is made. torch's kernel is one custom op, whose temporaries the
     count cannot see: for it the check is that it is asked for chunks of 3 positions (its buffer is chunk x
     vocabulary)."""
@@ -224,14 +228,39 @@ def test_a_kernel_this_machine_cannot_run_is_one_sentence(monkeypatch):
     assert resolve_loss_kernel("studykit", "cpu") == "studykit"
 
 
-def test_training_and_evaluation_refuse_liger_on_a_cpu_before_writing_anything(tmp_path, small_vocab_inputs,
-                                                                               in_process):
+def test_training_and_evaluation_refuse_liger_on_a_cpu_before_writing_anything(
+    tmp_path, small_vocab_inputs, in_process
+):
     model, data = small_vocab_inputs["model"], small_vocab_inputs["data"]
-    line = refused("training/train_full_ft.py", "--model", model, "--data-dir", data, "--output-dir", tmp_path / "run",
-                   "--loss-kernel", "liger", watch=[tmp_path], runner=in_process)
+    line = refused(
+        "training/train_full_ft.py",
+        "--model",
+        model,
+        "--data-dir",
+        data,
+        "--output-dir",
+        tmp_path / "run",
+        "--loss-kernel",
+        "liger",
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert line.startswith("error: --loss-kernel liger needs a CUDA GPU")
-    line = refused("evaluation/perplexity.py", "--model", model, "--data-dir", data, "--checkpoints", tmp_path,
-                   "--output-dir", tmp_path / "results", "--loss-kernel", "liger", watch=[tmp_path], runner=in_process)
+    line = refused(
+        "evaluation/perplexity.py",
+        "--model",
+        model,
+        "--data-dir",
+        data,
+        "--checkpoints",
+        tmp_path,
+        "--output-dir",
+        tmp_path / "results",
+        "--loss-kernel",
+        "liger",
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert line.startswith("error: --loss-kernel liger needs a CUDA GPU")
 
 
@@ -261,9 +290,11 @@ def test_positions_found_on_the_host_give_the_loss_the_device_would_find(tiny_mo
         def compute(model):
             result = batch_nll(model, batch, contextlib.nullcontext)
             return result.total, result.per_sequence
+
         return compute
 
     (total, rows, gradients), (expected_total, expected_rows, expected_gradients) = (
-        loss_and_gradients(model, loss_of(batch)) for batch in (with_positions, without))
+        loss_and_gradients(model, loss_of(batch)) for batch in (with_positions, without)
+    )
     assert (total, rows) == (expected_total, expected_rows)
     assert all(torch.equal(gradients[name], expected_gradients[name]) for name in expected_gradients)

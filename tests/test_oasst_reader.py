@@ -65,14 +65,24 @@ def published_message(name, parent, role, text, lang="en", **overrides):
         "rank": None if role == "prompter" else 0,
         "synthetic": False,
         "model_name": None,
-        "detoxify": {"toxicity": 0.00041, "severe_toxicity": 2.1e-05, "obscene": 0.00012, "identity_attack": 9.8e-05,
-                     "insult": 0.00023, "threat": 4.1e-05, "sexual_explicit": 3.2e-05},
+        "detoxify": {
+            "toxicity": 0.00041,
+            "severe_toxicity": 2.1e-05,
+            "obscene": 0.00012,
+            "identity_attack": 9.8e-05,
+            "insult": 0.00023,
+            "threat": 4.1e-05,
+            "sexual_explicit": 3.2e-05,
+        },
         "message_tree_id": None,
         "tree_state": None,
         "emojis": {"+1": 2, "_skip_reply": 1},
         "replies": [],
-        "labels": {"spam": {"value": 0.0, "count": 3}, "lang_mismatch": {"value": 0.0, "count": 3},
-                   "quality": {"value": 0.75, "count": 3}},
+        "labels": {
+            "spam": {"value": 0.0, "count": 3},
+            "lang_mismatch": {"value": 0.0, "count": 3},
+            "quality": {"value": 0.75, "count": 3},
+        },
         "events": {"emoji": [{"type": "emoji", "user_id": oasst_id(f"fan-{name}"), "emoji": "+1"}]},
     }
     message.update(overrides)
@@ -81,8 +91,12 @@ def published_message(name, parent, role, text, lang="en", **overrides):
 
 def published_tree(prompt, tree_state="ready_for_export", name=None):
     tree_id = prompt["message_id"] if prompt is not None else oasst_id(name)
-    return {"message_tree_id": tree_id, "tree_state": tree_state, "prompt": prompt,
-            "origin": "https://open-assistant.io"}
+    return {
+        "message_tree_id": tree_id,
+        "tree_state": tree_state,
+        "prompt": prompt,
+        "origin": "https://open-assistant.io",
+    }
 
 
 def m(name, parent, role, text, *replies, **overrides):
@@ -94,36 +108,112 @@ def published_trees():
     """Five conversation trees (branching, up to depth 4, every filter has something to drop), a tree waiting in
     the prompt lottery with only its prompt, and a tree whose prompt is null."""
     return [
-        published_tree(m("sort", None, "prompter", "How do I sort a list in Python?",
-                         m("sort-a0", "sort", "assistant", "Use sorted(items) for a new list or items.sort() in place.",
-                           m("sort-p1", "sort-a0", "prompter", "And in reverse order?",
-                             m("sort-a1", "sort-p1", "assistant", "Pass reverse=True to either of them."),
-                             m("sort-a2", "sort-p1", "assistant", "Reverse it yourself.", review_result=False,
-                               rank=1))),
-                         m("sort-a3", "sort", "assistant", "sorted() takes any iterable and a key= function.", rank=1),
-                         m("sort-a4", "sort", "assistant", "A deleted answer.", deleted=True, rank=2))),
-        published_tree(m("egg", None, "prompter", "How long should I boil an egg?",
-                         m("egg-a0", "egg", "assistant", "Nine minutes for a firm yolk, then cool it in cold water.",
-                           m("egg-p1", "egg-a0", "prompter", "And a soft one?",
-                             m("egg-a1", "egg-p1", "assistant", "Six minutes.",
-                               m("egg-p2", "egg-a1", "prompter", "Thanks, that worked!")))),
-                         m("egg-a2", "egg", "assistant", "Boil it until it is done.", rank=1, emojis=None, labels=None,
-                           detoxify=None, events=None))),
-        published_tree(m("save", None, "prompter", "How do I start saving money?",
-                         m("save-a0", "save", "assistant", "Track your spending and automate a monthly transfer."),
-                         m("save-a1", "save", "assistant", "   ", rank=1),
-                         m("save-a2", "save", "assistant", "Set a goal, then pay yourself first.", rank=2))),
-        published_tree(m("run", None, "prompter", "How do I start running?",
-                         m("run-a0", "run", "assistant", "Mix short runs with walking, three times a week.",
-                           replies=None),
-                         m("run-a1", "run", "assistant", "Buy shoes that fit, then start slowly.", rank=1))),
-        published_tree(m("brot", None, "prompter", "Wie backe ich Brot?",
-                         m("brot-a0", "brot", "assistant", "Mehl, Wasser, Salz, Hefe, dann gehen lassen.", lang="de"),
-                         m("brot-a1", "brot", "assistant", "Mit Sauerteig dauert es länger.", lang="de", rank=1),
-                         lang="de")),
-        published_tree(m("lottery", None, "prompter", "Write a haiku about tests.", review_count=0, review_result=None,
-                         replies=None),
-                       tree_state="prompt_lottery_waiting"),
+        published_tree(
+            m(
+                "sort",
+                None,
+                "prompter",
+                "How do I sort a list in Python?",
+                m(
+                    "sort-a0",
+                    "sort",
+                    "assistant",
+                    "Use sorted(items) for a new list or items.sort() in place.",
+                    m(
+                        "sort-p1",
+                        "sort-a0",
+                        "prompter",
+                        "And in reverse order?",
+                        m("sort-a1", "sort-p1", "assistant", "Pass reverse=True to either of them."),
+                        m("sort-a2", "sort-p1", "assistant", "Reverse it yourself.", review_result=False, rank=1),
+                    ),
+                ),
+                m("sort-a3", "sort", "assistant", "sorted() takes any iterable and a key= function.", rank=1),
+                m("sort-a4", "sort", "assistant", "A deleted answer.", deleted=True, rank=2),
+            )
+        ),
+        published_tree(
+            m(
+                "egg",
+                None,
+                "prompter",
+                "How long should I boil an egg?",
+                m(
+                    "egg-a0",
+                    "egg",
+                    "assistant",
+                    "Nine minutes for a firm yolk, then cool it in cold water.",
+                    m(
+                        "egg-p1",
+                        "egg-a0",
+                        "prompter",
+                        "And a soft one?",
+                        m(
+                            "egg-a1",
+                            "egg-p1",
+                            "assistant",
+                            "Six minutes.",
+                            m("egg-p2", "egg-a1", "prompter", "Thanks, that worked!"),
+                        ),
+                    ),
+                ),
+                m(
+                    "egg-a2",
+                    "egg",
+                    "assistant",
+                    "Boil it until it is done.",
+                    rank=1,
+                    emojis=None,
+                    labels=None,
+                    detoxify=None,
+                    events=None,
+                ),
+            )
+        ),
+        published_tree(
+            m(
+                "save",
+                None,
+                "prompter",
+                "How do I start saving money?",
+                m("save-a0", "save", "assistant", "Track your spending and automate a monthly transfer."),
+                m("save-a1", "save", "assistant", "   ", rank=1),
+                m("save-a2", "save", "assistant", "Set a goal, then pay yourself first.", rank=2),
+            )
+        ),
+        published_tree(
+            m(
+                "run",
+                None,
+                "prompter",
+                "How do I start running?",
+                m("run-a0", "run", "assistant", "Mix short runs with walking, three times a week.", replies=None),
+                m("run-a1", "run", "assistant", "Buy shoes that fit, then start slowly.", rank=1),
+            )
+        ),
+        published_tree(
+            m(
+                "brot",
+                None,
+                "prompter",
+                "Wie backe ich Brot?",
+                m("brot-a0", "brot", "assistant", "Mehl, Wasser, Salz, Hefe, dann gehen lassen.", lang="de"),
+                m("brot-a1", "brot", "assistant", "Mit Sauerteig dauert es länger.", lang="de", rank=1),
+                lang="de",
+            )
+        ),
+        published_tree(
+            m(
+                "lottery",
+                None,
+                "prompter",
+                "Write a haiku about tests.",
+                review_count=0,
+                review_result=None,
+                replies=None,
+            ),
+            tree_state="prompt_lottery_waiting",
+        ),
         published_tree(None, tree_state="aborted_low_grade", name="empty-tree"),
     ]
 
@@ -160,9 +250,11 @@ def flat_export(trees):
 def published_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("published")
     trees = published_trees()
-    return {"trees": write_jsonl(root / "2023-11-05_oasst2_ready.trees.jsonl", trees),
-            "trees.gz": write_jsonl(root / "2023-11-05_oasst2_ready.trees.jsonl.gz", trees, compress=True),
-            "messages": write_jsonl(root / "2023-11-05_oasst2_ready.messages.jsonl", flat_export(trees))}
+    return {
+        "trees": write_jsonl(root / "2023-11-05_oasst2_ready.trees.jsonl", trees),
+        "trees.gz": write_jsonl(root / "2023-11-05_oasst2_ready.trees.jsonl.gz", trees, compress=True),
+        "messages": write_jsonl(root / "2023-11-05_oasst2_ready.messages.jsonl", flat_export(trees)),
+    }
 
 
 @pytest.mark.parametrize("kind", ["trees", "trees.gz"])
@@ -202,8 +294,11 @@ def test_the_hubs_parquet_with_struct_columns_reads_and_filters(published_files,
         if row["emojis"] is not None:
             row["emojis"] = {"name": list(row["emojis"]), "count": list(row["emojis"].values())}
         if row["labels"] is not None:
-            row["labels"] = {"name": list(row["labels"]), "value": [label["value"] for label in row["labels"].values()],
-                             "count": [label["count"] for label in row["labels"].values()]}
+            row["labels"] = {
+                "name": list(row["labels"]),
+                "value": [label["value"] for label in row["labels"].values()],
+                "count": [label["count"] for label in row["labels"].values()],
+            }
         rows.append(row)
     path = tmp_path / "train-00000-of-00001.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -216,7 +311,9 @@ def test_the_hubs_parquet_with_struct_columns_reads_and_filters(published_files,
 def test_the_split_keeps_whole_published_trees_on_one_side(published_files):
     _, messages, _ = read_local_file(published_files["trees"], skip_bad_lines=False)
     kept, held_out, kept_trees, held_out_trees = split_by_tree(messages, 0.3, "the test split")
-    assert {m["message_tree_id"] for m in kept} == set(kept_trees) and {m["message_tree_id"] for m in held_out} == set(held_out_trees)
+    assert {m["message_tree_id"] for m in kept} == set(kept_trees) and {m["message_tree_id"] for m in held_out} == set(
+        held_out_trees
+    )
     assert set(kept_trees).isdisjoint(held_out_trees)
     # Six trees hold messages (the lottery tree its prompt): 30% rounds up to two; the null prompt has none.
     assert len(held_out_trees) == 2 and len(kept_trees) == 4
@@ -239,8 +336,14 @@ def test_prepare_reads_a_published_export(published_files, small_tokenizer_dir, 
     from studykit.prepare import prepare
 
     # lang=all: the German tree counts too, so any two held-out trees include one with responses.
-    config = PrepareConfig(data_file=str(published_files[kind]), tokenizer=str(small_tokenizer_dir),
-                           output_dir=str(tmp_path / "data"), seq_len=32, test_fraction=0.3, lang="all")
+    config = PrepareConfig(
+        data_file=str(published_files[kind]),
+        tokenizer=str(small_tokenizer_dir),
+        output_dir=str(tmp_path / "data"),
+        seq_len=32,
+        test_fraction=0.3,
+        lang="all",
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         meta = prepare(config)
     counts = meta["counts"]
@@ -285,16 +388,21 @@ def test_invalid_utf8_on_line_5_is_a_numbered_corrupt_line(published_files, tmp_
     assert bad_lines == [5] and len(messages) == len(lines) - 1
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("cut short", "is damaged: its gzip data ends early (the file was cut short); download or copy it again"),
-    ("bytes flipped", "is damaged: its gzip data is corrupt ("),
-    ("not gzip", "is not gzip data although its name ends in .gz; rename it without .gz if it is JSON Lines"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("cut short", "is damaged: its gzip data ends early (the file was cut short); download or copy it again"),
+        ("bytes flipped", "is damaged: its gzip data is corrupt ("),
+        ("not gzip", "is not gzip data although its name ends in .gz; rename it without .gz if it is JSON Lines"),
+    ],
+)
 def test_a_damaged_gzip_export_is_refused_in_one_sentence(published_files, tmp_path, damage, expected):
     data = published_files["trees.gz"].read_bytes()
-    damaged = {"cut short": data[: len(data) // 2],
-               "bytes flipped": data[:40] + bytes(byte ^ 0x55 for byte in data[40:80]) + data[80:],
-               "not gzip": published_files["trees"].read_bytes()}[damage]
+    damaged = {
+        "cut short": data[: len(data) // 2],
+        "bytes flipped": data[:40] + bytes(byte ^ 0x55 for byte in data[40:80]) + data[80:],
+        "not gzip": published_files["trees"].read_bytes(),
+    }[damage]
     path = tmp_path / "download.trees.jsonl.gz"
     path.write_bytes(damaged)
     for skip_bad_lines in (False, True):
@@ -325,8 +433,10 @@ def test_a_file_mixing_both_shapes_names_the_first_stray_line(published_files, t
     path = tmp_path / "concatenated.jsonl"
     path.write_text("\n".join(lines[:3] + flat + lines[3:]) + "\n")
     for skip_bad_lines in (False, True):
-        expected = ("mixes flat messages and message trees (7 line(s) of message trees, 2 of flat messages, the first "
-                    "on line 4)")
+        expected = (
+            "mixes flat messages and message trees (7 line(s) of message trees, 2 of flat messages, the first "
+            "on line 4)"
+        )
         with pytest.raises(UserError, match=re.escape(expected)):
             read_local_file(path, skip_bad_lines)
 
@@ -341,8 +451,13 @@ def test_trees_without_any_message_are_refused(tmp_path):
 # Properties: whatever a file holds, it is read or refused in one line, never with a traceback
 # ---------------------------------------------------------------------------------------------------------
 
-FILE_LEVEL_REFUSALS = ("holds no records", "holds one JSON array", "but no messages (every prompt is null)",
-                       "is damaged", "is not gzip data")
+FILE_LEVEL_REFUSALS = (
+    "holds no records",
+    "holds one JSON array",
+    "but no messages (every prompt is null)",
+    "is damaged",
+    "is not gzip data",
+)
 # No example database: the tests write nothing into the checkout, and every run draws the same kind of files.
 PROPERTY_SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -387,21 +502,55 @@ def scratch(tmp_path_factory):
 
 
 def small_message(index, tree, parent=None, role="assistant"):
-    return {"message_id": f"m{index}", "parent_id": parent, "message_tree_id": tree, "role": role,
-            "text": f"text {index}", "lang": "en", "deleted": False, "review_result": True}
+    return {
+        "message_id": f"m{index}",
+        "parent_id": parent,
+        "message_tree_id": tree,
+        "role": role,
+        "text": f"text {index}",
+        "lang": "en",
+        "deleted": False,
+        "review_result": True,
+    }
 
 
 GOOD_FLAT_LINES = [json.dumps(small_message(i, f"t{i % 3}")).encode() for i in range(4)]
-GOOD_TREE_LINES = [json.dumps({"message_tree_id": f"t{i}", "tree_state": None, "prompt": {
-    **small_message(f"{i}p", None, role="prompter"),
-    "replies": [{**small_message(f"{i}a", None, f"m{i}p"), "replies": []}]}}).encode() for i in range(3)]
+GOOD_TREE_LINES = [
+    json.dumps(
+        {
+            "message_tree_id": f"t{i}",
+            "tree_state": None,
+            "prompt": {
+                **small_message(f"{i}p", None, role="prompter"),
+                "replies": [{**small_message(f"{i}a", None, f"m{i}p"), "replies": []}],
+            },
+        }
+    ).encode()
+    for i in range(3)
+]
 # Bytes a file can hold that a JSON parser or a UTF-8 decoder refuses, or that Python's json reads into surprises.
-AWKWARD_LINES = [b"\xff\xfe", b"\x00", b"\xef\xbb\xbf{}", b"\xed\xa0\x80", b"\r", b"[", b"]", b"{", b"null", b"NaN",
-                 b'"\\ud800"', b'{"message_id": "\\udfff", "message_tree_id": "t", "role": "assistant", "text": "x"}',
-                 b'{"message_id": "m", "message_tree_id": "t", "role": "assistant", "text": "\\ud83d"}',
-                 b'{"message_id": NaN, "message_tree_id": Infinity, "role": -Infinity, "text": null}',
-                 b"1" * 5000, b"[" * 3000 + b"]" * 3000, b'{"prompt": ' * 2000, b'{"a": 1}',
-                 b'{"message_tree_id": "t9", "prompt": null}', b'{"message_tree_id": "t9", "prompt": {"replies": "x"}}']
+AWKWARD_LINES = [
+    b"\xff\xfe",
+    b"\x00",
+    b"\xef\xbb\xbf{}",
+    b"\xed\xa0\x80",
+    b"\r",
+    b"[",
+    b"]",
+    b"{",
+    b"null",
+    b"NaN",
+    b'"\\ud800"',
+    b'{"message_id": "\\udfff", "message_tree_id": "t", "role": "assistant", "text": "x"}',
+    b'{"message_id": "m", "message_tree_id": "t", "role": "assistant", "text": "\\ud83d"}',
+    b'{"message_id": NaN, "message_tree_id": Infinity, "role": -Infinity, "text": null}',
+    b"1" * 5000,
+    b"[" * 3000 + b"]" * 3000,
+    b'{"prompt": ' * 2000,
+    b'{"a": 1}',
+    b'{"message_tree_id": "t9", "prompt": null}',
+    b'{"message_tree_id": "t9", "prompt": {"replies": "x"}}',
+]
 any_byte_line = st.binary(max_size=60).map(lambda line: line.replace(b"\n", b""))
 
 
@@ -422,15 +571,38 @@ def test_any_bytes_are_read_or_refused_by_line_number(scratch, content, compress
     read_or_refused(path, skip_bad_lines)
 
 
-FIELD_NAMES = ["message_id", "message_tree_id", "parent_id", "role", "text", "lang", "deleted", "review_result",
-               "replies", "prompt", "tree_state", "labels", "emojis"]
+FIELD_NAMES = [
+    "message_id",
+    "message_tree_id",
+    "parent_id",
+    "role",
+    "text",
+    "lang",
+    "deleted",
+    "review_result",
+    "replies",
+    "prompt",
+    "tree_state",
+    "labels",
+    "emojis",
+]
 # Every character, lone surrogates included: json.dumps writes them as "\ud800", which json.loads reads back.
 any_text = st.text(st.characters(exclude_categories=()), max_size=12)
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(), any_text,
-                         st.sampled_from(["", "en", "assistant", "prompter", "t1", "m1", "\ud800"]))
-json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.sampled_from(FIELD_NAMES) | any_text, children, max_size=4),
-                           max_leaves=12)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**30), 10**30),
+    st.floats(),
+    any_text,
+    st.sampled_from(["", "en", "assistant", "prompter", "t1", "m1", "\ud800"]),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES) | any_text, children, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def field_or_anything(good):
@@ -439,26 +611,46 @@ def field_or_anything(good):
 
 
 message_base = st.fixed_dictionaries(
-    {"message_id": field_or_anything(st.sampled_from(["m1", "m2", "m3"])),
-     "role": field_or_anything(st.sampled_from(["assistant", "prompter"])),
-     "text": field_or_anything(st.text(max_size=20))},
-    optional={"message_tree_id": field_or_anything(st.sampled_from(["t1", "t2"]) | st.none()),
-              "parent_id": field_or_anything(st.none() | st.just("m1")),
-              "lang": field_or_anything(st.sampled_from(["en", "de"])),
-              "deleted": field_or_anything(st.booleans()), "review_result": field_or_anything(st.booleans())})
-nested_messages = st.recursive(message_base, lambda children: st.builds(
-    lambda message, replies: {**message, "replies": replies}, message_base,
-    st.lists(children, max_size=3) | json_values), max_leaves=6)
-tree_records = st.fixed_dictionaries({"message_tree_id": field_or_anything(st.sampled_from(["t1", "t2", "t3"])),
-                                      "prompt": st.none() | nested_messages | json_values},
-                                     optional={"tree_state": json_values, "origin": json_values})
+    {
+        "message_id": field_or_anything(st.sampled_from(["m1", "m2", "m3"])),
+        "role": field_or_anything(st.sampled_from(["assistant", "prompter"])),
+        "text": field_or_anything(st.text(max_size=20)),
+    },
+    optional={
+        "message_tree_id": field_or_anything(st.sampled_from(["t1", "t2"]) | st.none()),
+        "parent_id": field_or_anything(st.none() | st.just("m1")),
+        "lang": field_or_anything(st.sampled_from(["en", "de"])),
+        "deleted": field_or_anything(st.booleans()),
+        "review_result": field_or_anything(st.booleans()),
+    },
+)
+nested_messages = st.recursive(
+    message_base,
+    lambda children: st.builds(
+        lambda message, replies: {**message, "replies": replies},
+        message_base,
+        st.lists(children, max_size=3) | json_values,
+    ),
+    max_leaves=6,
+)
+tree_records = st.fixed_dictionaries(
+    {
+        "message_tree_id": field_or_anything(st.sampled_from(["t1", "t2", "t3"])),
+        "prompt": st.none() | nested_messages | json_values,
+    },
+    optional={"tree_state": json_values, "origin": json_values},
+)
 
 
 @settings(max_examples=250, **PROPERTY_SETTINGS)
-@given(records=st.one_of(st.lists(st.one_of(json_values, message_base, tree_records), min_size=1, max_size=6),
-                         st.lists(message_base, min_size=1, max_size=6),
-                         st.lists(tree_records, min_size=1, max_size=6)),
-       skip_bad_lines=st.booleans())
+@given(
+    records=st.one_of(
+        st.lists(st.one_of(json_values, message_base, tree_records), min_size=1, max_size=6),
+        st.lists(message_base, min_size=1, max_size=6),
+        st.lists(tree_records, min_size=1, max_size=6),
+    ),
+    skip_bad_lines=st.booleans(),
+)
 def test_any_json_values_are_read_or_refused_by_line_number(scratch, records, skip_bad_lines):
     path = scratch / "values.jsonl"
     path.write_text("\n".join(json.dumps(record) for record in records) + "\n", encoding="ascii")
@@ -468,23 +660,70 @@ def test_any_json_values_are_read_or_refused_by_line_number(scratch, records, sk
 DELETE = object()
 # (field, value) changes to one message. HARMFUL ones break a rule of the reader (the line must be named);
 # HARMLESS ones touch fields the kit does not read or use a null the schema allows (the line must be read).
-HARMFUL_ANYWHERE = [("message_id", DELETE), ("message_id", None), ("message_id", 5), ("message_id", True),
-                    ("message_id", ""), ("message_id", ["m"]), ("message_id", "\ud800"), ("role", DELETE),
-                    ("role", None), ("role", 5), ("role", ["assistant"]), ("text", DELETE), ("text", 5),
-                    ("text", ["hi"]), ("text", {"t": 1}), ("text", "caf\udce9"), ("parent_id", 3), ("parent_id", {}),
-                    ("lang", {"en": 1}), ("lang", 5), ("deleted", "yes"), ("deleted", 1), ("review_result", "no"),
-                    ("review_result", 0), ("replies", "x"), ("replies", {}), ("message_tree_id", 5),
-                    ("message_tree_id", ["t"])]
+HARMFUL_ANYWHERE = [
+    ("message_id", DELETE),
+    ("message_id", None),
+    ("message_id", 5),
+    ("message_id", True),
+    ("message_id", ""),
+    ("message_id", ["m"]),
+    ("message_id", "\ud800"),
+    ("role", DELETE),
+    ("role", None),
+    ("role", 5),
+    ("role", ["assistant"]),
+    ("text", DELETE),
+    ("text", 5),
+    ("text", ["hi"]),
+    ("text", {"t": 1}),
+    ("text", "caf\udce9"),
+    ("parent_id", 3),
+    ("parent_id", {}),
+    ("lang", {"en": 1}),
+    ("lang", 5),
+    ("deleted", "yes"),
+    ("deleted", 1),
+    ("review_result", "no"),
+    ("review_result", 0),
+    ("replies", "x"),
+    ("replies", {}),
+    ("message_tree_id", 5),
+    ("message_tree_id", ["t"]),
+]
 HARMFUL_NESTED = [("replies", [1]), ("replies", ["x"]), ("replies", [None]), ("message_tree_id", "another-tree")]
 HARMFUL_FLAT = [("message_tree_id", DELETE), ("message_tree_id", None), ("message_tree_id", "")]
-HARMLESS_ANYWHERE = [("labels", "x"), ("emojis", None), ("detoxify", [1, 2]), ("events", 5), ("user_id", 5),
-                     ("rank", "first"), ("created_date", None), ("surprise", {"a": [1]}), ("text", None),
-                     ("lang", None), ("deleted", None), ("review_result", None), ("parent_id", None),
-                     ("review_count", "3"), ("synthetic", "no"), ("model_name", 7), ("tree_state", 5)]
+HARMLESS_ANYWHERE = [
+    ("labels", "x"),
+    ("emojis", None),
+    ("detoxify", [1, 2]),
+    ("events", 5),
+    ("user_id", 5),
+    ("rank", "first"),
+    ("created_date", None),
+    ("surprise", {"a": [1]}),
+    ("text", None),
+    ("lang", None),
+    ("deleted", None),
+    ("review_result", None),
+    ("parent_id", None),
+    ("review_count", "3"),
+    ("synthetic", "no"),
+    ("model_name", 7),
+    ("tree_state", 5),
+]
 HARMLESS_NESTED = [("message_tree_id", None), ("message_tree_id", DELETE), ("replies", None), ("replies", DELETE)]
-HARMFUL_TREE = [("message_tree_id", DELETE), ("message_tree_id", None), ("message_tree_id", 5),
-                ("message_tree_id", ""), ("message_tree_id", "\udfff"), ("prompt", DELETE), ("prompt", "x"),
-                ("prompt", 5), ("prompt", []), ("prompt", True)]
+HARMFUL_TREE = [
+    ("message_tree_id", DELETE),
+    ("message_tree_id", None),
+    ("message_tree_id", 5),
+    ("message_tree_id", ""),
+    ("message_tree_id", "\udfff"),
+    ("prompt", DELETE),
+    ("prompt", "x"),
+    ("prompt", 5),
+    ("prompt", []),
+    ("prompt", True),
+]
 HARMLESS_TREE = [("tree_state", None), ("tree_state", 5), ("origin", 5), ("surprise", []), ("prompt", None)]
 
 
@@ -521,23 +760,36 @@ def message_ids_of(record, shape):
 def mutated_lines(draw, number, shape, outcomes=("unchanged", "harmful", "harmless")):
     """One valid flat message or tree for line `number`, then at most one change. Returns (record, harmful)."""
     if shape == FLAT:
-        record = small_message(f"{number}", f"t{draw(st.integers(0, 3))}",
-                               role=draw(st.sampled_from(["assistant", "prompter"])))
+        record = small_message(
+            f"{number}", f"t{draw(st.integers(0, 3))}", role=draw(st.sampled_from(["assistant", "prompter"]))
+        )
         targets = [(record, HARMFUL_ANYWHERE + HARMFUL_FLAT, HARMLESS_ANYWHERE)]
     else:
         parents = [None] + [draw(st.integers(0, index - 1)) for index in range(1, draw(st.integers(1, 6)))]
         nodes = []
         for index, parent in enumerate(parents):
-            node = {**small_message(f"{number}-{index}", None, None if parent is None else nodes[parent]["message_id"],
-                                    role="prompter" if index == 0 else "assistant"), "replies": []}
+            node = {
+                **small_message(
+                    f"{number}-{index}",
+                    None,
+                    None if parent is None else nodes[parent]["message_id"],
+                    role="prompter" if index == 0 else "assistant",
+                ),
+                "replies": [],
+            }
             nodes.append(node)
             if parent is not None:
                 nodes[parent]["replies"].append(node)
-        record = {"message_tree_id": f"tree-{number}", "tree_state": "ready_for_export", "prompt": nodes[0],
-                  "origin": None}
+        record = {
+            "message_tree_id": f"tree-{number}",
+            "tree_state": "ready_for_export",
+            "prompt": nodes[0],
+            "origin": None,
+        }
         targets = [(record, HARMFUL_TREE, HARMLESS_TREE)] + [
             (node, HARMFUL_ANYWHERE + HARMFUL_NESTED, HARMLESS_ANYWHERE + HARMLESS_NESTED)
-            for node in tree_nodes(record)]
+            for node in tree_nodes(record)
+        ]
     outcome = draw(st.sampled_from(outcomes))
     if outcome != "unchanged":
         target, harmful, harmless = draw(st.sampled_from(targets))
@@ -559,15 +811,23 @@ def mutated_files(draw, must_be_refused=False):
 
 def expected_refusal(lines, skip_bad_lines):
     """What the reader must say about these lines, or None when it must read them."""
-    valid = {shape: [number for number, (_, harmful, line_shape) in enumerate(lines, start=1)
-                     if not harmful and line_shape == shape] for shape in (FLAT, TREES)}
+    valid = {
+        shape: [
+            number
+            for number, (_, harmful, line_shape) in enumerate(lines, start=1)
+            if not harmful and line_shape == shape
+        ]
+        for shape in (FLAT, TREES)
+    }
     corrupt = [number for number, (_, harmful, _) in enumerate(lines, start=1) if harmful]
     if not valid[FLAT] and not valid[TREES]:
         return "is not an OASST export: no line holds a valid message", "; line 1: "
     if valid[FLAT] and valid[TREES]:
         major, minor = sorted((FLAT, TREES), key=lambda shape: (-len(valid[shape]), valid[shape][0]))
-        return (f"mixes flat messages and message trees ({len(valid[major])} line(s) of {major}",
-                f"the first on line {valid[minor][0]})")
+        return (
+            f"mixes flat messages and message trees ({len(valid[major])} line(s) of {major}",
+            f"the first on line {valid[minor][0]})",
+        )
     if corrupt and not skip_bad_lines:
         numbers = ", ".join(map(str, corrupt))
         return f"has {len(corrupt)} corrupt line(s) (line {numbers}); line {corrupt[0]}: ", "--skip-bad-lines"
@@ -600,14 +860,30 @@ def test_changed_fields_are_named_or_read_exactly_as_the_rules_say(scratch, line
 
 
 # in_process is a function-scoped fixture: every example runs the command afresh, which is what it is for.
-@settings(max_examples=6, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=6,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(lines=mutated_files(must_be_refused=True))
-def test_the_prepare_command_refuses_a_bad_file_with_exit_2_and_one_error_line(in_process, tmp_path_factory,
-                                                                                 small_tokenizer_dir, lines):
+def test_the_prepare_command_refuses_a_bad_file_with_exit_2_and_one_error_line(
+    in_process, tmp_path_factory, small_tokenizer_dir, lines
+):
     root = tmp_path_factory.mktemp("command")
     data_file = root / "export.jsonl"
     data_file.write_text("".join(json.dumps(record) + "\n" for record, _, _ in lines), encoding="ascii")
-    message = refused(PREPARE, "--data-file", data_file, "--tokenizer", small_tokenizer_dir, "--output-dir",
-                      root / "out", "--seq-len", "32", watch=[root], runner=in_process)
+    message = refused(
+        PREPARE,
+        "--data-file",
+        data_file,
+        "--tokenizer",
+        small_tokenizer_dir,
+        "--output-dir",
+        root / "out",
+        "--seq-len",
+        "32",
+        watch=[root],
+        runner=in_process,
+    )
     assert message.startswith(f"error: {data_file} ") and re.search(r"\bline \d+", message), message

@@ -30,8 +30,10 @@ def test_every_optimizer_the_flag_offers_is_built_and_sized():
 def fp32_and_8bit_runs(small_vocab_inputs, tmp_path_factory):
     root = tmp_path_factory.mktemp("optimizers")
     settings = dict(max_steps=36, eval_every=0, save_every=12, keep=1)
-    records = {name: train_in_process("full", small_vocab_inputs, root / name, optimizer=name, **settings)
-               for name in ("adamw", "adamw8bit")}
+    records = {
+        name: train_in_process("full", small_vocab_inputs, root / name, optimizer=name, **settings)
+        for name in ("adamw", "adamw8bit")
+    }
     return root, records
 
 
@@ -81,27 +83,53 @@ def test_a_run_resumes_only_under_the_optimizer_it_started_with(small_vocab_inpu
     # What a crash after step 3 leaves: the checkpoint of step 2, no record.
     (run_dir / RUN_RECORD).unlink()
     with pytest.raises(checkpointing.UnusableCheckpoint, match=r"--optimizer \(was adamw, now adamw8bit\)"):
-        train_in_process("full", small_vocab_inputs, run_dir, max_steps=4, save_every=2, resume=True,
-                         optimizer="adamw8bit")
+        train_in_process(
+            "full", small_vocab_inputs, run_dir, max_steps=4, save_every=2, resume=True, optimizer="adamw8bit"
+        )
 
 
 def test_paged_optimizer_on_a_cpu_is_one_sentence(small_vocab_inputs, tmp_path):
     output_dir = tmp_path / "run"
-    line = refused(FULL, "--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"],
-                   "--output-dir", output_dir, "--optimizer", "paged-adamw8bit", watch=[tmp_path])
+    line = refused(
+        FULL,
+        "--model",
+        small_vocab_inputs["model"],
+        "--data-dir",
+        small_vocab_inputs["data"],
+        "--output-dir",
+        output_dir,
+        "--optimizer",
+        "paged-adamw8bit",
+        watch=[tmp_path],
+    )
     assert "needs a CUDA GPU" in line and "--optimizer adamw8bit" in line
     assert not output_dir.exists()
 
 
-def test_missing_bitsandbytes_is_one_sentence_naming_what_to_install(small_vocab_inputs, tmp_path, in_process,
-                                                                     monkeypatch):
+def test_missing_bitsandbytes_is_one_sentence_naming_what_to_install(
+    small_vocab_inputs, tmp_path, in_process, monkeypatch
+):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args))
-    line = refused(FULL, "--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"],
-                   "--output-dir", tmp_path / "run", "--optimizer", "adamw8bit", watch=[tmp_path], runner=in_process)
-    assert line == ("error: --optimizer adamw8bit needs bitsandbytes, which is not installed; pip install bitsandbytes "
-                    "(0.50.2 and later run on a CPU too), or use --optimizer adamw.")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "bitsandbytes" else find_spec(name, *args)
+    )
+    line = refused(
+        FULL,
+        "--model",
+        small_vocab_inputs["model"],
+        "--data-dir",
+        small_vocab_inputs["data"],
+        "--output-dir",
+        tmp_path / "run",
+        "--optimizer",
+        "adamw8bit",
+        watch=[tmp_path],
+        runner=in_process,
+    )
+    assert line == (
+        "error: --optimizer adamw8bit needs bitsandbytes, which is not installed; pip install bitsandbytes "
+        "(0.50.2 and later run on a CPU too), or use --optimizer adamw."
+    )
 
 
 def test_a_bitsandbytes_without_this_devices_kernels_is_one_sentence(monkeypatch):
@@ -160,8 +188,10 @@ def gpt2_medium(config):
 
 def test_gpt2_medium_full_fine_tuning_fits_six_gib_with_8bit_adamw_and_checkpointing():
     """The README's plan: the defaults (fp16, micro-batch 8 x 512 tokens), built on the meta device."""
-    plan = {optimizer: gpt2_medium(TrainConfig(optimizer=optimizer, gradient_checkpointing=True))
-            for optimizer in OPTIMIZER_CHOICES}
+    plan = {
+        optimizer: gpt2_medium(TrainConfig(optimizer=optimizer, gradient_checkpointing=True))
+        for optimizer in OPTIMIZER_CHOICES
+    }
     card = 6 * GIB - memory.CUDA_CONTEXT_BYTES
     assert plan["adamw8bit"].total <= card < plan["adamw"].total, plan["adamw8bit"].describe()
     assert plan["paged-adamw8bit"].total < plan["adamw8bit"].total
@@ -197,8 +227,11 @@ def test_medium_study_dry_run_says_what_each_run_needs_offline(tmp_path, capsys,
     from studykit.study import run_study
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run_study(StudyConfig(config=str(REPO_ROOT / "studies" / "medium.toml"), output_dir=str(tmp_path / "medium"),
-                          dry_run=True))
+    run_study(
+        StudyConfig(
+            config=str(REPO_ROOT / "studies" / "medium.toml"), output_dir=str(tmp_path / "medium"), dry_run=True
+        )
+    )
     printed = capsys.readouterr().out.splitlines()
     lines = {line.split()[1]: line for line in printed if line.strip().startswith("memory ")}
     assert sorted(lines) == ["full_ft", "lora_r32", "lora_r8"]
@@ -219,8 +252,13 @@ def test_a_dry_run_without_the_base_models_config_says_so_in_one_line(tmp_path, 
     run_study(StudyConfig(config=str(study), output_dir=str(tmp_path / "out"), dry_run=True))
     printed = capsys.readouterr().out.splitlines()
     memory_lines = [line.split(None, 1) for line in printed if line.strip().startswith("memory")]
-    assert memory_lines == [["memory", "not estimated: 'someone/unknown-model' is neither a GPT-2 size the kit knows "
-                                       "nor a local model directory (yet)"]]
+    assert memory_lines == [
+        [
+            "memory",
+            "not estimated: 'someone/unknown-model' is neither a GPT-2 size the kit knows "
+            "nor a local model directory (yet)",
+        ]
+    ]
 
 
 def test_planning_config_reads_a_local_model_directory(small_vocab_inputs, tmp_path):

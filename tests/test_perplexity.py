@@ -28,9 +28,14 @@ def reference_perplexity(model, sequences):
 def model_and_sequences(tiny_model_dir, gpt2_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     eos = gpt2_tokenizer.eos_token_id
-    texts = ["Hi.", "A somewhat longer answer with several more tokens in it.", "Mid length reply here.",
-             "One", "The longest response of them all, which keeps going for quite a few tokens, more than the others.",
-             "Short again."]
+    texts = [
+        "Hi.",
+        "A somewhat longer answer with several more tokens in it.",
+        "Mid length reply here.",
+        "One",
+        "The longest response of them all, which keeps going for quite a few tokens, more than the others.",
+        "Short again.",
+    ]
     sequences = [gpt2_tokenizer(text)["input_ids"] + [eos] for text in texts]
     assert len({len(s) for s in sequences}) == len(sequences), "lengths must be uneven so padding is exercised"
     return model, sequences
@@ -46,7 +51,9 @@ def test_perplexity_matches_hand_computed_reference(model_and_sequences, gpt2_to
     assert scores.perplexity == pytest.approx(expected_ppl, rel=1e-5)
 
 
-def test_chunks_of_the_output_layer_that_split_responses_change_nothing(model_and_sequences, gpt2_tokenizer, monkeypatch):
+def test_chunks_of_the_output_layer_that_split_responses_change_nothing(
+    model_and_sequences, gpt2_tokenizer, monkeypatch
+):
     model, sequences = model_and_sequences
     whole = score_sequences(model, sequences, 4, torch.device("cpu"), gpt2_tokenizer.eos_token_id)
     # 3 positions a chunk: every response's targets are spread over several chunks, most chunks hold two responses.

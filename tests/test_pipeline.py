@@ -16,16 +16,61 @@ def study(tmp_path_factory, tiny_model_dir, oasst_trees_file):
     data_dir, checkpoints, results = root / "processed", root / "checkpoints", root / "results"
     budget = ["--max-steps", "4", "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2"]
     stages = {
-        "prepare": run_script("data/prepare_oasst.py", "--data-file", oasst_trees_file, "--tokenizer", tiny_model_dir,
-                              "--output-dir", data_dir, "--seq-len", "64", "--test-fraction", "0.2"),
-        "full": run_script("training/train_full_ft.py", "--model", tiny_model_dir, "--data-dir", data_dir,
-                           "--output-dir", checkpoints / "full_ft", *budget),
-        "lora": run_script("training/train_lora.py", "--model", tiny_model_dir, "--data-dir", data_dir,
-                           "--output-dir", checkpoints / "lora_r8", "--rank", "8", *budget),
-        "eval": run_script("evaluation/perplexity.py", "--model", tiny_model_dir, "--data-dir", data_dir,
-                           "--checkpoints", checkpoints, "--output-dir", results),
+        "prepare": run_script(
+            "data/prepare_oasst.py",
+            "--data-file",
+            oasst_trees_file,
+            "--tokenizer",
+            tiny_model_dir,
+            "--output-dir",
+            data_dir,
+            "--seq-len",
+            "64",
+            "--test-fraction",
+            "0.2",
+        ),
+        "full": run_script(
+            "training/train_full_ft.py",
+            "--model",
+            tiny_model_dir,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            checkpoints / "full_ft",
+            *budget,
+        ),
+        "lora": run_script(
+            "training/train_lora.py",
+            "--model",
+            tiny_model_dir,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            checkpoints / "lora_r8",
+            "--rank",
+            "8",
+            *budget,
+        ),
+        "eval": run_script(
+            "evaluation/perplexity.py",
+            "--model",
+            tiny_model_dir,
+            "--data-dir",
+            data_dir,
+            "--checkpoints",
+            checkpoints,
+            "--output-dir",
+            results,
+        ),
     }
-    return {"root": root, "data": data_dir, "checkpoints": checkpoints, "results": results, "stages": stages, "model": tiny_model_dir}
+    return {
+        "root": root,
+        "data": data_dir,
+        "checkpoints": checkpoints,
+        "results": results,
+        "stages": stages,
+        "model": tiny_model_dir,
+    }
 
 
 def test_each_stage_prints_and_saves_its_config(study):
@@ -50,13 +95,28 @@ def test_lora_run_prints_and_records_adapted_modules(study):
 def test_both_runs_share_the_budget_and_record_it(study):
     full = json.loads((study["checkpoints"] / "full_ft" / "run.json").read_text())
     lora = json.loads((study["checkpoints"] / "lora_r8" / "run.json").read_text())
-    for key in ("training_data_fingerprint", "dev_fingerprint", "seq_len", "effective_batch", "steps", "seed", "tokens_seen"):
+    for key in (
+        "training_data_fingerprint",
+        "dev_fingerprint",
+        "seq_len",
+        "effective_batch",
+        "steps",
+        "seed",
+        "tokens_seen",
+    ):
         assert full[key] == lora[key], key
     assert full["steps"] == 4 and full["effective_batch"] == 8
     assert full["method"] == "full" and lora["method"] == "lora"
     # Both computed the same way, and say how.
-    assert full["kernels"] == lora["kernels"] == {"attention": "sdpa", "mlp_activation": "tanh GELU, one kernel (replaces gelu_new)",
-                                                  "loss": "output layer in chunks (studykit.loss)"}
+    assert (
+        full["kernels"]
+        == lora["kernels"]
+        == {
+            "attention": "sdpa",
+            "mlp_activation": "tanh GELU, one kernel (replaces gelu_new)",
+            "loss": "output layer in chunks (studykit.loss)",
+        }
+    )
     assert "kernels: attention sdpa, mlp activation tanh GELU" in study["stages"]["full"].stdout
     assert full["trainable_params"] == full["total_params"]
     for record in (full, lora):
@@ -119,6 +179,8 @@ def test_every_flag_shows_its_default_once():
     for config_cls in (PrepareConfig, LoraTrainConfig, EvalConfig, StudyConfig):
         text = " ".join(build_parser(config_cls, "").format_help().split())
         flags = re.split(r" (?=--[a-z])", text.split("options:")[1])
-        assert all(flag.count("(default:") <= 1 for flag in flags), [flag for flag in flags if flag.count("(default:") > 1]
+        assert all(flag.count("(default:") <= 1 for flag in flags), [
+            flag for flag in flags if flag.count("(default:") > 1
+        ]
     lora_help = " ".join(build_parser(LoraTrainConfig, "").format_help().split())
     assert "LoRA alpha (default: 2 x rank)" in lora_help and "LoRA rank r (default: 8)" in lora_help

@@ -24,24 +24,31 @@ from studykit.prepare import prepare
 def filter_fixture():
     """Ten messages with a known fate under the default filters (lang=en)."""
     return [
-        oasst_message("p1", "t1", None, "prompter", "question"),                        # not assistant
-        oasst_message("a1", "t1", "p1", "assistant", "kept one"),                         # kept
-        oasst_message("a1", "t1", "p1", "assistant", "kept one"),                         # duplicate id
-        oasst_message("a2", "t1", "p1", "assistant", "gone", deleted=True),              # deleted
-        oasst_message("a3", "t1", "p1", "assistant", "rejected", review_result=False),   # failed review
+        oasst_message("p1", "t1", None, "prompter", "question"),  # not assistant
+        oasst_message("a1", "t1", "p1", "assistant", "kept one"),  # kept
+        oasst_message("a1", "t1", "p1", "assistant", "kept one"),  # duplicate id
+        oasst_message("a2", "t1", "p1", "assistant", "gone", deleted=True),  # deleted
+        oasst_message("a3", "t1", "p1", "assistant", "rejected", review_result=False),  # failed review
         oasst_message("a4", "t2", None, "assistant", "no review yet", review_result=None),  # kept: None is not False
-        oasst_message("a5", "t2", None, "assistant", "   \n"),                            # blank
-        oasst_message("a6", "t2", None, "assistant", "hallo", lang="de"),                # other language
-        oasst_message("a7", "t3", None, "assistant", "kept three"),                       # kept
-        oasst_message("a7", "t3", None, "assistant", "kept three again"),                 # duplicate id
+        oasst_message("a5", "t2", None, "assistant", "   \n"),  # blank
+        oasst_message("a6", "t2", None, "assistant", "hallo", lang="de"),  # other language
+        oasst_message("a7", "t3", None, "assistant", "kept three"),  # kept
+        oasst_message("a7", "t3", None, "assistant", "kept three again"),  # duplicate id
     ]
 
 
 def test_filters_and_dedupe_count_every_stage():
     kept, counts = filter_messages(filter_fixture(), parse_languages("en"))
     assert [m["message_id"] for m in kept] == ["a1", "a4", "a7"]
-    assert dict(counts) == {"read": 10, "unique": 8, "assistant": 7, "not_deleted": 6, "review_passed": 5,
-                            "non_blank": 4, "language": 3}
+    assert dict(counts) == {
+        "read": 10,
+        "unique": 8,
+        "assistant": 7,
+        "not_deleted": 6,
+        "review_passed": 5,
+        "non_blank": 4,
+        "language": 3,
+    }
 
 
 def test_lang_all_and_lists():
@@ -136,23 +143,40 @@ def test_prepare_writes_dataset_and_meta(processed_dir, oasst_trees_file):
     assert set(data.train["prompt_length"]) == {0}  # --context none: responses alone
     splits = {"train": data.train, "dev": data.dev, "test": data.test}
     trees = {name: set(split["message_tree_id"]) for name, split in splits.items()}
-    assert trees["train"].isdisjoint(trees["dev"]) and trees["train"].isdisjoint(trees["test"]) and trees["dev"].isdisjoint(trees["test"])
-    assert json.loads((processed_dir / "tree_split.json").read_text()) == {name: sorted(ids) for name, ids in trees.items()}
+    assert (
+        trees["train"].isdisjoint(trees["dev"])
+        and trees["train"].isdisjoint(trees["test"])
+        and trees["dev"].isdisjoint(trees["test"])
+    )
+    assert json.loads((processed_dir / "tree_split.json").read_text()) == {
+        name: sorted(ids) for name, ids in trees.items()
+    }
     assert all(ids[-1] == meta["eos_token_id"] for ids in data.train["input_ids"])
     assert meta["tokens"]["train"] == sum(len(ids) for ids in data.train["input_ids"])
     assert (processed_dir / "prepare_config.json").exists() and (processed_dir / "tree_split.json").exists()
 
 
 def test_seq_len_above_context_is_refused(tmp_path, gpt2_tokenizer_dir, oasst_trees_file):
-    config = PrepareConfig(data_file=str(oasst_trees_file), tokenizer=str(gpt2_tokenizer_dir), output_dir=str(tmp_path / "out"), seq_len=2048)
+    config = PrepareConfig(
+        data_file=str(oasst_trees_file),
+        tokenizer=str(gpt2_tokenizer_dir),
+        output_dir=str(tmp_path / "out"),
+        seq_len=2048,
+    )
     with pytest.raises(UserError, match="exceeds the context"):
         prepare(config)
     assert not (tmp_path / "out").exists()
 
 
 def test_hub_unreachable_fails_fast_with_the_local_flag(tmp_path):
-    result = run_script("data/prepare_oasst.py", "--output-dir", tmp_path / "out", check=False, timeout=60,
-                        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    result = run_script(
+        "data/prepare_oasst.py",
+        "--output-dir",
+        tmp_path / "out",
+        check=False,
+        timeout=60,
+        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--tokenizer PATH" in result.stderr
@@ -166,7 +190,19 @@ BOM = b"\xef\xbb\xbf"
 
 
 def prepare_args(data_file, tokenizer, output_dir, *extra):
-    return ["--data-file", data_file, "--tokenizer", tokenizer, "--output-dir", output_dir, "--seq-len", "64", "--test-fraction", "0.2", *extra]
+    return [
+        "--data-file",
+        data_file,
+        "--tokenizer",
+        tokenizer,
+        "--output-dir",
+        output_dir,
+        "--seq-len",
+        "64",
+        "--test-fraction",
+        "0.2",
+        *extra,
+    ]
 
 
 def test_a_model_directory_is_never_replaced_by_the_dataset(in_process, tmp_path, tiny_model_dir, oasst_trees_file):
@@ -177,8 +213,9 @@ def test_a_model_directory_is_never_replaced_by_the_dataset(in_process, tmp_path
     assert message.endswith("choose an empty or new --output-dir.")
 
 
-def test_a_dataset_from_the_same_inputs_is_kept_and_one_from_other_inputs_needs_overwrite(in_process, tmp_path, oasst_trees_file,
-                                                                                         gpt2_tokenizer_dir):
+def test_a_dataset_from_the_same_inputs_is_kept_and_one_from_other_inputs_needs_overwrite(
+    in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir
+):
     """Prepare agrees with training: the same inputs leave the dataset as it is ("up to date"); other inputs are refused
     unless --overwrite, which replaces the dataset in place."""
     output = tmp_path / "data"
@@ -189,27 +226,41 @@ def test_a_dataset_from_the_same_inputs_is_kept_and_one_from_other_inputs_needs_
     assert again.returncode == 0 and "up to date" in again.stdout and "nothing rewritten" in again.stdout
     assert snapshot(output) == first, "a dataset prepared from the same inputs was rewritten"
 
-    message = refused(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32"), watch=[tmp_path],
-                      runner=in_process)
-    assert "holds a prepared dataset" in message and "--seq-len (was 64, now 32)" in message and "--overwrite" in message
+    message = refused(
+        PREPARE,
+        *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32"),
+        watch=[tmp_path],
+        runner=in_process,
+    )
+    assert (
+        "holds a prepared dataset" in message and "--seq-len (was 64, now 32)" in message and "--overwrite" in message
+    )
 
     edited = tmp_path / "edited.trees.jsonl"
     edited.write_text(oasst_trees_file.read_text().replace("Question number 3?", "Question number three?"))
     message = refused(PREPARE, *prepare_args(edited, gpt2_tokenizer_dir, output), watch=[tmp_path], runner=in_process)
     assert "made from other inputs: the data" in message
 
-    result = in_process(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32", "--overwrite"))
+    result = in_process(
+        PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, output, "--seq-len", "32", "--overwrite")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_processed(output).meta["seq_len"] == 32
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "edited.trees.jsonl"], \
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "edited.trees.jsonl"], (
         "the old dataset, a staging directory or a lock file was left behind"
+    )
 
 
 def test_an_existing_file_as_output_dir_is_refused(in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir):
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me\n")
-    message = refused(PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, notes), watch=[tmp_path], runner=in_process)
-    assert message == f"error: cannot write to {notes}: {notes} is a file, not a directory; choose another directory with --output-dir."
+    message = refused(
+        PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, notes), watch=[tmp_path], runner=in_process
+    )
+    assert (
+        message
+        == f"error: cannot write to {notes}: {notes} is a file, not a directory; choose another directory with --output-dir."
+    )
     assert notes.read_text() == "keep me\n"
 
 
@@ -218,16 +269,23 @@ def write_array(path, trees_file, indent=None):
     return path
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("directory", "is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) with --data-file."),
-    ("empty", "holds no records; pass a non-empty OASST export with --data-file."),
-    ("array.json", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
-    ("array.jsonl", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
-    ("indented array.json", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("directory", "is a directory; pass an OASST export file (.jsonl, .jsonl.gz or .parquet) with --data-file."),
+        ("empty", "holds no records; pass a non-empty OASST export with --data-file."),
+        ("array.json", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
+        ("array.jsonl", "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)"),
+        (
+            "indented array.json",
+            "holds one JSON array, but OASST exports are JSON Lines (one message or tree per line)",
+        ),
+    ],
+)
 @pytest.mark.parametrize("skip_bad_lines", [False, True])
-def test_an_unusable_data_file_is_refused_before_anything_is_created(kind, expected, skip_bad_lines, in_process, tmp_path,
-                                                                      oasst_trees_file, gpt2_tokenizer_dir):
+def test_an_unusable_data_file_is_refused_before_anything_is_created(
+    kind, expected, skip_bad_lines, in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir
+):
     data_file = tmp_path / ("export.jsonl" if kind in ("directory", "empty") else kind.split()[-1])
     if kind == "directory":
         data_file.mkdir()
@@ -238,7 +296,9 @@ def test_an_unusable_data_file_is_refused_before_anything_is_created(kind, expec
     # The output's parent does not exist either: a refusal must not create it.
     output = tmp_path / "new" / "data"
     extra = ["--skip-bad-lines"] if skip_bad_lines else []
-    message = refused(PREPARE, *prepare_args(data_file, gpt2_tokenizer_dir, output, *extra), watch=[tmp_path], runner=in_process)
+    message = refused(
+        PREPARE, *prepare_args(data_file, gpt2_tokenizer_dir, output, *extra), watch=[tmp_path], runner=in_process
+    )
     assert message.startswith(f"error: {data_file} ") or message.startswith(f"error: data file {data_file} "), message
     assert expected in message
     # --skip-bad-lines would drop the whole array: the message must not offer it.
@@ -254,7 +314,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, oasst_trees
     assert read_local_file(path, skip_bad_lines=False) == read_local_file(oasst_trees_file, skip_bad_lines=False)
 
 
-def test_prepare_reads_a_file_with_a_byte_order_mark_like_one_without(in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir, processed_dir):
+def test_prepare_reads_a_file_with_a_byte_order_mark_like_one_without(
+    in_process, tmp_path, oasst_trees_file, gpt2_tokenizer_dir, processed_dir
+):
     bom_file = tmp_path / "windows.jsonl"
     bom_file.write_bytes(BOM + oasst_trees_file.read_bytes())
     result = in_process(PREPARE, *prepare_args(bom_file, gpt2_tokenizer_dir, tmp_path / "out"))

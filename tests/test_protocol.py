@@ -9,8 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import ONE_RUN_TRAINING, QUIET, one_run_study, write_oasst_trees
+
 from studykit import study_state
 from studykit.config import LoraTrainConfig, StudyConfig, TrainConfig, command_line, parse_config
 from studykit.study import run_study
@@ -55,8 +55,12 @@ def test_training_logs_and_every_choice_stay_the_same_when_the_test_split_change
     """Only evaluation reads the test split: rewrite every test response and the sweep, its logs and its choice are
     the same to the last digit, while the test perplexity moves."""
     original = write_oasst_trees(tmp_path / "original.jsonl")
-    first = run_study(StudyConfig(config=str(invariance_study(tmp_path / "a.toml", small_vocab_inputs["model"], original)),
-                                  output_dir=str(tmp_path / "a")))
+    first = run_study(
+        StudyConfig(
+            config=str(invariance_study(tmp_path / "a.toml", small_vocab_inputs["model"], original)),
+            output_dir=str(tmp_path / "a"),
+        )
+    )
     test_trees = set(json.loads((tmp_path / "a" / "processed" / "tree_split.json").read_text())["test"])
     changed = tmp_path / "changed.jsonl"
     lines = []
@@ -67,26 +71,44 @@ def test_training_logs_and_every_choice_stay_the_same_when_the_test_split_change
                 reply["text"] = "Something else entirely: " + reply["text"][::-1]
         lines.append(json.dumps(tree))
     changed.write_text("\n".join(lines) + "\n")
-    second = run_study(StudyConfig(config=str(invariance_study(tmp_path / "b.toml", small_vocab_inputs["model"], changed)),
-                                   output_dir=str(tmp_path / "b")))
+    second = run_study(
+        StudyConfig(
+            config=str(invariance_study(tmp_path / "b.toml", small_vocab_inputs["model"], changed)),
+            output_dir=str(tmp_path / "b"),
+        )
+    )
 
     assert first["chosen"] == second["chosen"] and sorted(first["trained"]) == sorted(second["trained"])
     for name in first["trained"]:
-        logs = [[{key: value for key, value in json.loads(line).items() if key != "tokens_per_second"}
-                 for line in (tmp_path / root / "checkpoints" / name / "log.jsonl").read_text().splitlines()] for root in ("a", "b")]
+        logs = [
+            [
+                {key: value for key, value in json.loads(line).items() if key != "tokens_per_second"}
+                for line in (tmp_path / root / "checkpoints" / name / "log.jsonl").read_text().splitlines()
+            ]
+            for root in ("a", "b")
+        ]
         assert logs[0] == logs[1], name
     metas = [json.loads((tmp_path / root / "processed" / "meta.json").read_text()) for root in ("a", "b")]
     assert metas[0]["training_fingerprint"] == metas[1]["training_fingerprint"]
     assert metas[0]["test_fingerprint"] != metas[1]["test_fingerprint"]
-    test_perplexities = [next(row for row in json.loads((tmp_path / root / "results" / "results.json").read_text())["rows"]
-                              if row["name"] == "full_ft")["test"]["mean_perplexity"] for root in ("a", "b")]
+    test_perplexities = [
+        next(
+            row
+            for row in json.loads((tmp_path / root / "results" / "results.json").read_text())["rows"]
+            if row["name"] == "full_ft"
+        )["test"]["mean_perplexity"]
+        for root in ("a", "b")
+    ]
     assert test_perplexities[0] != test_perplexities[1]
 
 
 def fake_records(monkeypatch, dev_losses: dict[float, float]):
     """Finished sweep trainings with the given final dev loss per rate."""
-    monkeypatch.setattr(study_state, "finished_record",
-                        lambda training, fingerprint, adopt=True: SimpleNamespace(final_dev_loss=dev_losses[training.lr]))
+    monkeypatch.setattr(
+        study_state,
+        "finished_record",
+        lambda training, fingerprint, adopt=True: SimpleNamespace(final_dev_loss=dev_losses[training.lr]),
+    )
 
 
 def three_rate_study(tmp_path) -> tuple:
@@ -114,20 +136,28 @@ def test_the_sweep_picks_the_lowest_dev_loss_and_flags_only_a_choice_at_the_grid
 
 def test_the_sweep_chooses_nothing_while_a_sweep_training_is_missing(tmp_path, monkeypatch):
     study, spec = three_rate_study(tmp_path)
-    monkeypatch.setattr(study_state, "finished_record", lambda training, fingerprint, adopt=True:
-                        None if training.lr == 1e-2 else SimpleNamespace(final_dev_loss=1.0))
+    monkeypatch.setattr(
+        study_state,
+        "finished_record",
+        lambda training, fingerprint, adopt=True: None if training.lr == 1e-2 else SimpleNamespace(final_dev_loss=1.0),
+    )
     result = study_state.sweep_result(study, spec, "fingerprint")
     assert result.chosen_lr is None and result.pending == [f"full_ft__lr{lr_label(1e-2)}__seed0"]
 
 
 def test_seeds_replicate_the_chosen_rate_and_the_sweep_uses_the_sweep_seeds(tmp_path):
     path = one_run_study(tmp_path / "study.toml")
-    path.write_text(path.read_text().replace("lr = 1e-3", "lr = [1e-4, 1e-3]").replace("seeds = [0]", "seeds = [0, 1, 2]\nsweep_seeds = [1]"))
+    path.write_text(
+        path.read_text()
+        .replace("lr = 1e-3", "lr = [1e-4, 1e-3]")
+        .replace("seeds = [0]", "seeds = [0, 1, 2]\nsweep_seeds = [1]")
+    )
     study = load_study(path)
     spec = study.runs[0]
     assert [t.name for t in study.sweep_trainings(spec)] == ["full_ft__lr1e-4__seed1", "full_ft__lr1e-3__seed1"]
     assert [(t.lr, t.seed, t.config.seed, t.config.lr) for t in study.replicate_trainings(spec, 1e-3)] == [
-        (1e-3, seed, seed, 1e-3) for seed in (0, 1, 2)]
+        (1e-3, seed, seed, 1e-3) for seed in (0, 1, 2)
+    ]
     # --seeds replaces the study file's seeds; a sweep seed it drops falls back to the first of them.
     overridden = load_study(path, seeds=[7, 8])
     assert overridden.seeds == [7, 8] and overridden.sweep_seeds == [7]
@@ -183,22 +213,47 @@ def test_gpus_are_named_by_id_and_a_bad_list_is_one_sentence():
         visible_gpus("first")
 
 
-@pytest.mark.parametrize("config", [
-    TrainConfig(model="m", max_steps=7, lr=3e-4, seed=5, packing=True, max_gpu_memory_gb=6.0, group_by_length=False),
-    LoraTrainConfig(model="m", rank=4, lr=1e-3, target_modules=["attn.c_attn", "mlp.c_fc"], use_rslora=True, loraplus_lr_ratio=16.0),
-], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(
+            model="m", max_steps=7, lr=3e-4, seed=5, packing=True, max_gpu_memory_gb=6.0, group_by_length=False
+        ),
+        LoraTrainConfig(
+            model="m",
+            rank=4,
+            lr=1e-3,
+            target_modules=["attn.c_attn", "mlp.c_fc"],
+            use_rslora=True,
+            loraplus_lr_ratio=16.0,
+        ),
+    ],
+    ids=["full", "lora"],
+)
 def test_a_config_written_as_a_command_line_parses_back_to_itself(config):
     assert parse_config(type(config), "", command_line(config)) == config
 
 
 def test_printed_commands_run_as_printed_and_the_next_study_run_gathers_them(tmp_path, capsys):
-    config = StudyConfig(config=str(one_run_study(tmp_path / "one.toml", steps=2)), output_dir=str(tmp_path / "out"), print_commands=True)
+    config = StudyConfig(
+        config=str(one_run_study(tmp_path / "one.toml", steps=2)), output_dir=str(tmp_path / "out"), print_commands=True
+    )
     printed = run_study(config)
     assert printed["pending"] == [ONE_RUN_TRAINING] and not printed["evaluated"]
     commands = [line for line in capsys.readouterr().out.splitlines() if line.endswith("--no-trust-remote-code")]
     assert len(commands) == 1 and "train_full_ft.py" in commands[0] and "--overwrite" in commands[0]
     # Run as a cluster job would: from another directory, with nothing but the printed line.
-    subprocess.run(shlex.split(commands[0]), check=True, cwd=tmp_path, env={**__import__("os").environ, **QUIET, "HF_HUB_OFFLINE": "1"},
-                   capture_output=True)
+    subprocess.run(
+        shlex.split(commands[0]),
+        check=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, **QUIET, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+    )
     gathered = run_study(StudyConfig(config=config.config, output_dir=config.output_dir))
-    assert gathered["trained"] == [] and gathered["kept"] == [ONE_RUN_TRAINING] and gathered["evaluated"] and gathered["reported"]
+    assert (
+        gathered["trained"] == []
+        and gathered["kept"] == [ONE_RUN_TRAINING]
+        and gathered["evaluated"]
+        and gathered["reported"]
+    )

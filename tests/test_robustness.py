@@ -35,7 +35,21 @@ from studykit.run_dir import RUN_LOG, RUN_RECORD, read_run_log, resumable_checkp
 
 
 def train_args(model, data, output_dir, *extra):
-    return ["--model", model, "--data-dir", data, "--output-dir", output_dir, "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", *extra]
+    return [
+        "--model",
+        model,
+        "--data-dir",
+        data,
+        "--output-dir",
+        output_dir,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        *extra,
+    ]
 
 
 class RunsCode:
@@ -67,7 +81,9 @@ def test_corrupt_jsonl_lines_are_named_and_can_be_skipped(in_process, tmp_path, 
     broken = tmp_path / "broken.jsonl"
     broken.write_text("\n".join(lines) + "\n")
     args = ["--data-file", broken, "--tokenizer", gpt2_tokenizer_dir, "--seq-len", "64", "--test-fraction", "0.2"]
-    message = refused(PREPARE, *args, "--output-dir", existing_output, watch=[existing_output.parent], runner=in_process)
+    message = refused(
+        PREPARE, *args, "--output-dir", existing_output, watch=[existing_output.parent], runner=in_process
+    )
     assert "2 corrupt line(s) (line 3, 7)" in message and "--skip-bad-lines" in message
 
     assert in_process(PREPARE, *args, "--output-dir", tmp_path / "out", "--skip-bad-lines").returncode == 0
@@ -79,20 +95,55 @@ def test_corrupt_jsonl_lines_are_named_and_can_be_skipped(in_process, tmp_path, 
 def test_a_file_that_is_not_an_oasst_export_is_refused(in_process, tmp_path, gpt2_tokenizer_dir, existing_output):
     other = tmp_path / "other.jsonl"
     other.write_text('{"instruction": "add", "output": "2"}\n' * 3)
-    message = refused(PREPARE, "--data-file", other, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
-                      watch=[existing_output.parent], runner=in_process)
+    message = refused(
+        PREPARE,
+        "--data-file",
+        other,
+        "--tokenizer",
+        gpt2_tokenizer_dir,
+        "--output-dir",
+        existing_output,
+        watch=[existing_output.parent],
+        runner=in_process,
+    )
     assert "is not an OASST export" in message and "instruction" in message
 
 
 def test_nothing_left_after_the_filters_is_refused(in_process, oasst_trees_file, gpt2_tokenizer_dir, existing_output):
-    message = refused(PREPARE, "--data-file", oasst_trees_file, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
-                      "--lang", "xx", "--test-fraction", "0.2", watch=[existing_output.parent], runner=in_process)
+    message = refused(
+        PREPARE,
+        "--data-file",
+        oasst_trees_file,
+        "--tokenizer",
+        gpt2_tokenizer_dir,
+        "--output-dir",
+        existing_output,
+        "--lang",
+        "xx",
+        "--test-fraction",
+        "0.2",
+        watch=[existing_output.parent],
+        runner=in_process,
+    )
     assert "messages are left after the filters" in message and "--lang" in message
 
 
-def test_seq_len_above_the_tokenizers_context_is_refused(in_process, oasst_trees_file, gpt2_tokenizer_dir, existing_output):
-    message = refused(PREPARE, "--data-file", oasst_trees_file, "--tokenizer", gpt2_tokenizer_dir, "--output-dir", existing_output,
-                      "--seq-len", "2048", watch=[existing_output.parent], runner=in_process)
+def test_seq_len_above_the_tokenizers_context_is_refused(
+    in_process, oasst_trees_file, gpt2_tokenizer_dir, existing_output
+):
+    message = refused(
+        PREPARE,
+        "--data-file",
+        oasst_trees_file,
+        "--tokenizer",
+        gpt2_tokenizer_dir,
+        "--output-dir",
+        existing_output,
+        "--seq-len",
+        "2048",
+        watch=[existing_output.parent],
+        runner=in_process,
+    )
     assert "--seq-len 2048 exceeds the context" in message and "(1024 tokens)" in message
 
 
@@ -117,58 +168,93 @@ def test_missing_or_empty_data_directory_names_the_stage_that_makes_it(state, in
 
 def test_data_longer_than_the_models_context_is_refused(in_process, tmp_path, gpt2_tokenizer, processed_dir):
     short_model = build_tiny_model(tmp_path / "short-context", gpt2_tokenizer, n_positions=32)
-    message = refused(FULL, *train_args(short_model, processed_dir, tmp_path / "run"), watch=[tmp_path, processed_dir], runner=in_process)
+    message = refused(
+        FULL,
+        *train_args(short_model, processed_dir, tmp_path / "run"),
+        watch=[tmp_path, processed_dir],
+        runner=in_process,
+    )
     assert "--seq-len 64 exceeds the model's context of 32" in message
 
 
 def test_data_from_another_tokenizer_is_refused(in_process, tmp_path, small_vocab_inputs, processed_dir):
-    message = refused(FULL, *train_args(small_vocab_inputs["model"], processed_dir, tmp_path / "run"), watch=[tmp_path, processed_dir], runner=in_process)
+    message = refused(
+        FULL,
+        *train_args(small_vocab_inputs["model"], processed_dir, tmp_path / "run"),
+        watch=[tmp_path, processed_dir],
+        runner=in_process,
+    )
     assert "was tokenized with" in message and "prepare the data again" in message
 
 
 @pytest.mark.parametrize("target", ["attn.q_proj", "act", "attn_dropout", "0"])
 def test_lora_targets_that_match_nothing_are_refused(target, in_process, tmp_path, small_vocab_inputs):
     """A name that matches no module, or only modules LoRA cannot adapt (an activation, dropout, a whole block)."""
-    args = train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", "--target-modules", target)
+    args = train_args(
+        small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", "--target-modules", target
+    )
     message = refused(LORA, *args, watch=[tmp_path], runner=in_process)
     assert "match nothing" in message and f"['{target}']" in message
     suggested = message.split("such as ")[1]
-    assert "attn.c_attn" in suggested and "mlp.c_proj" in suggested and "'act'" not in suggested and "dropout" not in suggested
+    assert (
+        "attn.c_attn" in suggested
+        and "mlp.c_proj" in suggested
+        and "'act'" not in suggested
+        and "dropout" not in suggested
+    )
 
 
 def test_a_lora_adapter_passed_as_the_base_model_is_refused(in_process, tmp_path, small_vocab_inputs, lora_checkpoints):
     """transformers would load the adapter's base with the adapter applied and train on top of it, without a word."""
     lora_adapter = lora_checkpoints / "lora_r8"
     for script in (FULL, LORA):
-        message = refused(script, *train_args(lora_adapter, small_vocab_inputs["data"], tmp_path / "run"), watch=[tmp_path, lora_adapter],
-                          runner=in_process)
+        message = refused(
+            script,
+            *train_args(lora_adapter, small_vocab_inputs["data"], tmp_path / "run"),
+            watch=[tmp_path, lora_adapter],
+            runner=in_process,
+        )
         assert "is a LoRA adapter, not a base model" in message and "--model" in message
 
 
 @pytest.mark.parametrize("flags", [["--rank", "0"], ["--alpha", "-1"]])
 def test_non_positive_lora_rank_or_alpha_is_refused(flags, in_process, tmp_path, small_vocab_inputs):
     runner = None if flags[0] == "--rank" else in_process
-    message = refused(LORA, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags), watch=[tmp_path], runner=runner)
+    message = refused(
+        LORA,
+        *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags),
+        watch=[tmp_path],
+        runner=runner,
+    )
     assert "positive rank and alpha" in message
 
 
-@pytest.mark.parametrize("script, flags, expected", [
-    (FULL, ["--lr", "nan"], "--lr must be above 0 (got nan)"),
-    (FULL, ["--epochs", "nan", "--max-steps", "none"], "--epochs must be above 0"),
-    (FULL, ["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
-    (FULL, ["--warmup-ratio", "2"], "--warmup-ratio must be from 0 to 1"),
-    (FULL, ["--max-grad-norm", "-1"], "--max-grad-norm must be 0 (no clipping) or more"),
-    (FULL, ["--peak-tflops", "inf"], "--peak-tflops must be above 0"),
-    (LORA, ["--dropout", "1.5"], "--dropout must be from 0 to below 1"),
-    (LORA, ["--alpha", "nan"], "positive rank and alpha"),
-    (FULL, ["--lr", "-1e-3"], "argument --lr: expected one argument (see train_full_ft.py --help)"),
-    (FULL, ["--learning-rate", "1e-3"], "unrecognized arguments: --learning-rate 1e-3"),
-])
-def test_settings_that_cannot_train_are_refused_before_anything_is_written(script, flags, expected, in_process, tmp_path, small_vocab_inputs):
+@pytest.mark.parametrize(
+    "script, flags, expected",
+    [
+        (FULL, ["--lr", "nan"], "--lr must be above 0 (got nan)"),
+        (FULL, ["--epochs", "nan", "--max-steps", "none"], "--epochs must be above 0"),
+        (FULL, ["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
+        (FULL, ["--warmup-ratio", "2"], "--warmup-ratio must be from 0 to 1"),
+        (FULL, ["--max-grad-norm", "-1"], "--max-grad-norm must be 0 (no clipping) or more"),
+        (FULL, ["--peak-tflops", "inf"], "--peak-tflops must be above 0"),
+        (LORA, ["--dropout", "1.5"], "--dropout must be from 0 to below 1"),
+        (LORA, ["--alpha", "nan"], "positive rank and alpha"),
+        (FULL, ["--lr", "-1e-3"], "argument --lr: expected one argument (see train_full_ft.py --help)"),
+        (FULL, ["--learning-rate", "1e-3"], "unrecognized arguments: --learning-rate 1e-3"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_before_anything_is_written(
+    script, flags, expected, in_process, tmp_path, small_vocab_inputs
+):
     """NaN, inf and out-of-range values once reached torch (a traceback) or trained wrongly without a word (a negative
     clipping norm climbs the loss); a mistyped flag printed argparse's usage block instead of one error line."""
-    message = refused(script, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags),
-                      watch=[tmp_path], runner=in_process)
+    message = refused(
+        script,
+        *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], tmp_path / "run", *flags),
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert expected in message
 
 
@@ -180,10 +266,16 @@ def finished_run(tmp_path_factory, small_vocab_inputs):
 
 
 def test_a_directory_holding_another_run_is_refused(in_process, finished_run, small_vocab_inputs):
-    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run), watch=[finished_run])
+    message = refused(
+        FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run), watch=[finished_run]
+    )
     assert "already holds a run" in message and "--overwrite" in message and "--resume" in message
-    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run, "--resume"),
-                      watch=[finished_run], runner=in_process)
+    message = refused(
+        FULL,
+        *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], finished_run, "--resume"),
+        watch=[finished_run],
+        runner=in_process,
+    )
     assert "finished run" in message
 
 
@@ -195,7 +287,9 @@ def test_overwrite_with_bad_input_keeps_the_old_run(in_process, finished_run, sm
 def test_a_directory_holding_other_files_is_never_written_into(in_process, small_vocab_inputs):
     """E.g. --output-dir pointing at the base model: its weights would be overwritten by the final save."""
     model = small_vocab_inputs["model"]
-    message = refused(FULL, *train_args(model, small_vocab_inputs["data"], model, "--overwrite"), watch=[model], runner=in_process)
+    message = refused(
+        FULL, *train_args(model, small_vocab_inputs["data"], model, "--overwrite"), watch=[model], runner=in_process
+    )
     assert "is not empty and holds no training run" in message
 
 
@@ -203,7 +297,12 @@ def test_an_unwritable_output_directory_is_refused_before_training(in_process, t
     # Tests run as root, which ignores permission bits: a path under a regular file cannot be created by anyone.
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    message = refused(FULL, *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], blocker / "run"), watch=[tmp_path], runner=in_process)
+    message = refused(
+        FULL,
+        *train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], blocker / "run"),
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert f"cannot write to {blocker / 'run'}" in message and "--output-dir" in message
 
 
@@ -217,8 +316,29 @@ def crashed_run(tmp_path_factory, small_vocab_inputs):
 
 
 def resume_args(inputs, run_dir):
-    return ["--model", inputs["model"], "--data-dir", inputs["data"], "--output-dir", run_dir, "--max-steps", "3", "--save-every", "1",
-            "--batch-size", "2", "--grad-accum", "1", "--log-every", "1", "--eval-every", "3", "--lr", "1e-3", "--resume"]
+    return [
+        "--model",
+        inputs["model"],
+        "--data-dir",
+        inputs["data"],
+        "--output-dir",
+        run_dir,
+        "--max-steps",
+        "3",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "3",
+        "--lr",
+        "1e-3",
+        "--resume",
+    ]
 
 
 def test_resume_from_a_checkpoint_without_weights_is_refused(in_process, crashed_run, small_vocab_inputs, tmp_path):
@@ -256,7 +376,9 @@ def test_pickled_model_weights_are_never_loaded(in_process, tmp_path, small_voca
     (model / "model.safetensors").unlink()
     marker = tmp_path / "code-ran"
     (model / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode(marker)))
-    message = refused(FULL, *train_args(model, small_vocab_inputs["data"], tmp_path / "run"), watch=[tmp_path], runner=in_process)
+    message = refused(
+        FULL, *train_args(model, small_vocab_inputs["data"], tmp_path / "run"), watch=[tmp_path], runner=in_process
+    )
     assert "holds no .safetensors weights (only pytorch_model.bin" in message
     assert not marker.exists()
 
@@ -268,7 +390,10 @@ def test_model_code_from_a_directory_never_runs_without_trust_remote_code(in_pro
     config = json.loads((model / "config.json").read_text())
     # A model type transformers does not know: only the directory's own code could build it.
     config["model_type"] = "custom-gpt"
-    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    }
     (model / "config.json").write_text(json.dumps(config))
     for module in ("configuration_custom.py", "modeling_custom.py"):
         (model / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
@@ -280,7 +405,9 @@ def test_model_code_from_a_directory_never_runs_without_trust_remote_code(in_pro
 
 def test_an_absurd_learning_rate_stops_with_a_clear_message_and_no_run(in_process, tmp_path, small_vocab_inputs):
     run_dir = tmp_path / "run"
-    args = train_args(small_vocab_inputs["model"], small_vocab_inputs["data"], run_dir, "--lr", "1e30", "--save-every", "1")
+    args = train_args(
+        small_vocab_inputs["model"], small_vocab_inputs["data"], run_dir, "--lr", "1e30", "--save-every", "1"
+    )
     args[args.index("--max-steps") + 1] = "20"
     result = in_process(FULL, *args, env=QUIET)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -311,7 +438,9 @@ def test_a_loss_that_stays_nan_keeps_the_last_good_checkpoint(tmp_path, small_vo
     assert "NaN or inf for 3 steps in a row (steps 5-7)" in message
     assert f"the last good checkpoint is {run_dir / 'resume' / 'step-000003'}" in message
     assert sorted(p.name for p in (run_dir / "resume").iterdir()) == ["step-000003", "step-000004.diverged"]
-    assert all(torch.isfinite(t).all() for t in load_file(run_dir / "resume" / "step-000003" / "model.safetensors").values())
+    assert all(
+        torch.isfinite(t).all() for t in load_file(run_dir / "resume" / "step-000003" / "model.safetensors").values()
+    )
     log = read_run_log(run_dir / RUN_LOG)
     assert [entry["skipped_steps"] for entry in log] == [0, 0, 0, 0, 1, 2]
     assert not (run_dir / RUN_RECORD).exists()
@@ -330,7 +459,9 @@ class InfiniteGradient(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, tmp_path, small_vocab_inputs, monkeypatch, request):
+def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(
+    precision, tmp_path, small_vocab_inputs, monkeypatch, request
+):
     """fp16: the loss scaler skips the step; fp32/bf16 (no scaler): the trainer skips it on the non-finite norm."""
     from studykit import trainer
 
@@ -345,14 +476,24 @@ def test_an_overflowing_step_is_skipped_counted_and_the_run_goes_on(precision, t
         return BatchNLL(InfiniteGradient.apply(nll.total), nll.per_sequence) if len(calls) == 2 else nll
 
     monkeypatch.setattr(trainer, "batch_nll", overflow_at_step_two)
-    record = train_in_process("full", small_vocab_inputs, tmp_path / "run", max_steps=4, grad_accum=1, precision=precision,
-                              save_every=1, keep=3)
+    record = train_in_process(
+        "full",
+        small_vocab_inputs,
+        tmp_path / "run",
+        max_steps=4,
+        grad_accum=1,
+        precision=precision,
+        save_every=1,
+        keep=3,
+    )
     log = read_run_log(tmp_path / "run" / RUN_LOG)
     if precision == "fp32":
         assert [entry["skipped_steps"] for entry in log] == [0, 1, 1, 1]
     else:
         # The scaler halved its scale at the overflow, and each checkpoint keeps the scale a resumed run goes on with.
-        scales = [checkpointing._load_tensors(path / "scaler.pt")["scale"] for path in resumable_checkpoints(tmp_path / "run")]
+        scales = [
+            checkpointing._load_tensors(path / "scaler.pt")["scale"] for path in resumable_checkpoints(tmp_path / "run")
+        ]
         assert len(scales) == 3 and scales[1] == scales[0] / 2
     assert record["precision"] == precision
     assert record["skipped_steps"] >= 1 and log[-1]["skipped_steps"] == record["skipped_steps"]
@@ -376,28 +517,69 @@ def test_an_adapter_is_never_applied_to_another_base_model(in_process, lora_chec
     from transformers import AutoTokenizer
 
     # Same shapes and tokenizer, other weights: loading would succeed and silently score the wrong model.
-    other_base = build_tiny_model(tmp_path / "other-base", AutoTokenizer.from_pretrained(small_vocab_inputs["model"]), seed=1)
-    message = refused(EVALUATE, "--model", other_base, "--data-dir", small_vocab_inputs["data"], "--checkpoints", lora_checkpoints,
-                      "--output-dir", tmp_path / "results", watch=[tmp_path, lora_checkpoints], runner=in_process)
+    other_base = build_tiny_model(
+        tmp_path / "other-base", AutoTokenizer.from_pretrained(small_vocab_inputs["model"]), seed=1
+    )
+    message = refused(
+        EVALUATE,
+        "--model",
+        other_base,
+        "--data-dir",
+        small_vocab_inputs["data"],
+        "--checkpoints",
+        lora_checkpoints,
+        "--output-dir",
+        tmp_path / "results",
+        watch=[tmp_path, lora_checkpoints],
+        runner=in_process,
+    )
     assert f"the adapter in {lora_checkpoints / 'lora_r8'} was trained on another base model" in message
 
 
-def test_a_finished_run_without_weights_is_refused_at_evaluation(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
+def test_a_finished_run_without_weights_is_refused_at_evaluation(
+    in_process, lora_checkpoints, small_vocab_inputs, tmp_path
+):
     checkpoints = shutil.copytree(lora_checkpoints, tmp_path / "checkpoints")
     (checkpoints / "lora_r8" / "adapter_model.safetensors").unlink()
-    message = refused(EVALUATE, "--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"], "--checkpoints",
-                      checkpoints, "--output-dir", tmp_path / "results", watch=[tmp_path], runner=in_process)
+    message = refused(
+        EVALUATE,
+        "--model",
+        small_vocab_inputs["model"],
+        "--data-dir",
+        small_vocab_inputs["data"],
+        "--checkpoints",
+        checkpoints,
+        "--output-dir",
+        tmp_path / "results",
+        watch=[tmp_path],
+        runner=in_process,
+    )
     assert "without its weights" in message
 
 
-def test_missing_checkpoints_directory_is_refused_and_unfinished_runs_are_named(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
-    evaluate = ["--model", small_vocab_inputs["model"], "--data-dir", small_vocab_inputs["data"], "--output-dir", tmp_path / "results"]
-    message = refused(EVALUATE, *evaluate, "--checkpoints", tmp_path / "chekpoints", watch=[tmp_path], runner=in_process)
+def test_missing_checkpoints_directory_is_refused_and_unfinished_runs_are_named(
+    in_process, lora_checkpoints, small_vocab_inputs, tmp_path
+):
+    evaluate = [
+        "--model",
+        small_vocab_inputs["model"],
+        "--data-dir",
+        small_vocab_inputs["data"],
+        "--output-dir",
+        tmp_path / "results",
+    ]
+    message = refused(
+        EVALUATE, *evaluate, "--checkpoints", tmp_path / "chekpoints", watch=[tmp_path], runner=in_process
+    )
     assert f"--checkpoints {tmp_path / 'chekpoints'} is not a directory" in message
 
     (tmp_path / "empty").mkdir()
     result = in_process(EVALUATE, *evaluate, "--checkpoints", tmp_path / "empty", env=QUIET)
-    assert result.returncode == 0 and "no finished runs in" in result.stdout and "only the base model is scored" in result.stdout
+    assert (
+        result.returncode == 0
+        and "no finished runs in" in result.stdout
+        and "only the base model is scored" in result.stdout
+    )
 
     # A run stopped before its end: its config and log are there, its weights and run.json are not.
     checkpoints = shutil.copytree(lora_checkpoints, tmp_path / "checkpoints")
@@ -407,21 +589,38 @@ def test_missing_checkpoints_directory_is_refused_and_unfinished_runs_are_named(
         shutil.copy(checkpoints / "lora_r8" / name, stopped / name)
     result = in_process(EVALUATE, *evaluate, "--checkpoints", checkpoints, env=QUIET)
     assert result.returncode == 0, result.stderr
-    assert f"warning: skipping {stopped}: it has no run.json, so its training did not finish" in result.stdout and "--resume" in result.stdout
+    assert (
+        f"warning: skipping {stopped}: it has no run.json, so its training did not finish" in result.stdout
+        and "--resume" in result.stdout
+    )
     rows = json.loads((tmp_path / "results" / "perplexity.json").read_text())
     assert [row["name"] for row in rows] == ["base", "lora_r8"]
 
 
-def test_evaluation_takes_a_tokenizer_from_tokenizer_when_the_base_model_has_none(in_process, lora_checkpoints, small_vocab_inputs, tmp_path):
+def test_evaluation_takes_a_tokenizer_from_tokenizer_when_the_base_model_has_none(
+    in_process, lora_checkpoints, small_vocab_inputs, tmp_path
+):
     bare_model = tmp_path / "bare-model"  # weights and config only, as some exports are
     bare_model.mkdir()
     for path in small_vocab_inputs["model"].iterdir():
         if path.name == "config.json" or path.suffix == ".safetensors":
             shutil.copy(path, bare_model / path.name)
-    args = ["--model", bare_model, "--data-dir", small_vocab_inputs["data"], "--checkpoints", lora_checkpoints, "--output-dir", tmp_path / "results"]
+    args = [
+        "--model",
+        bare_model,
+        "--data-dir",
+        small_vocab_inputs["data"],
+        "--checkpoints",
+        lora_checkpoints,
+        "--output-dir",
+        tmp_path / "results",
+    ]
     message = refused(EVALUATE, *args, watch=[tmp_path, lora_checkpoints], runner=in_process)
     # transformers finds some GPT-2 tokenizer for a bare GPT-2 config; the data's fingerprint tells it is not the data's.
     assert "was tokenized with" in message and "pass the data's tokenizer with --tokenizer" in message
     result = in_process(EVALUATE, *args, "--tokenizer", small_vocab_inputs["model"], env=QUIET)
     assert result.returncode == 0, result.stderr
-    assert [row["name"] for row in json.loads((tmp_path / "results" / "perplexity.json").read_text())] == ["base", "lora_r8"]
+    assert [row["name"] for row in json.loads((tmp_path / "results" / "perplexity.json").read_text())] == [
+        "base",
+        "lora_r8",
+    ]

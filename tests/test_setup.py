@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 
@@ -19,29 +18,46 @@ def fake_command(directory, name, script):
 
 def test_an_old_python_is_refused_before_anything_is_installed(tmp_path):
     old = fake_command(tmp_path, "python3.10", 'if [ "$1" = -V ]; then echo "Python 3.10.12"; else exit 1; fi\n')
-    result = subprocess.run(["bash", "-c", f". {REPO_ROOT}/scripts/venv.sh"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": str(old)})
+    result = subprocess.run(
+        ["bash", "-c", f". {REPO_ROOT}/scripts/venv.sh"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(old)},
+    )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: the kit needs Python 3.11 or newer, and ") and "Python 3.10.12" in result.stderr
+    assert (
+        result.stderr.startswith("error: the kit needs Python 3.11 or newer, and ")
+        and "Python 3.10.12" in result.stderr
+    )
     assert not (tmp_path / ".venv").exists()
 
 
-@pytest.mark.parametrize("nvidia_smi, expected", [
-    (None, ""),
-    ("| NVIDIA-SMI 570.86   Driver Version: 570.86   CUDA Version: 12.8     |", "12.8 cu128"),
-    ("| NVIDIA-SMI 560.35   Driver Version: 560.35   CUDA Version: 12.7     |", "12.7 cu126"),
-    ("| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0     |", "13.0 cu130"),
-    ("| NVIDIA-SMI 535.10   Driver Version: 535.10   CUDA Version: 12.2     |", "12.2 none"),
-])
+@pytest.mark.parametrize(
+    "nvidia_smi, expected",
+    [
+        (None, ""),
+        ("| NVIDIA-SMI 570.86   Driver Version: 570.86   CUDA Version: 12.8     |", "12.8 cu128"),
+        ("| NVIDIA-SMI 560.35   Driver Version: 560.35   CUDA Version: 12.7     |", "12.7 cu126"),
+        ("| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0     |", "13.0 cu130"),
+        ("| NVIDIA-SMI 535.10   Driver Version: 535.10   CUDA Version: 12.2     |", "12.2 none"),
+    ],
+)
 def test_the_torch_build_follows_the_driver(tmp_path, nvidia_smi, expected):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     if nvidia_smi is not None:
         fake_command(bin_dir, "nvidia-smi", f"echo '{nvidia_smi}'\n")
-    script = (f". {REPO_ROOT}/scripts/torch_build.sh; cuda=$(gpu_cuda_version); "
-              'if [ -n "$cuda" ]; then echo "$cuda $(cuda_build_for "$cuda" || echo none)"; else echo; fi')
+    script = (
+        f". {REPO_ROOT}/scripts/torch_build.sh; cuda=$(gpu_cuda_version); "
+        'if [ -n "$cuda" ]; then echo "$cuda $(cuda_build_for "$cuda" || echo none)"; else echo; fi'
+    )
     # Only the stand-in's directory and the system's: a real nvidia-smi elsewhere on PATH must not answer.
-    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected

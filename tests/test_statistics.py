@@ -191,8 +191,10 @@ def test_the_paired_ratio_across_seeds_is_the_geometric_mean_of_the_seeds_ratios
     reference = shifted_seeds(nll, tokens, [0.0, 0.1, -0.05])
     run = shifted_seeds(nll, tokens, [-0.08, 0.05, -0.1])
     paired = paired_ratio_seeds_and_trees(run, reference, tokens, tree_ids, resamples=1000, seed=0)
-    by_hand = [perplexity(run_seed, tokens) / perplexity(reference_seed, tokens)
-               for run_seed, reference_seed in zip(run, reference)]
+    by_hand = [
+        perplexity(run_seed, tokens) / perplexity(reference_seed, tokens)
+        for run_seed, reference_seed in zip(run, reference)
+    ]
     assert paired["seed_ratios"] == pytest.approx(by_hand)
     assert paired["ratio"] == pytest.approx(math.prod(by_hand) ** (1 / 3))
     assert paired["ci_low"] <= paired["ratio"] <= paired["ci_high"]
@@ -237,8 +239,11 @@ def test_forgetting_is_the_change_in_nll_per_token_and_its_exp_is_the_perplexity
     assert forgetting["change"] == pytest.approx((tuned_nll.sum() - base_nll.sum()) / tokens.sum())
     assert math.exp(forgetting["change"]) == pytest.approx(perplexity(tuned_nll, tokens) / perplexity(base_nll, tokens))
     assert 0 < forgetting["ci_low"] < forgetting["change"] < forgetting["ci_high"], "worse on general text: forgot"
-    assert nll_change_per_token(base_nll, base_nll, tokens, 200, seed=0) == {"change": 0.0, "ci_low": 0.0,
-                                                                             "ci_high": 0.0}
+    assert nll_change_per_token(base_nll, base_nll, tokens, 200, seed=0) == {
+        "change": 0.0,
+        "ci_low": 0.0,
+        "ci_high": 0.0,
+    }
 
 
 def test_forgetting_over_too_few_texts_gets_no_interval():
@@ -302,8 +307,10 @@ def test_the_pareto_front_is_every_point_no_other_point_dominates(points):
 
     def beaten(index):
         cost, value = points[index]
-        return any(other_cost <= cost and other_value <= value and (other_cost, other_value) != (cost, value)
-                   for other_cost, other_value in points)
+        return any(
+            other_cost <= cost and other_value <= value and (other_cost, other_value) != (cost, value)
+            for other_cost, other_value in points
+        )
 
     expected = sorted((index for index in range(len(points)) if not beaten(index)), key=lambda i: (costs[i], i))
     assert pareto_front(costs, perplexities) == expected

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ONE_RUN_TRAINING, REPO_ROOT, one_run_study
+
 from studykit import runtime
 
 # studykit's modules from the bottom up: a module imports only modules of its own layer or below, and never one that
@@ -19,8 +19,20 @@ from studykit import runtime
 LAYERS = [
     ["errors"],
     ["io", "hub", "hub_upload", "locks", "config"],
-    ["runtime", "data", "oasst", "modeling", "loss", "batching", "metrics", "tiny", "sharded", "statistics", "figures",
-     "optimizers"],
+    [
+        "runtime",
+        "data",
+        "oasst",
+        "modeling",
+        "loss",
+        "batching",
+        "metrics",
+        "tiny",
+        "sharded",
+        "statistics",
+        "figures",
+        "optimizers",
+    ],
     ["methods", "run_state"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
     ["trainer", "prepare", "evaluate"],
@@ -39,12 +51,18 @@ def imports_of(module: str) -> set[str]:
 
 def test_every_module_has_a_layer():
     modules = {path.stem for path in (REPO_ROOT / "studykit").glob("*.py") if path.stem != "__init__"}
-    assert modules == set(LAYER_OF), f"add {sorted(modules - set(LAYER_OF))} to LAYERS; drop {sorted(set(LAYER_OF) - modules)}"
+    assert modules == set(LAYER_OF), (
+        f"add {sorted(modules - set(LAYER_OF))} to LAYERS; drop {sorted(set(LAYER_OF) - modules)}"
+    )
 
 
 def test_imports_run_one_way():
-    upward = [f"{module} (layer {LAYER_OF[module]}) imports {imported} (layer {LAYER_OF[imported]})"
-              for module in LAYER_OF for imported in sorted(imports_of(module)) if LAYER_OF[imported] > LAYER_OF[module]]
+    upward = [
+        f"{module} (layer {LAYER_OF[module]}) imports {imported} (layer {LAYER_OF[imported]})"
+        for module in LAYER_OF
+        for imported in sorted(imports_of(module))
+        if LAYER_OF[imported] > LAYER_OF[module]
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -56,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         state[node] = "open"
         for neighbour in sorted(graph[node]):
             if state.get(neighbour) == "open":
-                return path[path.index(neighbour):] + [neighbour]
+                return path[path.index(neighbour) :] + [neighbour]
             if neighbour not in state and (cycle := visit(neighbour, path + [neighbour])):
                 return cycle
         state[node] = "done"
@@ -79,8 +97,14 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 def test_the_training_scripts_differ_only_in_their_method():
-    full, lora = ((REPO_ROOT / "training" / name).read_text().splitlines() for name in ("train_full_ft.py", "train_lora.py"))
-    changed = [line for line in difflib.unified_diff(full, lora, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    full, lora = (
+        (REPO_ROOT / "training" / name).read_text().splitlines() for name in ("train_full_ft.py", "train_lora.py")
+    )
+    changed = [
+        line
+        for line in difflib.unified_diff(full, lora, lineterm="", n=0)
+        if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    ]
     docstrings = [line for line in changed if line[1:].startswith('"""')]
     calls = [line[1:].strip() for line in changed if line not in docstrings]
     assert sorted(calls) == ['train_method("full")', 'train_method("lora")'], changed
@@ -88,16 +112,28 @@ def test_the_training_scripts_differ_only_in_their_method():
 
 def test_the_scripts_edit_no_sys_path_and_say_when_the_kit_is_not_installed(tmp_path):
     """The scripts run the installed package; run by a Python without it, each says how to install it."""
-    scripts = ["data/prepare_oasst.py", "training/train_full_ft.py", "training/train_lora.py", "evaluation/perplexity.py",
-               "run_study.py"]
+    scripts = [
+        "data/prepare_oasst.py",
+        "training/train_full_ft.py",
+        "training/train_lora.py",
+        "evaluation/perplexity.py",
+        "run_study.py",
+    ]
     for script in scripts:
         assert "sys.path" not in (REPO_ROOT / script).read_text(), script
         if script == "run_study.py":
             continue  # beside studykit/, Python finds the package from its own directory, installed or not
         # -S: no site-packages, so no installed studykit; run from elsewhere, so the repository is not on the path.
-        result = subprocess.run([sys.executable, "-S", str(REPO_ROOT / script), "--help"], cwd=tmp_path,
-                                capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
-        assert result.returncode == 1 and result.stderr.startswith("error: the studykit package is not installed"), result
+        result = subprocess.run(
+            [sys.executable, "-S", str(REPO_ROOT / script), "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ.get("PATH", "")},
+        )
+        assert result.returncode == 1 and result.stderr.startswith("error: the studykit package is not installed"), (
+            result
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,11 +185,19 @@ def test_the_study_retrains_when_training_code_changes_and_only_reports_when_rep
     assert run_study(config)["trained"] == [ONE_RUN_TRAINING]
     version = study_state.stage_code_version
 
-    monkeypatch.setattr(study_state, "stage_code_version", lambda module: version(module) + ("-edited" if module == "studykit.report" else ""))
+    monkeypatch.setattr(
+        study_state,
+        "stage_code_version",
+        lambda module: version(module) + ("-edited" if module == "studykit.report" else ""),
+    )
     report_only = run_study(config)
     assert report_only["kept"] == [ONE_RUN_TRAINING] and not report_only["evaluated"] and report_only["reported"]
 
-    monkeypatch.setattr(study_state, "stage_code_version", lambda module: version(module) + ("-edited" if module == "studykit.trainer" else ""))
+    monkeypatch.setattr(
+        study_state,
+        "stage_code_version",
+        lambda module: version(module) + ("-edited" if module == "studykit.trainer" else ""),
+    )
     retrained = run_study(config)
     assert retrained["trained"] == [ONE_RUN_TRAINING] and retrained["evaluated"]
     record = (tmp_path / "out" / "checkpoints" / ONE_RUN_TRAINING / "run.json").read_text()

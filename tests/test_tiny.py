@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from studykit import tiny
 from studykit.errors import UserError
 
@@ -122,9 +122,14 @@ def test_the_learning_rate_warms_up_then_decays_to_a_tenth():
     assert rates[-1] == pytest.approx(0.1, abs=0.01) and rates[10:] == sorted(rates[10:], reverse=True)
 
 
-@pytest.mark.parametrize("overrides, words", [({"block_size": 512}, "n_positions"),
-                                              ({"pretrain_steps": -1}, "at least 0"),
-                                              ({"n_embd": 66, "n_head": 4}, "multiple of n_head")])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"block_size": 512}, "n_positions"),
+        ({"pretrain_steps": -1}, "at least 0"),
+        ({"n_embd": 66, "n_head": 4}, "multiple of n_head"),
+    ],
+)
 def test_impossible_settings_are_refused_in_one_sentence(tmp_path, overrides, words):
     with pytest.raises(UserError, match=words):
         build(tmp_path / "refused", **overrides)

@@ -57,13 +57,24 @@ def build(model_dir: str, method: str, mesh, zeroed: bool, sharded: bool = True)
         fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(grouped(model, 0.1, lambda name: 1e-2), lr=1e-2, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10)
-    accelerator = SimpleNamespace(distributed_type="FSDP", num_processes=dist.get_world_size(), process_index=dist.get_rank(),
-                                  is_main_process=dist.get_rank() == 0, wait_for_everyone=dist.barrier, unwrap_model=lambda module: module,
-                                  scaler=None, device=torch.device("cpu"), autocast=contextlib.nullcontext, reduce=sum_over_processes)
+    accelerator = SimpleNamespace(
+        distributed_type="FSDP",
+        num_processes=dist.get_world_size(),
+        process_index=dist.get_rank(),
+        is_main_process=dist.get_rank() == 0,
+        wait_for_everyone=dist.barrier,
+        unwrap_model=lambda module: module,
+        scaler=None,
+        device=torch.device("cpu"),
+        autocast=contextlib.nullcontext,
+        reduce=sum_over_processes,
+    )
     # One sequence per validation batch, three batches for two processes: one process has a batch fewer.
     config = TrainConfig(model=model_dir, max_steps=3, batch_size=2, grad_accum=1, eval_batch_size=1)
     parts = TrainingParts(accelerator, model, SimpleNamespace(optimizer=optimizer), scheduler)
-    return PreparedRun(config, parts, SimpleNamespace(pad_token_id=0), [], VALIDATION_SEQUENCES, {"training_fingerprint": "test"}, 3, 3)
+    return PreparedRun(
+        config, parts, SimpleNamespace(pad_token_id=0), [], VALIDATION_SEQUENCES, {"training_fingerprint": "test"}, 3, 3
+    )
 
 
 def sum_over_processes(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -114,7 +125,9 @@ def main() -> None:
         train_step(interrupted, step)
     at_checkpoint = gather_weights(interrupted.model)
     run_dir = out_dir / method
-    checkpointing.save_resumable(interrupted.parts, interrupted.identity(), TrainingState(step=2, tokens_seen=64), run_dir)
+    checkpointing.save_resumable(
+        interrupted.parts, interrupted.identity(), TrainingState(step=2, tokens_seen=64), run_dir
+    )
     checkpoint = resumable_checkpoints(run_dir)[-1]
 
     resumed = build(model_dir, method, mesh, zeroed=True)
@@ -146,16 +159,25 @@ def main() -> None:
             from transformers import GPT2LMHeadModel
 
             loaded = GPT2LMHeadModel.from_pretrained(checkpoint).state_dict()
-            report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in loaded)
+            report["checkpoint_vs_gathered"] = max(
+                float((loaded[name] - at_checkpoint[name]).abs().max()) for name in loaded
+            )
             whole = GPT2LMHeadModel.from_pretrained(model_dir)
             whole.load_state_dict(result)
-            report["dev_loss"] = [sharded_dev_loss, score_sequences(whole, VALIDATION_SEQUENCES, 1, torch.device("cpu"), 0).mean_nll]
+            report["dev_loss"] = [
+                sharded_dev_loss,
+                score_sequences(whole, VALIDATION_SEQUENCES, 1, torch.device("cpu"), 0).mean_nll,
+            ]
         else:
             from peft import PeftModel
             from transformers import GPT2LMHeadModel
 
-            loaded = dict(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), checkpoint).named_parameters())
-            report["checkpoint_vs_gathered"] = max(float((loaded[name] - at_checkpoint[name]).abs().max()) for name in trainable)
+            loaded = dict(
+                PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(model_dir), checkpoint).named_parameters()
+            )
+            report["checkpoint_vs_gathered"] = max(
+                float((loaded[name] - at_checkpoint[name]).abs().max()) for name in trainable
+            )
         (out_dir / f"result-{method}.json").write_text(json.dumps(report))
     # Both processes leave together: one tearing down its connections while the other still works once aborted
     # the worker ("terminate called without an active exception").
