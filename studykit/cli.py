@@ -11,8 +11,13 @@ PREPARE_DESCRIPTION = (
     "Stage 1: OASST1 assistant responses -> filtered, tokenized sequences on disk (data/processed by default)."
 )
 TRAIN_DESCRIPTIONS = {
-    "full": "Stage 2: full fine-tuning. Every weight trains; AdamW, mixed precision on CUDA, runs under `accelerate launch`.",
-    "lora": "Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by default.",
+    "full": (
+        "Stage 2: full fine-tuning. Every weight trains; AdamW, mixed precision on CUDA, runs under "
+        "`accelerate launch`."
+    ),
+    "lora": (
+        "Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by default."
+    ),
 }
 EVALUATE_DESCRIPTION = (
     "Stage 4: held-out perplexity, exp(total NLL / total predicted tokens), for the base model and every run."

@@ -132,7 +132,10 @@ def load_processed(data_dir: str | Path) -> ProcessedData:
             f"no processed dataset in {path}{hint}; run `python data/prepare_oasst.py --output-dir {path}` first "
             "or pass --data-dir."
         )
-    remedy = f"prepare it again with `python data/prepare_oasst.py --output-dir {path} --overwrite` (and the data flags you used)"
+    remedy = (
+        f"prepare it again with `python data/prepare_oasst.py --output-dir {path} --overwrite` (and the data flags "
+        "you used)"
+    )
     meta = read_json(path / META_FILE, remedy)
     if "dev" not in meta.get("sequences", {}):
         raise UserError(
@@ -170,7 +173,8 @@ def check_tokenizer_matches(data: ProcessedData, tokenizer, tokenizer_name: str)
     if recorded and recorded != tokenizer_fingerprint(tokenizer):
         raise UserError(
             f"{data.path} was tokenized with '{data.meta.get('tokenizer')}', which differs from the tokenizer of "
-            f"'{tokenizer_name}'; pass the data's tokenizer with --tokenizer, or prepare the data again with --tokenizer {tokenizer_name}."
+            f"'{tokenizer_name}'; pass the data's tokenizer with --tokenizer, or prepare the data again with "
+            f"--tokenizer {tokenizer_name}."
         )
 
 

@@ -37,8 +37,8 @@ def report_user_errors(main: Callable[[], None]) -> Callable[[], None]:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             print(
-                f"error: the disk is full ({error}); free some space and run the same command again (files being written "
-                "were discarded, finished ones kept).",
+                f"error: the disk is full ({error}); free some space and run the same command again (files being "
+                "written were discarded, finished ones kept).",
                 file=sys.stderr,
             )
             sys.exit(EXIT_USER_ERROR)

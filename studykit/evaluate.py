@@ -71,7 +71,8 @@ def find_runs(checkpoints: Path, names: Sequence[str] = ()) -> list[EvalTarget]:
     missing = [name for name in names if not (checkpoints / name).is_dir()]
     if missing:
         raise UserError(
-            f"--runs names {missing}, which --checkpoints {checkpoints} does not hold; pass the names of its run directories."
+            f"--runs names {missing}, which --checkpoints {checkpoints} does not hold; pass the names of its run "
+            "directories."
         )
     for run_dir in sorted(
         p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".") and (not names or p.name in names)
@@ -187,7 +188,8 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
                 extra_eval_tokens=extra_scores.tokens,
             )
             print(
-                f"{target.name}: {config.extra_eval} perplexity {extra_scores.perplexity:.4f} over {extra_scores.tokens:,} tokens"
+                f"{target.name}: {config.extra_eval} perplexity {extra_scores.perplexity:.4f} over "
+                f"{extra_scores.tokens:,} tokens"
             )
         rows.append(row)
         del model
@@ -232,7 +234,8 @@ def load_extra_eval(source: str, tokenizer, seq_len: int) -> list[list[int]]:
 
 
 def read_extra_eval_texts(source: str) -> list[str]:
-    """A local text file (paragraphs where blank lines separate them, else lines) or a hub dataset NAME:CONFIG[:SPLIT]."""
+    """A local text file (paragraphs where blank lines separate them, else lines) or a hub dataset \
+NAME:CONFIG[:SPLIT]."""
     path = Path(source)
     if path.is_file():
         try:
@@ -256,7 +259,8 @@ def read_extra_eval_texts(source: str) -> list[str]:
     dataset = datasets.load_dataset(name, dataset_config or None, split=split or "test")
     if "text" not in dataset.column_names:
         raise UserError(
-            f"--extra-eval {source} has no 'text' column (columns: {dataset.column_names}); pass a text dataset or file."
+            f"--extra-eval {source} has no 'text' column (columns: {dataset.column_names}); pass a text dataset or "
+            "file."
         )
     return [text.strip() for text in dataset["text"] if text and text.strip()]
 

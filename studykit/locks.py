@@ -89,7 +89,8 @@ def exclusive(directory: Path, flag: str, enabled: bool = True) -> Iterator[None
         left_behind = _read_owner(owner_path)
         if left_behind:
             print(
-                f"note: taking over the lock on {directory} from {_describe(left_behind)}, which ended without releasing it."
+                f"note: taking over the lock on {directory} from {_describe(left_behind)}, which ended without "
+                "releasing it."
             )
         owner_path.write_text(json.dumps(_owner_record()) + "\n", encoding="utf-8")
         yield

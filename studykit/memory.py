@@ -322,7 +322,8 @@ def apply_memory_cap(max_gpu_memory_gb: Optional[float], device: torch.device, s
     cap = int(max_gpu_memory_gb * GIB)
     if device.type != "cuda":
         say(
-            f"note: --max-gpu-memory-gb {max_gpu_memory_gb:g} only applies to CUDA; on {device.type} it only guides --auto-batch."
+            f"note: --max-gpu-memory-gb {max_gpu_memory_gb:g} only applies to CUDA; on {device.type} it only guides "
+            "--auto-batch."
         )
         return cap
     total = torch.cuda.get_device_properties(device).total_memory
@@ -379,14 +380,15 @@ def probe_fits(model, accelerator, sequence: list[int], batch_size: int, reserve
 
 
 def largest_fitting_by_probe(config, model, accelerator, longest_sequence: list[int], optimizer_bytes: int) -> int:
-    """CUDA: halve the micro-batch until a real step at the longest length fits; every process agrees on the smallest."""
+    """CUDA: halve the micro-batch until a real step at the longest length fits; every process agrees on the \
+smallest."""
     batch_size = config.batch_size
     while not probe_fits(model, accelerator, longest_sequence, batch_size, optimizer_bytes):
         smaller = smaller_micro_batch(batch_size, config.effective_batch)
         if smaller is None:
             raise UserError(
-                f"even a micro-batch of {batch_size} sequences of {len(longest_sequence)} tokens runs out of GPU memory; "
-                "use --gradient-checkpointing, LoRA, or a larger --max-gpu-memory-gb."
+                f"even a micro-batch of {batch_size} sequences of {len(longest_sequence)} tokens runs out of GPU "
+                "memory; use --gradient-checkpointing, LoRA, or a larger --max-gpu-memory-gb."
             )
         batch_size = smaller
     chosen = accelerator.gather(torch.tensor([batch_size], device=accelerator.device))
@@ -451,7 +453,8 @@ def out_of_memory_as_user_error(estimate: Optional[dict[str, Any]]) -> Iterator[
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         expected = (
-            f"the estimate for this setting was {gib(estimate['total']):.2f} GiB at micro-batch {estimate['micro_batch']}; "
+            f"the estimate for this setting was {gib(estimate['total']):.2f} GiB at micro-batch "
+            f"{estimate['micro_batch']}; "
             if estimate
             else ""
         )

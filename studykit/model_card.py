@@ -31,7 +31,8 @@ def hub_model_id(model: str) -> str:
 
 
 def yaml_value(value: Any) -> str:
-    """A YAML scalar: plain when it is a simple word or id, else double-quoted with its quotes and backslashes escaped."""
+    """A YAML scalar: plain when it is a simple word or id, else double-quoted with its quotes and backslashes \
+escaped."""
     text = str(value)
     if re.fullmatch(r"[A-Za-z0-9][\w./-]*", text):
         return text
@@ -81,28 +82,29 @@ def model_card(record: RunRecord, data_meta: dict[str, Any], name: str) -> str:
     body = [
         f"# {name}",
         "",
-        f"`{record.base_model}` fine-tuned on the assistant responses of {dataset or data_meta.get('source')} by the LoRA-vs-full-"
-        "fine-tuning study kit (studykit). It models assistant responses on their own, without their prompts: a study of "
-        "what each method learns, not a chat model.",
+        f"`{record.base_model}` fine-tuned on the assistant responses of {dataset or data_meta.get('source')} by the "
+        "LoRA-vs-full-fine-tuning study kit (studykit). It models assistant responses on their own, without their "
+        "prompts: a study of what each method learns, not a chat model.",
         "",
         "## Training",
         "",
         f"- What trained: {what_trained(record)}; {record.trainable_params:,} of {record.total_params:,} parameters "
         f"({record.trainable_percent:.3f}%).",
-        f"- Data: {data_meta.get('split_method')}; language(s) {data_meta.get('lang')}, {data_meta.get('seq_len')} tokens at most, "
-        f"EOS appended (data fingerprint `{record.training_data_fingerprint}`).",
-        f"- Budget: {record.steps:,} optimizer steps of {record.effective_batch} sequences, seed {record.seed}, learning rate "
-        f"{config.get('lr'):g} ({config.get('lr_schedule')} after {config.get('warmup_ratio', 0):.0%} warmup), "
-        f"{record.optimizer}, precision {record.precision} on {record.device}.",
+        f"- Data: {data_meta.get('split_method')}; language(s) {data_meta.get('lang')}, {data_meta.get('seq_len')} "
+        f"tokens at most, EOS appended (data fingerprint `{record.training_data_fingerprint}`).",
+        f"- Budget: {record.steps:,} optimizer steps of {record.effective_batch} sequences, seed {record.seed}, "
+        f"learning rate {config.get('lr'):g} ({config.get('lr_schedule')} after {config.get('warmup_ratio', 0):.0%} "
+        f"warmup), {record.optimizer}, precision {record.precision} on {record.device}.",
         f"- Cost: {record.wall_time_seconds:,.0f} s, {record.tokens_per_second:,.0f} tokens/s, peak memory "
-        f"{record.peak_memory_bytes / 2**30:.2f} GiB ({'GPU' if record.peak_memory_kind.startswith('cuda') else 'process RSS'}).",
+        f"{record.peak_memory_bytes / 2**30:.2f} GiB "
+        f"({'GPU' if record.peak_memory_kind.startswith('cuda') else 'process RSS'}).",
         "",
         "## Result",
         "",
         (
-            f"Final dev loss {record.final_dev_loss:.4f} nats per token (dev perplexity {dev_perplexity:.3f}). The dev split is "
-            "carved out of the training conversations; a study's report gives the test split's perplexity with intervals over "
-            "seeds and conversation trees."
+            f"Final dev loss {record.final_dev_loss:.4f} nats per token (dev perplexity {dev_perplexity:.3f}). The dev "
+            "split is carved out of the training conversations; a study's report gives the test split's perplexity "
+            "with intervals over seeds and conversation trees."
             if dev_perplexity is not None
             else "No dev loss was recorded."
         ),

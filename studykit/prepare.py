@@ -134,7 +134,8 @@ def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
     context = getattr(tokenizer, "model_max_length", None)
     if context and context < UNSET_CONTEXT and seq_len > context:
         raise UserError(
-            f"--seq-len {seq_len} exceeds the context of '{tokenizer_name}' ({context} tokens); pass --seq-len {context} or less."
+            f"--seq-len {seq_len} exceeds the context of '{tokenizer_name}' ({context} tokens); pass --seq-len "
+            f"{context} or less."
         )
 
 
@@ -151,7 +152,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         if holds_dataset and recorded == inputs:
             meta = read_json(output_dir / META_FILE)
             print(
-                f"up to date: {output_dir} was prepared from the same inputs (fingerprint {meta['fingerprint']}); nothing rewritten"
+                f"up to date: {output_dir} was prepared from the same inputs (fingerprint {meta['fingerprint']}); "
+                "nothing rewritten"
             )
             return meta
         started = time.perf_counter()
@@ -226,8 +228,8 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
             else ""
         )
         print(
-            f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens{prompted}, {truncated[split]:,} truncated "
-            f"to {config.seq_len}"
+            f"{split}: {len(input_ids):,} responses, {tokens[split]:,} tokens{prompted}, {truncated[split]:,} "
+            f"truncated to {config.seq_len}"
         )
     # Named in the fingerprints only when there are prompts: data prepared without them keeps its earlier fingerprints.
     context = () if config.context == "none" else (f"context={config.context}",)

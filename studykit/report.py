@@ -88,7 +88,8 @@ def budget_of(record: RunRecord) -> dict[str, Any]:
 
 
 def budget_differences(records: dict[str, RunRecord], reference: str) -> dict[str, dict[str, Any]]:
-    """For each training, the budget fields whose value differs from the reference training's: {name: {field: value}}."""
+    """For each training, the budget fields whose value differs from the reference training's: {name: {field: \
+value}}."""
     expected = budget_of(records[reference])
     return {
         name: {key: value for key, value in budget_of(record).items() if value != expected[key]}
@@ -387,9 +388,9 @@ def format_sweep_table(report: dict[str, Any]) -> str:
     lines = [
         "## Learning-rate sweeps",
         "",
-        f"Final dev perplexity at each rate of the run's grid (mean over sweep seed(s) {report['sweep_seeds']}); the chosen rate, "
-        "the lowest, is in bold. A choice at either end of its grid is flagged: the best rate may lie beyond it, so widen the "
-        "grid.",
+        f"Final dev perplexity at each rate of the run's grid (mean over sweep seed(s) {report['sweep_seeds']}); the "
+        "chosen rate, the lowest, is in bold. A choice at either end of its grid is flagged: the best rate may lie "
+        "beyond it, so widen the grid.",
         "",
         "| Run | Dev perplexity by learning rate | Chosen |",
         "|---|---|---|",
@@ -424,7 +425,8 @@ def format_budget_check(report: dict[str, Any]) -> str:
                 f"{row['name']}: {row['budget_differences'][key]}" for row in runs if key in row["budget_differences"]
             )
             lines.append(
-                f"**{key} differs** ({values}); those runs are flagged in the table and are not a controlled comparison."
+                f"**{key} differs** ({values}); those runs are flagged in the table and are not a controlled "
+                "comparison."
             )
     other_data = [row["name"] for row in runs if row.get("trained_on_other_data")]
     if other_data:
@@ -440,23 +442,23 @@ def format_intervals(report: dict[str, Any]) -> str:
     ratio = next((row["vs_reference"] for row in rows if "vs_reference" in row), None)
     forgetting = next((row["forgetting"] for row in rows if "forgetting" in row), None)
     parts = [
-        f"**Intervals.** {report['confidence']:.0%} percentile bootstrap ({report['bootstrap_resamples']:,} resamples) that "
-        "resamples whole conversation trees (all responses of a tree together, since they share a prompt and context), "
-        f"and seeds: test perplexity over {test_covers}."
+        f"**Intervals.** {report['confidence']:.0%} percentile bootstrap ({report['bootstrap_resamples']:,} resamples) "
+        "that resamples whole conversation trees (all responses of a tree together, since they share a prompt and "
+        f"context), and seeds: test perplexity over {test_covers}."
     ]
     if ratio:
         parts.append(
-            f"Ratios: computed seed by seed against the reference trained on the same seed, combined as a geometric mean; "
-            f"the interval covers {ratio['covers']}."
+            "Ratios: computed seed by seed against the reference trained on the same seed, combined as a geometric "
+            f"mean; the interval covers {ratio['covers']}."
         )
     if forgetting:
         parts.append(
-            "Forgetting: the change in NLL per token on the general text from the base model (exp of it is the perplexity "
-            f"ratio to the base; positive means worse), its interval over {forgetting['covers']}."
+            "Forgetting: the change in NLL per token on the general text from the base model (exp of it is the "
+            f"perplexity ratio to the base; positive means worse), its interval over {forgetting['covers']}."
         )
     parts.append(
-        "Costs are means over seeds. Peak memory: GPU memory allocated by tensors on CUDA, else the training process's peak "
-        "resident set size."
+        "Costs are means over seeds. Peak memory: GPU memory allocated by tensors on CUDA, else the training process's "
+        "peak resident set size."
     )
     return " ".join(parts) + "\n"
 
@@ -622,21 +624,23 @@ def protocol_paragraph(
         f"{spec.name} {[float(f'{lr:g}') for lr in spec.learning_rates]}" for spec in study.runs if spec.sweeps
     )
     tuning = (
-        f"Each run's learning rate is the one of its grid ({grids}) with the lowest final dev loss, trained with seed(s) "
-        f"{study.sweep_seeds}; the chosen rate is then trained with every seed ({study.seeds}). "
+        f"Each run's learning rate is the one of its grid ({grids}) with the lowest final dev loss, trained with "
+        f"seed(s) {study.sweep_seeds}; the chosen rate is then trained with every seed ({study.seeds}). "
         if grids
         else f"Fixed learning rates, each run trained with seed(s) {study.seeds}. "
     )
     return (
-        f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) {meta['lang']}, "
-        f"not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, cut to {meta['seq_len']} tokens: "
-        f"{meta['sequences']['train']:,} training, {meta['sequences']['dev']:,} dev and {meta['sequences']['test']:,} test responses, "
-        f"no conversation tree in two splits (data fingerprint `{meta['fingerprint']}`). {budget}: {first.steps:,} optimizer steps of "
-        f"{first.effective_batch} sequences ({config['batch_size']} x {config['grad_accum']} accumulation), the same data order per seed, "
-        f"AdamW (betas {config['adam_beta1']:g}/{config['adam_beta2']:g}) with {config['warmup_ratio']:.0%} warmup then "
-        f"{config['lr_schedule']} decay, precision {first.precision} on {first.device}. {tuning}Nothing that chooses reads the test "
-        f"split. Test perplexity is exp(total NLL / predicted tokens) over all test responses, {CONFIDENCE:.0%} bootstrap intervals "
-        f"over seeds and conversation trees. Study file `{study.source.name}`, code version `{code_version()}`."
+        f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) "
+        f"{meta['lang']}, not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, "
+        f"cut to {meta['seq_len']} tokens: {meta['sequences']['train']:,} training, {meta['sequences']['dev']:,} dev "
+        f"and {meta['sequences']['test']:,} test responses, no conversation tree in two splits (data fingerprint "
+        f"`{meta['fingerprint']}`). {budget}: {first.steps:,} optimizer steps of {first.effective_batch} sequences "
+        f"({config['batch_size']} x {config['grad_accum']} accumulation), the same data order per seed, AdamW (betas "
+        f"{config['adam_beta1']:g}/{config['adam_beta2']:g}) with {config['warmup_ratio']:.0%} warmup then "
+        f"{config['lr_schedule']} decay, precision {first.precision} on {first.device}. {tuning}Nothing that chooses "
+        "reads the test split. Test perplexity is exp(total NLL / predicted tokens) over all test responses, "
+        f"{CONFIDENCE:.0%} bootstrap intervals over seeds and conversation trees. Study file `{study.source.name}`, "
+        f"code version `{code_version()}`."
     )
 
 

@@ -97,7 +97,8 @@ def check_run_directory(output_dir: Path, resume: bool, overwrite: bool) -> Opti
     holds_run = is_run_directory(output_dir)
     if holds_run and not overwrite:
         raise UserError(
-            f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another --output-dir."
+            f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another "
+            "--output-dir."
         )
     others = visible_entries(output_dir)
     if others and not holds_run:

@@ -77,14 +77,15 @@ def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, fl
     seconds = flops / (cpu_matmul_tflops() * 1e12)
     duration = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
     raise UserError(
-        f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:.0f}M parameters) on this CPU would "
-        f"take about {duration} at its measured matmul speed; pass --device cpu to train on the CPU anyway, or install "
-        "a CUDA build of torch (see Install in the README)."
+        f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:.0f}M parameters) on this CPU "
+        f"would take about {duration} at its measured matmul speed; pass --device cpu to train on the CPU anyway, or "
+        "install a CUDA build of torch (see Install in the README)."
     )
 
 
 def build_accelerator(precision: str, seed: int, device: str = "auto", **tracking):
-    """The run's Accelerator; `tracking` is trackers.accelerator_tracking's log_with and project_dir (none: no tracker)."""
+    """The run's Accelerator; `tracking` is trackers.accelerator_tracking's log_with and project_dir (none: no \
+tracker)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed

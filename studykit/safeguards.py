@@ -117,7 +117,8 @@ class Safeguards:
             first = step_index + 2 - self.nonfinite_streak
             # Skipped steps leave the weights alone: those of the step before the streak produced every NaN.
             raise self._diverged(
-                f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row (steps {first}-{step_index + 1})",
+                f"the training loss was NaN or inf for {NONFINITE_PATIENCE} steps in a row (steps "
+                f"{first}-{step_index + 1})",
                 first - 1,
             )
         if finite and self.unconfirmed_checkpoint and self.run.accelerator.is_main_process:

@@ -159,8 +159,8 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         done["chosen"][sweep.run] = sweep.chosen_lr
         if sweep.at_edge:
             print(
-                f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid {sweep.learning_rates}; "
-                "the best rate may lie beyond it: widen the grid."
+                f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid "
+                f"{sweep.learning_rates}; the best rate may lie beyond it: widen the grid."
             )
     chosen = [t for spec in study.runs for t in study.replicate_trainings(spec, sweeps[spec.name].chosen_lr)]
     if not train_phase(study, config, chosen, fingerprint, done):
@@ -202,8 +202,8 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         )
     resumed = f" ({len(done['resumed'])} resumed)" if done["resumed"] else ""
     print(
-        f"\ndone: trained {len(done['trained'])} training(s){resumed}, kept {len(done['kept'])}, evaluated: {done['evaluated']}, "
-        f"report: {study.results_dir / 'results.md'}"
+        f"\ndone: trained {len(done['trained'])} training(s){resumed}, kept {len(done['kept'])}, evaluated: "
+        f"{done['evaluated']}, report: {study.results_dir / 'results.md'}"
     )
     return done
 
@@ -245,8 +245,8 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     measured = measured_tokens_per_second(study, meta["training_fingerprint"] if meta else None)
     measured_seconds = sum(count / measured[method] for method, count in tokens.items() if method in measured)
     lines = [
-        f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed {assumed_tflops:g} "
-        "model TFLOP/s (--assume-tflops)"
+        f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed "
+        f"{assumed_tflops:g} model TFLOP/s (--assume-tflops)"
         + (
             f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
             f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
@@ -260,8 +260,8 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
         )
     if unknown:
         lines.append(
-            f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the data "
-            "once, or give [budget] max_steps)"
+            f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the "
+            "data once, or give [budget] max_steps)"
         )
     return lines
 
@@ -409,8 +409,8 @@ def warn_about_stale_runs(study: Study, listed: set[str]) -> None:
     for path in sorted(study.checkpoints_dir.iterdir()):
         if path.is_dir() and path.name not in listed and not path.name.startswith("."):
             print(
-                f"warning: {path} is not a training of this study (as it now stands); the study ignores it: delete it to free "
-                "the space."
+                f"warning: {path} is not a training of this study (as it now stands); the study ignores it: delete it "
+                "to free the space."
             )
 
 

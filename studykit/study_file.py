@@ -180,8 +180,8 @@ def _reject_runner_owned(values: dict[str, Any], owned: set[str], where: str, so
     if clashing:
         raise UserError(
             f"{where} in {source} sets {clashing}, which the runner sets for every run; remove them "
-            "(use [study] output_dir or --output-dir to move the study, run_study.py --device to choose the device, and "
-            "--push-to-hub to upload)."
+            "(use [study] output_dir or --output-dir to move the study, run_study.py --device to choose the device, "
+            "and --push-to-hub to upload)."
         )
 
 

@@ -133,7 +133,8 @@ def training_is_current(training: Training, training_fingerprint: str, adopt: bo
         record = load_run_record(run_dir)
     except UserError:
         return False
-    # The trainer records --pad-to-multiple-of as resolved on its device; the study's config may leave it to that default.
+    # The trainer records --pad-to-multiple-of as resolved on its device; the study's config may leave it to that
+    # default.
     expected = dict(inputs["config"])
     if expected.get("pad_to_multiple_of") is None:
         expected["pad_to_multiple_of"] = resolve_pad_multiple(None, record.device.split(":")[0])
@@ -243,8 +244,8 @@ def plan(study: Study) -> list[tuple[str, str]]:
             steps.append(
                 (
                     label,
-                    f"sweep lr {[lr_label(lr) for lr in spec.learning_rates]} with seed(s) {study.sweep_seeds}: train {len(to_train)} of "
-                    f"{len(trainings)}; then {later} more at the rate with the lowest dev loss",
+                    f"sweep lr {[lr_label(lr) for lr in spec.learning_rates]} with seed(s) {study.sweep_seeds}: train "
+                    f"{len(to_train)} of {len(trainings)}; then {later} more at the rate with the lowest dev loss",
                 )
             )
         else:

@@ -150,7 +150,8 @@ def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: 
     context = model_context_length(base_model)
     if seq_len > context:
         raise UserError(
-            f"the data's --seq-len {seq_len} exceeds the model's context of {context}; prepare it again with --seq-len {context}."
+            f"the data's --seq-len {seq_len} exceeds the model's context of {context}; prepare it again with --seq-len "
+            f"{context}."
         )
     # Taken before LoRA wraps (and renames) the base weights; evaluation checks an adapter's base against it.
     base_fingerprint = base_model_fingerprint(base_model)
@@ -429,7 +430,8 @@ def describe_run(run: PreparedRun) -> None:
     print(
         f"optimizer steps: {run.total_steps} ({run.windows_per_epoch} per epoch), effective batch "
         f"{run.examples_per_step} sequences, processes: {accelerator.num_processes} "
-        f"({parallelism(accelerator)}), device: {accelerator.device}, precision: {precision_name(accelerator.mixed_precision)}"
+        f"({parallelism(accelerator)}), device: {accelerator.device}, precision: "
+        f"{precision_name(accelerator.mixed_precision)}"
     )
     print(
         "kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items())

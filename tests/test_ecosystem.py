@@ -20,7 +20,8 @@ LOGGED = ("train_loss", "lr", "grad_norm", "tokens_per_second", "tokens_seen", "
 
 
 def tensorboard_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar the run's TensorBoard directory holds, as TensorBoard itself reads it back (purged events dropped)."""
+    """Every scalar the run's TensorBoard directory holds, as TensorBoard itself reads it back (purged events \
+dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = trackers.tensorboard_run_directory(output_dir)

@@ -198,7 +198,8 @@ def test_two_trainings_on_one_output_directory(in_process, tmp_path, small_vocab
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 16 MB filesystem (tmpfs) on which the tests run out of space for real; skipped where mounting is not allowed."""
+    """A real 16 MB filesystem (tmpfs) on which the tests run out of space for real; skipped where mounting is not \
+allowed."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("mounting a small filesystem needs root")
     mount_point = tmp_path / "disk"
@@ -524,7 +525,8 @@ def test_a_damaged_resumable_checkpoint_is_named_and_the_one_before_resumes(
 def test_garbled_lines_of_the_training_log_are_dropped(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_bytes(
-        b'{"step": 1, "train_loss": 2.0}\n\xff\xfe garbage\n[1, 2]\n{"no_step": 3}\n{"step": 2, "train_loss": 1.5}\n{"step": 3, "tra'
+        b'{"step": 1, "train_loss": 2.0}\n\xff\xfe garbage\n[1, 2]\n{"no_step": 3}\n'
+        b'{"step": 2, "train_loss": 1.5}\n{"step": 3, "tra'
     )
     assert [entry["step"] for entry in read_run_log(log)] == [1, 2]
 

@@ -257,9 +257,9 @@ def test_an_existing_file_as_output_dir_is_refused(in_process, tmp_path, oasst_t
     message = refused(
         PREPARE, *prepare_args(oasst_trees_file, gpt2_tokenizer_dir, notes), watch=[tmp_path], runner=in_process
     )
-    assert (
-        message
-        == f"error: cannot write to {notes}: {notes} is a file, not a directory; choose another directory with --output-dir."
+    assert message == (
+        f"error: cannot write to {notes}: {notes} is a file, not a directory; choose another directory with "
+        "--output-dir."
     )
     assert notes.read_text() == "keep me\n"
 

@@ -616,7 +616,8 @@ def test_evaluation_takes_a_tokenizer_from_tokenizer_when_the_base_model_has_non
         tmp_path / "results",
     ]
     message = refused(EVALUATE, *args, watch=[tmp_path, lora_checkpoints], runner=in_process)
-    # transformers finds some GPT-2 tokenizer for a bare GPT-2 config; the data's fingerprint tells it is not the data's.
+    # transformers finds some GPT-2 tokenizer for a bare GPT-2 config; the data's fingerprint tells it is not the
+    # data's.
     assert "was tokenized with" in message and "pass the data's tokenizer with --tokenizer" in message
     result = in_process(EVALUATE, *args, "--tokenizer", small_vocab_inputs["model"], env=QUIET)
     assert result.returncode == 0, result.stderr

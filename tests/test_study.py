@@ -375,7 +375,8 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     ):
         assert step in result.stdout, step
     assert "then 1 more at the rate with the lowest dev loss" in result.stdout
-    # 4 runs x (2 rates with seed 0 + the chosen rate with seed 1), at most full-length sequences, over the assumed rate.
+    # 4 runs x (2 rates with seed 0 + the chosen rate with seed 1), at most full-length sequences, over the assumed
+    # rate.
     assert "estimate: 12 training(s) to run" in result.stdout and "--assume-tflops" in result.stdout
     assert "leave alone" in result.stdout and not output_dir.exists()
 
@@ -397,7 +398,8 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
 
 
 def test_too_few_texts_get_no_interval_rather_than_a_misleading_one():
-    """Two texts: resampling them gives back their own perplexities, which the table would show as a narrow '95% interval'."""
+    """Two texts: resampling them gives back their own perplexities, which the table would show as a narrow '95% \
+interval'."""
     nll, tokens = np.array([300.0, 510.0]), np.array([50, 80])
     assert statistics.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
     assert statistics.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
