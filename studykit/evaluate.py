@@ -234,8 +234,8 @@ def load_extra_eval(source: str, tokenizer, seq_len: int) -> list[list[int]]:
 
 
 def read_extra_eval_texts(source: str) -> list[str]:
-    """A local text file (paragraphs where blank lines separate them, else lines) or a hub dataset \
-NAME:CONFIG[:SPLIT]."""
+    """A local text file (paragraphs where blank lines separate them, else lines) or a hub dataset
+    NAME:CONFIG[:SPLIT]."""
     path = Path(source)
     if path.is_file():
         try:

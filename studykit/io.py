@@ -224,8 +224,8 @@ def visible_entries(directory: Path) -> list[str]:
 
 
 def check_writable_location(path: Path, flag: str) -> None:
-    """Fail before hours of work, without creating anything: the nearest existing ancestor must be a writable \
-directory."""
+    """Fail before hours of work, without creating anything: the nearest existing ancestor must be a writable
+    directory."""
     ancestor = Path(path).absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent

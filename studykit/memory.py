@@ -380,8 +380,8 @@ def probe_fits(model, accelerator, sequence: list[int], batch_size: int, reserve
 
 
 def largest_fitting_by_probe(config, model, accelerator, longest_sequence: list[int], optimizer_bytes: int) -> int:
-    """CUDA: halve the micro-batch until a real step at the longest length fits; every process agrees on the \
-smallest."""
+    """CUDA: halve the micro-batch until a real step at the longest length fits; every process agrees on the
+    smallest."""
     batch_size = config.batch_size
     while not probe_fits(model, accelerator, longest_sequence, batch_size, optimizer_bytes):
         smaller = smaller_micro_batch(batch_size, config.effective_batch)

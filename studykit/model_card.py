@@ -31,8 +31,8 @@ def hub_model_id(model: str) -> str:
 
 
 def yaml_value(value: Any) -> str:
-    """A YAML scalar: plain when it is a simple word or id, else double-quoted with its quotes and backslashes \
-escaped."""
+    """A YAML scalar: plain when it is a simple word or id, else double-quoted with its quotes and backslashes
+    escaped."""
     text = str(value)
     if re.fullmatch(r"[A-Za-z0-9][\w./-]*", text):
         return text
@@ -42,6 +42,16 @@ escaped."""
 def perplexity(loss: Any) -> Any:
     """exp(loss) for a finite loss a card can show (a diverged run's is not), else None."""
     return math.exp(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) and loss < 700 else None
+
+
+def what_it_models(data_meta: dict[str, Any]) -> str:
+    """Prepare's --context: the responses alone, or each after the prompter message it answers."""
+    if data_meta.get("context") == "parent":
+        return (
+            "It models each assistant response after the prompter message it answers (the prompt's tokens are "
+            "context, never trained on)"
+        )
+    return "It models assistant responses on their own, without their prompts"
 
 
 def model_card(record: RunRecord, data_meta: dict[str, Any], name: str) -> str:
@@ -83,8 +93,8 @@ def model_card(record: RunRecord, data_meta: dict[str, Any], name: str) -> str:
         f"# {name}",
         "",
         f"`{record.base_model}` fine-tuned on the assistant responses of {dataset or data_meta.get('source')} by the "
-        "LoRA-vs-full-fine-tuning study kit (studykit). It models assistant responses on their own, without their "
-        "prompts: a study of what each method learns, not a chat model.",
+        f"LoRA-vs-full-fine-tuning study kit (studykit). {what_it_models(data_meta)}: a study of what each method "
+        "learns, not a chat model.",
         "",
         "## Training",
         "",

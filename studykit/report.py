@@ -88,8 +88,8 @@ def budget_of(record: RunRecord) -> dict[str, Any]:
 
 
 def budget_differences(records: dict[str, RunRecord], reference: str) -> dict[str, dict[str, Any]]:
-    """For each training, the budget fields whose value differs from the reference training's: {name: {field: \
-value}}."""
+    """For each training, the budget fields whose value differs from the reference training's: {name: {field:
+    value}}."""
     expected = budget_of(records[reference])
     return {
         name: {key: value for key, value in budget_of(record).items() if value != expected[key]}

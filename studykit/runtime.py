@@ -84,8 +84,8 @@ def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, fl
 
 
 def build_accelerator(precision: str, seed: int, device: str = "auto", **tracking):
-    """The run's Accelerator; `tracking` is trackers.accelerator_tracking's log_with and project_dir (none: no \
-tracker)."""
+    """The run's Accelerator; `tracking` is trackers.accelerator_tracking's log_with and project_dir (none: no
+    tracker)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed

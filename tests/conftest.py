@@ -327,8 +327,8 @@ def refused(script, *args, watch=(), code=2, runner=None):
 
 
 def shortened_quick_study(path: Path, *replacements: tuple[str, str]) -> Path:
-    """The quick preset with a shorter budget (the same steps, fewer of them; a briefer pre-training), plus any \
-edits."""
+    """The quick preset with a shorter budget (the same steps, fewer of them; a briefer pre-training), plus any
+    edits."""
     text = QUICK.read_text()
     for old, new in (
         ("max_steps = 30", "max_steps = 6"),

@@ -20,8 +20,8 @@ LOGGED = ("train_loss", "lr", "grad_norm", "tokens_per_second", "tokens_seen", "
 
 
 def tensorboard_scalars(output_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar the run's TensorBoard directory holds, as TensorBoard itself reads it back (purged events \
-dropped)."""
+    """Every scalar the run's TensorBoard directory holds, as TensorBoard itself reads it back (purged events
+    dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = trackers.tensorboard_run_directory(output_dir)
@@ -205,6 +205,11 @@ def test_the_card_names_hub_models_and_datasets_in_its_metadata(small_vocab_inpu
     metadata = card_metadata(model_card(record, {"source": "hub:OpenAssistant/oasst1", "seq_len": 512}, "lora_r8"))
     assert metadata["base_model"] == ["gpt2"] and metadata["datasets"] == ["- OpenAssistant/oasst1"]
     assert "- name: lora_r8" in metadata["model-index"] and "split: dev" in metadata["model-index"]
+    # What the model was trained to model follows prepare's --context.
+    alone = model_card(record, {"source": "hub:OpenAssistant/oasst1", "context": "none"}, "lora_r8")
+    after_prompts = model_card(record, {"source": "hub:OpenAssistant/oasst1", "context": "parent"}, "lora_r8")
+    assert "on their own, without their prompts" in alone and "without their prompts" not in after_prompts
+    assert "after the prompter message it answers" in after_prompts
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -586,8 +586,8 @@ def test_a_resumed_run_keeps_its_steady_speed(small_vocab_inputs, tmp_path):
 def test_log_gives_the_learning_rate_each_step_trained_with(
     deterministic_model_dir, processed_dir, tmp_path, monkeypatch
 ):
-    """3 steps, 2 of them linear warmup to 1e-3 (0.7 x 3, rounded down), then cosine: by hand, 5e-4, 1e-3, 1e-3 \
-(cosine at 0).
+    """3 steps, 2 of them linear warmup to 1e-3 (0.7 x 3, rounded down), then cosine: by hand, 5e-4, 1e-3, 1e-3
+    (cosine at 0).
     The log once gave the rate of the step after: 1e-3, 1e-3, 0."""
     from studykit import trainer
 

@@ -198,8 +198,8 @@ def test_two_trainings_on_one_output_directory(in_process, tmp_path, small_vocab
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 16 MB filesystem (tmpfs) on which the tests run out of space for real; skipped where mounting is not \
-allowed."""
+    """A real 16 MB filesystem (tmpfs) on which the tests run out of space for real; skipped where mounting is not
+    allowed."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("mounting a small filesystem needs root")
     mount_point = tmp_path / "disk"

@@ -398,8 +398,8 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
 
 
 def test_too_few_texts_get_no_interval_rather_than_a_misleading_one():
-    """Two texts: resampling them gives back their own perplexities, which the table would show as a narrow '95% \
-interval'."""
+    """Two texts: resampling them gives back their own perplexities, which the table would show as a narrow '95%
+    interval'."""
     nll, tokens = np.array([300.0, 510.0]), np.array([50, 80])
     assert statistics.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
     assert statistics.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
