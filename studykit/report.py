@@ -605,6 +605,10 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
     return results
 
 
+# How the protocol paragraph names each --optimizer.
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW", "paged-adamw8bit": "paged 8-bit AdamW"}
+
+
 def protocol_paragraph(
     study: Study,
     meta: dict[str, Any],
@@ -629,14 +633,22 @@ def protocol_paragraph(
         if grids
         else f"Fixed learning rates, each run trained with seed(s) {study.seeds}. "
     )
+    # Prepare's --context: what each sequence holds, and so what the perplexity is conditioned on.
+    context = (
+        "each after the prompter message it answers (prompt tokens are context only: never targets, never counted)"
+        if meta.get("context") == "parent"
+        else "each on its own, without its prompt"
+    )
+    optimizer = OPTIMIZER_NAMES.get(first.optimizer, first.optimizer)
     return (
         f"**Protocol.** Data: {meta['source']} ({meta['split_method']}); assistant responses in language(s) "
-        f"{meta['lang']}, not deleted, review passed, non-blank, tokenized with `{meta['tokenizer']}`, EOS appended, "
+        f"{meta['lang']}, not deleted, review passed, non-blank, {context}, tokenized with `{meta['tokenizer']}`, "
+        "EOS appended, "
         f"cut to {meta['seq_len']} tokens: {meta['sequences']['train']:,} training, {meta['sequences']['dev']:,} dev "
         f"and {meta['sequences']['test']:,} test responses, no conversation tree in two splits (data fingerprint "
         f"`{meta['fingerprint']}`). {budget}: {first.steps:,} optimizer steps of {first.effective_batch} sequences "
-        f"({config['batch_size']} x {config['grad_accum']} accumulation), the same data order per seed, AdamW (betas "
-        f"{config['adam_beta1']:g}/{config['adam_beta2']:g}) with {config['warmup_ratio']:.0%} warmup then "
+        f"({config['batch_size']} x {config['grad_accum']} accumulation), the same data order per seed, {optimizer} "
+        f"(betas {config['adam_beta1']:g}/{config['adam_beta2']:g}) with {config['warmup_ratio']:.0%} warmup then "
         f"{config['lr_schedule']} decay, precision {first.precision} on {first.device}. {tuning}Nothing that chooses "
         "reads the test split. Test perplexity is exp(total NLL / predicted tokens) over all test responses, "
         f"{CONFIDENCE:.0%} bootstrap intervals over seeds and conversation trees. Study file `{study.source.name}`, "

@@ -200,6 +200,7 @@ def test_results_md_and_samples(study):
     protocol = study["results_first"]["protocol"]
     assert "Budget, the same for every run: 6 optimizer steps" in protocol and "lowest final dev loss" in protocol
     assert "Nothing that chooses reads the test split" in protocol
+    assert "each on its own, without its prompt" in protocol and "same data order per seed, AdamW (betas" in protocol
     for text in (
         "Test perplexity: mean ± seed sd [95% CI]",
         "Ratio to full_ft",
