@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from studykit.errors import UserError
 from studykit.loss import logit_chunk_positions, output_layer
-from studykit.modeling import count_parameters, known_gpt2_config
+from studykit.modeling import count_parameters, known_gpt2_config, model_skeleton
 from studykit.optimizers import OPTIMIZERS, optimizer_state_bytes
 from studykit.runtime import precision_name
 
@@ -490,13 +490,10 @@ def planning_config(model: str) -> Any:
 def estimate_for_plan(config, model_config, seq_len: int) -> MemoryEstimate:
     """The estimate for a run on a CUDA GPU (precision auto: fp16), from the base model's config alone: the model the
     run trains is built on the meta device, without weights."""
-    from transformers import AutoModelForCausalLM
-
     from studykit.methods import method_of
 
     with torch.device("meta"):
-        base_model = AutoModelForCausalLM.from_config(model_config)
-        model, _ = method_of(config).wrap(base_model, config)
+        model, _ = method_of(config).wrap(model_skeleton(model_config), config)
     precision = "fp16" if config.precision == "auto" else config.precision
     return estimate_for_model(
         model, config.batch_size, seq_len, precision, config.gradient_checkpointing, "cuda", config.optimizer

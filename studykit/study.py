@@ -18,7 +18,7 @@ from studykit.errors import UserError, first_line
 from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
-from studykit.modeling import known_gpt2_config
+from studykit.modeling import known_gpt2_config, model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
 from studykit.study_file import Study, Training, load_study, study_path
@@ -343,13 +343,8 @@ def check_extra_eval_reachable(study: Study) -> None:
 
 def base_model_parameters(study: Study) -> int:
     """The base model's parameter count, from its config alone (modules on the meta device, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     config = base_model_config(study, exact_shape=True)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return sum(parameter.numel() for parameter in skeleton.parameters())
+    return sum(parameter.numel() for parameter in model_skeleton(config).parameters())
 
 
 def base_model_config(study: Study, exact_shape: bool = False):
@@ -384,9 +379,6 @@ def check_runs_against_the_base_model(study: Study) -> None:
     """Every run's settings that depend on the base model's modules (LoRA's target modules) are checked against it
     before the first run trains, the way its training will check them, so a run that cannot start is found before
     the runs ahead of it spend their time."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     base_config = None
     for spec in study.runs:
         check = METHODS[spec.method].check_on_skeleton
@@ -394,8 +386,7 @@ def check_runs_against_the_base_model(study: Study) -> None:
             continue
         base_config = base_config or base_model_config(study)
         # Modules without weights (the meta device); a fresh one each time, as a check may change it in place.
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(base_config, trust_remote_code=spec.config.trust_remote_code)
+        skeleton = model_skeleton(base_config, spec.config.trust_remote_code)
         try:
             check(skeleton, spec.config)
         except UserError as error:

@@ -612,3 +612,18 @@ def test_log_gives_the_learning_rate_each_step_trained_with(
     )
     assert used == pytest.approx([5e-4, 1e-3, 1e-3])
     assert [entry["lr"] for entry in log] == pytest.approx(used)
+
+
+def test_a_model_skeleton_is_tied_like_a_built_model():
+    """Estimates and plans build the model on the meta device; transformers 5.0 left that one's output layer untied
+    (39M parameters too many for GPT-2 Small), so the skeleton ties it, as loading a checkpoint does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from studykit.modeling import model_skeleton
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=128)
+    skeleton = model_skeleton(config)
+    assert skeleton.lm_head.weight is skeleton.transformer.wte.weight
+    assert skeleton.lm_head.weight.device.type == "meta"
+    built = sum(parameter.numel() for parameter in GPT2LMHeadModel(config).parameters())
+    assert sum(parameter.numel() for parameter in skeleton.parameters()) == built
