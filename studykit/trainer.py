@@ -204,8 +204,12 @@ def dev_loss(run: PreparedRun) -> float:
     accelerator = run.accelerator
     batches = length_sorted_batches([len(s) for s in run.dev_sequences], run.config.eval_batch_size)
     share = batches[accelerator.process_index :: accelerator.num_processes]
+    # Under DDP the shares differ by a batch, and the wrapped model's forward broadcasts buffers to every process (a
+    # collective: transformers 5.0's GPT-2 has buffers), so a process with a batch more would wait forever. Scoring
+    # needs no gradient sync: the module inside scores alone. FSDP needs its own forward (the weights are sharded).
+    scorer = run.model if is_sharded(accelerator) else accelerator.unwrap_model(run.model)
     scores = score_sequences(
-        run.model,
+        scorer,
         run.dev_sequences,
         run.config.eval_batch_size,
         accelerator.device,
