@@ -35,15 +35,13 @@ def _hub_answers(repo_id: str, repo_type: str) -> bool:
     settings apply (a raw socket probe ignored the proxy and called a Hub behind one unreachable). Any answer, even
     "no such repo" (the loader then says so), means the Hub is there; no answer within the timeout means it is not."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_SECONDS)
     except HfHubHTTPError:
         return True
-    except OfflineModeIsEnabled:
-        return False
-    except Exception:  # the client's connection, timeout and proxy errors (httpx's, which are not OSErrors)
+    except Exception:  # the client's connection, timeout and proxy errors (httpx's, not OSErrors), offline mode
         return False
     return True
 

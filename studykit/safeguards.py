@@ -58,14 +58,10 @@ class InterruptFlag:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self, accelerator) -> bool:
-        """Whether any process was signalled, agreed by all, so every process saves and stops at the same step: through
-        accelerate's trigger (set_trigger / check_trigger) when there are several; one process needs no reduce, whose
-        read-back would make the host wait for the device once more every step."""
-        if accelerator.num_processes == 1:
-            return self.signal_name is not None
-        if self.signal_name is not None:
-            accelerator.set_trigger()
-        return accelerator.check_trigger()
+        """Whether any process was signalled, agreed by all, so every process saves and stops at the same step.
+        processes_where, not accelerate's set_trigger/check_trigger: one agreement for every decision here, and no
+        reduce (nor its read-back) on a single process, where check_trigger would make the host wait every step."""
+        return processes_where(accelerator, self.signal_name is not None) > 0
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():

@@ -30,7 +30,7 @@ QUICK = REPO_ROOT / "studies" / "quick.toml"
     "config",
     [
         TrainConfig(lr=3e-4, max_steps=7, precision="fp32", max_gpu_memory_gb=5.5, pad_to_multiple_of=16),
-        LoraTrainConfig(rank=16, alpha=32.0, target_modules=["attention+mlp"], lr=[1e-3][0], seed=3),
+        LoraTrainConfig(rank=16, alpha=32.0, target_modules=["attention+mlp"], lr=1e-3, seed=3),
         PrepareConfig(seq_len=128, lang="en,de", dev_fraction=0.2, data_file="x.jsonl"),
         EvalConfig(runs=["a", "b"], batch_size=4),
     ],
