@@ -137,7 +137,7 @@ def accumulate_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tenso
         torch.addmm(out, left, right, out=out)  # rather than addmm_, which torch's FLOP counter does not count
 
 
-# What --loss-kernel auto runs; the measurements behind the choice are in README "Speed".
+# What --loss-kernel auto runs; the measurements behind the choice are in docs/speed.md, "The loss kernel".
 AUTO_LOSS_KERNEL = "studykit"
 # Where use_loss_kernel records the choice on a model; a plain attribute, so save_pretrained never writes it.
 LOSS_KERNEL_ATTRIBUTE = "studykit_loss_kernel"

@@ -187,7 +187,7 @@ def gpt2_medium(config):
 
 
 def test_gpt2_medium_full_fine_tuning_fits_six_gib_with_8bit_adamw_and_checkpointing():
-    """The README's plan: the defaults (fp16, micro-batch 8 x 512 tokens), built on the meta device."""
+    """docs/memory.md's plan: the defaults (fp16, micro-batch 8 x 512 tokens), built on the meta device."""
     plan = {
         optimizer: gpt2_medium(TrainConfig(optimizer=optimizer, gradient_checkpointing=True))
         for optimizer in OPTIMIZER_CHOICES
