@@ -522,7 +522,7 @@ def test_device_peak_for_mfu_is_looked_up_by_gpu_name(monkeypatch):
 
 
 def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, processed_dir, tmp_path, capsys):
-    from studykit.report import format_throughput
+    from studykit.report_markdown import format_throughput
 
     common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=2, grad_accum=2)
     unknown, _ = train_in_process(TrainConfig, tmp_path, "cpu", **common)
@@ -536,8 +536,8 @@ def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, proce
     steady_flops = record["steady_tokens_per_second"] * record["flops_per_token"]
     assert record["steady_mfu"] == pytest.approx(steady_flops / 0.5e12)
     assert "MFU against 0.5 TFLOP/s per device" in capsys.readouterr().out
-    assert format_throughput({"tokens_per_second": 12345.6, "mfu": 0.4123}) == "12,346 (41.2% MFU)"
-    assert format_throughput({"tokens_per_second": 12345.6, "mfu": None}) == "12,346"
+    assert format_throughput(12345.6, 0.4123) == "12,346 (41.2% MFU)"
+    assert format_throughput(12345.6, None) == "12,346"
 
 
 def test_steady_speed_leaves_out_the_warm_up_of_a_run_and_of_its_resumption():

@@ -66,7 +66,7 @@ def test_8bit_state_is_checkpointed_as_plain_tensors_and_counted_by_the_estimate
 
 
 def test_run_json_records_the_optimizer_and_the_budget_check_flags_a_different_one(fp32_and_8bit_runs):
-    from studykit.report import budget_differences
+    from studykit.comparison import budget_differences
 
     root, records = fp32_and_8bit_runs
     typed = {name: RunRecord.from_dict(record, name) for name, record in records.items()}

@@ -27,6 +27,7 @@ LAYERS = [
         "loss",
         "batching",
         "metrics",
+        "response_scores",
         "tiny",
         "sharded",
         "statistics",
@@ -37,7 +38,9 @@ LAYERS = [
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
     ["trainer", "prepare", "evaluate"],
     ["study_file"],
-    ["samples", "report"],
+    ["samples", "comparison"],
+    ["report_markdown"],
+    ["report"],
     ["study_state"],
     ["study_launch"],
     ["study", "cli"],
@@ -165,7 +168,7 @@ def test_docstrings_comments_and_help_texts_leave_the_training_code_version_alon
     edit(loss, docstring.splitlines()[0], "A docstring rewritten from scratch.")
     edit(loss, "# Every chunk reads and writes", "# A comment rewritten: every chunk reads and writes")
     edit(package_copy / "config.py", '"peak learning rate"', '"the peak learning rate, reworded"')
-    edit(package_copy / "report.py", "def budget_differences(", "def budget_differences_renamed(")
+    edit(package_copy / "comparison.py", "def budget_differences(", "def budget_differences_renamed(")
     assert runtime.stage_code_version("studykit.trainer") == before["trainer"]
     assert runtime.stage_code_version("studykit.report") != before["report"], "the report's own code changed"
 
@@ -182,6 +185,8 @@ PRESENTATION_EDITS = {
     "statistics.py": ("import numpy as np", "import numpy as np\n\nEDITED_CONFIDENCE = 0.9"),
     "figures.py": ("import math", "import math\n\nEDITED_DPI = 300"),
     "report.py": ("from __future__ import annotations", "from __future__ import annotations\n\nEDITED_DIGITS = 3"),
+    "comparison.py": ("import math", "import math\n\nEDITED_RESAMPLES = 99"),
+    "report_markdown.py": ("from pathlib import Path", "from pathlib import Path\n\nEDITED_WIDTH = 80"),
     "model_card.py": ("import math", "import math\n\nEDITED_LICENSE = 'mit'"),
     "hub_upload.py": ("import fnmatch", "import fnmatch\n\nEDITED_PATTERN = '*.bin'"),
     "trackers.py": ("import json", "import json\n\nEDITED_PROJECT = 'edited'"),
