@@ -18,7 +18,8 @@ from studykit import runtime
 # imports it back. A new module goes into the lowest layer that holds everything it imports.
 LAYERS = [
     ["errors"],
-    ["io", "hub", "hub_upload", "locks", "config"],
+    ["io", "hub", "hub_upload", "locks", "settings"],
+    ["config"],
     [
         "runtime",
         "data",
