@@ -5,7 +5,7 @@ for each optimizer.
   usual setup       the model as transformers loads it, `model(input_ids, labels=...).loss` (full logits)
 
 Both take two optimizer steps on the same full-length batch. On CUDA the peak is torch.cuda.max_memory_allocated; on
-a CPU it is every tensor counted while alive (studykit.memory.TensorMemoryPeak), what the same step would hold on a GPU
+a CPU it is every tensor counted while alive (bench/tensor_memory.py), what the same step would hold on a GPU
 less the allocator's rounding. Attention dropout is off, as on a CPU SDPA with dropout keeps the score matrices that
 CUDA's kernels do not. GPT-2 Medium's steps would take too long to measure on a CPU: there the estimates alone are
 printed, for a CUDA GPU, from the model built on the meta device (no weights).
@@ -26,20 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tensor_memory import TensorMemoryPeak  # noqa: E402
+
 from studykit.config import OPTIMIZER_CHOICES, LoraTrainConfig, TrainConfig  # noqa: E402
 from studykit.data import collate  # noqa: E402
 from studykit.errors import UserError  # noqa: E402
 from studykit.loss import batch_nll  # noqa: E402
-from studykit.memory import (  # noqa: E402
-    CUDA_CONTEXT_BYTES,
-    GIB,
-    PLAN_CARD_GIB,
-    TensorMemoryPeak,
-    apply_memory_cap,
-    estimate_for_model,
-    estimate_for_plan,
-    gib,
-)
+from studykit.memory import GIB, estimate_for_model, gib  # noqa: E402
+from studykit.memory_fit import apply_memory_cap  # noqa: E402
 from studykit.modeling import (  # noqa: E402
     KNOWN_GPT2_SHAPES,  # noqa: E402
     enable_activation_checkpointing,
@@ -53,6 +47,7 @@ from studykit.runtime import (  # noqa: E402
     precision_name,
     resolve_precision,
 )
+from studykit.study_plan import CUDA_CONTEXT_BYTES, PLAN_CARD_GIB, estimate_for_plan  # noqa: E402
 
 SHAPES = {
     "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},

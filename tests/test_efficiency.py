@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import REPO_ROOT, build_tiny_model
 
 from studykit.config import LoraTrainConfig, TrainConfig
 from studykit.data import (
@@ -44,6 +44,16 @@ def deterministic_model_dir(tmp_path_factory, gpt2_tokenizer):
 @pytest.fixture(scope="module")
 def train_sequences(processed_dir):
     return list(load_processed(processed_dir).train["input_ids"])
+
+
+def bench_module(name: str):
+    """A module of bench/ (scripts beside each other, not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def unpadded_nll(model, sequences):
@@ -252,7 +262,7 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
 ):
     """The CUDA path of --auto-batch, run on a CPU: the step itself raises CUDA's out-of-memory error above three
     sequences, as the allocator under a cap would, after its forward and backward have made gradients."""
-    from studykit import loss, memory
+    from studykit import loss, memory_fit
     from studykit.runtime import build_accelerator
 
     accelerator = build_accelerator("fp32", seed=0)
@@ -272,7 +282,7 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
     longest = max(train_sequences, key=len)
     rng_before = torch.get_rng_state()
     config = TrainConfig(batch_size=8, grad_accum=1)
-    assert memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024) == 2
+    assert memory_fit.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024) == 2
     assert tried == [8, 4, 2]
     assert all(
         parameter.grad is None for parameter in model.parameters()
@@ -281,7 +291,8 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
     # From 6 the next try is half, 3, which still divides the effective batch of 12 exactly.
     tried.clear()
     assert (
-        memory.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024) == 3
+        memory_fit.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024)
+        == 3
     )
     assert tried == [6, 3]
 
@@ -289,7 +300,7 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
         loss, "batch_nll", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     )
     with pytest.raises(UserError, match="even a micro-batch of 1 sequences .*--gradient-checkpointing"):
-        memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024)
+        memory_fit.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024)
 
 
 def lora_model(model_dir):
@@ -412,8 +423,10 @@ def test_estimate_bounds_the_measured_peak_of_two_training_steps(
 ):
     """Every tensor of two steps (forward, chunked loss, backward, optimizer), counted while alive. With GPT-2's
     dropout (0.1), SDPA on a CPU falls back to keeping the attention matrices, which the estimate for a CPU counts."""
-    from studykit.memory import TensorMemoryPeak, estimate_for_model
+    from studykit.memory import estimate_for_model
     from studykit.optimizers import build_optimizer
+
+    TensorMemoryPeak = bench_module("tensor_memory").TensorMemoryPeak
 
     model = load_base_model(str(tiny_model_dir if dropout == "dropout" else deterministic_model_dir)).train()
     if method == "lora":
@@ -436,7 +449,7 @@ def test_estimate_bounds_the_measured_peak_of_two_training_steps(
 
 
 def test_out_of_memory_becomes_a_user_error_naming_the_flags():
-    from studykit.memory import out_of_memory_as_user_error
+    from studykit.memory_fit import out_of_memory_as_user_error
 
     with pytest.raises(UserError, match="--batch-size.*--grad-accum.*--gradient-checkpointing.*--auto-batch") as raised:
         with out_of_memory_as_user_error({"total": 7 * GIB, "micro_batch": 8}):

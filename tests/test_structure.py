@@ -37,13 +37,14 @@ LAYERS = [
     ],
     ["methods", "run_state"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
+    ["memory_fit"],
     ["trainer", "prepare", "evaluate"],
     ["study_file"],
     ["samples", "comparison"],
     ["report_markdown"],
     ["report"],
     ["study_state"],
-    ["study_launch"],
+    ["study_launch", "study_plan"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
