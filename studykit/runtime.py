@@ -237,6 +237,8 @@ def _code_without_documentation(path: Path) -> str:
             node.body = body[1:] or [ast.Pass()]
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option" and len(node.args) >= 2:
             node.args[1] = ast.Constant("")  # a config field's help text
+        if isinstance(node, ast.keyword) and node.arg == "command_description":
+            node.value = ast.Constant("")  # a method's --help description
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "HELP_SECTIONS":
             node.value = ast.Constant(None)  # how --help groups the flags
     return ast.unparse(tree)

@@ -170,6 +170,8 @@ def test_docstrings_comments_and_help_texts_leave_the_training_code_version_alon
     edit(loss, docstring.splitlines()[0], "A docstring rewritten from scratch.")
     edit(loss, "# Every chunk reads and writes", "# A comment rewritten: every chunk reads and writes")
     edit(package_copy / "config.py", '"peak learning rate"', '"the peak learning rate, reworded"')
+    edit(package_copy / "config.py", '"Hub": ("push_to_hub",),', '"Upload": ("push_to_hub",),')  # --help sections
+    edit(package_copy / "methods.py", '"Stage 3: LoRA.', '"Stage 3: LoRA adapters.')  # a command's description
     edit(package_copy / "comparison.py", "def budget_differences(", "def budget_differences_renamed(")
     assert runtime.stage_code_version("studykit.trainer") == before["trainer"]
     assert runtime.stage_code_version("studykit.report") != before["report"], "the report's own code changed"
