@@ -51,7 +51,7 @@ REPORT_BYTES = 2 * MIB
 def build_tiny_model(study: Study) -> None:
     import torch
 
-    from studykit.tiny import build_pretrained_tiny_gpt2
+    from studykit.tiny import build_from_config
 
     spec = study.tiny_model
     # One thread: the same weights on every machine (another thread count sums in another order), and on a busy
@@ -59,19 +59,7 @@ def build_tiny_model(study: Study) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        note = build_pretrained_tiny_gpt2(
-            Path(study.model),
-            Path(spec.data_file),
-            Path(spec.general_text),
-            spec.vocab_size,
-            spec.n_layer,
-            spec.n_embd,
-            spec.pretrain_steps,
-            block_size=spec.pretrain_block_size,
-            lr=spec.pretrain_lr,
-            seed=spec.seed,
-            heldout_text_file=Path(spec.heldout_text) if spec.heldout_text else None,
-        )
+        note = build_from_config(Path(study.model), spec)
     finally:
         torch.set_num_threads(threads)
     mark_current(Path(study.model), tiny_model_inputs(study))
