@@ -308,6 +308,9 @@ def ours(args, method: str, model: str, data_dir: Path, output_dir: Path, compil
         loss_kernel=args.loss_kernel,
         pad_to_multiple_of=args.pad_to_multiple_of,
         compile=compiled,
+        # The benchmark runs where it is started: the trainer's guard against a big model on a CPU by accident would
+        # otherwise refuse --model small on a CPU.
+        device=default_device().type,
     )
     device = default_device()
     reset_peak(device)
