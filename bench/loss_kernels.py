@@ -26,10 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studykit.errors import UserError  # noqa: E402
-from studykit.loss import output_layer_nll, resolve_loss_kernel, torch_has_fused_loss  # noqa: E402
+from studykit.errors import UserError
+from studykit.loss import output_layer_nll, resolve_loss_kernel, torch_has_fused_loss
 
 MODES = {
     "train, all gradients": (True, True),

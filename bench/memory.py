@@ -5,7 +5,7 @@ for each optimizer.
   usual setup       the model as transformers loads it, `model(input_ids, labels=...).loss` (full logits)
 
 Both take two optimizer steps on the same full-length batch. On CUDA the peak is torch.cuda.max_memory_allocated; on
-a CPU it is every tensor counted while alive (studykit.memory.TensorMemoryPeak), what the same step would hold on a GPU
+a CPU it is every tensor counted while alive (bench/tensor_memory.py), what the same step would hold on a GPU
 less the allocator's rounding. Attention dropout is off, as on a CPU SDPA with dropout keeps the score matrices that
 CUDA's kernels do not. GPT-2 Medium's steps would take too long to measure on a CPU: there the estimates alone are
 printed, for a CUDA GPU, from the model built on the meta device (no weights).
@@ -19,40 +19,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
 import torch
+from tensor_memory import TensorMemoryPeak
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studykit.config import OPTIMIZER_CHOICES, LoraTrainConfig, TrainConfig  # noqa: E402
-from studykit.data import collate  # noqa: E402
-from studykit.errors import UserError  # noqa: E402
-from studykit.loss import batch_nll  # noqa: E402
-from studykit.memory import (  # noqa: E402
-    CUDA_CONTEXT_BYTES,
-    GIB,
-    PLAN_CARD_GIB,
-    TensorMemoryPeak,
-    apply_memory_cap,
-    estimate_for_model,
-    estimate_for_plan,
-    gib,
-)
-from studykit.modeling import (  # noqa: E402
-    KNOWN_GPT2_SHAPES,  # noqa: E402
+from studykit.config import OPTIMIZER_CHOICES, LoraTrainConfig, TrainConfig
+from studykit.data import collate
+from studykit.errors import UserError
+from studykit.loss import batch_nll
+from studykit.memory import GIB, estimate_for_model, gib
+from studykit.memory_fit import apply_memory_cap
+from studykit.modeling import (
+    KNOWN_GPT2_SHAPES,
     enable_activation_checkpointing,
     use_fused_gelu,
     wrap_with_lora,
 )
-from studykit.optimizers import OPTIMIZERS, build_optimizer, check_runs_here  # noqa: E402
-from studykit.runtime import (  # noqa: E402
+from studykit.optimizers import OPTIMIZERS, build_optimizer, check_runs_here
+from studykit.runtime import (
     autocast_for,
     default_device,
     precision_name,
     resolve_precision,
 )
+from studykit.study_plan import CUDA_CONTEXT_BYTES, PLAN_CARD_GIB, estimate_for_plan
 
 SHAPES = {
     "tiny": {"n_layer": 2, "n_embd": 128, "n_head": 2},
@@ -63,7 +56,8 @@ SHAPES = {
 }
 # Shapes whose steps a CPU would take too long to measure (GPT-2 Medium: minutes a step, 6 GB for AdamW alone).
 ESTIMATED_ONLY_ON_CPU = {"medium"}
-LORA = {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["attention"]}
+# LoRA as a run gets it by default (studykit.config.LoraTrainConfig).
+LORA = {key: getattr(LoraTrainConfig(), key) for key in ("rank", "alpha", "dropout", "target_modules")}
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,6 +93,7 @@ def parse_args() -> argparse.Namespace:
         help=f"GiB of the card to fit (default {PLAN_CARD_GIB}); on CUDA it also caps the allocator, "
         "as training's flag does",
     )
+    parser.add_argument("--json", default=None, help="also write every row to this JSON file")
     return parser.parse_args()
 
 
@@ -149,7 +144,7 @@ def fits(size: int, card_gib: float) -> str:
     return "yes" if size + CUDA_CONTEXT_BYTES <= card_gib * GIB else "no"
 
 
-def print_estimates(args, optimizers: list[str], card_gib: float) -> None:
+def print_estimates(args, optimizers: list[str], card_gib: float) -> list[dict]:
     """GPT-2 Medium on a CPU: the trainer's estimate for a CUDA GPU, from the model built on the meta device."""
     from transformers import GPT2Config
 
@@ -168,6 +163,7 @@ def print_estimates(args, optimizers: list[str], card_gib: float) -> None:
         f"{f'fits {card_gib:g} GiB':>12}"
     )
     model_config = GPT2Config(**SHAPES[args.model])
+    rows = []
     for method, config_class, extra in (("full", TrainConfig, {}), ("lora", LoraTrainConfig, LORA)):
         for name in optimizers:
             config = config_class(
@@ -178,14 +174,25 @@ def print_estimates(args, optimizers: list[str], card_gib: float) -> None:
                 **extra,
             )
             estimate = estimate_for_plan(config, model_config, args.seq_len)
+            row = {
+                "method": method,
+                "optimizer": name,
+                "setup": "studykit",
+                "peak_gib": None,
+                "estimate_gib": gib(estimate.total),
+                "paged_gib": gib(estimate.optimizer_state_paged),
+                "fits": fits(estimate.total, card_gib),
+            }
+            rows.append(row)
             print(
-                f"{method:<8} {name:<16} {gib(estimate.total):>13.2f} {gib(estimate.optimizer_state_paged):>10.2f} "
-                f"{gib(estimate.total + CUDA_CONTEXT_BYTES):>14.2f} {fits(estimate.total, card_gib):>12}",
+                f"{method:<8} {name:<16} {row['estimate_gib']:>13.2f} {row['paged_gib']:>10.2f} "
+                f"{gib(estimate.total + CUDA_CONTEXT_BYTES):>14.2f} {row['fits']:>12}",
                 flush=True,
             )
+    return rows
 
 
-def print_measurements(args, device: torch.device, optimizers: list[str], card_gib: float) -> None:
+def print_measurements(args, device: torch.device, optimizers: list[str], card_gib: float) -> list[dict]:
     for name in optimizers:
         check_runs_here(name, device)
     precision = precision_name(resolve_precision(args.precision, device.type))
@@ -201,29 +208,37 @@ def print_measurements(args, device: torch.device, optimizers: list[str], card_g
         f"{'method':<8} {'optimizer':<16} {'setup':<14} {'peak GiB':>9} {'estimate GiB':>13} "
         f"{f'fits {card_gib:g} GiB':>12}"
     )
+    rows = []
     for method in ("full", "lora"):
         for name in optimizers:
             for setup in ("studykit", "usual setup"):
                 row = measured_row(args, method, name, setup, batch, autocast, device)
-                print(f"{method:<8} {name:<16} {setup:<14} {row}", flush=True)
+                rows.append(row)
+                if row["peak_gib"] is None:
+                    cells = f"{'OOM':>9}"
+                else:
+                    estimate = f"{row['estimate_gib']:.2f}" if row["estimate_gib"] is not None else ""
+                    cells = f"{row['peak_gib']:>9.2f} {estimate:>13} {row['fits']:>12}"
+                print(f"{method:<8} {name:<16} {setup:<14} {cells}", flush=True)
+    return rows
 
 
-def measured_row(args, method: str, optimizer_name: str, setup: str, batch, autocast, device: torch.device) -> str:
-    """Peak, estimate (our trainer's setup only) and fit of one case; OOM when it did not fit under the cap."""
+def measured_row(args, method: str, optimizer_name: str, setup: str, batch, autocast, device: torch.device) -> dict:
+    """Peak, estimate (our trainer's setup only) and fit of one case; no peak when it did not fit under the cap."""
     precision = precision_name(resolve_precision(args.precision, device.type))
     model = build(args, method, setup == "studykit").to(device)
+    row = {"method": method, "optimizer": optimizer_name, "setup": setup, "peak_gib": None, "estimate_gib": None}
     try:
         peak = peak_of_two_steps(model, optimizer_name, batch, autocast, setup == "studykit", device)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return f"{'OOM':>9}"
-    estimate = ""
+        return {**row, "fits": "no"}
     if setup == "studykit":
         estimate = estimate_for_model(
             model, args.batch_size, args.seq_len, precision, args.gradient_checkpointing, device.type, optimizer_name
         )
-        estimate = f"{gib(estimate.total):.2f}"
-    return f"{gib(peak):>9.2f} {estimate:>13} {fits(peak, args.max_gpu_memory_gb or PLAN_CARD_GIB):>12}"
+        row["estimate_gib"] = gib(estimate.total)
+    return {**row, "peak_gib": gib(peak), "fits": fits(peak, args.max_gpu_memory_gb or PLAN_CARD_GIB)}
 
 
 def main() -> None:
@@ -234,14 +249,17 @@ def main() -> None:
     device = default_device()
     card_gib = args.max_gpu_memory_gb or PLAN_CARD_GIB
     if device.type == "cpu" and args.model in ESTIMATED_ONLY_ON_CPU:
-        print_estimates(args, runnable_optimizers(args.optimizer, "cuda"), card_gib)
-        return
-    if device.type == "cuda":
-        apply_memory_cap(args.max_gpu_memory_gb, device)
-    try:
-        print_measurements(args, device, runnable_optimizers(args.optimizer, device.type), card_gib)
-    except UserError as error:
-        sys.exit(f"error: {error}")
+        rows = print_estimates(args, runnable_optimizers(args.optimizer, "cuda"), card_gib)
+    else:
+        if device.type == "cuda":
+            apply_memory_cap(args.max_gpu_memory_gb, device)
+        try:
+            rows = print_measurements(args, device, runnable_optimizers(args.optimizer, device.type), card_gib)
+        except UserError as error:
+            sys.exit(f"error: {error}")
+    if args.json:
+        settings = {key: value for key, value in vars(args).items() if key != "json"}
+        Path(args.json).write_text(json.dumps({"settings": settings, "device": device.type, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,6 @@ from studykit.errors import report_user_errors
 PREPARE_DESCRIPTION = (
     "Stage 1: OASST1 assistant responses -> filtered, tokenized sequences on disk (data/processed by default)."
 )
-TRAIN_DESCRIPTIONS = {
-    "full": (
-        "Stage 2: full fine-tuning. Every weight trains; AdamW, mixed precision on CUDA, runs under "
-        "`accelerate launch`."
-    ),
-    "lora": (
-        "Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by default."
-    ),
-}
 EVALUATE_DESCRIPTION = (
     "Stage 4: held-out perplexity, exp(total NLL / total predicted tokens), for the base model and every run."
 )
@@ -45,7 +36,8 @@ def train_method(method_name: str) -> None:
     from studykit.trainer import train
 
     config_class = METHODS[method_name].config_class
-    report_user_errors(lambda: train(parse_config(config_class, TRAIN_DESCRIPTIONS[method_name])))()
+    description = METHODS[method_name].command_description
+    report_user_errors(lambda: train(parse_config(config_class, description)))()
 
 
 def train_full_command() -> None:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from studykit import locks
@@ -19,7 +18,6 @@ from studykit.data import check_tokenizer_matches, load_processed, split_prompt_
 from studykit.errors import UserError
 from studykit.io import (
     MIB,
-    atomic_file,
     atomic_write_json,
     atomic_write_text,
     check_writable_location,
@@ -40,12 +38,10 @@ from studykit.modeling import (
     load_checkpoint_for_eval,
     load_tokenizer,
 )
+from studykit.response_scores import EXTRA_EVAL_PREFIX, PER_RESPONSE_FILE, save_per_response_scores
 from studykit.run_dir import RUN_RECORD, is_run_directory, load_run_record
 from studykit.run_state import RunRecord
 from studykit.runtime import autocast_for, default_device
-
-# per_response_nll.npz keys of the --extra-eval scores: "extra/<name>/nll", beside "<name>/nll" for OASST.
-EXTRA_EVAL_PREFIX = "extra/"
 
 
 @dataclass
@@ -197,7 +193,7 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
     with disk_space_for(*space):
         # The largest file first: if it does not fit, the previous results are all still there.
         save_per_response_scores(
-            output_dir / "per_response_nll.npz",
+            output_dir / PER_RESPONSE_FILE,
             scores_by_name,
             list(data.test["message_id"]),
             list(data.test["message_tree_id"]),
@@ -305,16 +301,3 @@ def build_row(target: EvalTarget, model, scores: SequenceScores, data_meta: dict
         print(f"warning: {target.name} was trained with another dataset ({record.data_dir}) than the one evaluated.")
         row["trained_on_other_data"] = True
     return row
-
-
-def save_per_response_scores(
-    path: Path, scores_by_name: dict[str, SequenceScores], message_ids: list[str], tree_ids: list[str]
-) -> None:
-    """Per-response NLL and token counts, aligned by message id and tagged with the conversation tree (for intervals
-    that resample whole trees, and paired comparisons)."""
-    arrays = {"message_id": np.asarray(message_ids), "message_tree_id": np.asarray(tree_ids)}
-    for name, scores in scores_by_name.items():
-        arrays[f"{name}/nll"] = scores.nll_sums
-        arrays[f"{name}/tokens"] = scores.token_counts
-    with atomic_file(path) as temp:
-        np.savez(temp, **arrays)

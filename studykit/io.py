@@ -126,25 +126,6 @@ def _disk_full_message(target: Path, what: str, needed_bytes: int, free: int, th
     )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException as error:
-        reported = _as_out_of_space(error, path.parent)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        if reported is not error:
-            raise reported from error
-        raise
-
-
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """For writers that want a path (np.savez, torch.save): they write a temporary sibling, renamed on success."""
@@ -171,6 +152,11 @@ def _fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as temp_path:
+        temp_path.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -221,6 +207,17 @@ def visible_entries(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and PARTIAL_MARKER not in p.name)
+
+
+def refuse_foreign_directory(directory: Path, holds_own: bool, what: str) -> None:
+    """A stage writes its result over `directory` only when it is empty or holds the stage's own `what` (a training
+    run, a prepared dataset): a directory of someone else's files is refused, never written over."""
+    others = visible_entries(directory)
+    if others and not holds_own:
+        raise UserError(
+            f"{directory} is not empty and holds no {what} ({', '.join(others[:3])}); choose an empty or new "
+            "--output-dir."
+        )
 
 
 def check_writable_location(path: Path, flag: str) -> None:

@@ -29,6 +29,8 @@ class Method:
     # Checks the config against the base model's modules, built without weights on the meta device, so that a study
     # finds a run that cannot start before any run trains; raises a UserError. None: nothing to check.
     check_on_skeleton: Optional[Callable[[Any, TrainConfig], None]] = None
+    # The top of its command's --help (studykit.cli); help text, left out of the training fingerprint.
+    command_description: str = ""
 
     def flops_per_token(self, total_params: int) -> int:
         return self.flops_per_parameter * total_params
@@ -132,6 +134,10 @@ METHODS: dict[str, Method] = {
         full_parameter_groups,
         describe_full,
         reference=True,
+        command_description=(
+            "Stage 2: full fine-tuning. Every weight trains; AdamW, mixed precision on CUDA, runs under "
+            "`accelerate launch`."
+        ),
     ),
     "lora": Method(
         "lora",
@@ -142,6 +148,10 @@ METHODS: dict[str, Method] = {
         lora_parameter_groups,
         describe_lora,
         check_on_skeleton=check_lora_targets,
+        command_description=(
+            "Stage 3: LoRA. The base model is frozen; adapters on attention c_attn and attention c_proj train by "
+            "default."
+        ),
     ),
 }
 

@@ -27,7 +27,7 @@ from studykit.io import (
     check_writable_location,
     disk_space_for,
     read_json,
-    visible_entries,
+    refuse_foreign_directory,
 )
 from studykit.modeling import load_tokenizer
 from studykit.oasst import (
@@ -66,12 +66,7 @@ def check_dataset_directory(output_dir: Path) -> bool:
     # The rename that puts the dataset in place happens in the parent.
     check_writable_location(output_dir.parent, "--output-dir")
     holds_dataset = (output_dir / META_FILE).is_file() and (output_dir / PREPARE_CONFIG_FILE).is_file()
-    others = visible_entries(output_dir)
-    if others and not holds_dataset:
-        raise UserError(
-            f"{output_dir} is not empty and holds no prepared dataset ({', '.join(others[:3])}); "
-            "choose an empty or new --output-dir."
-        )
+    refuse_foreign_directory(output_dir, holds_dataset, "prepared dataset")
     return holds_dataset
 
 

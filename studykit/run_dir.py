@@ -18,7 +18,7 @@ from studykit.io import (
     find_partial_directories,
     is_out_of_space,
     read_json,
-    visible_entries,
+    refuse_foreign_directory,
 )
 from studykit.run_state import RunRecord
 
@@ -100,13 +100,8 @@ def check_run_directory(output_dir: Path, resume: bool, overwrite: bool) -> Opti
             f"{output_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, or another "
             "--output-dir."
         )
-    others = visible_entries(output_dir)
-    if others and not holds_run:
-        # A model directory, a dataset, anything else: the final save would write over files it does not own.
-        raise UserError(
-            f"{output_dir} is not empty and holds no training run ({', '.join(others[:3])}); "
-            "choose an empty or new --output-dir."
-        )
+    # A model directory, a dataset, anything else: the final save would write over files it does not own.
+    refuse_foreign_directory(output_dir, holds_run, "training run")
     return None
 
 

@@ -163,16 +163,34 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
+# Code that cannot change a trained weight, a prepared split or a scored number: the model card, the figures, the
+# report's statistics, the Hub upload and the trackers only present or ship what a stage made. A stage's code version
+# leaves them out (and what only they import), so editing a plot or a bootstrap never retrains or rescores a run;
+# tests/test_structure.py edits real code in each and checks that, and that none of them imports torch.
+OUTCOME_NEUTRAL_MODULES = frozenset(
+    f"studykit.{name}" for name in ("model_card", "figures", "statistics", "hub_upload", "trackers")
+)
+# The report's product is the presentation itself: its code version keeps the statistics and figures it draws with.
+REPORT_STAGE = "studykit.report"
+
+
 @lru_cache(maxsize=None)
 def stage_code_version(entry_module: str) -> str:
-    """A hash of what a stage runs: its module and every studykit module it imports, at any depth, with docstrings,
-    comments and the help texts of config fields left out. Editing the README, a docstring or the report's code
-    therefore never retrains a run, while a change to the loss does."""
+    """A hash of what a stage runs: its module and every studykit module it imports, at any depth, without the
+    outcome-neutral modules (except for the report) and with docstrings, comments and the help texts of config fields
+    left out. Editing the README, a docstring, a figure or the report's code therefore never retrains a run, while a
+    change to the loss does."""
     digest = hashlib.sha256()
-    for module in sorted(studykit_imports_closure(entry_module)):
+    for module in sorted(stage_modules(entry_module)):
         digest.update(module.encode())
         digest.update(_code_without_documentation(_module_path(module)).encode())
     return digest.hexdigest()[:12]
+
+
+def stage_modules(entry_module: str) -> set[str]:
+    """The modules stage_code_version hashes for a stage."""
+    leave_out = frozenset() if entry_module == REPORT_STAGE else OUTCOME_NEUTRAL_MODULES
+    return studykit_imports_closure(entry_module, leave_out)
 
 
 def _module_path(module: str) -> Path:
@@ -196,11 +214,12 @@ def studykit_imports(module: str) -> set[str]:
     return {name for name in found if _module_path(name).exists()}
 
 
-def studykit_imports_closure(entry_module: str) -> set[str]:
+def studykit_imports_closure(entry_module: str, leave_out: frozenset[str] = frozenset()) -> set[str]:
+    """`entry_module` and the studykit modules it imports at any depth, not following those in `leave_out`."""
     seen, pending = set(), [entry_module]
     while pending:
         module = pending.pop()
-        if module not in seen:
+        if module not in seen and (module == entry_module or module not in leave_out):
             seen.add(module)
             pending.extend(studykit_imports(module) - seen)
     return seen
@@ -218,6 +237,10 @@ def _code_without_documentation(path: Path) -> str:
             node.body = body[1:] or [ast.Pass()]
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option" and len(node.args) >= 2:
             node.args[1] = ast.Constant("")  # a config field's help text
+        if isinstance(node, ast.keyword) and node.arg == "command_description":
+            node.value = ast.Constant("")  # a method's --help description
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "HELP_SECTIONS":
+            node.value = ast.Constant(None)  # how --help groups the flags
     return ast.unparse(tree)
 
 

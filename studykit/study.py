@@ -8,26 +8,31 @@ write the report; this module runs the steps in order.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import locks
-from studykit.config import StudyConfig, TrainConfig, build_parser, print_config
-from studykit.errors import UserError, first_line
+from studykit.config import StudyConfig, build_parser, print_config
+from studykit.errors import UserError
 from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
-from studykit.modeling import known_gpt2_config, model_skeleton
+from studykit.modeling import model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
 from studykit.study_file import Study, Training, load_study, study_path
 from studykit.study_launch import print_commands, run_trainings
+from studykit.study_plan import (
+    base_model_config,
+    base_model_parameters,
+    pending_work,
+    print_memory_plan,
+    time_estimate,
+)
 from studykit.study_state import (
     REPORT_INPUTS_FILE,
     current_data,
     eval_inputs,
-    finished_record,
     is_current,
     mark_current,
     plan,
@@ -46,7 +51,7 @@ REPORT_BYTES = 2 * MIB
 def build_tiny_model(study: Study) -> None:
     import torch
 
-    from studykit.tiny import build_pretrained_tiny_gpt2
+    from studykit.tiny import build_from_config
 
     spec = study.tiny_model
     # One thread: the same weights on every machine (another thread count sums in another order), and on a busy
@@ -54,19 +59,7 @@ def build_tiny_model(study: Study) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        note = build_pretrained_tiny_gpt2(
-            Path(study.model),
-            Path(spec.data_file),
-            Path(spec.general_text),
-            spec.vocab_size,
-            spec.n_layer,
-            spec.n_embd,
-            spec.pretrain_steps,
-            block_size=spec.pretrain_block_size,
-            lr=spec.pretrain_lr,
-            seed=spec.seed,
-            heldout_text_file=Path(spec.heldout_text) if spec.heldout_text else None,
-        )
+        note = build_from_config(Path(study.model), spec)
     finally:
         torch.set_num_threads(threads)
     mark_current(Path(study.model), tiny_model_inputs(study))
@@ -111,21 +104,6 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         return done
     with locks.exclusive(study.output_dir, "--output-dir"):
         return run_steps(study, config, done)
-
-
-def print_memory_plan(study: Study) -> None:
-    """For a dry run: what each run needs on a GPU, from the base model's config alone (nothing is downloaded)."""
-    from studykit.memory import plan_line, planning_config
-
-    model_config = planning_config(study.model)
-    if model_config is None:
-        print(
-            f"  {'memory':<24} not estimated: '{study.model}' is neither a GPT-2 size the kit knows nor a local model "
-            "directory (yet)"
-        )
-        return
-    for spec in study.runs:
-        print(f"  {'memory ' + spec.name:<24} {plan_line(spec.config, model_config, study.prepare.seq_len)}")
 
 
 def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[str, Any]:
@@ -234,104 +212,6 @@ def train_phase(
     return True
 
 
-def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
-    """How long the pending trainings take: model FLOPs per token x tokens x trainings, over an assumed sustained
-    throughput, and over the throughput this study's finished trainings measured, where there are some."""
-    meta = current_data(study)
-    try:
-        pending, flops, tokens, unknown = pending_work(study, meta)
-    except UserError as error:
-        return [f"estimate: not made, the base model's size is unknown here ({error})"]
-    measured = measured_tokens_per_second(study, meta["training_fingerprint"] if meta else None)
-    measured_seconds = sum(count / measured[method] for method, count in tokens.items() if method in measured)
-    lines = [
-        f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed "
-        f"{assumed_tflops:g} model TFLOP/s (--assume-tflops)"
-        + (
-            f"; {format_hours(measured_seconds)} at the tokens/s this study's finished "
-            f"trainings measured ({', '.join(f'{m} {r:,.0f}' for m, r in measured.items())})"
-            if measured
-            else ""
-        )
-    ]
-    if meta is None and not unknown:
-        lines.append(
-            "  (the data is not prepared yet: every sequence counted at full length, so this is an upper bound)"
-        )
-    if unknown:
-        lines.append(
-            f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the "
-            "data once, or give [budget] max_steps)"
-        )
-    return lines
-
-
-def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, float, dict[str, float], list[str]]:
-    """The trainings still to run (a run not yet swept counts its grid with the sweep seeds and its first rate with the
-    other seeds), their model FLOPs, their tokens by method, and the runs whose tokens cannot be known yet."""
-    fingerprint = meta["training_fingerprint"] if meta else None
-    total_params = base_model_parameters(study)
-    pending_count, flops, tokens_by_method, unknown = 0, 0.0, {}, []
-    for spec in study.runs:
-        sweep = sweep_result(study, spec, fingerprint, adopt=False)
-        trainings = study.sweep_trainings(spec)
-        if sweep.chosen_lr is None:
-            trainings += [
-                study.training(spec, spec.learning_rates[0], seed)
-                for seed in study.seeds
-                if seed not in study.sweep_seeds
-            ]
-        else:
-            trainings += study.replicate_trainings(spec, sweep.chosen_lr)
-        pending = {
-            t.name for t in trainings if fingerprint is None or not training_is_current(t, fingerprint, adopt=False)
-        }
-        tokens = training_tokens(spec.config, meta, study.prepare.seq_len)
-        if tokens is None:
-            unknown.append(spec.name)
-            continue
-        pending_count += len(pending)
-        flops += METHODS[spec.method].flops_per_token(total_params) * tokens * len(pending)
-        tokens_by_method[spec.method] = tokens_by_method.get(spec.method, 0) + tokens * len(pending)
-    return pending_count, flops, tokens_by_method, unknown
-
-
-def format_hours(seconds: float) -> str:
-    return (
-        f"{seconds / 3600:.1f} h"
-        if seconds >= 3600
-        else f"{seconds / 60:.0f} min"
-        if seconds >= 60
-        else f"{seconds:.0f} s"
-    )
-
-
-def training_tokens(config: TrainConfig, meta: Optional[dict[str, Any]], seq_len: int) -> Optional[int]:
-    """Tokens one training steps through: exact with the prepared data; with max_steps alone, at most full-length
-    sequences (an upper bound); unknown for an epoch budget over data not prepared yet."""
-    if meta is not None:
-        mean_length = meta["tokens"]["train"] / meta["sequences"]["train"]
-        steps = config.max_steps or math.ceil(config.epochs * (meta["sequences"]["train"] // config.effective_batch))
-        return int(steps * config.effective_batch * mean_length)
-    if config.max_steps:
-        return config.max_steps * config.effective_batch * seq_len
-    return None
-
-
-def measured_tokens_per_second(study: Study, fingerprint: Optional[str]) -> dict[str, float]:
-    """The mean real tokens/s of this study's finished trainings, by method."""
-    rates: dict[str, list[float]] = {}
-    for spec in study.runs:
-        for lr in spec.learning_rates:
-            for seed in study.seeds:
-                record = (
-                    finished_record(study.training(spec, lr, seed), fingerprint, adopt=False) if fingerprint else None
-                )
-                if record is not None:
-                    rates.setdefault(spec.method, []).append(record.tokens_per_second)
-    return {method: sum(values) / len(values) for method, values in rates.items()}
-
-
 def check_extra_eval_reachable(study: Study) -> None:
     """A hub set for --extra-eval is checked before any training, not hours later at evaluation."""
     extra = study.eval.extra_eval
@@ -339,40 +219,6 @@ def check_extra_eval_reachable(study: Study) -> None:
         from studykit.hub import ensure_hub_reachable
 
         ensure_hub_reachable(extra.partition(":")[0], "a local text file as [eval] extra_eval", repo_type="dataset")
-
-
-def base_model_parameters(study: Study) -> int:
-    """The base model's parameter count, from its config alone (modules on the meta device, no weights)."""
-    config = base_model_config(study, exact_shape=True)
-    return sum(parameter.numel() for parameter in model_skeleton(config).parameters())
-
-
-def base_model_config(study: Study, exact_shape: bool = False):
-    """The base model's config, all that matching LoRA targets needs: nothing else is read, nothing written; the tiny
-    model is described by its [tiny_model] table, not yet built."""
-    from transformers import AutoConfig, GPT2Config
-
-    from studykit.hub import ensure_hub_reachable
-
-    if study.tiny_model is not None:
-        tiny = study.tiny_model
-        if exact_shape:
-            return GPT2Config(
-                vocab_size=tiny.vocab_size, n_positions=256, n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=2
-            )
-        # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
-        return GPT2Config(n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=1)
-    known = known_gpt2_config(study.model)
-    if known is not None and not Path(study.model).exists():
-        return known  # works offline: the hub's GPT-2 sizes are known by name
-    ensure_hub_reachable(study.model, "a local model directory as [budget] model")
-    try:
-        return AutoConfig.from_pretrained(study.model, trust_remote_code=study.runs[0].config.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"could not read a model config from '{study.model}' ({first_line(error)}); set [budget] model to a model "
-            "directory or hub id (and trust_remote_code = true for a model with its own code)."
-        ) from None
 
 
 def check_runs_against_the_base_model(study: Study) -> None:

@@ -20,7 +20,7 @@ from studykit.config import OUTCOME_NEUTRAL, config_to_dict
 from studykit.data import META_FILE
 from studykit.errors import UserError
 from studykit.io import DamagedFile, atomic_write_json, read_json
-from studykit.report import load_per_response
+from studykit.response_scores import load_per_response
 from studykit.run_dir import RUN_RECORD, load_run_record, resumable_checkpoints
 from studykit.run_state import RunRecord
 from studykit.runtime import stage_code_version

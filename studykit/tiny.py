@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from studykit.config import TinyModelConfig
 from studykit.data import collate, pack_sequences
 from studykit.errors import UserError
 from studykit.io import atomic_directory
@@ -333,3 +334,20 @@ def build_pretrained_tiny_gpt2(
         note.build_seconds = round(time.perf_counter() - started, 2)
         (staging / NOTE_FILE).write_text(json.dumps(dataclasses.asdict(note), indent=2) + "\n")
     return note
+
+
+def build_from_config(output_dir: Path, config: TinyModelConfig) -> TinyModelNote:
+    """build_pretrained_tiny_gpt2 with a study's [tiny_model] settings (or the script's flags, the same fields)."""
+    return build_pretrained_tiny_gpt2(
+        Path(output_dir),
+        Path(config.data_file),
+        Path(config.general_text),
+        config.vocab_size,
+        config.n_layer,
+        config.n_embd,
+        config.pretrain_steps,
+        block_size=config.pretrain_block_size,
+        lr=config.pretrain_lr,
+        seed=config.seed,
+        heldout_text_file=Path(config.heldout_text) if config.heldout_text else None,
+    )

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from studykit import checkpointing, locks, memory
+from studykit import checkpointing, locks, memory_fit
 from studykit.batching import resolve_pad_multiple, step_batches
 from studykit.config import TrainConfig, check_packing_context, config_to_dict, print_config, save_config
 from studykit.data import (
@@ -127,7 +127,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    config, description["memory"] = memory.plan_memory(config, model, accelerator, max(train_sequences, key=len))
+    config, description["memory"] = memory_fit.plan_memory(config, model, accelerator, max(train_sequences, key=len))
     parts = TrainingParts(accelerator, model, optimizer, scheduler)
     return PreparedRun(
         config,
@@ -349,7 +349,7 @@ def train_holding_lock(config: TrainConfig, output_dir: Path) -> RunRecord:
         progress,
         trackers,
         Safeguards(run, output_dir) as safeguards,
-        memory.out_of_memory_as_user_error(run.description["memory"]["estimate"]),
+        memory_fit.out_of_memory_as_user_error(run.description["memory"]["estimate"]),
     ):
         while state.step < run.total_steps:
             step_started = time.perf_counter()

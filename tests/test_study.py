@@ -24,7 +24,7 @@ from conftest import (
     shortened_quick_study,
 )
 
-from studykit import report, statistics
+from studykit import comparison, report, report_markdown, statistics
 from studykit.config import StudyConfig, TrainConfig
 from studykit.errors import UserError
 from studykit.evaluate import read_extra_eval_texts
@@ -404,7 +404,7 @@ def test_too_few_texts_get_no_interval_rather_than_a_misleading_one():
     nll, tokens = np.array([300.0, 510.0]), np.array([50, 80])
     assert statistics.perplexity_interval(nll, tokens, resamples=200, seed=0) is None
     assert statistics.paired_ratio(nll, nll * 1.1, tokens, resamples=200, seed=0)["ci_low"] is None
-    assert report.format_interval(502.2, None, None) == "502.200 (no interval)"
+    assert report_markdown.format_interval(502.2, None, None) == "502.200 (no interval)"
     count = statistics.MIN_TEXTS_FOR_INTERVAL
     assert statistics.perplexity_interval(np.full(count, 100.0), np.full(count, 20), resamples=200, seed=0) is not None
 
@@ -444,7 +444,7 @@ def test_budget_differences_name_each_differing_field_and_ignore_the_learning_ra
         "eager": {**shared, "kernels": eager, "config": {"lr": 1e-3}},
     }
     records = {name: SimpleNamespace(**fields) for name, fields in records.items()}  # run records, by attribute
-    assert report.budget_differences(records, "full") == {
+    assert comparison.budget_differences(records, "full") == {
         "full": {},
         "lora": {},
         "other": {"effective_batch": 16, "seed": 2},
