@@ -99,6 +99,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         "chosen": {},
         "evaluated": False,
         "reported": False,
+        "analyzed": False,
         "readme": None,
         "dry_run": config.dry_run,
         "pending": [],
@@ -193,6 +194,11 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
             write_report(study, sweeps, fingerprint)
         mark_current(study.results_dir, inputs, REPORT_INPUTS_FILE)
         done["reported"] = True
+    if study.analysis.enabled:
+        from studykit.analysis import run_analysis
+
+        # After the report, whose rewrite of results.md the analysis's verdict block then goes back into.
+        done["analyzed"] = run_analysis(study, sweeps, fingerprint, meta["seq_len"])
     if study.readme is not None:
         done["readme"] = str(study.readme) if update_readme(study) else None
     if config.push_to_hub:

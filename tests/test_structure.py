@@ -18,7 +18,7 @@ from studykit import runtime
 # imports it back. A new module goes into the lowest layer that holds everything it imports.
 LAYERS = [
     ["errors"],
-    ["io", "hub", "hub_upload", "locks", "config"],
+    ["io", "hub", "hub_upload", "locks", "config", "analysis_config"],
     [
         "runtime",
         "data",
@@ -32,6 +32,13 @@ LAYERS = [
         "statistics",
         "figures",
         "optimizers",
+        "token_scoring",
+        "gap_buckets",
+        "weight_change",
+        "verdict",
+        "analysis_figures",
+        "analysis_numbers",
+        "analysis_markdown",
     ],
     ["methods", "run_state"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
@@ -39,7 +46,7 @@ LAYERS = [
     ["study_file"],
     ["samples", "report"],
     ["study_state"],
-    ["study_launch"],
+    ["study_launch", "analysis_parts", "analysis"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
