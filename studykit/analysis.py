@@ -231,3 +231,47 @@ def analyze_command(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("study_dir", help="the study's output directory, e.g. runs/default")
     arguments = parser.parse_args(argv if argv is not None else sys.argv[1:])
     report_user_errors(lambda: analyze_study_directory(arguments.study_dir))()
+
+
+def analysis_estimate(
+    study: Study, meta: Optional[dict[str, Any]], total_params: int, assumed_tflops: float
+) -> Optional[str]:
+    """For a dry run: the analysis's scoring passes (one over the test split per chosen training and the base; one
+    over the test split and the general text per lambda and mitigated LoRA training), their model FLOPs at the
+    assumed throughput, and at the evaluation's measured seconds per model where this study has been evaluated."""
+    if not study.analysis.enabled:
+        return None
+    trainings = len(study.runs) * len(study.seeds)
+    lora_runs = sum(spec.method == "lora" for spec in study.runs)
+    test_passes = trainings + 1
+    mitigation_passes = len(study.analysis.mitigation_lambdas) * lora_runs
+    line = (
+        f"analysis: {test_passes} token-scoring passes over the test split and {mitigation_passes} over the test split "
+        "and the general text (mitigation), plus seconds of SVDs per training"
+    )
+    if meta is not None:
+        extra = Path(study.eval.extra_eval) if study.eval.extra_eval else None
+        # About 4 bytes of English per GPT-2 token; a hub dataset's size is not known before it is read.
+        extra_tokens = extra.stat().st_size / 4 if extra is not None and extra.is_file() else 0
+        tokens = test_passes * meta["tokens"]["test"] + mitigation_passes * (meta["tokens"]["test"] + extra_tokens)
+        seconds = 2 * total_params * tokens / (assumed_tflops * 1e12)
+        line += f": {format_duration(seconds)} at the assumed {assumed_tflops:g} model TFLOP/s"
+    perplexity = study.results_dir / "perplexity.json"
+    if perplexity.is_file():
+        rows = read_json(perplexity, expect=list)
+        per_model = sum(row["eval_seconds"] for row in rows) / max(len(rows), 1)
+        line += (
+            f"; {format_duration(per_model * (test_passes + mitigation_passes))} at this study's measured "
+            f"{per_model:.1f} s of evaluation per model"
+        )
+    return line + " (less what is current)"
+
+
+def format_duration(seconds: float) -> str:
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.1f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )

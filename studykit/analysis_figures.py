@@ -11,6 +11,7 @@ import numpy as np
 from studykit.figures import DPI, _pyplot
 
 SPECTRUM_KINDS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+NOISE_FLOOR = 1e-5
 
 
 def plot_gap_by_bucket(gaps: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -59,16 +60,22 @@ def plot_spectra(spectra: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
         for index, (run, by_kind) in enumerate(spectra.items()):
             if kind in by_kind:
                 values = by_kind[kind]
-                positive = values[values > 0]
-                axes.plot(np.arange(1, len(positive) + 1), positive, color=f"C{index}", label=run)
+                # Below this the values are float32 rounding, not change: a LoRA dW of rank r has r singular values.
+                kept = values[values > values[0] * NOISE_FLOOR]
+                axes.plot(np.arange(1, len(kept) + 1), kept, color=f"C{index}", label=run)
         axes.set_yscale("log")
         axes.set_xscale("log")
         axes.set_title(kind)
         axes.set_xlabel("singular value index")
         axes.grid(alpha=0.3)
     axes_list[0][0].set_ylabel("singular value of dW")
-    axes_list[0][-1].legend(fontsize=8)
-    figure.tight_layout()
+    # Every run has its colour in the legend, also those that changed only some module kinds.
+    handles = {}
+    for axes in axes_list[0]:
+        for line in axes.get_lines():
+            handles.setdefault(line.get_label(), line)
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=DPI)
     pyplot.close(figure)
     return path

@@ -269,6 +269,11 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
             f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the "
             "data once, or give [budget] max_steps)"
         )
+    from studykit.analysis import analysis_estimate
+
+    analysis = analysis_estimate(study, meta, base_model_parameters(study), assumed_tflops)
+    if analysis:
+        lines.append(analysis)
     return lines
 
 

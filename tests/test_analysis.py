@@ -288,3 +288,24 @@ def test_the_analysis_is_kept_while_current_and_a_changed_training_recomputes_on
     ]
     for name in ("base.tokens.npz", "full_ft__lr1e-3__seed0.tokens.npz", "full_ft__lr1e-3__seed0.weights.npz"):
         assert (results / "analysis_parts" / name).stat().st_mtime_ns == parts[name]
+    # Alone on the study's directory (studykit-analyze DIR): everything is current, nothing is computed.
+    from studykit.analysis import analyze_study_directory
+
+    assert analyze_study_directory(str(output_dir)) is False
+
+
+def test_analyze_refuses_a_directory_without_a_report(tmp_path):
+    from studykit.analysis import analyze_study_directory
+    from studykit.errors import UserError
+
+    with pytest.raises(UserError, match="run the study first"):
+        analyze_study_directory(str(tmp_path))
+
+
+def test_a_dry_run_includes_the_analysis_in_its_plan_and_time(tmp_path, capsys):
+    from studykit.config import StudyConfig
+    from studykit.study import run_study
+
+    run_study(StudyConfig(config=str(two_run_study(tmp_path / "a.toml")), output_dir=str(tmp_path / "s"), dry_run=True))
+    out = capsys.readouterr().out
+    assert "analyze " in out and "analysis: 3 token-scoring passes over the test split and 1 over" in out
