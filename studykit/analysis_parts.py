@@ -214,7 +214,9 @@ def mitigation_part(
     and the general text (totals)."""
     from transformers.pytorch_utils import Conv1D
 
-    deltas = {name: delta.to(scorer.device) for name, delta in lora_delta_weights(model).items()}
+    deltas = {
+        name: delta.to(scorer.device) for name, delta in lora_delta_weights(model).items() if name in base.weights
+    }
     merged = model.merge_and_unload()
     modules = dict(merged.named_modules())
     trained = {name: base.weights[name] + delta for name, delta in deltas.items()}

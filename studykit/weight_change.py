@@ -169,9 +169,12 @@ class BaseSpectra:
 def module_changes(
     deltas: dict[str, torch.Tensor], base: BaseSpectra, top_k: int, epsilon: float, keep_directions: int
 ) -> dict[str, ModuleChange]:
-    """Every module's change (c_attn also as q, k, v) from its dW, (out, in) float32."""
+    """Every module's change (c_attn also as q, k, v) from its dW, (out, in) float32. Modules outside the blocks (an
+    adapter on the embeddings or the output layer) have no base spectrum here and are left out."""
     changes = {}
     for whole_name, whole_delta in deltas.items():
+        if whole_name not in base.weights:
+            continue
         for name, delta in split_fused(whole_name, whole_delta).items():
             left, singular_values, _ = torch.linalg.svd(delta, full_matrices=False)
             trained_left = torch.linalg.svd(base.weights[name] + delta, full_matrices=False).U

@@ -274,6 +274,13 @@ def test_the_analysis_is_kept_while_current_and_a_changed_training_recomputes_on
     for figure in ("gap_by_bucket", "weight_change_spectra", "weight_change_map", "mitigation"):
         assert (results / f"{figure}.png").stat().st_size > 0
 
+    # The token-level pass gives each response the evaluation's NLL: its buckets split the reported numbers.
+    evaluated = np.load(results / "per_response_nll.npz")
+    for name in ("base", "full_ft__lr1e-3__seed0", "lora_r8__lr1e-2__seed0"):
+        part = np.load(results / "analysis_parts" / f"{name}.tokens.npz")
+        assert np.allclose(part["response_nll"], evaluated[f"{name}/nll"], rtol=1e-6)
+        assert np.allclose(part["token_frequency"].sum(axis=1), part["response_nll"], rtol=1e-9)
+
     parts = {path.name: path.stat().st_mtime_ns for path in (results / "analysis_parts").iterdir()}
     again = run_study(StudyConfig(config=str(two_run_study(tmp_path / "a.toml")), output_dir=str(output_dir)))
     assert not again["analyzed"]
