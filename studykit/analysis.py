@@ -139,6 +139,11 @@ def build_analysis(
             for run, gap in gaps.items()
             if (found := analysis_numbers.largest_gap_bucket(gap))
         },
+        "most_concentrated_bucket": {
+            run: dict(zip(("family", "bucket"), found))
+            for run, gap in gaps.items()
+            if (found := analysis_numbers.most_concentrated_bucket(gap))
+        },
         "weights": weights,
         "rank_90_by_kind": {run: analysis_numbers.rank_by_kind(modules) for run, modules in weights.items()},
         "most_rank_kind": max(kinds, key=kinds.get) if kinds else None,
@@ -164,7 +169,8 @@ def worst_with_text(study: Study, data, per_response, runs, reference) -> dict[s
             continue
         rows = analysis_numbers.worst_responses(per_response, names, runs[reference], study.analysis.worst_responses)
         for row in rows:
-            text = tokenizer.decode(data.targets[row["index"]].tolist(), skip_special_tokens=True)
+            index = row["index"]
+            text = tokenizer.decode(data.sequences[index][data.prompt_lengths[index] :], skip_special_tokens=True)
             row["excerpt"] = " ".join(text.split())[:EXCERPT_CHARACTERS]
         result[run] = rows
     return result

@@ -43,7 +43,7 @@ def verdict_paragraph(analysis: dict[str, Any]) -> str:
     ]
     parts += [sentence(verdict) for verdict in verdicts]
     parts.append(
-        f"The interval covers {verdicts[0].covers}; nor does it cover other data, budgets or margins: the answer "
+        f"The interval covers {verdicts[0].covers}; nor does it cover other data or budgets: the answer "
         "is about this setup."
     )
     for run, largest in analysis["largest_bucket"].items():
@@ -53,7 +53,7 @@ def verdict_paragraph(analysis: dict[str, Any]) -> str:
         parts.append(
             f"The largest part of {run}'s gap ({gap['total_gap']:+.4f} nats per token) is in "
             f"{largest['family'].replace('_', ' ')} bucket '{row['bucket']}': {share:.0%} of the gap from "
-            f"{row['token_share']:.0%} of the tokens."
+            f"{row['token_share']:.0%} of the tokens" + concentrated_clause(analysis, run) + "."
         )
     kinds = analysis["rank_90_by_kind"].get(analysis["reference_run"], {})
     if analysis.get("most_rank_kind"):
@@ -63,6 +63,18 @@ def verdict_paragraph(analysis: dict[str, Any]) -> str:
             "average over layers; " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items() if k != kind) + ")."
         )
     return " ".join(parts)
+
+
+def concentrated_clause(analysis: dict[str, Any], run: str) -> str:
+    """Where the gap is densest, when that is not the largest bucket itself."""
+    found = analysis.get("most_concentrated_bucket", {}).get(run)
+    if not found or found["bucket"]["bucket"] == analysis["largest_bucket"][run]["bucket"]["bucket"]:
+        return ""
+    row, gap = found["bucket"], analysis["gap_by_bucket"][run]["total_gap"]
+    return (
+        f"; densest in {found['family'].replace('_', ' ')} bucket '{row['bucket']}' "
+        f"({row['gap_contribution'] / gap:.0%} of the gap from {row['token_share']:.0%} of the tokens)"
+    )
 
 
 def _interval(interval) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from studykit.gap_buckets import BucketFamily, bucket_tokens, decompose_gap, largest_bucket
+from studykit.gap_buckets import BucketFamily, BucketGap, bucket_tokens, decompose_gap, largest_bucket
 from studykit.statistics import PAIRED_SEEDS_AND_TREES_COVER, TREES_ONLY_COVER
 from studykit.verdict import Verdict, answer, seed_paired_ratio
 from studykit.weight_change import energy_at_rank, module_position, subspace_similarity
@@ -78,8 +78,6 @@ def largest_gap_bucket(gap: dict[str, Any]) -> Optional[tuple[str, dict[str, Any
     """(family, bucket row) with the largest share of the gap, over every family of one run."""
     best = None
     for family, rows in gap["families"].items():
-        from studykit.gap_buckets import BucketGap
-
         row = largest_bucket([BucketGap(**r) for r in rows])
         if row is None or gap["total_gap"] == 0:
             continue
@@ -87,6 +85,23 @@ def largest_gap_bucket(gap: dict[str, Any]) -> Optional[tuple[str, dict[str, Any
         if best is None or share > best[2]:
             best = (family, row.to_dict(), share)
     return (best[0], best[1]) if best else None
+
+
+def most_concentrated_bucket(gap: dict[str, Any], least_share: float = 0.05) -> Optional[tuple[str, dict[str, Any]]]:
+    """(family, bucket row) whose share of the gap most exceeds its share of the tokens, among buckets holding at
+    least `least_share` of the tokens (a handful of tokens makes any ratio)."""
+    if gap["total_gap"] == 0:
+        return None
+    candidates = [
+        (row["gap_contribution"] / gap["total_gap"] / row["token_share"], family, row)
+        for family, rows in gap["families"].items()
+        for row in rows
+        if row["token_share"] >= least_share
+    ]
+    if not candidates:
+        return None
+    _, family, row = max(candidates, key=lambda candidate: candidate[0])
+    return family, row
 
 
 def weights_summary(

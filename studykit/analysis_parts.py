@@ -8,7 +8,6 @@ that change what the part computes and the code that computes it; a retrained ru
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -155,8 +154,11 @@ def part_inputs(study: Study, data: AnalysisData, training: Optional[Training], 
         else {"training": digest(training_inputs(training, fingerprint)), "base_model": study.model}
     )
     settings: dict[str, Any] = {"eval": outcome_settings(study.eval)}
+    # Only the settings a part reads: a new lambda grid leaves the weight parts as they are.
     if kind != "tokens":
-        settings["analysis"] = dataclasses.asdict(study.analysis)
+        settings["intruders"] = {"top_k": study.analysis.intruder_top_k, "epsilon": study.analysis.intruder_epsilon}
+    if kind == "mitigation":
+        settings["lambdas"] = list(study.analysis.mitigation_lambdas)
     return {
         "kind": kind,
         **model,
