@@ -1,10 +1,15 @@
-"""A study's [analysis]: where and why LoRA falls short of full fine-tuning (the analysis stage, studykit.analysis)."""
+"""A study's [analysis] (where and why LoRA falls short of full fine-tuning: studykit.analysis), and its [report] with
+the verdict's margin.
+
+Both live here rather than in config.py on purpose: config.py is in the training code's import closure, so a field
+added there gives every training a new code version and retrains every study.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from studykit.config import option
+from studykit.config import ReportConfig, option
 from studykit.errors import UserError
 
 
@@ -33,3 +38,19 @@ class AnalysisConfig:
             )
         if any(value < 0 or value > 1 for value in self.mitigation_lambdas):
             raise UserError("mitigation_lambdas must lie in [0, 1] (1 keeps the intruders as trained, 0 removes them).")
+
+
+@dataclasses.dataclass
+class StudyReportConfig(ReportConfig):
+    """A study's [report]: the bootstrap, the samples, and the verdict's margin."""
+
+    equivalence_margin: float = option(
+        0.05,
+        "the verdict's margin, fixed before results are seen: a LoRA run is equivalent to full FT when the 90% "
+        "interval of its perplexity ratio lies within (1/(1+m), 1+m) (0.05: 5%)",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.equivalence_margin < 1:
+            raise UserError(f"equivalence_margin must lie in (0, 1) (got {self.equivalence_margin}); 0.05 is 5%.")

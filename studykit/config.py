@@ -642,7 +642,7 @@ class TinyModelConfig:
 
 @dataclasses.dataclass
 class ReportConfig:
-    """A study's [report]: the bootstrap, the samples and the verdict's margin."""
+    """A study's [report]: the bootstrap and the samples."""
 
     bootstrap_resamples: int = option(2000, "bootstrap resamples per interval")
     bootstrap_seed: int = option(
@@ -650,17 +650,10 @@ class ReportConfig:
     )
     sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md")
     sample_new_tokens: int = option(40, "tokens generated per sample at most")
-    equivalence_margin: float = option(
-        0.05,
-        "the verdict's margin, fixed before results are seen: a LoRA run is equivalent to full FT when the 90% "
-        "interval of its perplexity ratio lies within (1/(1+m), 1+m) (0.05: 5%)",
-    )
 
     def validate(self) -> None:
         if self.bootstrap_resamples < 1 or self.sample_prompts < 0 or self.sample_new_tokens < 1:
             raise UserError("bootstrap_resamples and sample_new_tokens must be at least 1, sample_prompts at least 0.")
-        if not 0 < self.equivalence_margin < 1:
-            raise UserError(f"equivalence_margin must lie in (0, 1) (got {self.equivalence_margin}); 0.05 is 5%.")
 
 
 @dataclasses.dataclass

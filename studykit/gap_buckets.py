@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from studykit.statistics import CONFIDENCE, percentile_interval, seeds_and_trees_replicates
+from studykit.bootstrap_replicates import percentile_interval, seeds_and_trees_replicates
+from studykit.statistics import CONFIDENCE
 
 # Position buckets (1-based position of the target in the response): the opening tokens, where the response's
 # register is set, apart from the body.
@@ -135,7 +136,7 @@ def decompose_gap(
 
     run_sums and reference_sums are (seeds, responses, buckets), row s of each trained with seed s; base_sums and
     tokens are (responses, buckets). Intervals are CONFIDENCE percentile intervals of the two-level bootstrap of
-    seeds and conversation trees (statistics.seeds_and_trees_replicates), the same draws for every bucket."""
+    seeds and conversation trees (bootstrap_replicates.seeds_and_trees_replicates), the same draws for every bucket."""
     run_sums, reference_sums = np.asarray(run_sums, np.float64), np.asarray(reference_sums, np.float64)
     response_tokens = tokens.sum(axis=1)
     total_tokens = response_tokens.sum()

@@ -485,32 +485,3 @@ def pareto_front(costs: Sequence[float], perplexities: Sequence[float]) -> list[
             front += [index for index in same_cost if perplexities[index] == lowest]
             best_cheaper = lowest
     return front
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Replicates for the analysis: contributions that add up, and intervals at other confidences
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def seeds_and_trees_replicates(
-    values_by_seed: np.ndarray, tokens: np.ndarray, tree_ids: Sequence, resamples: int, seed: int
-) -> Optional[np.ndarray]:
-    """Bootstrap replicates of the mean over drawn seeds of sum(values) / sum(tokens) over drawn trees: the two-level
-    draws of seeds_and_trees and paired_ratio_seeds_and_trees (the same seed argument draws the same seeds and trees
-    for any values of the same shape), None under MIN_TREES_FOR_INTERVAL trees. Replicates of two quantities drawn
-    with one seed argument are paired, so their sums and ratios are replicates too."""
-    values_by_seed, tokens, tree_of_response, tree_count = _per_response_arrays(values_by_seed, tokens, tree_ids)
-    if tree_count < MIN_TREES_FOR_INTERVAL:
-        return None
-    return _replicates(values_by_seed, tokens, tree_of_response, tree_count, _unchanged, resamples, seed)
-
-
-def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
-    """The central `confidence` percentile interval of bootstrap replicates (NaN replicates, from a resample whose
-    denominator is zero, are left out)."""
-    tail = 100 * (1 - confidence) / 2
-    finite = replicates[np.isfinite(replicates)]
-    if not len(finite):
-        return math.nan, math.nan
-    low, high = np.percentile(finite, [tail, 100 - tail])
-    return float(low), float(high)

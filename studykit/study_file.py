@@ -11,12 +11,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from studykit.analysis_config import AnalysisConfig
+from studykit.analysis_config import AnalysisConfig, StudyReportConfig
 from studykit.config import (
     EvalConfig,
     LoraTrainConfig,
     PrepareConfig,
-    ReportConfig,
     StudyConfig,
     TinyModelConfig,
     TrainConfig,
@@ -100,7 +99,7 @@ class Study:
     prepare: PrepareConfig
     runs: list[RunSpec]
     eval: EvalConfig
-    report: ReportConfig
+    report: StudyReportConfig
     readme: Optional[Path]
     seeds: list[int]
     sweep_seeds: list[int]
@@ -353,8 +352,8 @@ def load_study(
         source,
     )
     report_settings = _table(settings, "report", source)
-    check_stage_settings(report_settings, ReportConfig, "[report]", source)
-    report_config = _build(ReportConfig, report_settings, "[report]", source)
+    check_stage_settings(report_settings, StudyReportConfig, "[report]", source)
+    report_config = _build(StudyReportConfig, report_settings, "[report]", source)
     analysis_settings = _table(settings, "analysis", source)
     check_stage_settings(analysis_settings, AnalysisConfig, "[analysis]", source)
     analysis_config = _build(AnalysisConfig, analysis_settings, "[analysis]", source)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from studykit.statistics import percentile_interval, seeds_and_trees_replicates
+from studykit.bootstrap_replicates import percentile_interval, seeds_and_trees_replicates
 
 VERDICT_CONFIDENCE = 0.90
 ANSWERS = ("equivalent", "non-inferior", "worse", "inconclusive")

@@ -316,3 +316,15 @@ def test_a_dry_run_includes_the_analysis_in_its_plan_and_time(tmp_path, capsys):
     run_study(StudyConfig(config=str(two_run_study(tmp_path / "a.toml")), output_dir=str(tmp_path / "s"), dry_run=True))
     out = capsys.readouterr().out
     assert "analyze " in out and "analysis: 3 token-scoring passes over the test split and 1 over" in out
+
+
+def test_the_analysis_leaves_the_training_and_evaluation_code_versions_alone():
+    """Nothing the analysis adds is code a training or an evaluation runs, so adding or editing it retrains nothing."""
+    from studykit.runtime import studykit_imports_closure
+
+    analysis_modules = studykit_imports_closure("studykit.analysis") - studykit_imports_closure("studykit.study_state")
+    assert "studykit.weight_change" in analysis_modules and "studykit.analysis_config" not in analysis_modules
+    for stage in ("studykit.trainer", "studykit.evaluate", "studykit.prepare"):
+        closure = studykit_imports_closure(stage)
+        assert not (closure & analysis_modules), stage
+        assert "studykit.analysis_config" not in closure, stage

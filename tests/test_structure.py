@@ -37,6 +37,7 @@ LAYERS = [
         "weight_change",
         "verdict",
         "analysis_figures",
+        "bootstrap_replicates",
         "analysis_numbers",
         "analysis_markdown",
     ],
