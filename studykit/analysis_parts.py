@@ -36,8 +36,8 @@ from studykit.study_state import digest, is_current, mark_current, outcome_setti
 from studykit.token_scoring import response_targets, score_tokens
 from studykit.weight_change import (
     BaseSpectra,
+    adapted_weight_changes,
     block_linear_weights,
-    lora_delta_weights,
     module_changes,
     scaled_intruders,
 )
@@ -192,10 +192,9 @@ def weight_part(
     """Every adapted module's change (full FT: every block linear layer): singular values, effective rank, rank_90,
     intruders, and the leading left singular vectors."""
     if training.method == "lora":
-        deltas = lora_delta_weights(model)
+        _, deltas = adapted_weight_changes(model, base.weights)
     else:
         deltas = {name: weight.to(device) - base.weights[name] for name, weight in block_linear_weights(model).items()}
-    deltas = {name: delta.to(device) for name, delta in deltas.items()}
     changes = module_changes(
         deltas, base, study.analysis.intruder_top_k, study.analysis.intruder_epsilon, keep_directions
     )
@@ -216,10 +215,7 @@ def mitigation_part(
     and the general text (totals)."""
     from transformers.pytorch_utils import Conv1D
 
-    deltas = {
-        name: delta.to(scorer.device) for name, delta in lora_delta_weights(model).items() if name in base.weights
-    }
-    merged = model.merge_and_unload()
+    merged, deltas = adapted_weight_changes(model, base.weights)
     modules = dict(merged.named_modules())
     trained = {name: base.weights[name] + delta for name, delta in deltas.items()}
     extra = scorer.extra_sequences(seq_len)

@@ -52,20 +52,26 @@ def block_linear_weights(model) -> dict[str, torch.Tensor]:
     return weights
 
 
-def lora_delta_weights(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The merged, scaled B @ A of every LoRA layer, as (out, in) float32: what merging adds to the base weight."""
+def adapted_weight_changes(peft_model, base_weights: dict[str, torch.Tensor]):
+    """Merge the adapters into their base (in place: the model becomes its merged base model) and return it with, per
+    adapted block module, dW = W_merged - W_base as (out, in) float32 on the base weights' device. Merged weights are
+    what the trained model computes with, so this is W_trained - W_base for every LoRA variant (DoRA's magnitude
+    included), and for plain LoRA it is the scaled B @ A."""
     from peft.tuners.lora import LoraLayer
-    from transformers.pytorch_utils import Conv1D
 
+    adapted = [
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer)
+    ]
+    merged = peft_model.merge_and_unload()
+    weights = block_linear_weights(merged)
     deltas = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            delta = module.get_delta_weight(adapter).detach().float()
-            # peft returns it in the base layer's storage layout ((in, out) for Conv1D, its fan_in_fan_out).
-            deltas[name.removeprefix("base_model.model.")] = (
-                delta.T.contiguous() if isinstance(module.get_base_layer(), Conv1D) else delta
-            )
-    return deltas
+    for name in adapted:
+        if name in weights and name in base_weights:
+            base = base_weights[name]
+            deltas[name] = weights[name].to(base.device) - base
+    return merged, deltas
 
 
 def split_fused(name: str, matrix: torch.Tensor) -> dict[str, torch.Tensor]:

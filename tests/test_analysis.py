@@ -20,11 +20,11 @@ from studykit.gap_buckets import (
 from studykit.verdict import answer
 from studykit.weight_change import (
     BaseSpectra,
+    adapted_weight_changes,
     block_linear_weights,
     effective_rank,
     energy_at_rank,
     intruder_indices,
-    lora_delta_weights,
     module_changes,
     out_in_weight,
     rank_holding,
@@ -178,22 +178,59 @@ def tiny_gpt2(seed=0):
     return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
 
 
-def test_lora_dw_is_the_merged_weights_minus_the_base():
+def scaled_b_times_a(peft_model):
+    """peft's LoRA product, scaling * B @ A, per adapted layer as (out, in), computed from the adapter's matrices."""
+    from peft.tuners.lora import LoraLayer
+
+    products = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            product = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+            products[name.removeprefix("base_model.model.")] = product.detach()
+    return products
+
+
+def test_lora_dw_is_the_merged_weights_minus_the_base_and_equals_scaled_b_times_a():
     from peft import LoraConfig, get_peft_model
 
     base_weights = block_linear_weights(tiny_gpt2())
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
     model = get_peft_model(tiny_gpt2(), config)
-    deltas = lora_delta_weights(model)
+    products = scaled_b_times_a(model)
+    merged, deltas = adapted_weight_changes(model, base_weights)
     assert len(deltas) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj per layer
-    merged = block_linear_weights(model.merge_and_unload())
+    merged_weights = block_linear_weights(merged)
     for name, delta in deltas.items():
-        assert delta.shape == base_weights[name].shape
-        assert torch.allclose(delta, merged[name] - base_weights[name], atol=1e-6), name
+        assert torch.equal(delta, merged_weights[name] - base_weights[name]), name
+        # B @ A is (out, in) whatever the layer's storage: the Conv1D transpose is undone.
+        assert torch.allclose(delta, products[name], atol=1e-6), name
         assert torch.linalg.matrix_rank(delta) <= 4
     changes = module_changes(deltas, BaseSpectra(base_weights), top_k=10, epsilon=0.5, keep_directions=4)
     assert "transformer.h.0.attn.c_attn.v" in changes
     assert all(change.rank_90 <= 4 for change in changes.values())
+
+
+def test_dora_dw_includes_its_magnitude():
+    """DoRA's merged weight is not base + B @ A; the weight change is what the trained model computes with."""
+    from peft import LoraConfig, get_peft_model
+
+    base_weights = block_linear_weights(tiny_gpt2())
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False, use_dora=True)
+    model = get_peft_model(tiny_gpt2(), config).eval()
+    # A trained magnitude: at initialisation DoRA's magnitude is the norm of W + B @ A, which merges to W + B @ A.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.5)
+    products = scaled_b_times_a(model)
+    x = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    merged, deltas = adapted_weight_changes(model, base_weights)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, expected, atol=1e-4)
+    name = "transformer.h.0.attn.c_attn"
+    assert not torch.allclose(deltas[name], products[name], atol=1e-4)
 
 
 def test_intruders_match_peft_on_a_linear_layer():
@@ -213,7 +250,7 @@ def test_intruders_match_peft_on_a_linear_layer():
     model = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=64, target_modules=["proj"], init_lora_weights=False))
     layer = model.base_model.model.proj
     base = layer.get_base_layer().weight.detach().clone()
-    delta = lora_delta_weights(model)["proj"]
+    delta = layer.get_delta_weight("default").detach()  # nn.Linear: stored (out, in) already
     ours = intruder_indices(
         torch.linalg.svd(base, full_matrices=False).U, torch.linalg.svd(base + delta, full_matrices=False).U, 10, 0.5
     )
