@@ -1,7 +1,7 @@
 """The commands: each parses its stage's config from the command line and runs the stage, a user's mistake reported
 as one `error:` line. The console entry points (studykit-prepare, studykit-train-full, studykit-train-lora,
-studykit-eval, studykit-study; pyproject.toml) and the scripts in data/, training/, evaluation/ and run_study.py call
-these functions, so a script and its entry point print the same --help."""
+studykit-eval, studykit-study, studykit-analyze; pyproject.toml) and the scripts in data/, training/, evaluation/ and
+run_study.py call these functions, so a script and its entry point print the same --help."""
 
 from __future__ import annotations
 
@@ -59,3 +59,9 @@ def study_command() -> None:
     from studykit.study import parse_study_args, run_study
 
     report_user_errors(lambda: run_study(parse_study_args(STUDY_DESCRIPTION)))()
+
+
+def analyze_command() -> None:
+    from studykit.analysis import analyze_command as analyze
+
+    analyze()

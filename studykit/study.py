@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import locks
+from studykit.analysis import run_analysis
 from studykit.config import StudyConfig, build_parser, print_config
 from studykit.errors import UserError
 from studykit.hub_upload import push_study
@@ -92,6 +93,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         "chosen": {},
         "evaluated": False,
         "reported": False,
+        "analyzed": False,
         "readme": None,
         "dry_run": config.dry_run,
         "pending": [],
@@ -171,6 +173,9 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
             write_report(study, sweeps, fingerprint)
         mark_current(study.results_dir, inputs, REPORT_INPUTS_FILE)
         done["reported"] = True
+    if study.analysis.enabled:
+        # After the report, whose rewrite of results.md the analysis's verdict block then goes back into.
+        done["analyzed"] = run_analysis(study, sweeps, fingerprint, meta["seq_len"])
     if study.readme is not None:
         done["readme"] = str(study.readme) if update_readme(study) else None
     if config.push_to_hub:

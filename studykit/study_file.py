@@ -11,11 +11,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from studykit.analysis_config import AnalysisConfig, StudyReportConfig
 from studykit.config import (
     EvalConfig,
     LoraTrainConfig,
     PrepareConfig,
-    ReportConfig,
     StudyConfig,
     TinyModelConfig,
     TrainConfig,
@@ -34,7 +34,7 @@ STUDIES_DIR = REPO_ROOT / "studies"
 # is uploaded (run_study.py --push-to-hub names a repo per training; one repo in [budget] would be every training's).
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite", "device", "push_to_hub"}
 
-STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "runs"}
+STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "analysis", "runs"}
 
 STUDY_HEADER_TYPES = {"name": str, "output_dir": str, "readme": str}
 
@@ -99,11 +99,12 @@ class Study:
     prepare: PrepareConfig
     runs: list[RunSpec]
     eval: EvalConfig
-    report: ReportConfig
+    report: StudyReportConfig
     readme: Optional[Path]
     seeds: list[int]
     sweep_seeds: list[int]
     overrides: list[str] = dataclasses.field(default_factory=list)  # run_study.py's --set, applied to `settings`
+    analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -351,8 +352,11 @@ def load_study(
         source,
     )
     report_settings = _table(settings, "report", source)
-    check_stage_settings(report_settings, ReportConfig, "[report]", source)
-    report_config = _build(ReportConfig, report_settings, "[report]", source)
+    check_stage_settings(report_settings, StudyReportConfig, "[report]", source)
+    report_config = _build(StudyReportConfig, report_settings, "[report]", source)
+    analysis_settings = _table(settings, "analysis", source)
+    check_stage_settings(analysis_settings, AnalysisConfig, "[analysis]", source)
+    analysis_config = _build(AnalysisConfig, analysis_settings, "[analysis]", source)
     return Study(
         name,
         Path(path),
@@ -368,6 +372,7 @@ def load_study(
         study_seeds,
         sweep_seeds,
         list(overrides),
+        analysis_config,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from studykit.analysis import analysis_estimate
 from studykit.config import TrainConfig
 from studykit.errors import UserError, first_line
 from studykit.hub import ensure_hub_reachable
@@ -131,6 +132,9 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
             f"  (runs {unknown} train for epochs over data not yet prepared, so their steps are unknown: prepare the "
             "data once, or give [budget] max_steps)"
         )
+    analysis = analysis_estimate(study, meta, base_model_parameters(study), assumed_tflops)
+    if analysis:
+        lines.append(analysis)
     return lines
 
 

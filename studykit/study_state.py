@@ -266,6 +266,13 @@ def plan(study: Study) -> list[tuple[str, str]]:
         ("evaluate", f"score base + the chosen trainings on the test split -> {study.results_dir} (unless current)")
     )
     steps.append(("report", "results.json, results.md, figures, samples.md (unless current)"))
+    if study.analysis.enabled:
+        steps.append(
+            (
+                "analyze",
+                "verdict, gap by token bucket, weight change, intruder mitigation -> analysis.json (unless current)",
+            )
+        )
     steps.append(("README", f"rewrite the results block of {study.readme}" if study.readme else "leave alone"))
     return steps
 

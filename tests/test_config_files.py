@@ -177,6 +177,7 @@ def test_the_entry_points_are_the_scripts():
         "studykit-train-lora": "training/train_lora.py",
         "studykit-eval": "evaluation/perplexity.py",
         "studykit-study": "run_study.py",
+        "studykit-analyze": "evaluation/analyze.py",
     }
     for entry, script in pairs.items():
         by_entry = subprocess.run([str(bin_dir / entry), "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
@@ -184,7 +185,8 @@ def test_the_entry_points_are_the_scripts():
         assert by_entry.returncode == by_script.returncode == 0, by_entry.stderr
         # The usage line names the program (and wraps by its length); the description and every option are the same.
         assert by_entry.stdout.split("\n\n", 1)[1] == by_script.stdout.split("\n\n", 1)[1], entry
-        assert "--config FILE" in by_entry.stdout or entry == "studykit-study"  # its --config is the study file
+        # studykit-study's --config is the study file; studykit-analyze reads the study's directory.
+        assert "--config FILE" in by_entry.stdout or entry in ("studykit-study", "studykit-analyze")
 
 
 @pytest.mark.parametrize("config_cls", [TrainConfig, LoraTrainConfig])

@@ -19,7 +19,7 @@ from studykit import runtime
 LAYERS = [
     ["errors"],
     ["io", "hub", "hub_upload", "locks", "settings"],
-    ["config"],
+    ["config", "analysis_config"],
     [
         "runtime",
         "data",
@@ -34,6 +34,14 @@ LAYERS = [
         "statistics",
         "figures",
         "optimizers",
+        "token_scoring",
+        "gap_buckets",
+        "weight_change",
+        "verdict",
+        "analysis_figures",
+        "bootstrap_replicates",
+        "analysis_numbers",
+        "analysis_markdown",
     ],
     ["methods", "run_state"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
@@ -44,7 +52,8 @@ LAYERS = [
     ["report_markdown"],
     ["report"],
     ["study_state"],
-    ["study_launch", "study_plan"],
+    ["study_launch", "analysis_parts", "analysis"],
+    ["study_plan"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
