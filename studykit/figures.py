@@ -116,11 +116,16 @@ def _edge_of_grid(learning_rates: Sequence[float], chosen_lr: float) -> bool:
 
 
 def plot_dev_perplexity_vs_lr(
-    sweeps: dict[str, list[tuple[float, float]]], chosen: dict[str, float], path: Path
+    sweeps: dict[str, list[tuple[float, float]]],
+    chosen: dict[str, float],
+    path: Path,
+    added: Optional[dict[str, list[float]]] = None,
+    at_edge: Optional[set[str]] = None,
 ) -> Path:
     """Dev perplexity against learning rate (log scale), one line per run from its (lr, dev perplexity) sweep, the
-    chosen rate starred. A run whose chosen rate is at the edge of its grid is labelled "(edge: widen the grid)". A rate
-    whose perplexity is missing or not finite (it diverged) is left off the line and counted in the label."""
+    chosen rate starred, the rates `added` beyond a grid's ends ringed. A run in `at_edge` (default: every run whose
+    chosen rate is the smallest or largest it tried) is labelled "(edge: widen the grid)". A rate whose perplexity is
+    missing or not finite (it diverged) is left off the line and counted in the label."""
     pyplot = _pyplot()
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     perplexities = []
@@ -128,7 +133,12 @@ def plot_dev_perplexity_vs_lr(
         color = f"C{index % 10}"
         scored = sorted((lr, perplexity) for lr, perplexity in sweep if _finite(perplexity))
         label = name
-        if name in chosen and sweep and _edge_of_grid([lr for lr, _ in sweep], chosen[name]):
+        flagged = (
+            name in at_edge
+            if at_edge is not None
+            else name in chosen and sweep and _edge_of_grid([lr for lr, _ in sweep], chosen[name])
+        )
+        if flagged:
             label += " (edge: widen the grid)"
         if len(scored) < len(sweep):
             label += f" ({len(sweep) - len(scored)} of {len(sweep)} rates diverged)"
@@ -142,6 +152,13 @@ def plot_dev_perplexity_vs_lr(
         ]
         if starred:
             axes.plot(*starred[0], marker="*", markersize=18, color=color, markeredgecolor="black", zorder=3)
+        ringed = [
+            (lr, p) for lr, p in scored if any(math.isclose(lr, a, rel_tol=1e-9) for a in (added or {}).get(name, []))
+        ]
+        if ringed:
+            axes.plot(
+                *zip(*ringed), marker="o", markersize=13, linestyle="", markerfacecolor="none", markeredgecolor=color
+            )
         perplexities += [perplexity for _, perplexity in scored]
     axes.plot(
         [],
@@ -153,6 +170,17 @@ def plot_dev_perplexity_vs_lr(
         markeredgecolor="black",
         label="chosen learning rate",
     )
+    if any((added or {}).values()):
+        axes.plot(
+            [],
+            [],
+            marker="o",
+            markersize=12,
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor="black",
+            label="rate added beyond the grid",
+        )
     axes.set_xscale("log")
     if perplexities and max(perplexities) > LOG_PERPLEXITY_SPREAD * min(perplexities):
         axes.set_yscale("log")

@@ -201,7 +201,7 @@ def build_report(
     trainings = [
         training_entry(study, spec, lr, training_seed, records, rows_by_name, per_response)
         for spec in study.runs
-        for lr in spec.learning_rates
+        for lr in sweeps[spec.name]["learning_rates"]
         for training_seed in study.seeds
         if study.training(spec, lr, training_seed).name in records
     ]
@@ -389,8 +389,10 @@ def format_sweep_table(report: dict[str, Any]) -> str:
         "## Learning-rate sweeps",
         "",
         f"Final dev perplexity at each rate of the run's grid (mean over sweep seed(s) {report['sweep_seeds']}); the "
-        "chosen rate, the lowest, is in bold. A choice at either end of its grid is flagged: the best rate may lie "
-        "beyond it, so widen the grid.",
+        "chosen rate, the lowest, is in bold. A choice at an end of its grid added the next rate beyond it (marked "
+        "+, at the grid's own spacing, trained with the same seeds) and was made again, up to [budget] "
+        "grid_extensions times; a choice is flagged only where that bound stopped the search. A diverged rate (a NaN "
+        "loss, or a dev loss far above the best) counts as the worst.",
         "",
         "| Run | Dev perplexity by learning rate | Chosen |",
         "|---|---|---|",
@@ -398,11 +400,18 @@ def format_sweep_table(report: dict[str, Any]) -> str:
     for row in runs:
         sweep = row["sweep"]
         cells = []
+        added = {extension["lr"] for extension in sweep.get("added", [])}
+        diverged = set(sweep.get("diverged", []))
         for lr in sweep["learning_rates"]:
             perplexity = sweep["dev_perplexity"][repr(lr)]
-            text = f"{lr:g}: " + (f"{perplexity:.3f}" if perplexity is not None else "diverged")
+            text = ("+" if lr in added else "") + f"{lr:g}: " + (f"{perplexity:.3f}" if perplexity is not None else "-")
+            text += " (diverged)" if lr in diverged else ""
             cells.append(f"**{text}**" if lr == sweep["chosen_lr"] else text)
-        chosen = f"{sweep['chosen_lr']:g}" + (" (**at the grid's edge: widen the grid**)" if sweep["at_edge"] else "")
+        chosen = f"{sweep['chosen_lr']:g}" + (
+            f" (**at the grid's edge after {len(added)} added rate(s), the bound: widen the grid**)"
+            if sweep["at_edge"]
+            else ""
+        )
         lines.append(f"| {row['name']} | {'; '.join(cells)} | {chosen} |")
     return "\n".join(lines) + "\n"
 
@@ -515,6 +524,8 @@ def draw_figures(
                 sweeps,
                 {name: next(r["lr"] for r in rows if r["name"] == name) for name in sweeps},
                 results_dir / "dev_perplexity_vs_lr.png",
+                added={row["name"]: [e["lr"] for e in row["sweep"].get("added", [])] for row in rows},
+                at_edge={row["name"] for row in rows if row["sweep"]["at_edge"]},
             )
         )
     if any("forgetting" in row for row in rows):
@@ -557,7 +568,7 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
     chosen = {spec.name: study.replicate_trainings(spec, sweeps[spec.name].chosen_lr) for spec in study.runs}
     records = {}
     for spec in study.runs:
-        for lr in spec.learning_rates:
+        for lr in sweeps[spec.name].learning_rates:
             for seed in study.seeds:
                 training = study.training(spec, lr, seed)
                 if (Path(training.config.output_dir) / "run.json").exists():
@@ -627,9 +638,15 @@ def protocol_paragraph(
     grids = "; ".join(
         f"{spec.name} {[float(f'{lr:g}') for lr in spec.learning_rates]}" for spec in study.runs if spec.sweeps
     )
+    widened = (
+        f"A choice at an end of its grid adds the next rate beyond it and is made again, up to "
+        f"{study.grid_extensions} time(s) per run. "
+        if study.grid_extensions
+        else ""
+    )
     tuning = (
         f"Each run's learning rate is the one of its grid ({grids}) with the lowest final dev loss, trained with "
-        f"seed(s) {study.sweep_seeds}; the chosen rate is then trained with every seed ({study.seeds}). "
+        f"seed(s) {study.sweep_seeds}; {widened}the chosen rate is then trained with every seed ({study.seeds}). "
         if grids
         else f"Fixed learning rates, each run trained with seed(s) {study.seeds}. "
     )

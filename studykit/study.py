@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,6 +26,7 @@ from studykit.study_file import Study, Training, load_study, study_path
 from studykit.study_launch import print_commands, run_trainings
 from studykit.study_state import (
     REPORT_INPUTS_FILE,
+    SweepResult,
     current_data,
     eval_inputs,
     finished_record,
@@ -35,6 +37,7 @@ from studykit.study_state import (
     report_inputs,
     sweep_result,
     tiny_model_inputs,
+    training_diverged,
     training_inputs,
     training_is_current,
 )
@@ -103,6 +106,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         "dry_run": config.dry_run,
         "pending": [],
         "pushed": [],
+        "diverged": [],
     }
     if config.dry_run:
         print_memory_plan(study)
@@ -135,7 +139,7 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         refuse_slow_cpu_run(
             config.device,
             f"the study's pending trainings of {study.model}",
-            lambda: (base_model_parameters(study), pending_work(study, current_data(study))[1]),
+            lambda: (base_model_parameters(study), pending_work(study, current_data(study)).flops),
         )
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
@@ -149,18 +153,18 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         done["prepared"] = True
     fingerprint = meta["training_fingerprint"]
 
-    # The sweep (every rate, the sweep seeds), then the chosen rate with every seed: a choice reads dev losses only.
-    if not train_phase(
-        study, config, [t for spec in study.runs for t in study.sweep_trainings(spec)], fingerprint, done
-    ):
+    # The sweep (every rate, the sweep seeds), widened where a choice lands at an end of its grid, then the chosen rate
+    # with every seed: a choice reads dev losses only.
+    sweeps = sweep_phases(study, config, fingerprint, done)
+    if sweeps is None:
         return done
-    sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
     for sweep in sweeps.values():
         done["chosen"][sweep.run] = sweep.chosen_lr
         if sweep.at_edge:
             print(
                 f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid "
-                f"{sweep.learning_rates}; the best rate may lie beyond it: widen the grid."
+                f"{sweep.learning_rates} after {len(sweep.added)} added rate(s), the most [budget] grid_extensions "
+                "allows; the best rate may lie beyond it: widen the grid or raise grid_extensions."
             )
     chosen = [t for spec in study.runs for t in study.replicate_trainings(spec, sweeps[spec.name].chosen_lr)]
     if not train_phase(study, config, chosen, fingerprint, done):
@@ -168,7 +172,8 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
 
     warn_about_stale_runs(
         study,
-        {training.name for spec in study.runs for training in study.sweep_trainings(spec)} | {t.name for t in chosen},
+        {t.name for spec in study.runs for t in study.sweep_trainings(spec, sweeps[spec.name].learning_rates)}
+        | {t.name for t in chosen},
     )
     evaluation = eval_inputs(study, meta["fingerprint"], chosen, fingerprint)
     evaluated = all(
@@ -208,14 +213,49 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
     return done
 
 
+def sweep_phases(
+    study: Study, config: StudyConfig, fingerprint: str, done: dict[str, Any]
+) -> Optional[dict[str, SweepResult]]:
+    """Train every run's sweep, then each rate added beyond a grid's end, until every run has chosen; None when the
+    trainings were printed as commands instead. A sweep training that diverges counts as its grid's worst rate."""
+    while True:
+        sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
+        pending = [
+            training
+            for spec in study.runs
+            for training in study.sweep_trainings(spec, sweeps[spec.name].learning_rates)
+            if training.name in sweeps[spec.name].pending
+        ]
+        for sweep in sweeps.values():
+            for extension in sweep.added:
+                if any(t.lr == extension.lr and t.run == sweep.run for t in pending):
+                    print(f"run '{sweep.run}': adding lr {extension.lr:g}: {extension.reason}")
+        if not pending:
+            for spec in study.runs:
+                for training in study.sweep_trainings(spec, sweeps[spec.name].learning_rates):
+                    if training.name not in done["kept"] + done["trained"]:
+                        done["kept"].append(training.name)
+            return sweeps
+        if not train_phase(study, config, pending, fingerprint, done, divergence_allowed=True):
+            return None
+
+
 def train_phase(
-    study: Study, config: StudyConfig, trainings: list[Training], fingerprint: str, done: dict[str, Any]
+    study: Study,
+    config: StudyConfig,
+    trainings: list[Training],
+    fingerprint: str,
+    done: dict[str, Any],
+    divergence_allowed: bool = False,
 ) -> bool:
     """Train what is not current of one phase; False when they were printed as commands instead (nothing more to do
-    until they have run)."""
+    until they have run). With `divergence_allowed` (a sweep) a training that diverges is done: its rate is the
+    worst."""
     pending = []
     for training in trainings:
-        if not training_is_current(training, fingerprint):
+        if not training_is_current(training, fingerprint) and not (
+            divergence_allowed and training_diverged(training, fingerprint)
+        ):
             pending.append(training)
         elif training.name not in done["kept"] + done["trained"]:
             done["kept"].append(training.name)
@@ -225,10 +265,13 @@ def train_phase(
         print_commands(pending, fingerprint, config)
         done["pending"] = [training.name for training in pending]
         return False
-    for name, resumed in run_trainings(pending, fingerprint, config).items():
+    for name, resumed in run_trainings(pending, fingerprint, config, divergence_allowed).items():
         training = next(t for t in pending if t.name == name)
-        mark_current(Path(training.config.output_dir), training_inputs(training, fingerprint))
         done["trained"].append(name)
+        if training_diverged(training, fingerprint):
+            done["diverged"].append(name)
+            continue
+        mark_current(Path(training.config.output_dir), training_inputs(training, fingerprint))
         if resumed:
             done["resumed"].append(name)
     return True
@@ -239,10 +282,11 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     throughput, and over the throughput this study's finished trainings measured, where there are some."""
     meta = current_data(study)
     try:
-        pending, flops, tokens, unknown = pending_work(study, meta)
+        work = pending_work(study, meta)
     except UserError as error:
         return [f"estimate: not made, the base model's size is unknown here ({error})"]
     measured = measured_tokens_per_second(study, meta["training_fingerprint"] if meta else None)
+    pending, flops, tokens, unknown = work.trainings, work.flops, work.tokens_by_method, work.unknown
     measured_seconds = sum(count / measured[method] for method, count in tokens.items() if method in measured)
     lines = [
         f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed "
@@ -254,6 +298,13 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
             else ""
         )
     ]
+    if work.extra_trainings:
+        lines.append(
+            f"  (the number of trainings can grow: a sweep whose choice lands at an end of its grid adds the next rate "
+            f"beyond it, [budget] grid_extensions = {study.grid_extensions} per run, so at most "
+            f"{work.extra_trainings} more training(s), {format_hours(work.extra_flops / (assumed_tflops * 1e12))} more "
+            "at the assumed throughput)"
+        )
     if meta is None and not unknown:
         lines.append(
             "  (the data is not prepared yet: every sequence counted at full length, so this is an upper bound)"
@@ -266,21 +317,36 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     return lines
 
 
-def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, float, dict[str, float], list[str]]:
+@dataclass
+class PendingWork:
+    """The trainings a study still has to run and what they cost; `extra_*`: what rates added beyond a grid's ends
+    may cost on top, at most (whether they are needed is known only once the sweep has chosen)."""
+
+    trainings: int
+    flops: float
+    tokens_by_method: dict[str, float]
+    unknown: list[str]  # runs whose tokens cannot be known yet
+    extra_trainings: int = 0
+    extra_flops: float = 0.0
+
+
+def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> PendingWork:
     """The trainings still to run (a run not yet swept counts its grid with the sweep seeds and its first rate with the
     other seeds), their model FLOPs, their tokens by method, and the runs whose tokens cannot be known yet."""
     fingerprint = meta["training_fingerprint"] if meta else None
     total_params = base_model_parameters(study)
-    pending_count, flops, tokens_by_method, unknown = 0, 0.0, {}, []
+    work = PendingWork(0, 0.0, {}, [])
     for spec in study.runs:
         sweep = sweep_result(study, spec, fingerprint, adopt=False)
-        trainings = study.sweep_trainings(spec)
+        trainings = study.sweep_trainings(spec, sweep.learning_rates)
+        extra = 0
         if sweep.chosen_lr is None:
             trainings += [
                 study.training(spec, spec.learning_rates[0], seed)
                 for seed in study.seeds
                 if seed not in study.sweep_seeds
             ]
+            extra = (study.grid_extensions - len(sweep.added)) * len(study.sweep_seeds) if spec.sweeps else 0
         else:
             trainings += study.replicate_trainings(spec, sweep.chosen_lr)
         pending = {
@@ -288,12 +354,15 @@ def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, flo
         }
         tokens = training_tokens(spec.config, meta, study.prepare.seq_len)
         if tokens is None:
-            unknown.append(spec.name)
+            work.unknown.append(spec.name)
             continue
-        pending_count += len(pending)
-        flops += METHODS[spec.method].flops_per_token(total_params) * tokens * len(pending)
-        tokens_by_method[spec.method] = tokens_by_method.get(spec.method, 0) + tokens * len(pending)
-    return pending_count, flops, tokens_by_method, unknown
+        flops_per_training = METHODS[spec.method].flops_per_token(total_params) * tokens
+        work.trainings += len(pending)
+        work.flops += flops_per_training * len(pending)
+        work.tokens_by_method[spec.method] = work.tokens_by_method.get(spec.method, 0) + tokens * len(pending)
+        work.extra_trainings += extra
+        work.extra_flops += flops_per_training * extra
+    return work
 
 
 def format_hours(seconds: float) -> str:
@@ -322,7 +391,8 @@ def measured_tokens_per_second(study: Study, fingerprint: Optional[str]) -> dict
     """The mean real tokens/s of this study's finished trainings, by method."""
     rates: dict[str, list[float]] = {}
     for spec in study.runs:
-        for lr in spec.learning_rates:
+        grid = sweep_result(study, spec, fingerprint, adopt=False).learning_rates if fingerprint else []
+        for lr in grid:
             for seed in study.seeds:
                 record = (
                     finished_record(study.training(spec, lr, seed), fingerprint, adopt=False) if fingerprint else None
