@@ -22,6 +22,7 @@ from studykit.config import config_to_dict
 from studykit.data import META_FILE
 from studykit.errors import UserError, first_line
 from studykit.evaluate import EXTRA_EVAL_PREFIX, format_params
+from studykit.falling_behind import data_size_gaps, draw_falling_behind_figures, format_falling_behind, learning_curves
 from studykit.io import DamagedFile, atomic_write_json, atomic_write_text, read_json
 from studykit.methods import METHODS
 from studykit.run_dir import RUN_LOG, load_run_record, read_run_log
@@ -481,6 +482,7 @@ def format_results_markdown(report: dict[str, Any], protocol: str, figure_paths:
         format_study_table(report),
         format_intervals(report),
         format_sweep_table(report),
+        format_falling_behind(report),
         format_budget_check(report),
     ]
     parts += [f"![{figure.stem}]({figure.name})" for figure in figure_paths]
@@ -585,8 +587,10 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
     built["pareto_front"] = {
         cost: pareto_runs(built, cost) for cost in ("peak_memory_bytes", "wall_time_seconds", "train_flops")
     }
+    built["learning_curves"] = learning_curves(study, chosen)
+    built["data_size"] = data_size_gaps(study, chosen, records, load_per_response(results_dir / "per_response_nll.npz"))
     meta = read_json(study.data_dir / META_FILE, "run the study again: it prepares the data again")
-    figure_paths = draw_figures(built, study, chosen, results_dir)
+    figure_paths = draw_figures(built, study, chosen, results_dir) + draw_falling_behind_figures(built, results_dir)
     protocol = protocol_paragraph(
         study, meta, chosen, records, any(row.get("budget_differences") for row in built["rows"])
     )

@@ -380,7 +380,9 @@ def training_tokens(config: TrainConfig, meta: Optional[dict[str, Any]], seq_len
     sequences (an upper bound); unknown for an epoch budget over data not prepared yet."""
     if meta is not None:
         mean_length = meta["tokens"]["train"] / meta["sequences"]["train"]
-        steps = config.max_steps or math.ceil(config.epochs * (meta["sequences"]["train"] // config.effective_batch))
+        # A --train-fraction of the trees holds about that share of the sequences (exactly, once trained).
+        sequences = meta["sequences"]["train"] * config.train_fraction
+        steps = config.max_steps or math.ceil(config.epochs * (sequences // config.effective_batch))
         return int(steps * config.effective_batch * mean_length)
     if config.max_steps:
         return config.max_steps * config.effective_batch * seq_len
