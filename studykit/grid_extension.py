@@ -37,20 +37,29 @@ def rounded(lr: float) -> float:
     return float(f"{lr:.6g}")
 
 
+def on_the_one_three_ladder(lr: float) -> bool:
+    """1 or 3 times a power of ten (to six digits): the half-decade grids the studies use."""
+    mantissa = float(f"{lr:.6e}".split("e")[0])
+    return mantissa in (1.0, 3.0)
+
+
 def rate_beyond(grid: Sequence[float], side: str) -> float:
-    """The next rate past the grid's top ("above") or bottom ("below"), repeating the grid's own log spacing: the step
-    two rates in from that end, so a 1-3-10 grid goes on as one (1e-4, 3e-4, 1e-3 -> 3e-3 above, 3e-5 below); a grid of
-    two rates repeats their ratio."""
+    """The next rate past the grid's top ("above") or bottom ("below") at the grid's own log spacing: its mean step
+    in log space (1e-6, 2e-6 -> 4e-6). A grid of half-decade steps on the 1-3-10 ladder goes on along it
+    (1e-4, 3e-4, 1e-3 -> 3e-3 above, 3e-5 below; 3e-4, 1e-3 -> 3e-3), where the exact step would give 3.16e-3."""
     rates = sorted(grid)
     if len(rates) < 2:
         raise ValueError("a grid of one rate has no spacing to repeat")
-    if side == "above":
-        step = rates[-2] / rates[-3] if len(rates) >= 3 else rates[-1] / rates[-2]
-        return rounded(rates[-1] * step)
-    if side == "below":
-        step = rates[2] / rates[1] if len(rates) >= 3 else rates[1] / rates[0]
-        return rounded(rates[0] / step)
-    raise ValueError(f"side is 'above' or 'below', not {side!r}")
+    if side not in ("above", "below"):
+        raise ValueError(f"side is 'above' or 'below', not {side!r}")
+    step = math.log10(rates[-1] / rates[0]) / (len(rates) - 1)
+    edge = rates[-1] if side == "above" else rates[0]
+    target = edge * 10 ** (step if side == "above" else -step)
+    if abs(step - 0.5) < 0.05 and all(on_the_one_three_ladder(lr) for lr in rates):
+        decade = math.floor(math.log10(target))
+        ladder = [mantissa * 10.0**exponent for exponent in (decade - 1, decade, decade + 1) for mantissa in (1, 3)]
+        target = min(ladder, key=lambda lr: abs(math.log10(lr / target)))
+    return rounded(target)
 
 
 def edge_side(grid: Sequence[float], chosen: float) -> Optional[str]:

@@ -55,6 +55,7 @@ BUDGET_FIELDS = (
 )
 # The same, from the training settings: the order of examples and everything about the optimizer but its rate.
 BUDGET_SETTINGS = (
+    "train_fraction",
     "group_by_length",
     "warmup_ratio",
     "lr_schedule",

@@ -22,8 +22,9 @@ def test_the_next_rate_repeats_the_grids_own_log_spacing():
     assert rate_beyond([1e-4, 3e-4, 1e-3], "above") == 3e-3
     assert rate_beyond([1e-4, 3e-4, 1e-3], "below") == 3e-5
     assert rate_beyond([1e-4, 3e-4, 1e-3, 3e-3], "above") == 1e-2
-    assert rate_beyond([3e-4, 1e-3], "above") == pytest.approx(1e-3 * 1e-3 / 3e-4, rel=1e-5)
-    assert rate_beyond([1e-3, 1e-2], "below") == 1e-4
+    assert rate_beyond([3e-4, 1e-3], "above") == 3e-3 and rate_beyond([3e-3, 1e-2], "below") == 1e-3
+    assert rate_beyond([1e-3, 1e-2], "below") == 1e-4 and rate_beyond([1e-6, 2e-6, 4e-6], "above") == 8e-6
+    assert rate_beyond([1e-4, 2e-4, 5e-4], "above") == pytest.approx(5e-4 * 5**0.5, rel=1e-5)
     assert edge_side([1e-4, 1e-3, 1e-2], 1e-2) == "above" and edge_side([1e-4, 1e-3, 1e-2], 1e-4) == "below"
     assert edge_side([1e-4, 1e-3, 1e-2], 1e-3) is None
     assert extension_for([1e-4, 1e-3], 1e-3, added_so_far=2, bound=2) is None

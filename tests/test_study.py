@@ -476,8 +476,15 @@ def test_shipped_studies_load_and_share_one_budget():
     for path in sorted((REPO_ROOT / "studies").glob("*.toml")):
         study = load_study(path)
         shared = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in ("lr", "output_dir")]
-        budgets = [{name: getattr(spec.config, name) for name in shared} for spec in study.runs]
-        assert all(budget == budgets[0] for budget in budgets), path.name
+        # A data-size axis trains each share for its own steps; the runs of one share share everything else.
+        for fraction in {spec.config.train_fraction for spec in study.runs}:
+            runs = [spec for spec in study.runs if spec.config.train_fraction == fraction]
+            budgets = [{name: getattr(spec.config, name) for name in shared} for spec in runs]
+            assert all(budget == budgets[0] for budget in budgets), (path.name, fraction)
+        if study.name in ("quick", "capacity"):
+            assert len({spec.config.train_fraction for spec in study.runs}) >= 2, "a data-size axis"
+        if study.name in ("default", "rank_sweep", "quick", "capacity"):
+            assert study.runs[0].config.eval_schedule == "log" and study.grid_extensions == 2, path.name
     default = load_study(REPO_ROOT / "studies" / "default.toml")
     assert [
         (spec.name, spec.method, getattr(spec.config, "rank", None), getattr(spec.config, "target_modules", None))
