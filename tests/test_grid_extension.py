@@ -52,7 +52,7 @@ def three_rate_study(tmp_path, extensions=None):
     path = one_run_study(tmp_path / "study.toml")
     text = path.read_text().replace("lr = 1e-3", "lr = [1e-4, 1e-3, 1e-2]")
     if extensions is not None:
-        text = text.replace("[budget]", f"[budget]\ngrid_extensions = {extensions}")
+        text = text.replace("grid_extensions = 2", f"grid_extensions = {extensions}")
     path.write_text(text)
     study = load_study(path)
     return study, study.runs[0]
@@ -149,3 +149,18 @@ def test_the_dry_run_says_the_number_of_trainings_can_grow_and_by_how_much(tmp_p
     assert "estimate: 2 training(s) to run" in printed
     assert "the number of trainings can grow" in printed and "at most 2 more training(s)" in printed
     assert "up to 2 more time(s) (2 training(s) at most)" in printed and not (tmp_path / "never").exists()
+
+
+def test_a_sweep_training_that_really_diverges_is_the_worst_rate_and_the_study_goes_on(tmp_path, monkeypatch):
+    """A rate so large the loss turns NaN: the trainer stops it and records why, the study counts it as the worst
+    rate and chooses the other; a second run keeps it rather than training it again."""
+    path = one_run_study(tmp_path / "study.toml", lr="[1e-3, 1e5]")
+    path.write_text(path.read_text().replace("grid_extensions = 2", "grid_extensions = 0\nmax_grad_norm = 0.0"))
+    output_dir = tmp_path / "out"
+    first = run_study(StudyConfig(config=str(path), output_dir=str(output_dir)))
+    assert first["diverged"] == ["full_ft__lr1e5__seed0"] and first["chosen"] == {"full_ft": 1e-3}
+    assert (output_dir / "checkpoints" / "full_ft__lr1e5__seed0" / DIVERGED_RECORD).exists()
+    sweep = json.loads((output_dir / "results" / "results.json").read_text())["rows"][1]["sweep"]
+    assert sweep["diverged"] == [1e5] and sweep["dev_loss"][repr(1e5)] is None
+    second = run_study(StudyConfig(config=str(path), output_dir=str(output_dir)))
+    assert second["trained"] == [] and "full_ft__lr1e5__seed0" in second["kept"]

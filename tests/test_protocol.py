@@ -117,7 +117,7 @@ def three_rate_study(tmp_path) -> tuple:
     path.write_text(
         path.read_text()
         .replace("lr = 1e-3", "lr = [1e-4, 1e-3, 1e-2]")
-        .replace("[budget]", "[budget]\ngrid_extensions = 0")
+        .replace("grid_extensions = 2", "grid_extensions = 0")
     )
     study = load_study(path)
     return study, study.runs[0]
