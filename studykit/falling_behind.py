@@ -48,7 +48,8 @@ def learning_curves(study: Study, chosen: dict[str, list[Training]]) -> dict[str
                 curves[spec.name] = curve
         for name, entry in curves_summary(references.get(fraction, ""), curves).items():
             summary[name] = {**entry, "reference": references.get(fraction), "train_fraction": fraction}
-    return summary
+    # In the study's order, so each run keeps the colour it has in the other figures.
+    return {spec.name: summary[spec.name] for spec in study.runs if spec.name in summary}
 
 
 def training_tokens_by_fraction(data_dir: Path, fractions: list[float]) -> dict[float, int]:
@@ -104,7 +105,8 @@ def data_size_gaps(
             }
         )
     summary = {}
-    for shape, points in shapes.items():
+    # A shape trained on one data size has no axis to draw; its ratio is in the main table.
+    for shape, points in ((shape, points) for shape, points in shapes.items() if len(points) >= 2):
         points.sort(key=lambda point: point["train_fraction"])
         first = None
         for index in range(len(points) - 1, -1, -1):

@@ -22,7 +22,13 @@ from studykit.config import config_to_dict
 from studykit.data import META_FILE
 from studykit.errors import UserError, first_line
 from studykit.evaluate import EXTRA_EVAL_PREFIX, format_params
-from studykit.falling_behind import data_size_gaps, draw_falling_behind_figures, format_falling_behind, learning_curves
+from studykit.falling_behind import (
+    data_size_gaps,
+    draw_falling_behind_figures,
+    format_falling_behind,
+    learning_curves,
+    references_by_fraction,
+)
 from studykit.io import DamagedFile, atomic_write_json, atomic_write_text, read_json
 from studykit.methods import METHODS
 from studykit.run_dir import RUN_LOG, load_run_record, read_run_log
@@ -147,8 +153,11 @@ def build_report(
         }
     ]
     all_trainings = {t.name: t for trainings in chosen.values() for t in trainings}
-    reference_records = {t.seed: records[t.name] for t in chosen[reference]} if reference else {}
+    # A run on a share of the training data (--train-fraction) is compared with full fine-tuning on the same share.
+    references = references_by_fraction(study)
     for spec in study.runs:
+        run_reference = references.get(spec.config.train_fraction, reference)
+        reference_records = {t.seed: records[t.name] for t in chosen[run_reference]} if run_reference else {}
         seed_records = [records[t.name] for t in chosen[spec.name]]
         first = seed_records[0]
         test = seeds_and_trees(nll_by_seed(spec.name), tokens, tree_ids, resamples, seed)
@@ -165,9 +174,10 @@ def build_report(
             "test": test,
             "trainings": [t.name for t in chosen[spec.name]],
         }
-        if reference and spec.name != reference:
+        row["reference"] = run_reference
+        if run_reference and spec.name != run_reference:
             row["vs_reference"] = paired_ratio_seeds_and_trees(
-                nll_by_seed(spec.name), nll_by_seed(reference), tokens, tree_ids, resamples, seed
+                nll_by_seed(spec.name), nll_by_seed(run_reference), tokens, tree_ids, resamples, seed
             )
         if extra_tokens is not None:
             row["forgetting"] = nll_change_seeds(
@@ -309,7 +319,17 @@ def format_study_table(report: dict[str, Any]) -> str:
         "Trainable params",
         "% of total",
         "Test perplexity: mean ± seed sd [95% CI]",
-        f"Ratio to {reference} [95% CI]" if reference else None,
+        (
+            f"Ratio to {reference}"
+            + (
+                " (or full FT on the same data share)"
+                if any(r.get("reference") not in (None, reference) for r in rows)
+                else ""
+            )
+            + " [95% CI]"
+        )
+        if reference
+        else None,
         "Forgetting: Δ NLL/token vs base [95% CI]" if forgetting else None,
         "Train tokens",
         "Steps",
@@ -340,7 +360,7 @@ def format_study_table(report: dict[str, Any]) -> str:
                 format_interval(ratio["ratio"], ratio["ci_low"], ratio["ci_high"])
                 if ratio
                 else "1 (reference)"
-                if row["name"] == reference
+                if row["name"] == row.get("reference", reference)
                 else "-"
             )
         if forgetting:
@@ -425,7 +445,12 @@ def format_budget_check(report: dict[str, Any]) -> str:
     lines = [
         "## Same-budget check",
         "",
-        f"Each training is compared with {reference}'s training of the same seed (the same data order).",
+        f"Each training is compared with {reference}'s training of the same seed (the same data order)"
+        + (
+            ", or on another share of the training data with the full fine-tuning run on that share."
+            if any(row.get("reference") not in (None, reference) for row in runs)
+            else "."
+        ),
     ]
     agree = [key for key in report["budget_fields"] if key not in differing]
     if agree:
