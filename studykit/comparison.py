@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from studykit.errors import UserError
+from studykit.falling_behind import references_by_fraction
 from studykit.methods import METHODS
 from studykit.response_scores import EXTRA_EVAL_PREFIX
 from studykit.run_state import RunRecord
@@ -45,6 +46,7 @@ BUDGET_FIELDS = (
 )
 # The same, from the training settings: the order of examples and everything about the optimizer but its rate.
 BUDGET_SETTINGS = (
+    "train_fraction",
     "group_by_length",
     "warmup_ratio",
     "lr_schedule",
@@ -111,6 +113,9 @@ class SweepSummary:
     dev_perplexity: dict[str, Optional[float]]
     chosen_lr: Optional[float]
     at_edge: bool
+    added: list[dict[str, Any]] = field(default_factory=list)  # rates added beyond the grid's ends, and why
+    grid_extensions: int = 0  # the bound on added rates
+    diverged: list[float] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +150,8 @@ class RunRow:
     test: TestPerplexity
     trainings: list[str]
     vs_reference: Optional[PerplexityRatio] = None
+    # What the ratio compares with: full FT, or full FT trained on the same --train-fraction of the data.
+    reference: Optional[str] = None
     forgetting: Optional[Forgetting] = None
     steps: Optional[float]
     tokens_seen: Optional[float]
@@ -194,6 +201,9 @@ class Comparison:
     trainings: list[TrainingEntry]
     evaluated_trainings: list[str]
     pareto_front: dict[str, list[str]] = field(default_factory=dict)
+    # falling_behind's: each run's dev-loss curve and departure from full FT, and the gap by data size (or None).
+    learning_curves: dict[str, Any] = field(default_factory=dict)
+    data_size: Optional[dict[str, Any]] = None
 
     @property
     def rows(self) -> list[Row]:
@@ -294,9 +304,12 @@ def build_comparison(
         test_responses=len(tokens),
         extra_eval_perplexity=rows_by_name["base"].get("extra_eval_perplexity"),
     )
-    reference_records = {t.seed: records[t.name] for t in chosen[reference]} if reference else {}
+    # A run on a share of the training data (--train-fraction) is compared with full fine-tuning on the same share.
+    references = references_by_fraction(study)
     runs = []
     for spec in study.runs:
+        run_reference = references.get(spec.config.train_fraction, reference)
+        reference_records = {t.seed: records[t.name] for t in chosen[run_reference]} if run_reference else {}
         seed_records = [records[t.name] for t in chosen[spec.name]]
         first = seed_records[0]
         # Each seed against the reference's training of the same seed: the same data order is what pairs them.
@@ -338,11 +351,12 @@ def build_comparison(
                 trained_on_other_data=any(rows_by_name[t.name].get("trained_on_other_data") for t in chosen[spec.name]),
                 vs_reference=PerplexityRatio(
                     **paired_ratio_seeds_and_trees(
-                        nll_by_seed(spec.name), nll_by_seed(reference), tokens, tree_ids, resamples, seed
+                        nll_by_seed(spec.name), nll_by_seed(run_reference), tokens, tree_ids, resamples, seed
                     )
                 )
-                if reference and spec.name != reference
+                if run_reference and spec.name != run_reference
                 else None,
+                reference=run_reference,
                 forgetting=Forgetting(
                     **nll_change_seeds(
                         nll_by_seed(spec.name, EXTRA_EVAL_PREFIX),
@@ -359,7 +373,7 @@ def build_comparison(
     trainings = [
         training_entry(study, spec, lr, training_seed, records, rows_by_name)
         for spec in study.runs
-        for lr in spec.learning_rates
+        for lr in sweeps[spec.name]["learning_rates"]
         for training_seed in study.seeds
         if study.training(spec, lr, training_seed).name in records
     ]

@@ -9,6 +9,7 @@ import re
 from typing import ClassVar, Optional
 
 from studykit.errors import UserError
+from studykit.learning_curves import EVAL_SCHEDULES
 from studykit.settings import (
     CONFIG_FILE_DEST,
     LAUNCH_ACTIONS,
@@ -139,6 +140,11 @@ class TrainConfig:
     output_dir: str = option("checkpoints/full_ft", "where the checkpoint, run.json and log.jsonl are written")
     seed: int = option(42, "seed for data order, dropout and initialisation")
     epochs: float = option(1.0, "passes over the training split (ignored when --max-steps is set)")
+    train_fraction: float = option(
+        1.0,
+        "share of the training split's conversation trees to train on, chosen by a hash of the tree id so smaller "
+        "shares are subsets of larger ones (0.25 of 0.5 of 1); dev and test stay whole",
+    )
     max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs")
     batch_size: int = option(8, "sequences per micro-batch on each process")
     grad_accum: int = option(4, "micro-batches per optimizer step")
@@ -171,6 +177,12 @@ class TrainConfig:
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
     packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
     eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
+    eval_schedule: str = option(
+        "interval",
+        "interval: the dev loss every --eval-every steps and at the end; log: also after steps 1, 2, 4, 8, ..., for a "
+        "learning curve on a log axis (costs log2(steps) + 1 more passes over the dev split: 10 more for 600 steps)",
+        choices=EVAL_SCHEDULES,
+    )
     eval_batch_size: int = option(
         16, "longest validation responses per batch; shorter ones fill batches of as many tokens"
     )
@@ -221,7 +233,7 @@ class TrainConfig:
     # --help in sections, as the settings are read: what is trained on, what model and method, how the weights move,
     # how memory and speed are managed, what is logged, what is saved, what is uploaded.
     HELP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "data": ("data_dir", "tokenizer", "seed", "group_by_length", "packing"),
+        "data": ("data_dir", "tokenizer", "seed", "train_fraction", "group_by_length", "packing"),
         "model and method": ("model", "trust_remote_code"),
         "optimizer and schedule": (
             "epochs",
@@ -249,7 +261,13 @@ class TrainConfig:
             "auto_batch",
             "peak_tflops",
         ),
-        "validation, logging and trackers": ("eval_every", "eval_batch_size", "log_every", "report_to"),
+        "validation, logging and trackers": (
+            "eval_every",
+            "eval_schedule",
+            "eval_batch_size",
+            "log_every",
+            "report_to",
+        ),
         "checkpoints": ("output_dir", "save_every", "keep", "resume", "overwrite"),
         "Hub": ("push_to_hub",),
     }
@@ -275,6 +293,7 @@ class TrainConfig:
         if self.max_steps is None:
             require("--epochs", self.epochs, "above 0", lambda value: value > 0)
         require("--lr", self.lr, "above 0", lambda value: value > 0)
+        require("--train-fraction", self.train_fraction, "above 0 and at most 1", lambda value: 0 < value <= 1)
         require("--weight-decay", self.weight_decay, "0 or more", lambda value: value >= 0)
         require("--adam-beta1", self.adam_beta1, "from 0 to below 1", lambda value: 0 <= value < 1)
         require("--adam-beta2", self.adam_beta2, "from 0 to below 1", lambda value: 0 <= value < 1)
@@ -332,6 +351,7 @@ RESUME_MAY_CHANGE = OUTCOME_NEUTRAL | {
     "compile",
     "gradient_checkpointing",
     "eval_every",
+    "eval_schedule",
     "loss_kernel",
     "pad_to_multiple_of",
 }

@@ -116,11 +116,16 @@ def _edge_of_grid(learning_rates: Sequence[float], chosen_lr: float) -> bool:
 
 
 def plot_dev_perplexity_vs_lr(
-    sweeps: dict[str, list[tuple[float, float]]], chosen: dict[str, float], path: Path
+    sweeps: dict[str, list[tuple[float, float]]],
+    chosen: dict[str, float],
+    path: Path,
+    added: Optional[dict[str, list[float]]] = None,
+    at_edge: Optional[set[str]] = None,
 ) -> Path:
     """Dev perplexity against learning rate (log scale), one line per run from its (lr, dev perplexity) sweep, the
-    chosen rate starred. A run whose chosen rate is at the edge of its grid is labelled "(edge: widen the grid)". A rate
-    whose perplexity is missing or not finite (it diverged) is left off the line and counted in the label."""
+    chosen rate starred, the rates `added` beyond a grid's ends ringed. A run in `at_edge` (default: every run whose
+    chosen rate is the smallest or largest it tried) is labelled "(edge: widen the grid)". A rate whose perplexity is
+    missing or not finite (it diverged) is left off the line and counted in the label."""
     pyplot = _pyplot()
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     perplexities = []
@@ -128,7 +133,12 @@ def plot_dev_perplexity_vs_lr(
         color = f"C{index % 10}"
         scored = sorted((lr, perplexity) for lr, perplexity in sweep if _finite(perplexity))
         label = name
-        if name in chosen and sweep and _edge_of_grid([lr for lr, _ in sweep], chosen[name]):
+        flagged = (
+            name in at_edge
+            if at_edge is not None
+            else name in chosen and sweep and _edge_of_grid([lr for lr, _ in sweep], chosen[name])
+        )
+        if flagged:
             label += " (edge: widen the grid)"
         if len(scored) < len(sweep):
             label += f" ({len(sweep) - len(scored)} of {len(sweep)} rates diverged)"
@@ -142,6 +152,13 @@ def plot_dev_perplexity_vs_lr(
         ]
         if starred:
             axes.plot(*starred[0], marker="*", markersize=18, color=color, markeredgecolor="black", zorder=3)
+        ringed = [
+            (lr, p) for lr, p in scored if any(math.isclose(lr, a, rel_tol=1e-9) for a in (added or {}).get(name, []))
+        ]
+        if ringed:
+            axes.plot(
+                *zip(*ringed), marker="o", markersize=13, linestyle="", markerfacecolor="none", markeredgecolor=color
+            )
         perplexities += [perplexity for _, perplexity in scored]
     axes.plot(
         [],
@@ -153,6 +170,17 @@ def plot_dev_perplexity_vs_lr(
         markeredgecolor="black",
         label="chosen learning rate",
     )
+    if any((added or {}).values()):
+        axes.plot(
+            [],
+            [],
+            marker="o",
+            markersize=12,
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor="black",
+            label="rate added beyond the grid",
+        )
     axes.set_xscale("log")
     if perplexities and max(perplexities) > LOG_PERPLEXITY_SPREAD * min(perplexities):
         axes.set_yscale("log")
@@ -289,4 +317,76 @@ def plot_cost_vs_quality(points: list[dict[str, Any]], path: Path) -> Path:
     figure.legend(
         handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 5), fontsize="small"
     )
+    return _save(pyplot, figure, path)
+
+
+def plot_learning_curves(curves: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Dev loss against training tokens (log scale), one line per run (the mean over its seeds) with the seeds' spread
+    as a band; a run's departure from the full fine-tuning curve it is compared with is marked with a cross. `curves`:
+    results.json's learning_curves (steps, tokens, mean_dev_loss, band, departure)."""
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(figsize=(7.5, 4.8))
+    for index, (name, curve) in enumerate(curves.items()):
+        color = f"C{index % 10}"
+        points = [(t, m, b) for t, m, b in zip(curve["tokens"], curve["mean_dev_loss"], curve["band"]) if t > 0]
+        if not points:
+            continue
+        tokens = [t for t, _, _ in points]
+        axes.plot(tokens, [m for _, m, _ in points], marker=".", color=color, label=name)
+        axes.fill_between(tokens, [b[0] for _, _, b in points], [b[1] for _, _, b in points], color=color, alpha=0.2)
+        departure = curve.get("departure") or {}
+        if departure.get("tokens"):
+            at = curve["tokens"].index(departure["tokens"])
+            axes.plot(
+                departure["tokens"],
+                curve["mean_dev_loss"][at],
+                marker="X",
+                markersize=12,
+                color=color,
+                markeredgecolor="black",
+                zorder=3,
+            )
+    axes.plot(
+        [],
+        [],
+        marker="X",
+        markersize=10,
+        linestyle="",
+        color="white",
+        markeredgecolor="black",
+        label="departure from full FT (gap outside the seeds' spread from here on)",
+    )
+    axes.set_xscale("log")
+    axes.set_xlabel("training tokens seen (log scale)")
+    axes.set_ylabel("dev loss (mean NLL per token)")
+    axes.set_title("learning curves at the chosen rates (bands: the seeds' spread)")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="small")
+    return _save(pyplot, figure, path)
+
+
+def plot_gap_vs_data_size(data_size: dict[str, Any], path: Path) -> Path:
+    """The test-perplexity ratio of each LoRA shape to full fine-tuning on the same data, against the training tokens
+    of each data size (log scale), with 95% bars over seeds and test trees; 1 (no gap) is a line."""
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for index, (shape, entry) in enumerate(data_size["shapes"].items()):
+        color = f"C{(index + 1) % 10}"
+        points = entry["points"]
+        tokens = [point["training_tokens"] for point in points]
+        ratios = [point["ratio"] for point in points]
+        low = [
+            point["ratio"] - (point["ci_low"] if point["ci_low"] is not None else point["ratio"]) for point in points
+        ]
+        high = [
+            (point["ci_high"] if point["ci_high"] is not None else point["ratio"]) - point["ratio"] for point in points
+        ]
+        axes.errorbar(tokens, ratios, yerr=[low, high], marker="o", capsize=4, color=color, label=shape)
+    axes.axhline(1.0, color="gray", linestyle="--", label="no gap (full fine-tuning on the same data)")
+    axes.set_xscale("log")
+    axes.set_xlabel("training tokens in the data size trained on (log scale)")
+    axes.set_ylabel("test perplexity ratio to full FT (95% CI)")
+    axes.set_title("the gap to full fine-tuning by data size")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="small")
     return _save(pyplot, figure, path)

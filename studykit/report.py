@@ -16,6 +16,7 @@ from studykit.comparison import Comparison, budget_differences, build_comparison
 from studykit.config import config_to_dict
 from studykit.data import META_FILE
 from studykit.errors import UserError
+from studykit.falling_behind import data_size_gaps, draw_falling_behind_figures, learning_curves
 from studykit.io import atomic_write_json, atomic_write_text, read_json
 from studykit.report_markdown import (
     format_budget_check,
@@ -69,6 +70,8 @@ def draw_figures(
                 },
                 {row.name: row.lr for row in swept},
                 results_dir / "dev_perplexity_vs_lr.png",
+                added={row.name: [extension["lr"] for extension in row.sweep.added] for row in swept},
+                at_edge={row.name for row in swept if row.sweep.at_edge},
             )
         )
     if any(row.forgetting for row in runs):
@@ -103,22 +106,27 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
     chosen = {spec.name: study.replicate_trainings(spec, sweeps[spec.name].chosen_lr) for spec in study.runs}
     records = {}
     for spec in study.runs:
-        for lr in spec.learning_rates:
+        for lr in sweeps[spec.name].learning_rates:
             for seed in study.seeds:
                 training = study.training(spec, lr, seed)
                 if (Path(training.config.output_dir) / RUN_RECORD).exists():
                     records[training.name] = load_run_record(Path(training.config.output_dir))
+    per_response = load_per_response(results_dir / PER_RESPONSE_FILE)
     eval_rows = read_json(results_dir / "perplexity.json", "run the study again: it evaluates again", expect=list)
     comparison = build_comparison(
         study,
         {name: sweep.to_dict() for name, sweep in sweeps.items()},
         eval_rows,
-        load_per_response(results_dir / PER_RESPONSE_FILE),
+        per_response,
         chosen,
         records,
     )
+    comparison.learning_curves = learning_curves(study, chosen)
+    comparison.data_size = data_size_gaps(study, chosen, records, per_response)
     meta = read_json(study.data_dir / META_FILE, "run the study again: it prepares the data again")
-    figure_paths = draw_figures(comparison, study, chosen, results_dir)
+    figure_paths = draw_figures(comparison, study, chosen, results_dir) + draw_falling_behind_figures(
+        comparison.learning_curves, comparison.data_size, results_dir
+    )
     protocol = protocol_paragraph(study, meta, chosen, records, any(row.budget_differences for row in comparison.runs))
     # Further analyses put their Markdown here (shown above the table) and append their figures to figure_paths.
     leading_sections: list[str] = []

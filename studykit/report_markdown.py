@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 
 from studykit.comparison import BaseRow, Comparison, Row
 from studykit.evaluate import format_params
+from studykit.falling_behind import format_falling_behind
 from studykit.run_state import RunRecord
 from studykit.runtime import code_version
 from studykit.statistics import CONFIDENCE
@@ -76,7 +77,17 @@ def format_study_table(comparison: Comparison) -> str:
         "Trainable params",
         "% of total",
         "Test perplexity: mean ± seed sd [95% CI]",
-        f"Ratio to {reference} [95% CI]" if reference else None,
+        (
+            f"Ratio to {reference}"
+            + (
+                " (or full FT on the same data share)"
+                if any(row.reference not in (None, reference) for row in comparison.runs)
+                else ""
+            )
+            + " [95% CI]"
+        )
+        if reference
+        else None,
         "Forgetting: Δ NLL/token vs base [95% CI]" if forgetting else None,
         "Train tokens",
         "Steps",
@@ -110,7 +121,7 @@ def format_study_table(comparison: Comparison) -> str:
                 format_interval(ratio.ratio, ratio.ci_low, ratio.ci_high)
                 if ratio
                 else "1 (reference)"
-                if row.name == reference
+                if row.name == (row.reference or reference)
                 else "-"
             )
         if forgetting:
@@ -153,8 +164,10 @@ def format_sweep_table(comparison: Comparison) -> str:
         "## Learning-rate sweeps",
         "",
         f"Final dev perplexity at each rate of the run's grid (mean over sweep seed(s) {comparison.sweep_seeds}); the "
-        "chosen rate, the lowest, is in bold. A choice at either end of its grid is flagged: the best rate may lie "
-        "beyond it, so widen the grid.",
+        "chosen rate, the lowest, is in bold. A choice at an end of its grid added the next rate beyond it (marked "
+        "+, at the grid's own spacing, trained with the same seeds) and was made again, up to [budget] "
+        "grid_extensions times; a choice is flagged only where that bound stopped the search. A diverged rate (a NaN "
+        "loss, or a dev loss far above the best) counts as the worst.",
         "",
         "| Run | Dev perplexity by learning rate | Chosen |",
         "|---|---|---|",
@@ -162,11 +175,17 @@ def format_sweep_table(comparison: Comparison) -> str:
     for row in runs:
         sweep = row.sweep
         cells = []
+        added = {extension["lr"] for extension in sweep.added}
         for lr in sweep.learning_rates:
             perplexity = sweep.dev_perplexity[repr(lr)]
-            text = f"{lr:g}: " + (f"{perplexity:.3f}" if perplexity is not None else "diverged")
+            text = ("+" if lr in added else "") + f"{lr:g}: " + (f"{perplexity:.3f}" if perplexity is not None else "-")
+            text += " (diverged)" if lr in sweep.diverged else ""
             cells.append(f"**{text}**" if lr == sweep.chosen_lr else text)
-        chosen = f"{sweep.chosen_lr:g}" + (" (**at the grid's edge: widen the grid**)" if sweep.at_edge else "")
+        chosen = f"{sweep.chosen_lr:g}" + (
+            f" (**at the grid's edge after {len(added)} added rate(s), the bound: widen the grid**)"
+            if sweep.at_edge
+            else ""
+        )
         lines.append(f"| {row.name} | {'; '.join(cells)} | {chosen} |")
     return "\n".join(lines) + "\n"
 
@@ -178,7 +197,12 @@ def format_budget_check(comparison: Comparison) -> str:
     lines = [
         "## Same-budget check",
         "",
-        f"Each training is compared with {reference}'s training of the same seed (the same data order).",
+        f"Each training is compared with {reference}'s training of the same seed (the same data order)"
+        + (
+            ", or on another share of the training data with the full fine-tuning run on that share."
+            if any(row.reference not in (None, reference) for row in runs)
+            else "."
+        ),
     ]
     agree = [key for key in comparison.budget_fields if key not in differing]
     if agree:
@@ -240,6 +264,7 @@ def format_results_markdown(
         format_study_table(comparison),
         format_intervals(comparison),
         format_sweep_table(comparison),
+        format_falling_behind(comparison.learning_curves, comparison.data_size),
         format_budget_check(comparison),
     ]
     parts += [f"![{figure.stem}]({figure.name})" for figure in figure_paths]
@@ -272,9 +297,15 @@ def protocol_paragraph(
     grids = "; ".join(
         f"{spec.name} {[float(f'{lr:g}') for lr in spec.learning_rates]}" for spec in study.runs if spec.sweeps
     )
+    widened = (
+        f"A choice at an end of its grid adds the next rate beyond it and is made again, up to "
+        f"{study.grid_extensions} time(s) per run. "
+        if study.grid_extensions
+        else ""
+    )
     tuning = (
         f"Each run's learning rate is the one of its grid ({grids}) with the lowest final dev loss, trained with "
-        f"seed(s) {study.sweep_seeds}; the chosen rate is then trained with every seed ({study.seeds}). "
+        f"seed(s) {study.sweep_seeds}; {widened}the chosen rate is then trained with every seed ({study.seeds}). "
         if grids
         else f"Fixed learning rates, each run trained with seed(s) {study.seeds}. "
     )

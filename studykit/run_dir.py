@@ -26,6 +26,8 @@ RUN_RECORD = "run.json"
 RUN_LOG = "log.jsonl"
 TRAIN_CONFIG = "train_config.json"
 RESUME_DIRECTORY = "resume"
+# Written when a training stops because it diverged (safeguards.py), so a study can count that rate as the worst.
+DIVERGED_RECORD = "diverged.json"
 # --report-to tensorboard's event files: the run's record of its curves, not part of the model.
 TENSORBOARD_DIRECTORY = "tensorboard"
 # Which tracker run this directory writes to, so that --resume continues it (hidden: bookkeeping, never uploaded).
@@ -50,6 +52,7 @@ RUN_ARTIFACTS = (
     "merges.txt",
     "chat_template.jinja",
     TRACKER_RUN_FILE,
+    DIVERGED_RECORD,
 )
 # Files that mark a directory as a training run's, finished or not (train_config.json is written before step 1).
 RUN_MARKERS = (RUN_RECORD, RUN_LOG, TRAIN_CONFIG, RESUME_DIRECTORY)

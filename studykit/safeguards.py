@@ -17,7 +17,8 @@ import torch
 
 from studykit import checkpointing
 from studykit.errors import UserError
-from studykit.run_dir import RESUME_DIRECTORY, resumable_checkpoints
+from studykit.io import atomic_write_json
+from studykit.run_dir import DIVERGED_RECORD, RESUME_DIRECTORY, resumable_checkpoints
 from studykit.run_state import PreparedRun, TrainingParts, TrainingState
 
 # A loss that is NaN or inf this many steps in a row ends the run; fp16 overflow alone is skipped by the scaler.
@@ -37,6 +38,10 @@ class Interrupted(UserError):
     def __reduce__(self):
         # Rebuilt from its own arguments when it crosses a process boundary (the study trains in a child process).
         return type(self), (self.signal_name, self.step, self.output_dir)
+
+
+class Diverged(UserError):
+    """A training that diverged. A study's learning-rate sweep counts it as the worst rate rather than stopping."""
 
 
 class InterruptFlag:
@@ -139,13 +144,15 @@ class Safeguards:
         if not weights_are_finite(self.run.parts):
             raise self._diverged(f"the weights became NaN or inf by step {state.step}", state.step)
 
-    def _diverged(self, what: str, suspect_from_step: int) -> UserError:
+    def _diverged(self, what: str, suspect_from_step: int) -> Diverged:
         """Training diverged: checkpoints from `suspect_from_step` on hold the weights that did it; they are set aside
         (renamed), so the latest resumable checkpoint is a good one."""
         accelerator = self.run.accelerator
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             checkpointing.set_aside_diverged(self.output_dir, suspect_from_step)
+            # Read by a study (whatever launched the training), which counts the rate as the worst of its grid.
+            atomic_write_json(self.output_dir / DIVERGED_RECORD, {"reason": what, "step": suspect_from_step})
         accelerator.wait_for_everyone()
         checkpoints = resumable_checkpoints(self.output_dir)
         kept = (
@@ -153,4 +160,4 @@ class Safeguards:
             if checkpoints
             else "no good resumable checkpoint was saved (see --save-every)"
         )
-        return UserError(f"{what}; {kept}; start again with --overwrite and a lower --lr, or --precision fp32/bf16.")
+        return Diverged(f"{what}; {kept}; start again with --overwrite and a lower --lr, or --precision fp32/bf16.")

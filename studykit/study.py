@@ -32,6 +32,7 @@ from studykit.study_plan import (
 )
 from studykit.study_state import (
     REPORT_INPUTS_FILE,
+    SweepResult,
     current_data,
     eval_inputs,
     is_current,
@@ -41,6 +42,7 @@ from studykit.study_state import (
     report_inputs,
     sweep_result,
     tiny_model_inputs,
+    training_diverged,
     training_inputs,
     training_is_current,
 )
@@ -98,6 +100,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         "dry_run": config.dry_run,
         "pending": [],
         "pushed": [],
+        "diverged": [],
     }
     if config.dry_run:
         print_memory_plan(study)
@@ -115,7 +118,7 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         refuse_slow_cpu_run(
             config.device,
             f"the study's pending trainings of {study.model}",
-            lambda: (base_model_parameters(study), pending_work(study, current_data(study))[1]),
+            lambda: (base_model_parameters(study), pending_work(study, current_data(study)).flops),
         )
     if study.tiny_model is not None and not is_current(Path(study.model), tiny_model_inputs(study), "config.json"):
         build_tiny_model(study)
@@ -129,18 +132,18 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
         done["prepared"] = True
     fingerprint = meta["training_fingerprint"]
 
-    # The sweep (every rate, the sweep seeds), then the chosen rate with every seed: a choice reads dev losses only.
-    if not train_phase(
-        study, config, [t for spec in study.runs for t in study.sweep_trainings(spec)], fingerprint, done
-    ):
+    # The sweep (every rate, the sweep seeds), widened where a choice lands at an end of its grid, then the chosen rate
+    # with every seed: a choice reads dev losses only.
+    sweeps = sweep_phases(study, config, fingerprint, done)
+    if sweeps is None:
         return done
-    sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
     for sweep in sweeps.values():
         done["chosen"][sweep.run] = sweep.chosen_lr
         if sweep.at_edge:
             print(
                 f"warning: run '{sweep.run}' chose lr {sweep.chosen_lr:g}, at the edge of its grid "
-                f"{sweep.learning_rates}; the best rate may lie beyond it: widen the grid."
+                f"{sweep.learning_rates} after {len(sweep.added)} added rate(s), the most [budget] grid_extensions "
+                "allows; the best rate may lie beyond it: widen the grid or raise grid_extensions."
             )
     chosen = [t for spec in study.runs for t in study.replicate_trainings(spec, sweeps[spec.name].chosen_lr)]
     if not train_phase(study, config, chosen, fingerprint, done):
@@ -148,7 +151,8 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
 
     warn_about_stale_runs(
         study,
-        {training.name for spec in study.runs for training in study.sweep_trainings(spec)} | {t.name for t in chosen},
+        {t.name for spec in study.runs for t in study.sweep_trainings(spec, sweeps[spec.name].learning_rates)}
+        | {t.name for t in chosen},
     )
     evaluation = eval_inputs(study, meta["fingerprint"], chosen, fingerprint)
     evaluated = all(
@@ -191,14 +195,49 @@ def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[s
     return done
 
 
+def sweep_phases(
+    study: Study, config: StudyConfig, fingerprint: str, done: dict[str, Any]
+) -> Optional[dict[str, SweepResult]]:
+    """Train every run's sweep, then each rate added beyond a grid's end, until every run has chosen; None when the
+    trainings were printed as commands instead. A sweep training that diverges counts as its grid's worst rate."""
+    while True:
+        sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
+        pending = [
+            training
+            for spec in study.runs
+            for training in study.sweep_trainings(spec, sweeps[spec.name].learning_rates)
+            if training.name in sweeps[spec.name].pending
+        ]
+        for sweep in sweeps.values():
+            for extension in sweep.added:
+                if any(t.lr == extension.lr and t.run == sweep.run for t in pending):
+                    print(f"run '{sweep.run}': adding lr {extension.lr:g}: {extension.reason}")
+        if not pending:
+            for spec in study.runs:
+                for training in study.sweep_trainings(spec, sweeps[spec.name].learning_rates):
+                    if training.name not in done["kept"] + done["trained"]:
+                        done["kept"].append(training.name)
+            return sweeps
+        if not train_phase(study, config, pending, fingerprint, done, divergence_allowed=True):
+            return None
+
+
 def train_phase(
-    study: Study, config: StudyConfig, trainings: list[Training], fingerprint: str, done: dict[str, Any]
+    study: Study,
+    config: StudyConfig,
+    trainings: list[Training],
+    fingerprint: str,
+    done: dict[str, Any],
+    divergence_allowed: bool = False,
 ) -> bool:
     """Train what is not current of one phase; False when they were printed as commands instead (nothing more to do
-    until they have run)."""
+    until they have run). With `divergence_allowed` (a sweep) a training that diverges is done: its rate is the
+    worst."""
     pending = []
     for training in trainings:
-        if not training_is_current(training, fingerprint):
+        if not training_is_current(training, fingerprint) and not (
+            divergence_allowed and training_diverged(training, fingerprint)
+        ):
             pending.append(training)
         elif training.name not in done["kept"] + done["trained"]:
             done["kept"].append(training.name)
@@ -208,10 +247,13 @@ def train_phase(
         print_commands(pending, fingerprint, config)
         done["pending"] = [training.name for training in pending]
         return False
-    for name, resumed in run_trainings(pending, fingerprint, config).items():
+    for name, resumed in run_trainings(pending, fingerprint, config, divergence_allowed).items():
         training = next(t for t in pending if t.name == name)
-        mark_current(Path(training.config.output_dir), training_inputs(training, fingerprint))
         done["trained"].append(name)
+        if training_diverged(training, fingerprint):
+            done["diverged"].append(name)
+            continue
+        mark_current(Path(training.config.output_dir), training_inputs(training, fingerprint))
         if resumed:
             done["resumed"].append(name)
     return True

@@ -25,6 +25,7 @@ from studykit.config import (
     fields_accepted,
 )
 from studykit.errors import UserError
+from studykit.grid_extension import DEFAULT_GRID_EXTENSIONS
 from studykit.methods import METHODS
 from studykit.runtime import REPO_ROOT
 
@@ -47,6 +48,9 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # [budget] keys about the study's replication rather than one training: every run's seeds, and those its
 # learning-rate sweep is trained with (the first seed by default) before the chosen rate is trained with every seed.
 SEED_KEYS = ("seeds", "sweep_seeds")
+# [budget] key about the protocol rather than one training: how many rates a run's grid may add beyond its ends
+# (grid_extension.py).
+GRID_EXTENSIONS_KEY = "grid_extensions"
 
 
 @dataclasses.dataclass
@@ -105,6 +109,7 @@ class Study:
     sweep_seeds: list[int]
     overrides: list[str] = dataclasses.field(default_factory=list)  # run_study.py's --set, applied to `settings`
     analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
+    grid_extensions: int = DEFAULT_GRID_EXTENSIONS  # rates a run's grid may add beyond its ends, at most
 
     @property
     def data_dir(self) -> Path:
@@ -124,9 +129,11 @@ class Study:
         )
         return Training(spec.name, spec.method, lr, seed, config)
 
-    def sweep_trainings(self, spec: RunSpec) -> list[Training]:
-        """The trainings that choose the run's learning rate: every rate of its grid, with the sweep seeds."""
-        return [self.training(spec, lr, seed) for lr in spec.learning_rates for seed in self.sweep_seeds]
+    def sweep_trainings(self, spec: RunSpec, learning_rates: Optional[Sequence[float]] = None) -> list[Training]:
+        """The trainings that choose the run's learning rate: every rate of its grid (or of `learning_rates`, the grid
+        with the rates added beyond its ends), with the sweep seeds."""
+        rates = spec.learning_rates if learning_rates is None else learning_rates
+        return [self.training(spec, lr, seed) for lr in rates for seed in self.sweep_seeds]
 
     def replicate_trainings(self, spec: RunSpec, lr: float) -> list[Training]:
         """The chosen rate with every seed (the sweep seeds' trainings among them, already trained by the sweep)."""
@@ -279,13 +286,20 @@ def load_study(
     budget = _table(settings, "budget", source)
     study_seeds, sweep_seeds = _seeds(budget, source, seeds)
     budget_rates = _learning_rates(budget.pop("lr"), "[budget]", source) if "lr" in budget else None
+    grid_extensions = budget.pop(GRID_EXTENSIONS_KEY, DEFAULT_GRID_EXTENSIONS)
+    if isinstance(grid_extensions, bool) or not isinstance(grid_extensions, int) or grid_extensions < 0:
+        raise UserError(
+            f"[budget] in {source} sets {GRID_EXTENSIONS_KEY} = {json.dumps(grid_extensions)}; write a whole number, "
+            "0 or more (the most rates a run's grid may add beyond its ends; 0: never)."
+        )
     # LoRA settings may sit in [budget] when every run is a LoRA run; _run_spec refuses them for a full run.
     check_stage_settings(
         budget,
         LoraTrainConfig,
         "[budget]",
         source,
-        f"fields of TrainConfig or LoraTrainConfig (the training flags with _ for -), or {' or '.join(SEED_KEYS)}",
+        f"fields of TrainConfig or LoraTrainConfig (the training flags with _ for -), or "
+        f"{', '.join(SEED_KEYS)} or {GRID_EXTENSIONS_KEY}",
     )
     _reject_runner_owned(budget, RUNNER_OWNED, "[budget]", source)
     tiny_model = None
@@ -373,6 +387,7 @@ def load_study(
         sweep_seeds,
         list(overrides),
         analysis_config,
+        grid_extensions,
     )
 
 

@@ -21,12 +21,18 @@ from typing import Any, Callable, Optional, Sequence
 
 from studykit.checkpointing import UnusableCheckpoint
 from studykit.config import StudyConfig, TrainConfig, command_line
-from studykit.errors import UserError
+from studykit.errors import UserError, first_line
 from studykit.methods import METHODS
 from studykit.runtime import REPO_ROOT
-from studykit.safeguards import Interrupted
+from studykit.safeguards import Diverged, Interrupted
 from studykit.study_file import Training
-from studykit.study_state import STARTED_FILE, mark_current, resumable_training, training_inputs
+from studykit.study_state import (
+    STARTED_FILE,
+    mark_current,
+    resumable_training,
+    training_diverged,
+    training_inputs,
+)
 
 # How often the GPU scheduler looks for a finished training.
 POLL_SECONDS = 0.5
@@ -145,12 +151,17 @@ class DeviceScheduler:
 
 
 def run_trainings(
-    trainings: Sequence[Training], training_fingerprint: str, study_config: StudyConfig
+    trainings: Sequence[Training],
+    training_fingerprint: str,
+    study_config: StudyConfig,
+    divergence_allowed: bool = False,
 ) -> dict[str, bool]:
-    """Train every given training where --gpus / --launcher say; returns, for each, whether it was resumed."""
+    """Train every given training where --gpus / --launcher say; returns, for each, whether it was resumed. With
+    `divergence_allowed` (a learning-rate sweep) a training that diverges is reported and the others go on: the study
+    counts its rate as the worst."""
     devices = visible_gpus(study_config.gpus)
     if devices or study_config.launcher == "accelerate":
-        return run_as_commands(trainings, training_fingerprint, study_config, devices)
+        return run_as_commands(trainings, training_fingerprint, study_config, devices, divergence_allowed)
     resumed = {}
     for training in trainings:
         config, checkpoint = how_to_start(training, training_fingerprint)
@@ -163,6 +174,10 @@ def run_trainings(
             mark_started(training, training_fingerprint)
         try:
             train_in_fresh_process(training, config)
+        except Diverged as error:
+            if not divergence_allowed:
+                raise UserError(f"{training.name}: {error}") from None
+            print(f"warning: {training.name} diverged ({first_line(error)}); its rate counts as the worst of the grid.")
         except UnusableCheckpoint as error:
             print(f"warning: {training.name} cannot be resumed ({error}); training it again from the start.")
             mark_started(training, training_fingerprint)
@@ -173,10 +188,15 @@ def run_trainings(
 
 
 def run_as_commands(
-    trainings: Sequence[Training], training_fingerprint: str, study_config: StudyConfig, devices: list[str]
+    trainings: Sequence[Training],
+    training_fingerprint: str,
+    study_config: StudyConfig,
+    devices: list[str],
+    divergence_allowed: bool = False,
 ) -> dict[str, bool]:
     """Each training as its own command: side by side on `devices` (one each), or one after the other under accelerate
-    launch with all the devices. A failed training is named with the last line it printed."""
+    launch with all the devices. A failed training is named with the last line it printed; one that diverged, with
+    `divergence_allowed`, is not a failure."""
     logs = Path(trainings[0].config.output_dir).parent / ".logs" if trainings else None
 
     resumed = {}
@@ -202,6 +222,8 @@ def run_as_commands(
     else:
         all_devices = ",".join(devices) if devices else None
         failed = [(training, code) for training in trainings if (code := start(training, all_devices).wait()) != 0]
+    if divergence_allowed:
+        failed = [(t, code) for t, code in failed if not training_diverged(t, training_fingerprint)]
     if failed:
         training, code = failed[0]
         raise UserError(

@@ -5,6 +5,7 @@ check comes from the same config."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -108,10 +109,11 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     throughput, and over the throughput this study's finished trainings measured, where there are some."""
     meta = current_data(study)
     try:
-        pending, flops, tokens, unknown = pending_work(study, meta)
+        work = pending_work(study, meta)
     except UserError as error:
         return [f"estimate: not made, the base model's size is unknown here ({error})"]
     measured = measured_tokens_per_second(study, meta["training_fingerprint"] if meta else None)
+    pending, flops, tokens, unknown = work.trainings, work.flops, work.tokens_by_method, work.unknown
     measured_seconds = sum(count / measured[method] for method, count in tokens.items() if method in measured)
     lines = [
         f"estimate: {pending} training(s) to run, {format_hours(flops / (assumed_tflops * 1e12))} at an assumed "
@@ -123,6 +125,13 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
             else ""
         )
     ]
+    if work.extra_trainings:
+        lines.append(
+            f"  (the number of trainings can grow: a sweep whose choice lands at an end of its grid adds the next rate "
+            f"beyond it, [budget] grid_extensions = {study.grid_extensions} per run, so at most "
+            f"{work.extra_trainings} more training(s), {format_hours(work.extra_flops / (assumed_tflops * 1e12))} more "
+            "at the assumed throughput)"
+        )
     if meta is None and not unknown:
         lines.append(
             "  (the data is not prepared yet: every sequence counted at full length, so this is an upper bound)"
@@ -138,21 +147,36 @@ def time_estimate(study: Study, assumed_tflops: float) -> list[str]:
     return lines
 
 
-def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, float, dict[str, float], list[str]]:
+@dataclass
+class PendingWork:
+    """The trainings a study still has to run and what they cost; `extra_*`: what rates added beyond a grid's ends
+    may cost on top, at most (whether they are needed is known only once the sweep has chosen)."""
+
+    trainings: int
+    flops: float
+    tokens_by_method: dict[str, float]
+    unknown: list[str]  # runs whose tokens cannot be known yet
+    extra_trainings: int = 0
+    extra_flops: float = 0.0
+
+
+def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> PendingWork:
     """The trainings still to run (a run not yet swept counts its grid with the sweep seeds and its first rate with the
     other seeds), their model FLOPs, their tokens by method, and the runs whose tokens cannot be known yet."""
     fingerprint = meta["training_fingerprint"] if meta else None
     total_params = base_model_parameters(study)
-    pending_count, flops, tokens_by_method, unknown = 0, 0.0, {}, []
+    work = PendingWork(0, 0.0, {}, [])
     for spec in study.runs:
         sweep = sweep_result(study, spec, fingerprint, adopt=False)
-        trainings = study.sweep_trainings(spec)
+        trainings = study.sweep_trainings(spec, sweep.learning_rates)
+        extra = 0
         if sweep.chosen_lr is None:
             trainings += [
                 study.training(spec, spec.learning_rates[0], seed)
                 for seed in study.seeds
                 if seed not in study.sweep_seeds
             ]
+            extra = (study.grid_extensions - len(sweep.added)) * len(study.sweep_seeds) if spec.sweeps else 0
         else:
             trainings += study.replicate_trainings(spec, sweep.chosen_lr)
         pending = {
@@ -160,12 +184,15 @@ def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> tuple[int, flo
         }
         tokens = training_tokens(spec.config, meta, study.prepare.seq_len)
         if tokens is None:
-            unknown.append(spec.name)
+            work.unknown.append(spec.name)
             continue
-        pending_count += len(pending)
-        flops += METHODS[spec.method].flops_per_token(total_params) * tokens * len(pending)
-        tokens_by_method[spec.method] = tokens_by_method.get(spec.method, 0) + tokens * len(pending)
-    return pending_count, flops, tokens_by_method, unknown
+        flops_per_training = METHODS[spec.method].flops_per_token(total_params) * tokens
+        work.trainings += len(pending)
+        work.flops += flops_per_training * len(pending)
+        work.tokens_by_method[spec.method] = work.tokens_by_method.get(spec.method, 0) + tokens * len(pending)
+        work.extra_trainings += extra
+        work.extra_flops += flops_per_training * extra
+    return work
 
 
 def format_hours(seconds: float) -> str:
@@ -183,7 +210,9 @@ def training_tokens(config: TrainConfig, meta: Optional[dict[str, Any]], seq_len
     sequences (an upper bound); unknown for an epoch budget over data not prepared yet."""
     if meta is not None:
         mean_length = meta["tokens"]["train"] / meta["sequences"]["train"]
-        steps = config.max_steps or math.ceil(config.epochs * (meta["sequences"]["train"] // config.effective_batch))
+        # A --train-fraction of the trees holds about that share of the sequences (exactly, once trained).
+        sequences = meta["sequences"]["train"] * config.train_fraction
+        steps = config.max_steps or math.ceil(config.epochs * (sequences // config.effective_batch))
         return int(steps * config.effective_batch * mean_length)
     if config.max_steps:
         return config.max_steps * config.effective_batch * seq_len
@@ -194,7 +223,8 @@ def measured_tokens_per_second(study: Study, fingerprint: Optional[str]) -> dict
     """The mean real tokens/s of this study's finished trainings, by method."""
     rates: dict[str, list[float]] = {}
     for spec in study.runs:
-        for lr in spec.learning_rates:
+        grid = sweep_result(study, spec, fingerprint, adopt=False).learning_rates if fingerprint else []
+        for lr in grid:
             for seed in study.seeds:
                 record = (
                     finished_record(study.training(spec, lr, seed), fingerprint, adopt=False) if fingerprint else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,9 +19,10 @@ from studykit.batching import resolve_pad_multiple
 from studykit.config import OUTCOME_NEUTRAL, config_to_dict
 from studykit.data import META_FILE
 from studykit.errors import UserError
+from studykit.grid_extension import Extension, diverged_rates, edge_side, extension_for, lowest
 from studykit.io import DamagedFile, atomic_write_json, read_json
 from studykit.response_scores import load_per_response
-from studykit.run_dir import RUN_RECORD, load_run_record, resumable_checkpoints
+from studykit.run_dir import DIVERGED_RECORD, RUN_RECORD, load_run_record, resumable_checkpoints
 from studykit.run_state import RunRecord
 from studykit.runtime import stage_code_version
 from studykit.study_file import RunSpec, Study, Training, lr_label
@@ -166,8 +167,9 @@ def resumable_training(training: Training, training_fingerprint: str) -> Optiona
 
 @dataclass
 class SweepResult:
-    """What a run's learning-rate sweep found: the mean final dev loss at each rate (None: not trained yet, or every
-    sweep seed diverged) and the rate with the lowest, flagged when it lies at an end of the grid."""
+    """What a run's learning-rate sweep found: the mean final dev loss at each rate of its grid and of the rates added
+    beyond its ends (None: not trained yet, or every sweep seed diverged), and the rate with the lowest. `at_edge`: the
+    choice lies at an end of the widened grid because the bound on extensions stopped the search there."""
 
     run: str
     learning_rates: list[float]
@@ -175,45 +177,92 @@ class SweepResult:
     pending: list[str]
     chosen_lr: Optional[float]
     at_edge: bool
+    added: list[Extension] = field(default_factory=list)
+    grid_extensions: int = 0  # the bound: rates the grid may add at most
+    diverged: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run": self.run,
             "learning_rates": self.learning_rates,
-            "dev_loss": {repr(lr): loss for lr, loss in self.dev_losses.items()},
+            # A diverged rate's loss is recorded as null (JSON has no infinity) and listed under "diverged".
+            "dev_loss": {
+                repr(lr): (loss if loss is not None and math.isfinite(loss) else None)
+                for lr, loss in self.dev_losses.items()
+            },
             "dev_perplexity": {
-                repr(lr): (math.exp(loss) if loss is not None else None) for lr, loss in self.dev_losses.items()
+                repr(lr): (math.exp(loss) if loss is not None and math.isfinite(loss) else None)
+                for lr, loss in self.dev_losses.items()
             },
             "chosen_lr": self.chosen_lr,
             "at_edge": self.at_edge,
+            "added": [extension.to_dict() for extension in self.added],
+            "grid_extensions": self.grid_extensions,
+            "diverged": self.diverged,
         }
 
 
 def sweep_result(study: Study, spec: RunSpec, training_fingerprint: Optional[str], adopt: bool = True) -> SweepResult:
     """Choose the run's rate from its sweep trainings' final dev losses (mean over the sweep seeds). Only finished,
-    current trainings count; while any is pending, nothing is chosen. A run without a grid has its one rate."""
-    losses: dict[float, list[float]] = {lr: [] for lr in spec.learning_rates}
-    pending = []
-    for training in study.sweep_trainings(spec):
-        record = finished_record(training, training_fingerprint, adopt)
-        if record is None:
-            pending.append(training.name)
-        elif record.final_dev_loss is not None and math.isfinite(record.final_dev_loss):
-            losses[training.lr].append(record.final_dev_loss)
-    dev_losses = {lr: (sum(values) / len(values) if values else None) for lr, values in losses.items()}
-    if not spec.sweeps:
-        return SweepResult(spec.name, spec.learning_rates, dev_losses, pending, spec.learning_rates[0], False)
-    if pending:
-        return SweepResult(spec.name, spec.learning_rates, dev_losses, pending, None, False)
-    finite = {lr: loss for lr, loss in dev_losses.items() if loss is not None}
-    if not finite:
-        raise UserError(
-            f"every learning rate of run '{spec.name}' ({spec.learning_rates}) ended with a non-finite dev loss; "
-            f"lower the grid in {study.source}."
+    current trainings count (a diverged one as the worst rate); while any is pending, nothing is chosen. A choice at
+    an end of the grid adds the next rate beyond it (grid_extension.py), up to the study's grid_extensions, and is made
+    again once that rate has trained: a resumed study finds the added rates' trainings finished and keeps them. A run
+    without a grid has its one rate."""
+    grid, added = list(spec.learning_rates), []
+    while True:
+        dev_losses, pending = sweep_losses(study, spec, grid, training_fingerprint, adopt)
+        result = SweepResult(
+            spec.name, grid, dev_losses, pending, None, False, added, study.grid_extensions, diverged_rates(dev_losses)
         )
-    chosen = min(finite, key=finite.get)
-    at_edge = chosen in (spec.learning_rates[0], spec.learning_rates[-1])
-    return SweepResult(spec.name, spec.learning_rates, dev_losses, [], chosen, at_edge)
+        if not spec.sweeps:
+            result.chosen_lr = grid[0]
+            return result
+        if pending:
+            return result
+        chosen = lowest(dev_losses)
+        if chosen is None:
+            raise UserError(
+                f"every learning rate of run '{spec.name}' ({grid}) ended with a non-finite dev loss; "
+                f"lower the grid in {study.source}."
+            )
+        extension = extension_for(grid, chosen, len(added), study.grid_extensions)
+        if extension is None:
+            result.chosen_lr, result.at_edge = chosen, edge_side(grid, chosen) is not None
+            return result
+        grid, added = sorted(grid + [extension.lr]), added + [extension]
+
+
+def sweep_losses(
+    study: Study, spec: RunSpec, grid: list[float], training_fingerprint: Optional[str], adopt: bool
+) -> tuple[dict[float, Optional[float]], list[str]]:
+    """The mean final dev loss at each rate over the sweep seeds (inf where a training diverged, None where none
+    finished with a finite loss), and the sweep trainings not finished yet."""
+    losses: dict[float, list[float]] = {lr: [] for lr in grid}
+    pending = []
+    for training in study.sweep_trainings(spec, grid):
+        record = finished_record(training, training_fingerprint, adopt)
+        if record is not None:
+            if record.final_dev_loss is not None and math.isfinite(record.final_dev_loss):
+                losses[training.lr].append(record.final_dev_loss)
+        elif training_fingerprint is not None and training_diverged(training, training_fingerprint):
+            losses[training.lr].append(math.inf)
+        else:
+            pending.append(training.name)
+    return {lr: (sum(values) / len(values) if values else None) for lr, values in losses.items()}, pending
+
+
+def training_diverged(training: Training, training_fingerprint: str) -> bool:
+    """The training of exactly these inputs stopped because it diverged (its directory holds the trainer's record of
+    that, and the inputs it started from are these): it is done, as the worst rate of its grid."""
+    run_dir = Path(training.config.output_dir)
+    if (run_dir / RUN_RECORD).exists() or not (run_dir / DIVERGED_RECORD).exists():
+        return False
+    try:
+        return read_json(run_dir / STARTED_FILE).get("digest") == digest(
+            training_inputs(training, training_fingerprint)
+        )
+    except (DamagedFile, FileNotFoundError):
+        return False
 
 
 def finished_record(training: Training, training_fingerprint: Optional[str], adopt: bool = True) -> Optional[RunRecord]:
@@ -234,23 +283,38 @@ def plan(study: Study) -> list[tuple[str, str]]:
     for spec in study.runs:
         sweep = sweep_result(study, spec, fingerprint, adopt=False)
         trainings = (
-            study.sweep_trainings(spec) if sweep.chosen_lr is None else study.replicate_trainings(spec, sweep.chosen_lr)
+            study.sweep_trainings(spec, sweep.learning_rates)
+            if sweep.chosen_lr is None
+            else study.replicate_trainings(spec, sweep.chosen_lr)
         )
         actions = [training_action(training, fingerprint) for training in trainings]  # records nothing
         to_train = [training.name for training, action in zip(trainings, actions) if action != "keep"]
         label = f"run {spec.name}"
         if sweep.chosen_lr is None:
             later = len(study.seeds) - len(study.sweep_seeds)
+            left = study.grid_extensions - len(sweep.added)
+            widen = (
+                f"; a choice at an end of the grid adds the next rate beyond it, up to {left} more time(s) "
+                f"({left * len(study.sweep_seeds)} training(s) at most)"
+                if left > 0
+                else ""
+            )
             steps.append(
                 (
                     label,
-                    f"sweep lr {[lr_label(lr) for lr in spec.learning_rates]} with seed(s) {study.sweep_seeds}: train "
-                    f"{len(to_train)} of {len(trainings)}; then {later} more at the rate with the lowest dev loss",
+                    f"sweep lr {[lr_label(lr) for lr in sweep.learning_rates]} with seed(s) {study.sweep_seeds}: train "
+                    f"{len(to_train)} of {len(trainings)}{widen}; then {later} more at the rate with the lowest dev "
+                    "loss",
                 )
             )
         else:
+            widened = f", {len(sweep.added)} rate(s) added beyond the grid" if sweep.added else ""
             chosen = f"lr {sweep.chosen_lr:g}" + (
-                " (chosen on dev; at the grid's edge)" if sweep.at_edge else " (chosen on dev)" if spec.sweeps else ""
+                f" (chosen on dev{widened}; at the grid's edge)"
+                if sweep.at_edge
+                else f" (chosen on dev{widened})"
+                if spec.sweeps
+                else ""
             )
             steps.append(
                 (

@@ -30,6 +30,7 @@ from studykit.data import (
 from studykit.errors import UserError
 from studykit.hub_upload import push_folder
 from studykit.io import check_writable_location, ensure_writable_directory
+from studykit.learning_curves import dev_loss_steps, is_log_step
 from studykit.loss import batch_nll, resolve_loss_kernel, use_loss_kernel
 from studykit.methods import Method, method_of
 from studykit.metrics import score_sequences
@@ -65,6 +66,7 @@ from studykit.runtime import (
     stage_code_version,
 )
 from studykit.safeguards import Safeguards
+from studykit.subsets import subset_indices
 from studykit.trackers import Trackers, accelerator_tracking, check_tracker_installed
 
 
@@ -100,7 +102,8 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     model, description = build_model(config, method, data.meta["seq_len"], loss_kernel)
     description["peak_tflops_per_device"] = device_peak_tflops(accelerator.device, config.peak_tflops)
 
-    train_sequences, train_prompt_lengths = list(data.train["input_ids"]), split_prompt_lengths(data.train)
+    train_split = training_subset(data.train, config.train_fraction)
+    train_sequences, train_prompt_lengths = list(train_split["input_ids"]), split_prompt_lengths(train_split)
     if config.packing:
         train_sequences = pack_sequences(train_sequences, data.meta["seq_len"])
         train_prompt_lengths = [0] * len(train_sequences)  # packing is refused for data with prompts
@@ -142,6 +145,19 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
         train_prompt_lengths=train_prompt_lengths,
         dev_prompt_lengths=split_prompt_lengths(data.dev),
     )
+
+
+def training_subset(train_split, fraction: float):
+    """The responses of the conversation trees in --train-fraction (all of them at 1); dev and test are never cut."""
+    if fraction >= 1.0:
+        return train_split
+    kept = subset_indices(train_split["message_tree_id"], fraction)
+    if not kept:
+        raise UserError(
+            f"--train-fraction {fraction:g} keeps none of the training split's {len(train_split):,} responses; "
+            "raise it."
+        )
+    return train_split.select(kept)
 
 
 def build_model(config: TrainConfig, method: Method, seq_len: int, loss_kernel: str) -> tuple[Any, dict[str, Any]]:
@@ -385,7 +401,11 @@ def validate_and_log(
         "tokens_seen": state.tokens_seen,
         "tokens_per_second": state.tokens_per_second,
     }
-    validate_now = bool(config.eval_every and state.step % config.eval_every == 0) or state.step == run.total_steps
+    validate_now = (
+        bool(config.eval_every and state.step % config.eval_every == 0)
+        or state.step == run.total_steps
+        or (config.eval_schedule == "log" and is_log_step(state.step))
+    )
     if validate_now:
         state.last_dev_loss = entry["dev_loss"] = dev_loss(run)
         if run.accelerator.is_local_main_process:
@@ -436,6 +456,12 @@ def describe_run(run: PreparedRun) -> None:
         f"{run.examples_per_step} sequences, processes: {accelerator.num_processes} "
         f"({parallelism(accelerator)}), device: {accelerator.device}, precision: "
         f"{precision_name(accelerator.mixed_precision)}"
+    )
+    config = run.config
+    passes = dev_loss_steps(run.total_steps, config.eval_every, config.eval_schedule)
+    print(
+        f"dev loss after {len(passes)} of the {run.total_steps} steps ({config.eval_schedule} schedule), each a pass "
+        f"over the dev split's {len(run.dev_sequences):,} responses"
     )
     print(
         "kernels: " + ", ".join(f"{part.replace('_', ' ')} {kernel}" for part, kernel in description["kernels"].items())

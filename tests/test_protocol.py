@@ -113,7 +113,12 @@ def fake_records(monkeypatch, dev_losses: dict[float, float]):
 
 def three_rate_study(tmp_path) -> tuple:
     path = one_run_study(tmp_path / "study.toml")
-    path.write_text(path.read_text().replace("lr = 1e-3", "lr = [1e-4, 1e-3, 1e-2]"))
+    # No rate added beyond the grid (tests/test_grid_extension.py covers that): the choice within one fixed grid.
+    path.write_text(
+        path.read_text()
+        .replace("lr = 1e-3", "lr = [1e-4, 1e-3, 1e-2]")
+        .replace("grid_extensions = 2", "grid_extensions = 0")
+    )
     study = load_study(path)
     return study, study.runs[0]
 

@@ -29,20 +29,27 @@ from studykit.config import StudyConfig, TrainConfig
 from studykit.errors import UserError
 from studykit.evaluate import read_extra_eval_texts
 from studykit.study import run_study
-from studykit.study_file import load_study
+from studykit.study_file import load_study, lr_label
 
-RUNS = ["full_ft", "lora_r8", "lora_r32", "lora_r8_all_linear"]
-# The quick preset's grids (two rates a run) and seeds (0, 1; the sweep with seed 0).
+RUNS = ["full_ft", "lora_r8", "lora_r32", "lora_r8_all_linear", "full_ft_half", "lora_r8_half"]
+# The quick preset's grids (two rates a run, before any rate added beyond an end) and seeds (0, 1; the sweep with 0).
 GRIDS = {
     "full_ft": ["3e-4", "1e-3"],
     "lora_r8": ["3e-3", "1e-2"],
     "lora_r32": ["3e-3", "1e-2"],
     "lora_r8_all_linear": ["3e-3", "1e-2"],
+    "full_ft_half": ["3e-4", "1e-3"],
+    "lora_r8_half": ["3e-3", "1e-2"],
 }
 
 
 def sweep_trainings(run: str) -> list[str]:
     return [f"{run}__lr{lr}__seed0" for lr in GRIDS[run]]
+
+
+def swept_rates(results: dict, run: str) -> list[float]:
+    """The run's grid with the rates added beyond its ends, as results.json records them."""
+    return next(row for row in results["rows"] if row["name"] == run)["sweep"]["learning_rates"]
 
 
 def trainings_of(results: dict, run: str) -> list[str]:
@@ -116,34 +123,51 @@ def test_quick_study_writes_every_report_file(study):
         "dev_perplexity_vs_lr.png",
         "learn_forget.png",
         "cost_vs_quality.png",
+        "learning_curves.png",
+        "gap_vs_data_size.png",
     )
     for name in ("results.json", "results.md", "samples.md", *figures):
         assert (results_dir / name).stat().st_size > 0, name
     for figure in figures:
         assert (results_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = study["first"]
-    # Eight sweep trainings (two rates x four runs, seed 0), then the chosen rate of each run with seed 1.
-    assert len(first["trained"]) == 12 and first["prepared"] and first["evaluated"] and first["reported"]
+    # Every rate of each grid, with the rates added beyond its ends, with seed 0; then the chosen rate with seed 1.
+    results = study["results_first"]
+    expected = sum(len(swept_rates(results, run)) + 1 for run in RUNS)
+    assert len(first["trained"]) == expected and first["prepared"] and first["evaluated"] and first["reported"]
     assert set(first["trained"]) >= {name for run in RUNS for name in sweep_trainings(run)}
     assert set(first["chosen"]) == set(RUNS)
 
 
 def test_each_rate_is_chosen_on_dev_as_the_lowest_final_dev_loss_and_an_edge_is_flagged(study):
     results = study["results_first"]
+    flagged = []
     for run in RUNS:
         row = next(row for row in results["rows"] if row["name"] == run)
-        losses = {
-            lr: json.loads((study["output"] / "checkpoints" / f"{run}__lr{lr}__seed0" / "run.json").read_text())[
-                "final_dev_loss"
-            ]
-            for lr in GRIDS[run]
-        }
+        sweep = row["sweep"]
+        losses = {lr: sweep["dev_loss"][repr(lr)] for lr in sweep["learning_rates"]}
+        if run != "lora_r8":  # the fixture's third study trains lora_r8 again, into the same directories
+            assert losses == {
+                lr: json.loads(
+                    (study["output"] / "checkpoints" / f"{run}__lr{lr_label(lr)}__seed0" / "run.json").read_text()
+                )["final_dev_loss"]
+                for lr in sweep["learning_rates"]
+            }
         best = min(losses, key=losses.get)
-        assert row["lr"] == pytest.approx(float(best)) and row["sweep"]["chosen_lr"] == pytest.approx(float(best))
-        assert row["sweep"]["at_edge"], "a two-rate grid always chooses at an edge"
-        assert [name.split("__")[1] for name in row["trainings"]] == [f"lr{best}"] * 2
+        assert row["lr"] == pytest.approx(best) and sweep["chosen_lr"] == pytest.approx(best)
+        # A two-rate grid always chooses at an end first: a rate is added beyond it, and again while the choice
+        # stays at an end, twice at most; only a choice still at an end after the second is flagged.
+        assert 1 <= len(sweep["added"]) <= 2 and [float(r) for r in GRIDS[run]] == [
+            lr for lr in sweep["learning_rates"] if lr not in {a["lr"] for a in sweep["added"]}
+        ]
+        at_end = best in (min(sweep["learning_rates"]), max(sweep["learning_rates"]))
+        assert sweep["at_edge"] == (at_end and len(sweep["added"]) == 2)
+        assert (len(sweep["added"]) == 2) or not at_end, "a choice inside the grid stops the widening"
+        flagged += [run] if sweep["at_edge"] else []
+        assert [name.split("__")[1] for name in row["trainings"]] == [f"lr{lr_label(best)}"] * 2
         assert [name.split("__")[2] for name in row["trainings"]] == ["seed0", "seed1"]
-    assert "at the grid's edge: widen the grid" in (study["output"] / "results" / "results.md").read_text()
+    markdown = (study["output"] / "results" / "results.md").read_text()
+    assert ("the bound: widen the grid" in markdown) == bool(flagged)
 
 
 def test_results_json_rows_hold_the_measurements(study):
@@ -173,8 +197,10 @@ def test_results_json_rows_hold_the_measurements(study):
             for t in trainings
         ]
         assert row["forgetting"]["change"] == pytest.approx(sum(changes) / len(changes))
-        if name != "full_ft":
-            reference = trainings_of(results, "full_ft")
+        if name != row["reference"]:
+            # Compared with full fine-tuning on the same share of the training data.
+            assert row["reference"] == ("full_ft_half" if name.endswith("_half") else "full_ft")
+            reference = trainings_of(results, row["reference"])
             ratios = [
                 math.exp((per_response[f"{t}/nll"].sum() - per_response[f"{r}/nll"].sum()) / tokens.sum())
                 for t, r in zip(trainings, reference)
@@ -215,8 +241,27 @@ def test_results_md_and_samples(study):
         "dev_perplexity_vs_lr.png",
         "learn_forget.png",
         "cost_vs_quality.png",
+        "## When LoRA falls behind",
+        "learning_curves.png",
+        "## The gap by data size",
+        "gap_vs_data_size.png",
     ):
         assert text in markdown, text
+    # Each LoRA run's departure from the full fine-tuning curve of its data share, in steps and tokens or "never".
+    # The report now on disk (the fixture's third study rewrote it), which results.md was written with.
+    current = json.loads((study["output"] / "results" / "results.json").read_text())
+    curves = current["learning_curves"]
+    for name in RUNS:
+        departure = curves[name].get("departure")
+        assert (departure is None) == name.startswith("full_ft"), name
+        if departure:
+            assert departure["text"] == "never left" or departure["step"] in curves[name]["steps"]
+            assert f"| {name} | {curves[name]['reference']} | {departure['text']} |" in markdown
+    # The log schedule: dev loss after steps 1, 2, 4 and the last (6), and every eval_every (3).
+    assert curves["full_ft"]["steps"] == [1, 2, 3, 4, 6]
+    sizes = current["data_size"]
+    assert sizes["fractions"] == [0.5, 1.0] and list(sizes["shapes"]) == ["LoRA r=8 a=16 attention"]
+    assert [p["run"] for p in sizes["shapes"]["LoRA r=8 a=16 attention"]["points"]] == ["lora_r8_half", "lora_r8"]
     assert "| base |" in markdown and all(f"| {name} |" in markdown for name in RUNS)
     samples = (study["output"] / "results" / "samples.md").read_text()
     prompts = json.loads((study["output"] / "processed" / "prompts.json").read_text())
@@ -234,7 +279,8 @@ def test_second_run_redoes_nothing(study):
 def test_changed_run_alone_is_redone_and_its_budget_flagged(study):
     third = study["third"]
     retrained = {name.split("__")[0] for name in third["trained"]}
-    assert retrained == {"lora_r8"} and len(third["trained"]) == 3
+    results = json.loads((study["output"] / "results" / "results.json").read_text())
+    assert retrained == {"lora_r8"} and len(third["trained"]) == len(swept_rates(results, "lora_r8")) + 1
     assert third["evaluated"] and third["reported"] and not third["prepared"]
     assert all(
         study["mtimes_third"][name] == study["mtimes_second"][name]
@@ -376,9 +422,10 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     ):
         assert step in result.stdout, step
     assert "then 1 more at the rate with the lowest dev loss" in result.stdout
-    # 4 runs x (2 rates with seed 0 + the chosen rate with seed 1), at most full-length sequences, over the assumed
-    # rate.
-    assert "estimate: 12 training(s) to run" in result.stdout and "--assume-tflops" in result.stdout
+    # 6 runs x (2 rates with seed 0 + the chosen rate with seed 1), at most full-length sequences, over the assumed
+    # rate; and up to 2 rates more a run, added beyond a grid's end.
+    assert "estimate: 18 training(s) to run" in result.stdout and "--assume-tflops" in result.stdout
+    assert "the number of trainings can grow" in result.stdout and "at most 12 more training(s)" in result.stdout
     assert "leave alone" in result.stdout and not output_dir.exists()
 
 
@@ -476,8 +523,15 @@ def test_shipped_studies_load_and_share_one_budget():
     for path in sorted((REPO_ROOT / "studies").glob("*.toml")):
         study = load_study(path)
         shared = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in ("lr", "output_dir")]
-        budgets = [{name: getattr(spec.config, name) for name in shared} for spec in study.runs]
-        assert all(budget == budgets[0] for budget in budgets), path.name
+        # A data-size axis trains each share for its own steps; the runs of one share share everything else.
+        for fraction in {spec.config.train_fraction for spec in study.runs}:
+            runs = [spec for spec in study.runs if spec.config.train_fraction == fraction]
+            budgets = [{name: getattr(spec.config, name) for name in shared} for spec in runs]
+            assert all(budget == budgets[0] for budget in budgets), (path.name, fraction)
+        if study.name in ("quick", "capacity"):
+            assert len({spec.config.train_fraction for spec in study.runs}) >= 2, "a data-size axis"
+        if study.name in ("default", "rank_sweep", "quick", "capacity"):
+            assert study.runs[0].config.eval_schedule == "log" and study.grid_extensions == 2, path.name
     default = load_study(REPO_ROOT / "studies" / "default.toml")
     assert [
         (spec.name, spec.method, getattr(spec.config, "rank", None), getattr(spec.config, "target_modules", None))
