@@ -344,7 +344,7 @@ class PrepareConfig:
 
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "mps", "cpu")
 # The optimizers a run can train with; studykit/optimizers.py builds each and knows its state's size.
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "paged-adamw8bit")
 # --loss-kernel: studykit.loss's own chunks, torch's linear_cross_entropy, Liger's Triton kernel; auto picks (loss.py).
@@ -396,11 +396,13 @@ class TrainConfig:
     warmup_ratio: float = option(0.05, "share of steps with linear warmup")
     lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
-    precision: str = option("auto", "auto: fp16 mixed precision on CUDA, fp32 on CPU", choices=PRECISIONS)
+    precision: str = option(
+        "auto", "auto: fp16 mixed precision on CUDA, fp32 on an Apple GPU (MPS) and a CPU", choices=PRECISIONS
+    )
     device: str = option(
         "auto",
-        "auto: the GPU when torch sees one, else the CPU (where a model of over 50M parameters stops "
-        "with its estimated time unless --device cpu); cuda; cpu",
+        "auto: the GPU torch sees (CUDA, else an Apple GPU), else the CPU (where a model of over 50M "
+        "parameters stops with its estimated time unless --device cpu); cuda; mps; cpu",
         choices=DEVICES,
     )
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
@@ -583,7 +585,7 @@ class EvalConfig:
     )
     output_dir: str = option("results", "where perplexity.json and results.md are written")
     batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
-    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
+    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on an Apple GPU (MPS) and a CPU", choices=PRECISIONS)
     loss_kernel: str = option(
         "auto",
         "how the output layer and the NLL are computed: studykit, torch or liger, as in training (auto: studykit)",
