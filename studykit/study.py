@@ -21,7 +21,7 @@ from studykit.methods import METHODS
 from studykit.modeling import known_gpt2_config, model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
-from studykit.study_file import Study, Training, load_study, study_path
+from studykit.study_file import Study, Training, load_study, study_path, with_launcher_table
 from studykit.study_launch import print_commands, run_trainings
 from studykit.study_state import (
     REPORT_INPUTS_FILE,
@@ -38,6 +38,7 @@ from studykit.study_state import (
     training_inputs,
     training_is_current,
 )
+from studykit.study_submitit import run_as_jobs
 
 # results.json, results.md, samples.md and the figures, with room to spare.
 REPORT_BYTES = 2 * MIB
@@ -84,6 +85,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     study = load_study(study_path(config), config.output_dir, config.readme, config.seeds, config.overrides)
     for spec in study.runs:
         spec.config = dataclasses.replace(spec.config, device=config.device)
+    config = with_launcher_table(config, study)
     changed = f" with --set {' '.join(study.overrides)}" if study.overrides else ""
     print(f"study '{study.name}' from {study.source}{changed} -> {study.output_dir} (code version {code_version()})")
     for step, action in plan(study):
@@ -225,7 +227,8 @@ def train_phase(
         print_commands(pending, fingerprint, config)
         done["pending"] = [training.name for training in pending]
         return False
-    for name, resumed in run_trainings(pending, fingerprint, config).items():
+    run = run_as_jobs if config.launcher == "submitit" else run_trainings
+    for name, resumed in run(pending, fingerprint, config).items():
         training = next(t for t in pending if t.name == name)
         mark_current(Path(training.config.output_dir), training_inputs(training, fingerprint))
         done["trained"].append(name)

@@ -40,6 +40,7 @@ LAYERS = [
     ["samples", "report"],
     ["study_state"],
     ["study_launch"],
+    ["study_submitit"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
