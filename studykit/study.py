@@ -38,7 +38,7 @@ from studykit.study_state import (
     training_inputs,
     training_is_current,
 )
-from studykit.study_submitit import run_as_jobs
+from studykit.study_submitit import run_as_jobs, trains_elsewhere
 
 # results.json, results.md, samples.md and the figures, with room to spare.
 REPORT_BYTES = 2 * MIB
@@ -133,7 +133,7 @@ def print_memory_plan(study: Study) -> None:
 def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[str, Any]:
     check_extra_eval_reachable(study)
     check_runs_against_the_base_model(study)
-    if not config.print_commands:
+    if not config.print_commands and not trains_elsewhere(config):
         refuse_slow_cpu_run(
             config.device,
             f"the study's pending trainings of {study.model}",

@@ -131,6 +131,11 @@ def cluster_of(config: StudyConfig) -> str:
     return config.cluster or "slurm"
 
 
+def trains_elsewhere(config: StudyConfig) -> bool:
+    """The trainings run on the cluster's nodes, not on this machine (whose lack of a GPU then says nothing)."""
+    return config.launcher == "submitit" and cluster_of(config) == "slurm"
+
+
 def build_executor(config: StudyConfig, folder: Path, pending: int):
     """submitit's executor for --cluster, with the job settings of the flags and the [launcher] table."""
     submitit = load_submitit()
@@ -238,8 +243,6 @@ def still_running(submitit, cluster: str, job_id: str, job: Any, folder: Path) -
         return False
     if cluster == "local":
         return process_alive(int(job_id))
-    if job is None:
-        job = submitit.SlurmJob(folder / "%j", job_id)
     return not job.done()
 
 
@@ -257,12 +260,13 @@ def reattach(submitit, trainings: Sequence[Training], fingerprint: str, cluster:
             or record["inputs"] != digest(training_inputs(training, fingerprint))
         ):
             continue
+        job = submitit.SlurmJob(folder / "%j", record["job_id"]) if cluster == "slurm" else None
         outcome = job_outcome(submitit, record["job_id"], folder)
         if (outcome is not None and outcome[0] == "success") or (
-            outcome is None and still_running(submitit, cluster, record["job_id"], None, folder)
+            outcome is None and still_running(submitit, cluster, record["job_id"], job, folder)
         ):
             print(f"=== training {training.name}: waiting for its job {record['job_id']}, submitted earlier")
-            attached.append(Submitted(training, record["job_id"], None))
+            attached.append(Submitted(training, record["job_id"], job))
     return attached
 
 

@@ -205,3 +205,16 @@ def test_launcher_mistakes_are_one_sentence(tmp_path, monkeypatch):
         StudyConfig(launcher="submitit", gpus="0").validate()
     with pytest.raises(UserError, match="--sbatch-line 'two words' is not an sbatch option"):
         study_submitit.sbatch_parameters(["two words"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only machine's refusal")
+def test_a_login_node_without_a_gpu_does_not_refuse_a_study_whose_jobs_run_on_the_cluster(built, tmp_path, monkeypatch):
+    from studykit import runtime
+
+    monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)  # the tiny model stands in for GPT-2 Small
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no srun here: the step after the CPU check says so
+    study, output_dir = fresh_study(built, tmp_path)
+    with pytest.raises(UserError, match="no GPU is visible"):
+        run_study(StudyConfig(config=str(study), output_dir=str(output_dir)))
+    with pytest.raises(UserError, match='--cluster slurm: Could not detect "srun"'):
+        run_study(StudyConfig(config=str(study), output_dir=str(output_dir), launcher="submitit"))
