@@ -340,7 +340,11 @@ def run_as_jobs(trainings: Sequence[Training], training_fingerprint: str, study_
             if waiting:
                 time.sleep(POLL_SECONDS[cluster])
     except KeyboardInterrupt:
-        left = "they go on" if cluster == "slurm" else "local jobs stop with the runner and resume when resubmitted"
+        left = (
+            "they go on"
+            if cluster == "slurm"
+            else "a terminal's Ctrl-C stops local jobs too; they resume when submitted again"
+        )
         raise UserError(
             f"stopped waiting for {len(waiting) + len(to_submit)} training job(s) ({left}); run the same study "
             f"command again to pick them up (their ids are in {folder / JOBS_FILE})."
