@@ -2,7 +2,8 @@
 # build this machine needs if torch is missing, then the kit itself (`pip install -e .`).
 #
 # TORCH_BUILD=cpu (test.sh: the tests always run on the CPU) or auto (study.sh): on a machine where nvidia-smi sees a
-# GPU, a CUDA build its driver supports; elsewhere the CPU build (a CUDA build is several GB a CPU never uses).
+# GPU, a CUDA build its driver supports; where rocm-smi sees an AMD GPU, the ROCm build for the installed ROCm; elsewhere
+# the CPU build (a GPU build is several GB a CPU never uses). A Mac's torch from PyPI runs on its GPU (MPS) as it is.
 # TORCH_INDEX_URL chooses the index by hand (e.g. https://download.pytorch.org/whl/cu126), TORCH_VERSION the release
 # (default: the one the test suite runs on), PYTHON the interpreter.
 PYTHON=${PYTHON:-python3}
@@ -22,6 +23,7 @@ fi
 . scripts/torch_build.sh
 
 DRIVER_CUDA=$([ "$TORCH_BUILD" = cpu ] || gpu_cuda_version)
+ROCM_VERSION=$([ "$TORCH_BUILD" = cpu ] || [ -n "$DRIVER_CUDA" ] || gpu_rocm_version)
 # torch first, and only if missing: a bare `torch` requirement (ours, or another package's) would pull whichever build
 # pip's index offers, a multi-GB CUDA one on Linux, over the one chosen here.
 if ! python -c "import torch" 2>/dev/null; then
@@ -35,6 +37,17 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
     echo "nvidia-smi sees a GPU (driver for CUDA $DRIVER_CUDA): installing torch==$TORCH_VERSION, the $CUDA_BUILD build"
     python -m pip install --quiet --index-url "https://download.pytorch.org/whl/$CUDA_BUILD" "torch==$TORCH_VERSION"
+  elif [ -n "$ROCM_VERSION" ]; then
+    if [ "$ROCM_VERSION" = unknown ] || ! ROCM_BUILD=$(rocm_build_for "$ROCM_VERSION"); then
+      echo "error: rocm-smi sees an AMD GPU, but ROCm's version (${ROCM_PATH:-/opt/rocm}/.info/version: $ROCM_VERSION) matches none of torch $TORCH_VERSION's ROCm builds ($TORCH_ROCM_BUILDS); choose one by hand with TORCH_INDEX_URL=https://download.pytorch.org/whl/rocmX.Y (and TORCH_VERSION), or set ROCM_PATH." >&2
+      exit 2
+    fi
+    echo "rocm-smi sees an AMD GPU (ROCm $ROCM_VERSION): installing torch==$TORCH_VERSION, the $ROCM_BUILD build"
+    python -m pip install --quiet --index-url "https://download.pytorch.org/whl/$ROCM_BUILD" "torch==$TORCH_VERSION"
+  elif [ "$(uname -s)" = Darwin ]; then
+    # PyPI's macOS torch is the only macOS build (no +cpu tag); on Apple Silicon it runs on the GPU (MPS).
+    echo "macOS: installing torch==$TORCH_VERSION from PyPI (on Apple Silicon it trains on the GPU through MPS)"
+    python -m pip install --quiet "torch==$TORCH_VERSION"
   else
     # The +cpu build lives on PyTorch's CPU index (PyPI's Linux torch is the CUDA build); a machine with a local copy
     # of that wheel (a wheelhouse in pip's config) finds it there without reaching the index.
@@ -45,6 +58,10 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 if [ -n "$DRIVER_CUDA" ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "error: nvidia-smi sees a GPU, but the torch in .venv ($(python -c 'import torch; print(torch.__version__)' 2>/dev/null)) has no CUDA; install a CUDA build: .venv/bin/pip uninstall -y torch and run this again (it picks one for the driver), or pass TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ." >&2
+  exit 2
+fi
+if [ -n "$ROCM_VERSION" ] && ! python -c "import sys, torch; sys.exit(0 if torch.version.hip and torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "error: rocm-smi sees an AMD GPU, but the torch in .venv ($(python -c 'import torch; print(torch.__version__)' 2>/dev/null)) cannot use it; install a ROCm build: .venv/bin/pip uninstall -y torch and run this again (it picks one for the installed ROCm), or pass TORCH_INDEX_URL=https://download.pytorch.org/whl/rocmX.Y." >&2
   exit 2
 fi
 # The kit, editable, with its dependencies (pyproject.toml): torch's bound is met by the build above, so pip keeps it.

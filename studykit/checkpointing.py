@@ -110,6 +110,8 @@ def save_resumable(parts: TrainingParts, identity: dict[str, Any], state: Traini
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
+            if accelerator.device.type == "mps":
+                rng["mps"] = torch.mps.get_rng_state()  # dropout's stream on an Apple GPU
             torch.save(rng, staging / "rng.pt")
             # Written last inside the staging directory: its presence marks the checkpoint as complete.
             atomic_write_json(staging / CHECKPOINT_COMPLETE, state.to_dict())
@@ -247,6 +249,8 @@ def load_resumable(checkpoint: Path, parts: TrainingParts, identity: dict[str, A
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if "mps" in rng and parts.accelerator.device.type == "mps":
+        torch.mps.set_rng_state(rng["mps"])
     try:
         return TrainingState(**_read_checkpoint_json(checkpoint, CHECKPOINT_COMPLETE))
     except TypeError:

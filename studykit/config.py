@@ -110,7 +110,7 @@ class PrepareConfig:
 
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "mps", "cpu")
 # The optimizers a run can train with; studykit/optimizers.py builds each and knows its state's size.
 OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "paged-adamw8bit")
 # --loss-kernel: studykit.loss's own chunks, torch's linear_cross_entropy, Liger's Triton kernel; auto picks (loss.py).
@@ -167,11 +167,13 @@ class TrainConfig:
     warmup_ratio: float = option(0.05, "share of steps with linear warmup")
     lr_schedule: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
-    precision: str = option("auto", "auto: fp16 mixed precision on CUDA, fp32 on CPU", choices=PRECISIONS)
+    precision: str = option(
+        "auto", "auto: fp16 mixed precision on CUDA, fp32 on an Apple GPU (MPS) and a CPU", choices=PRECISIONS
+    )
     device: str = option(
         "auto",
-        "auto: the GPU when torch sees one, else the CPU (where a model of over 50M parameters stops "
-        "with its estimated time unless --device cpu); cuda; cpu",
+        "auto: the GPU torch sees (CUDA, else an Apple GPU), else the CPU (where a model of over 50M "
+        "parameters stops with its estimated time unless --device cpu); cuda; mps; cpu",
         choices=DEVICES,
     )
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
@@ -416,7 +418,7 @@ class EvalConfig:
     )
     output_dir: str = option("results", "where perplexity.json and results.md are written")
     batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
-    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
+    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on an Apple GPU (MPS) and a CPU", choices=PRECISIONS)
     loss_kernel: str = option(
         "auto",
         "how the output layer and the NLL are computed: studykit, torch or liger, as in training (auto: studykit)",
@@ -528,8 +530,39 @@ class StudyConfig:
     launcher: str = option(
         "local",
         "local: each training in a process of its own; accelerate: each under `accelerate launch` "
-        "with --num-processes processes",
-        choices=("local", "accelerate"),
+        "with --num-processes processes; submitit: each a job of --cluster (one array per sweep phase)",
+        choices=("local", "accelerate", "submitit"),
+    )
+    # --launcher submitit's settings; None: the study file's [launcher] table, else submitit's default (see
+    # study_submitit.py). The [launcher] table takes the same keys.
+    cluster: Optional[str] = option(
+        None,
+        "where --launcher submitit runs the jobs: slurm (sbatch), local (processes on this machine) or debug "
+        "(one after the other in this process) (default: [launcher] cluster, else slurm)",
+        choices=("slurm", "local", "debug"),
+    )
+    partition: Optional[str] = option(None, "SLURM partition of every job (default: the cluster's)")
+    gpus_per_task: Optional[int] = option(
+        None, "GPUs per training job (over 1: the training runs under accelerate launch on all of them) (default: 1)"
+    )
+    cpus_per_task: Optional[int] = option(None, "CPU cores per training job (default: the cluster's)")
+    mem_gb: Optional[float] = option(None, "memory per training job in GB (default: the cluster's)")
+    time_limit_min: Optional[int] = option(
+        None,
+        "wall-clock limit per job in minutes; a job that reaches it is requeued and resumes from its last "
+        "checkpoint (default: 240)",
+    )
+    account: Optional[str] = option(None, "SLURM account the jobs are charged to")
+    qos: Optional[str] = option(None, "SLURM quality of service")
+    array_parallelism: Optional[int] = option(
+        None, "most jobs of one array running at once (default: every job of the phase)"
+    )
+    sbatch_lines: list[str] = option(
+        [],
+        "an extra sbatch option as KEY=VALUE or --KEY=VALUE (a bare KEY for a switch), e.g. "
+        "--sbatch-line constraint=a100 (repeatable)",
+        flag="--sbatch-line",
+        repeatable=True,
     )
     num_processes: int = option(
         1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)"
@@ -562,4 +595,18 @@ class StudyConfig:
         require("--assume-tflops", self.assume_tflops, "above 0", lambda value: value > 0)
         if self.num_processes > 1 and self.launcher != "accelerate":
             raise UserError("--num-processes needs --launcher accelerate (a local training is one process).")
+        if self.launcher == "submitit" and self.gpus is not None:
+            raise UserError(
+                "--gpus places trainings on this machine's GPUs; with --launcher submitit use --gpus-per-task."
+            )
+        for flag, value in (
+            ("--cpus-per-task", self.cpus_per_task),
+            ("--mem-gb", self.mem_gb),
+            ("--time-limit-min", self.time_limit_min),
+            ("--array-parallelism", self.array_parallelism),
+        ):
+            if value is not None:
+                require(flag, value, "above 0", lambda given: given > 0)
+        if self.gpus_per_task is not None:
+            require("--gpus-per-task", self.gpus_per_task, "0 or more", lambda given: given >= 0)
         check_repo_id("--push-to-hub", self.push_to_hub, "my-org/oasst-study")

@@ -19,14 +19,32 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CODE_DIRECTORIES = ("studykit", "data", "training", "evaluation")
 
 
+def gpu_backend() -> Optional[str]:
+    """The one question asked of the machine: the GPU torch sees, 'cuda' (ROCm builds answer 'cuda' too) before 'mps'
+    (Apple Silicon), or None. Every device choice goes through here, so a test can stand in for a Mac or a GPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return None
+
+
+def mps_supports_bf16() -> bool:
+    # Metal has bf16 from macOS 14 (accelerate's is_bf16_available asks the same).
+    return torch.backends.mps.is_macos_or_newer(14, 0)
+
+
 def resolve_precision(precision: str, device_type: str) -> str:
     """accelerate's mixed_precision name for a --precision choice on this device."""
     if precision == "auto":
+        # MPS: fp32, as transformers' Trainer and torchtune default to there; fp16 and bf16 are asked for by name.
         return "fp16" if device_type == "cuda" else "no"
-    if precision == "fp16" and device_type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; on a CPU use --precision fp32 or bf16.")
+    if precision == "fp16" and device_type not in ("cuda", "mps"):
+        raise UserError("--precision fp16 needs a CUDA or Apple (MPS) GPU; on a CPU use --precision fp32 or bf16.")
     if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU does not support bf16; use --precision fp16 or auto.")
+    if precision == "bf16" and device_type == "mps" and not mps_supports_bf16():
+        raise UserError("bf16 on an Apple GPU needs macOS 14 or newer; use --precision fp16 or fp32.")
     return "no" if precision == "fp32" else precision
 
 
@@ -40,14 +58,20 @@ CPU_GUARD_PARAMETERS = 50_000_000
 
 
 def device_type_for(device: str) -> str:
-    """--device as a torch device type: auto takes the GPU when torch sees one."""
-    if device == "cuda" and not torch.cuda.is_available():
+    """--device as a torch device type: auto takes the GPU torch sees (CUDA, then MPS), else the CPU."""
+    found = gpu_backend()
+    if device == "cuda" and found != "cuda":
         raise UserError(
             f"--device cuda, but this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of torch "
-            "(see Install in the README) or pass --device cpu."
+            "(see Install in the README) or pass --device " + ("mps." if found == "mps" else "cpu.")
+        )
+    if device == "mps" and found != "mps":
+        raise UserError(
+            f"--device mps, but this torch ({torch.__version__}) sees no Apple GPU (MPS needs Apple Silicon and "
+            "macOS 12.3 or newer); pass --device " + ("cuda." if found == "cuda" else "cpu.")
         )
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return found or "cpu"
     return device
 
 
@@ -69,7 +93,7 @@ def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, fl
     """A big model about to train on a CPU only because torch sees no GPU: say how long it would take and stop, unless
     --device cpu says that is meant. `work()` gives the model's parameters and the model FLOPs the training needs (asked
     only when the run would be on the CPU)."""
-    if device != "auto" or torch.cuda.is_available():
+    if device != "auto" or gpu_backend() is not None:
         return
     parameters, flops = work()
     if parameters < CPU_GUARD_PARAMETERS:
@@ -135,20 +159,32 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(gpu_backend() or "cpu")
 
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "mps":
+        # MPS keeps no peak; emptying the cache makes the driver's count start from what is alive now.
+        torch.mps.empty_cache()
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """GPU: peak bytes allocated by tensors. CPU: the process's peak resident set size."""
+    """CUDA: peak bytes allocated by tensors. MPS (torch keeps no peak there): what the Metal driver holds for the
+    process, the caching allocator's pools included, which keep the blocks the step's peak needed. CPU: the process's
+    peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.driver_allocated_memory())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_memory_kind(device: torch.device) -> str:
+    """What peak_memory_bytes measured on this device (recorded beside it in run.json)."""
+    return {"cuda": "cuda_max_allocated", "mps": "mps_driver_allocated"}.get(device.type, "process_max_rss")
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from studykit.methods import METHODS
 from studykit.modeling import model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
-from studykit.study_file import Study, Training, load_study, study_path
+from studykit.study_file import Study, Training, load_study, study_path, with_launcher_table
 from studykit.study_launch import print_commands, run_trainings
 from studykit.study_plan import (
     base_model_config,
@@ -46,6 +46,7 @@ from studykit.study_state import (
     training_inputs,
     training_is_current,
 )
+from studykit.study_submitit import run_as_jobs, trains_elsewhere
 
 # results.json, results.md, samples.md and the figures, with room to spare.
 REPORT_BYTES = 2 * MIB
@@ -80,6 +81,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     study = load_study(study_path(config), config.output_dir, config.readme, config.seeds, config.overrides)
     for spec in study.runs:
         spec.config = dataclasses.replace(spec.config, device=config.device)
+    config = with_launcher_table(config, study)
     changed = f" with --set {' '.join(study.overrides)}" if study.overrides else ""
     print(f"study '{study.name}' from {study.source}{changed} -> {study.output_dir} (code version {code_version()})")
     for step, action in plan(study):
@@ -114,7 +116,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
 def run_steps(study: Study, config: StudyConfig, done: dict[str, Any]) -> dict[str, Any]:
     check_extra_eval_reachable(study)
     check_runs_against_the_base_model(study)
-    if not config.print_commands:
+    if not config.print_commands and not trains_elsewhere(config):
         refuse_slow_cpu_run(
             config.device,
             f"the study's pending trainings of {study.model}",
@@ -247,7 +249,8 @@ def train_phase(
         print_commands(pending, fingerprint, config)
         done["pending"] = [training.name for training in pending]
         return False
-    for name, resumed in run_trainings(pending, fingerprint, config, divergence_allowed).items():
+    run = run_as_jobs if config.launcher == "submitit" else run_trainings
+    for name, resumed in run(pending, fingerprint, config, divergence_allowed).items():
         training = next(t for t in pending if t.name == name)
         done["trained"].append(name)
         if training_diverged(training, fingerprint):

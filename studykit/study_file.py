@@ -1,5 +1,6 @@
 """Reading a study file: [study], [tiny_model], [data], [budget], [[runs]], [eval] and [report] become the stage configs
-of every step, checked in full (every key, every type, every run's settings) before any step runs."""
+of every step, checked in full (every key, every type, every run's settings) before any step runs; [launcher] holds
+where run_study.py --launcher submitit sends the trainings (its flags win over it)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,21 @@ STUDIES_DIR = REPO_ROOT / "studies"
 # is uploaded (run_study.py --push-to-hub names a repo per training; one repo in [budget] would be every training's).
 RUNNER_OWNED = {"output_dir", "data_dir", "resume", "overwrite", "device", "push_to_hub"}
 
-STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "analysis", "runs"}
+STUDY_TABLES = {"study", "tiny_model", "data", "budget", "eval", "report", "analysis", "runs", "launcher"}
+
+# [launcher]: the cluster and its job settings, each also a run_study.py flag of that name (StudyConfig), which wins.
+LAUNCHER_KEYS = (
+    "cluster",
+    "partition",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem_gb",
+    "time_limit_min",
+    "account",
+    "qos",
+    "array_parallelism",
+    "sbatch_lines",
+)
 
 STUDY_HEADER_TYPES = {"name": str, "output_dir": str, "readme": str}
 
@@ -110,6 +125,7 @@ class Study:
     overrides: list[str] = dataclasses.field(default_factory=list)  # run_study.py's --set, applied to `settings`
     analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
     grid_extensions: int = DEFAULT_GRID_EXTENSIONS  # rates a run's grid may add beyond its ends, at most
+    launcher: dict[str, Any] = dataclasses.field(default_factory=dict)  # the [launcher] table, checked
 
     @property
     def data_dir(self) -> Path:
@@ -388,7 +404,25 @@ def load_study(
         list(overrides),
         analysis_config,
         grid_extensions,
+        launcher_table(settings, source),
     )
+
+
+def launcher_table(settings: dict[str, Any], source: Any) -> dict[str, Any]:
+    """[launcher], checked as its flags would be."""
+    table = _table(settings, "launcher", source)
+    types = field_types(StudyConfig)
+    check_settings(
+        table, {key: types[key] for key in LAUNCHER_KEYS}, f"[launcher] in {source}", f"the keys {list(LAUNCHER_KEYS)}"
+    )
+    _build(StudyConfig, table, "[launcher]", source)
+    return table
+
+
+def with_launcher_table(config: StudyConfig, study: Study) -> StudyConfig:
+    """run_study.py's flags, with the study file's [launcher] settings where a flag was not given."""
+    unset = {key: value for key, value in study.launcher.items() if getattr(config, key) in (None, [])}
+    return dataclasses.replace(config, **unset)
 
 
 def toml_value(text: str) -> Any:

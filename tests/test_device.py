@@ -61,3 +61,87 @@ def test_a_study_of_a_big_model_on_a_cpu_stops_before_it_trains(monkeypatch, tmp
     ):
         run_study(config)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# Apple GPUs (MPS): no Mac here, so the one probe every device choice asks (runtime.gpu_backend) stands in for one.
+
+
+@pytest.fixture
+def on_a_mac(monkeypatch):
+    monkeypatch.setattr(runtime, "gpu_backend", lambda: "mps")
+
+
+def test_auto_picks_the_apple_gpu_after_cuda_and_before_the_cpu(on_a_mac, monkeypatch):
+    assert runtime.device_type_for("auto") == "mps" and runtime.device_type_for("mps") == "mps"
+    assert runtime.default_device() == torch.device("mps")
+    with pytest.raises(runtime.UserError, match=r"--device cuda, but .* sees no CUDA GPU; .* pass --device mps\.$"):
+        runtime.device_type_for("cuda")
+    assert runtime.device_type_for("cpu") == "cpu"
+    monkeypatch.setattr(runtime, "gpu_backend", lambda: "cuda")
+    assert runtime.device_type_for("auto") == "cuda"
+    with pytest.raises(runtime.UserError, match=r"--device mps, but .* sees no Apple GPU .*; pass --device cuda\.$"):
+        runtime.device_type_for("mps")
+
+
+def test_device_mps_without_an_apple_gpu_is_one_sentence(in_process, tmp_path, small_vocab_inputs):
+    message = refused(
+        FULL, *train_args(small_vocab_inputs, tmp_path / "run", "--device", "mps"), watch=[tmp_path], runner=in_process
+    )
+    assert "--device mps, but this torch" in message and "sees no Apple GPU" in message
+    assert message.rstrip().endswith("pass --device cpu.")
+
+
+def test_precision_on_the_apple_gpu(monkeypatch):
+    assert runtime.resolve_precision("auto", "mps") == "no"  # fp32 unless asked
+    assert runtime.resolve_precision("fp32", "mps") == "no"
+    assert runtime.resolve_precision("fp16", "mps") == "fp16"
+    monkeypatch.setattr(runtime, "mps_supports_bf16", lambda: True)
+    assert runtime.resolve_precision("bf16", "mps") == "bf16"
+    monkeypatch.setattr(runtime, "mps_supports_bf16", lambda: False)
+    with pytest.raises(runtime.UserError, match=r"^bf16 on an Apple GPU needs macOS 14 or newer; use --precision"):
+        runtime.resolve_precision("bf16", "mps")
+    with pytest.raises(runtime.UserError, match="needs a CUDA or Apple"):
+        runtime.resolve_precision("fp16", "cpu")
+    autocast = runtime.autocast_for(torch.device("mps"), "fp16")
+    assert autocast is not None and runtime.autocast_for(torch.device("mps"), "auto") is None
+
+
+def test_the_cpu_refusal_does_not_fire_on_a_mac(on_a_mac, monkeypatch):
+    monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)
+
+    def work():
+        raise AssertionError("the CPU estimate is asked only for a run that would be on the CPU")
+
+    runtime.refuse_slow_cpu_run("auto", "training a big model", work)
+    monkeypatch.setattr(runtime, "gpu_backend", lambda: None)
+    with pytest.raises(runtime.UserError, match="no GPU is visible"):
+        runtime.refuse_slow_cpu_run("auto", "training a big model", lambda: (10**9, 1e18))
+
+
+def test_peak_memory_on_the_apple_gpu_is_the_metal_drivers_count(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 123_456_789)
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append(True))
+    device = torch.device("mps")
+    runtime.reset_peak_memory(device)
+    assert emptied == [True]
+    assert runtime.peak_memory_bytes(device) == 123_456_789
+    assert runtime.peak_memory_kind(device) == "mps_driver_allocated"
+    assert runtime.peak_memory_kind(torch.device("cpu")) == "process_max_rss"
+
+
+def test_cuda_only_paths_are_skipped_or_refused_on_the_apple_gpu():
+    from studykit.batching import resolve_pad_multiple
+    from studykit.config import TrainConfig
+    from studykit.loss import resolve_loss_kernel
+    from studykit.optimizers import build_adamw, check_runs_here
+
+    mps = torch.device("mps")
+    with pytest.raises(runtime.UserError, match="--loss-kernel liger needs a CUDA GPU .* this run is on mps"):
+        resolve_loss_kernel("liger", "mps")
+    with pytest.raises(runtime.UserError, match="--optimizer paged-adamw8bit .* needs a CUDA GPU; on mps use"):
+        check_runs_here("paged-adamw8bit", mps)
+    assert resolve_pad_multiple(None, "mps") == 1
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_adamw([{"params": [weight]}], TrainConfig(), mps)
+    assert not optimizer.defaults["fused"]  # fused AdamW: CUDA only

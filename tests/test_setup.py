@@ -1,5 +1,6 @@
 """The set-up scripts' choices, with stand-ins for the machine: the Python version checked first, and the torch build
-picked for what nvidia-smi says (no GPU: the CPU build; a GPU: the newest CUDA build its driver runs)."""
+picked for what nvidia-smi says (no GPU: the CPU build; a GPU: the newest CUDA build its driver runs) and, for an AMD
+GPU, what rocm-smi and the installed ROCm say."""
 
 import os
 import subprocess
@@ -58,6 +59,44 @@ def test_the_torch_build_follows_the_driver(tmp_path, nvidia_smi, expected):
         capture_output=True,
         text=True,
         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+ROCM_SMI_WITH_A_GPU = 'echo "GPU[0]          : Card Series:          AMD Instinct MI210"\n'
+ROCM_SMI_WITHOUT_ONE = 'echo "WARNING: No AMD GPUs specified"; exit 1\n'
+
+
+@pytest.mark.parametrize(
+    "rocm_smi, installed_rocm, expected",
+    [
+        (None, "6.4.1-120", ""),
+        (ROCM_SMI_WITHOUT_ONE, "6.4.1-120", ""),
+        (ROCM_SMI_WITH_A_GPU, "6.4.1-120", "6.4 rocm6.4"),
+        (ROCM_SMI_WITH_A_GPU, "7.0.2-56", "7.0 rocm7.0"),
+        (ROCM_SMI_WITH_A_GPU, "7.9.0", "7.9 rocm7.1"),
+        (ROCM_SMI_WITH_A_GPU, "6.2.0", "6.2 none"),
+        (ROCM_SMI_WITH_A_GPU, None, "unknown none"),
+    ],
+)
+def test_the_torch_build_follows_the_installed_rocm(tmp_path, rocm_smi, installed_rocm, expected):
+    bin_dir, rocm = tmp_path / "bin", tmp_path / "rocm"
+    bin_dir.mkdir()
+    if rocm_smi is not None:
+        fake_command(bin_dir, "rocm-smi", rocm_smi)
+    if installed_rocm is not None:
+        (rocm / ".info").mkdir(parents=True)
+        (rocm / ".info" / "version").write_text(installed_rocm + "\n")
+    script = (
+        f". {REPO_ROOT}/scripts/torch_build.sh; rocm=$(gpu_rocm_version); "
+        'if [ -n "$rocm" ]; then echo "$rocm $(rocm_build_for "$rocm" 2>/dev/null || echo none)"; else echo; fi'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": sys.executable, "ROCM_PATH": str(rocm)},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected

@@ -53,7 +53,7 @@ LAYERS = [
     ["report"],
     ["study_state"],
     ["study_launch", "analysis_parts", "analysis"],
-    ["study_plan"],
+    ["study_submitit", "study_plan"],
     ["study", "cli"],
 ]
 LAYER_OF = {module: index for index, modules in enumerate(LAYERS) for module in modules}
