@@ -1,5 +1,5 @@
 # Sourced by study.sh and test.sh: check the Python version, create .venv on first use, activate it, install the torch
-# build this machine needs if torch is missing, then the kit itself (`pip install -e .`).
+# build this machine needs if torch is missing, then the kit itself (`pip install -e .`) at the locked versions.
 #
 # TORCH_BUILD=cpu (test.sh: the tests always run on the CPU) or auto (study.sh): on a machine where nvidia-smi sees a
 # GPU, a CUDA build its driver supports; elsewhere the CPU build (a CUDA build is several GB a CPU never uses).
@@ -47,5 +47,13 @@ if [ -n "$DRIVER_CUDA" ] && ! python -c "import sys, torch; sys.exit(0 if torch.
   echo "error: nvidia-smi sees a GPU, but the torch in .venv ($(python -c 'import torch; print(torch.__version__)' 2>/dev/null)) has no CUDA; install a CUDA build: .venv/bin/pip uninstall -y torch and run this again (it picks one for the driver), or pass TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ." >&2
   exit 2
 fi
-# The kit, editable, with its dependencies (pyproject.toml): torch's bound is met by the build above, so pip keeps it.
-python -m pip install --quiet -e ".${STUDYKIT_EXTRAS:-}"
+# The kit, editable, with its dependencies at the versions the test suite passed with: requirements-lock.txt
+# (scripts/lock.sh writes it) constrains every package the kit and its dev extra need, torch aside, whose build is the
+# one above. STUDYKIT_LOCK=0 takes the newest releases pyproject.toml's ranges allow instead (what `pip install -e .`
+# does; scripts/check_latest_versions.sh is the deliberate check of those). torch's bound is met by the build above,
+# so pip keeps it.
+if [ "${STUDYKIT_LOCK:-1}" = 0 ]; then
+  python -m pip install --quiet -e ".${STUDYKIT_EXTRAS:-}"
+else
+  python -m pip install --quiet -c requirements-lock.txt -e ".${STUDYKIT_EXTRAS:-}"
+fi

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
+from studykit.dependency_logs import VERBOSE_FLAG, VERBOSE_HELP
 from studykit.errors import UserError, first_line
 from studykit.io import atomic_write_text
 
@@ -45,6 +46,26 @@ def require(flag: str, value: float, expected: str, holds: Callable[[float], boo
         raise UserError(f"{flag} must be {expected} (got {value}).")
 
 
+# numpy's seeds (the data order) are 0 to 2**32 - 1; torch's are wider.
+MAX_SEED = 2**32 - 1
+
+
+def check_ranges(config: Any, names: str = "flags") -> None:
+    """Every setting whose field gives a `minimum` (and `maximum`) lies in that range; each item of a list does. Run
+    where settings are parsed (flags and --config files, study files and --set), before validate(): a seed of -1 would
+    otherwise end in numpy's traceback. `names`: "flags" (--seed) or "keys" (seed, as a study file writes it)."""
+    for field in dataclasses.fields(config):
+        low, high = field.metadata.get("minimum"), field.metadata.get("maximum")
+        if low is None and high is None:
+            continue
+        name = field.metadata.get("flag", _flag_name(field.name)) if names == "flags" else field.name
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not ((low is None or item >= low) and (high is None or item <= high)):
+                expected = f"from {low} to {high}" if high is not None else f"at least {low}"
+                raise UserError(f"{name} must be {expected} (got {item}).")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends each flag's default, unless its help already says what the default means ('2 x rank' rather than
     None)."""
@@ -66,6 +87,7 @@ class _Parser(argparse.ArgumentParser):
 LAUNCH_ACTIONS = ("resume", "overwrite")
 # argparse's name for --config FILE, apart from every field (StudyConfig's own `config` field is its study file).
 CONFIG_FILE_DEST = "config_file"
+VERBOSE_DEST = "verbose_dependencies"
 CONFIG_FILE_HELP = (
     "settings to start from: the *_config.json this stage saved, or a .json or .toml file of the same "
     "keys (the flags with _ for -); flags given here override it; relative paths in it are read from the "
@@ -80,6 +102,8 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     fields = dataclasses.fields(config_cls)
     if "config" not in {field.name for field in fields}:
         parser.add_argument("--config", dest=CONFIG_FILE_DEST, metavar="FILE", default=None, help=CONFIG_FILE_HELP)
+    # Read by the entry point before the parse (dependency_logs.quiet_dependencies); accepted here, kept by no config.
+    parser.add_argument(VERBOSE_FLAG, dest=VERBOSE_DEST, action="store_true", help=VERBOSE_HELP)
     for field in fields:
         annotation, optional = unwrap_optional(hints[field.name])
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
@@ -112,18 +136,26 @@ def _parse_optional(annotation: Any):
 def parse_config(config_cls: type[ConfigT], description: str, argv: Optional[Sequence[str]] = None) -> ConfigT:
     """The stage's config from its defaults, then --config FILE's settings, then the flags given: the later wins."""
     parser = build_parser(config_cls, description)
-    values = vars(parser.parse_args(argv))
+    values = field_values(parser, argv)
     config_file = values.pop(CONFIG_FILE_DEST, None)
     if config_file is not None:
         # The file's settings become the defaults, so every flag on the command line still overrides them.
         parser.set_defaults(**read_config_file(Path(config_file), config_cls))
-        values = vars(parser.parse_args(argv))
+        values = field_values(parser, argv)
         values.pop(CONFIG_FILE_DEST)
     config = config_cls(**values)
+    check_ranges(config)
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
     return config
+
+
+def field_values(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> dict[str, Any]:
+    """The parsed command line without the flags that belong to no field (--verbose)."""
+    values = vars(parser.parse_args(argv))
+    values.pop(VERBOSE_DEST)
+    return values
 
 
 def field_types(config_cls: type) -> dict[str, tuple[Any, Optional[Sequence[str]]]]:
@@ -310,7 +342,7 @@ class PrepareConfig:
     )
     tokenizer: str = option("gpt2", "hub id or local directory of the tokenizer")
     output_dir: str = option("data/processed", "where the processed dataset is written")
-    seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated")
+    seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated", minimum=2)
     lang: str = option("en", "comma-separated language codes to keep, or 'all'")
     test_fraction: float = option(
         0.05, "share of a local file's conversation trees held out as the test split (the hub dataset brings its own)"
@@ -372,11 +404,11 @@ class TrainConfig:
     tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")
     data_dir: str = option("data/processed", "processed dataset from data/prepare_oasst.py")
     output_dir: str = option("checkpoints/full_ft", "where the checkpoint, run.json and log.jsonl are written")
-    seed: int = option(42, "seed for data order, dropout and initialisation")
+    seed: int = option(42, "seed for data order, dropout and initialisation", minimum=0, maximum=MAX_SEED)
     epochs: float = option(1.0, "passes over the training split (ignored when --max-steps is set)")
-    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs")
-    batch_size: int = option(8, "sequences per micro-batch on each process")
-    grad_accum: int = option(4, "micro-batches per optimizer step")
+    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs", minimum=1)
+    batch_size: int = option(8, "sequences per micro-batch on each process", minimum=1)
+    grad_accum: int = option(4, "micro-batches per optimizer step", minimum=1)
     lr: float = option(5e-5, "peak learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
     adam_beta1: float = option(0.9, "AdamW's decay rate of the gradient's running mean")
@@ -399,17 +431,17 @@ class TrainConfig:
     precision: str = option("auto", "auto: fp16 mixed precision on CUDA, fp32 on CPU", choices=PRECISIONS)
     device: str = option(
         "auto",
-        "auto: the GPU when torch sees one, else the CPU (where a model of over 50M parameters stops "
-        "with its estimated time unless --device cpu); cuda; cpu",
+        "auto: the GPU when torch sees one, else the CPU (where a training estimated at over 30 minutes stops "
+        "with its estimate unless --device cpu); cuda; cpu",
         choices=DEVICES,
     )
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
     packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
-    eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
+    eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)", minimum=0)
     eval_batch_size: int = option(
-        16, "longest validation responses per batch; shorter ones fill batches of as many tokens"
+        16, "longest validation responses per batch; shorter ones fill batches of as many tokens", minimum=1
     )
-    log_every: int = option(10, "optimizer steps between log.jsonl lines")
+    log_every: int = option(10, "optimizer steps between log.jsonl lines", minimum=1)
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     loss_kernel: str = option(
@@ -424,6 +456,7 @@ class TrainConfig:
         "pad each batch's length up to a multiple of this, for tensor "
         "cores and few shapes under --compile; padding never counts (default: "
         "64 on CUDA, 1 on a CPU)",
+        minimum=1,
     )
     max_gpu_memory_gb: Optional[float] = option(
         None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)"
@@ -446,8 +479,8 @@ class TrainConfig:
         "Hub repo id (ORG/NAME) the finished checkpoint directory is uploaded to, "
         "without its resumable checkpoints (default: no upload)",
     )
-    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
-    keep: int = option(2, "resumable checkpoints to keep")
+    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)", minimum=0)
+    keep: int = option(2, "resumable checkpoints to keep", minimum=1)
     resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
     overwrite: bool = option(False, "replace a finished run in --output-dir")
     trust_remote_code: bool = option(False, "allow model code from the hub to run")
@@ -543,7 +576,7 @@ class LoraTrainConfig(TrainConfig):
 
     output_dir: str = option("checkpoints/lora_r{rank}", "where the adapter, run.json and log.jsonl are written")
     lr: float = option(3e-4, "peak learning rate (LoRA's small, zero-initialised updates need a larger one)")
-    rank: int = option(8, "LoRA rank r")
+    rank: int = option(8, "LoRA rank r", minimum=1)
     alpha: Optional[float] = option(None, "LoRA alpha (default: 2 x rank)")
     dropout: float = option(0.05, "dropout on the LoRA input")
     target_modules: list[str] = option(
@@ -582,7 +615,7 @@ class EvalConfig:
         [], "names of the run directories under --checkpoints to score (default: every finished run)"
     )
     output_dir: str = option("results", "where perplexity.json and results.md are written")
-    batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
+    batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens", minimum=1)
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS)
     loss_kernel: str = option(
         "auto",
@@ -592,6 +625,7 @@ class EvalConfig:
     pad_to_multiple_of: Optional[int] = option(
         None,
         "pad each batch's length up to a multiple of this; no perplexity changes (default: 64 on CUDA, 1 on a CPU)",
+        minimum=1,
     )
     include_base: bool = option(True, "also score the base model")
     extra_eval: Optional[str] = option(
@@ -624,13 +658,15 @@ class TinyModelConfig:
         "data/sample/general_text_heldout.txt",
         "general text never trained on, scored before and after pre-training (none: not scored)",
     )
-    vocab_size: int = option(512, "tokenizer vocabulary size")
-    n_layer: int = option(2, "transformer blocks")
-    n_embd: int = option(64, "hidden size")
-    pretrain_steps: int = option(400, "optimizer steps of pre-training on the general text (0: a random model)")
-    pretrain_block_size: int = option(128, "tokens per pre-training sequence")
+    vocab_size: int = option(512, "tokenizer vocabulary size", minimum=1)
+    n_layer: int = option(2, "transformer blocks", minimum=1)
+    n_embd: int = option(64, "hidden size", minimum=1)
+    pretrain_steps: int = option(
+        400, "optimizer steps of pre-training on the general text (0: a random model)", minimum=0
+    )
+    pretrain_block_size: int = option(128, "tokens per pre-training sequence", minimum=2)
     pretrain_lr: float = option(3e-3, "peak learning rate of the pre-training")
-    seed: int = option(0, "seed of the initial weights and of the pre-training's order")
+    seed: int = option(0, "seed of the initial weights and of the pre-training's order", minimum=0, maximum=MAX_SEED)
 
     def validate(self) -> None:
         for flag, value in (("vocab_size", self.vocab_size), ("n_layer", self.n_layer), ("n_embd", self.n_embd)):
@@ -644,12 +680,15 @@ class TinyModelConfig:
 class ReportConfig:
     """A study's [report]: the bootstrap and the samples."""
 
-    bootstrap_resamples: int = option(2000, "bootstrap resamples per interval")
+    bootstrap_resamples: int = option(2000, "bootstrap resamples per interval", minimum=1)
     bootstrap_seed: int = option(
-        0, "seed of the bootstrap resamples (the same for every run, so their intervals are paired)"
+        0,
+        "seed of the bootstrap resamples (the same for every run, so their intervals are paired)",
+        minimum=0,
+        maximum=MAX_SEED,
     )
-    sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md")
-    sample_new_tokens: int = option(40, "tokens generated per sample at most")
+    sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md", minimum=0)
+    sample_new_tokens: int = option(40, "tokens generated per sample at most", minimum=1)
 
     def validate(self) -> None:
         if self.bootstrap_resamples < 1 or self.sample_prompts < 0 or self.sample_new_tokens < 1:
@@ -676,7 +715,10 @@ class StudyConfig:
         False, "print what would be prepared, trained, evaluated and reported, with an estimated time, and do nothing"
     )
     seeds: Optional[list[int]] = option(
-        None, "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2"
+        None,
+        "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2",
+        minimum=0,
+        maximum=MAX_SEED,
     )
     overrides: list[str] = option(
         [],
@@ -699,7 +741,7 @@ class StudyConfig:
         choices=("local", "accelerate"),
     )
     num_processes: int = option(
-        1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)"
+        1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)", minimum=1
     )
     print_commands: bool = option(
         False,
@@ -708,7 +750,7 @@ class StudyConfig:
     )
     device: str = option(
         "auto",
-        "every training's --device: auto stops a study of a model over 50M parameters that would train "
+        "every training's --device: auto stops a study whose pending trainings would take over 30 minutes "
         "on a CPU (with its estimated time) unless --device cpu",
         choices=DEVICES,
     )

@@ -100,10 +100,43 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
         ) from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer '{name_or_path}' has no EOS token; responses must end with one.")
+    check_tokenizer_vocabulary(tokenizer, name_or_path, flag)
     if tokenizer.pad_token_id is None:
         # GPT-2 has no pad token. Padding positions are masked out of attention and labels by position.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# A byte-level BPE (GPT-2's) has a token per byte before any merge; a tokenizer with fewer lost its vocabulary.
+MIN_TOKENIZER_VOCABULARY = 256
+# Any working tokenizer splits this into several tokens; one that has lost its vocabulary yields none or one.
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+# The files a tokenizer's vocabulary lives in, by kind (fast, GPT-2's BPE, SentencePiece, WordPiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
+def check_tokenizer_vocabulary(tokenizer, name_or_path: str, flag: str = "--tokenizer") -> None:
+    """A tokenizer that loads but has lost its vocabulary is refused before anything is written: transformers 5 loads
+    a directory with only tokenizer_config.json as a tokenizer of one token, whose data would be one token per
+    response and train nothing."""
+    size = len(tokenizer)
+    eos_missing = tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) is None or tokenizer.eos_token_id >= size
+    probe_tokens = len(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if size >= MIN_TOKENIZER_VOCABULARY and not eos_missing and probe_tokens > 1:
+        return
+    directory = Path(name_or_path)
+    present = [name for name in VOCABULARY_FILES if (directory / name).is_file()] if directory.is_dir() else []
+    missing = (
+        f"it holds none of {', '.join(VOCABULARY_FILES)}"
+        if directory.is_dir() and not present
+        else "its vocabulary files are incomplete or damaged"
+    )
+    raise UserError(
+        f"the tokenizer '{name_or_path}' has {size} token(s) (GPT-2's has 50,257), "
+        + ("its EOS token is not in its vocabulary, " if eos_missing else "")
+        + f"and splits a sentence into {probe_tokens} token(s): {missing}; pass {flag} a complete tokenizer "
+        "(e.g. the directory save_pretrained wrote, or gpt2)."
+    )
 
 
 def model_context_length(model_or_config) -> int:

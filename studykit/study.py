@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from studykit import locks
-from studykit.config import StudyConfig, TrainConfig, build_parser, print_config
+from studykit.config import StudyConfig, TrainConfig, build_parser, check_ranges, field_values, print_config
 from studykit.errors import UserError, first_line
 from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
@@ -409,6 +409,7 @@ def parse_study_args(description: str, argv: Optional[Sequence[str]] = None) -> 
     parser = build_parser(StudyConfig, description)
     # --no-readme beside --readme PATH: an empty path means "leave every README alone".
     parser.add_argument("--no-readme", dest="readme", action="store_const", const="", help="do not rewrite any README")
-    config = StudyConfig(**vars(parser.parse_args(argv)))
+    config = StudyConfig(**field_values(parser, argv))
+    check_ranges(config)
     config.validate()
     return config
