@@ -24,7 +24,11 @@ VERBOSE_ENVIRONMENT = "STUDYKIT_VERBOSE"
 LIBRARIES = ("transformers", "datasets", "huggingface_hub", "kernels", "accelerate", "peft", "bitsandbytes")
 # transformers, datasets and huggingface_hub set their loggers' level from these when they are imported (a level set
 # earlier is overwritten), and the processes this one starts inherit them; a user's own setting is kept.
-LIBRARY_VERBOSITY_VARIABLES = ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY")
+LIBRARY_VERBOSITY_VARIABLES = {
+    "TRANSFORMERS_VERBOSITY": "transformers.utils.logging",
+    "DATASETS_VERBOSITY": "datasets.utils.logging",
+    "HF_HUB_VERBOSITY": "huggingface_hub.utils.logging",
+}
 
 
 def verbose_requested(argv: Sequence[str]) -> bool:
@@ -36,13 +40,11 @@ def quiet_dependencies(argv: Sequence[str]) -> None:
     if verbose_requested(argv):
         os.environ[VERBOSE_ENVIRONMENT] = "1"
         return
-    for variable in LIBRARY_VERBOSITY_VARIABLES:
-        os.environ.setdefault(variable, "error")
     for library in LIBRARIES:
         logging.getLogger(library).setLevel(logging.ERROR)
         # Warnings raised inside the library (those it attributes to the kit's own calls still show: they are ours).
         warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
-    # Already imported (a script that imported the kit's modules first): its level was set at import.
-    for module in ("transformers.utils.logging", "datasets.utils.logging", "huggingface_hub.utils.logging"):
-        if module in sys.modules:
+    for variable, module in LIBRARY_VERBOSITY_VARIABLES.items():
+        if os.environ.setdefault(variable, "error") == "error" and module in sys.modules:
+            # Already imported (a script that imported the kit's modules first): its level was set at import.
             sys.modules[module].set_verbosity_error()
