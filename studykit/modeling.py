@@ -139,6 +139,23 @@ def check_tokenizer_vocabulary(tokenizer, name_or_path: str, flag: str = "--toke
     )
 
 
+def check_model_fits_tokenizer(model, tokenizer, model_name: str, tokenizer_name: str) -> None:
+    """A model and a tokenizer that load but do not belong together: ids past the model's embedding rows fail deep in
+    a forward pass, and a vocabulary far smaller than the model's means its ids name other tokens to this model (a
+    padded vocabulary, such as 50,304 rows for GPT-2's 50,257 tokens, is fine)."""
+    rows, tokens = model.get_input_embeddings().num_embeddings, len(tokenizer)
+    if tokens > rows:
+        raise UserError(
+            f"the tokenizer '{tokenizer_name}' has {tokens:,} tokens, more than the {rows:,} the model '{model_name}' "
+            "has embeddings for; pass the model's own tokenizer with --tokenizer."
+        )
+    if 2 * tokens < rows:
+        raise UserError(
+            f"the tokenizer '{tokenizer_name}' has {tokens:,} tokens, far fewer than the model '{model_name}''s "
+            f"{rows:,}, so its ids mean other tokens to that model; pass the model's own tokenizer with --tokenizer."
+        )
+
+
 def model_context_length(model_or_config) -> int:
     config = getattr(model_or_config, "config", model_or_config)
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))

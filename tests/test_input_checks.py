@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from conftest import PREPARE, QUICK, refused, run_script
+from conftest import FULL, PREPARE, QUICK, refused, run_script
 
 from studykit.config import (
     MAX_SEED,
@@ -209,3 +209,37 @@ def test_prepare_refuses_a_one_token_tokenizer_also_as_a_command_line_user_sees_
     )
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_does_not_belong_to_the_model_is_one_sentence(
+    tmp_path, small_vocab_inputs, gpt2_tokenizer_dir, processed_dir
+):
+    """The data and tokenizer agree (GPT-2's 50,257 tokens), the model has 300 embedding rows: ids past them would
+    fail inside the forward pass."""
+    message = refused(
+        FULL,
+        "--model",
+        small_vocab_inputs["model"],
+        "--tokenizer",
+        gpt2_tokenizer_dir,
+        "--data-dir",
+        processed_dir,
+        "--output-dir",
+        tmp_path / "run",
+        "--max-steps",
+        "1",
+        watch=[tmp_path],
+    )
+    assert "has 50,257 tokens, more than the 300 the model" in message and "pass the model's own tokenizer" in message
+
+
+def test_a_vocabulary_far_smaller_than_the_models_is_refused(small_vocab_inputs, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from studykit.modeling import check_model_fits_tokenizer, load_tokenizer
+
+    small = load_tokenizer(str(small_vocab_inputs["model"]))
+    gpt2_sized = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match=r"has 300 tokens, far fewer than the model 'm''s 50,257"):
+        check_model_fits_tokenizer(gpt2_sized, small, "m", "t")
+    check_model_fits_tokenizer(gpt2_sized, load_tokenizer(str(tiny_model_dir)), "m", "t")
