@@ -57,7 +57,10 @@ def cpu_matmul_tflops() -> float:
     import time
 
     size = 512
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # A generator of its own: the global one seeds the run's initialisation and dropout, which a measurement must not
+    # move (every CPU training measures, since the refusal goes by the time).
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     a @ b  # warm-up
     started, repeats = time.perf_counter(), 0
     while time.perf_counter() - started < 0.1:
