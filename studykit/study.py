@@ -18,7 +18,7 @@ from studykit.errors import UserError, first_line
 from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
-from studykit.modeling import known_gpt2_config, model_skeleton
+from studykit.modeling import known_gpt2_config, model_context_length, model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
 from studykit.study_file import Study, Training, load_study, study_path
@@ -390,6 +390,15 @@ def check_runs_against_the_base_model(study: Study) -> None:
             check(skeleton, spec.config)
         except UserError as error:
             raise UserError(f"run '{spec.name}' in {study.source} cannot train: {error}") from None
+    if study.report.sample_prompts:
+        # samples.md continues a prompt by sample_new_tokens within the model's context; checked here, not after every
+        # training has run.
+        context = model_context_length(base_config or base_model_config(study))
+        if study.report.sample_new_tokens >= context:
+            raise UserError(
+                f"[report] in {study.source} sets sample_new_tokens = {study.report.sample_new_tokens}, which leaves "
+                f"no room for a prompt in the model's {context}-token context; set it below {context}."
+            )
 
 
 def warn_about_stale_runs(study: Study, listed: set[str]) -> None:

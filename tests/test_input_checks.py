@@ -243,3 +243,11 @@ def test_a_vocabulary_far_smaller_than_the_models_is_refused(small_vocab_inputs,
     with pytest.raises(UserError, match=r"has 300 tokens, far fewer than the model 'm''s 50,257"):
         check_model_fits_tokenizer(gpt2_sized, small, "m", "t")
     check_model_fits_tokenizer(gpt2_sized, load_tokenizer(str(tiny_model_dir)), "m", "t")
+
+
+def test_samples_longer_than_the_models_context_are_refused_before_training():
+    from studykit.study import check_runs_against_the_base_model
+
+    check_runs_against_the_base_model(load_study(QUICK))
+    with pytest.raises(UserError, match=r"sample_new_tokens = 256, which leaves no room .* 256-token context"):
+        check_runs_against_the_base_model(load_study(QUICK, overrides=["report.sample_new_tokens=256"]))
