@@ -10,12 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from studykit.dependency_logs import VERBOSE_FLAG, VERBOSE_HELP, quiet_dependencies  # noqa: E402
 from studykit.errors import report_user_errors  # noqa: E402
 from studykit.tiny import build_pretrained_tiny_gpt2  # noqa: E402
 
 
 @report_user_errors
 def main() -> None:
+    quiet_dependencies(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output-dir", default=".quick/tiny-gpt2", help="where the model and tokenizer are saved")
     parser.add_argument(
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument(
         "--pretrain-steps", type=int, default=400, help="pre-training steps on the general text (0: random model)"
     )
+    parser.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args()
     note = build_pretrained_tiny_gpt2(
         Path(args.output_dir),
