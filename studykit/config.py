@@ -576,7 +576,7 @@ class LoraTrainConfig(TrainConfig):
 
     output_dir: str = option("checkpoints/lora_r{rank}", "where the adapter, run.json and log.jsonl are written")
     lr: float = option(3e-4, "peak learning rate (LoRA's small, zero-initialised updates need a larger one)")
-    rank: int = option(8, "LoRA rank r", minimum=1)
+    rank: int = option(8, "LoRA rank r")
     alpha: Optional[float] = option(None, "LoRA alpha (default: 2 x rank)")
     dropout: float = option(0.05, "dropout on the LoRA input")
     target_modules: list[str] = option(

@@ -100,7 +100,6 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
         ) from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer '{name_or_path}' has no EOS token; responses must end with one.")
-    check_tokenizer_vocabulary(tokenizer, name_or_path, flag)
     if tokenizer.pad_token_id is None:
         # GPT-2 has no pad token. Padding positions are masked out of attention and labels by position.
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,9 +115,10 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.mod
 
 
 def check_tokenizer_vocabulary(tokenizer, name_or_path: str, flag: str = "--tokenizer") -> None:
-    """A tokenizer that loads but has lost its vocabulary is refused before anything is written: transformers 5 loads
-    a directory with only tokenizer_config.json as a tokenizer of one token, whose data would be one token per
-    response and train nothing."""
+    """A tokenizer that loads but has lost its vocabulary is refused before prepare writes anything: transformers 5
+    loads a directory with only tokenizer_config.json as a tokenizer of one token, whose data would be one token per
+    response and train nothing. (Training and evaluation need no second look: their tokenizer must be the data's, by
+    its fingerprint, and fit the model, check_model_fits_tokenizer.)"""
     size = len(tokenizer)
     eos_missing = tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) is None or tokenizer.eos_token_id >= size
     probe_tokens = len(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])

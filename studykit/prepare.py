@@ -29,7 +29,7 @@ from studykit.io import (
     read_json,
     visible_entries,
 )
-from studykit.modeling import load_tokenizer
+from studykit.modeling import check_tokenizer_vocabulary, load_tokenizer
 from studykit.oasst import (
     FILTER_STAGES,
     PARENT_STAGE,
@@ -162,6 +162,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     holds_dataset = check_dataset_directory(output_dir)
     with locks.exclusive(output_dir, "--output-dir"):
         tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
+        check_tokenizer_vocabulary(tokenizer, config.tokenizer)
         check_seq_len(config.seq_len, tokenizer, config.tokenizer)
         inputs = prepare_inputs(config, tokenizer)
         recorded = existing_inputs(output_dir) if holds_dataset else None

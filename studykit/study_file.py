@@ -171,7 +171,8 @@ def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
     stage names its flag, so the error is told where in the study file that setting is."""
     config = config_cls(**values)
     try:
-        check_ranges(config, names="keys")
+        # A stage's message names its flag, as its script's would; [tiny_model] and [report] have only their keys.
+        check_ranges(config, names="keys" if config_cls in (TinyModelConfig, ReportConfig) else "flags")
         config.validate()
     except UserError as error:
         raise UserError(f"{where} in {source}: {error}") from None

@@ -11,7 +11,6 @@ from conftest import FULL, PREPARE, QUICK, refused, run_script
 from studykit.config import (
     MAX_SEED,
     EvalConfig,
-    LoraTrainConfig,
     PrepareConfig,
     TrainConfig,
     parse_config,
@@ -36,7 +35,6 @@ from studykit.tiny import build_tiny_gpt2, tiny_gpt2_config, train_byte_level_to
         (TrainConfig, "--log-every", "0", "--log-every must be at least 1 (got 0)"),
         (TrainConfig, "--keep", "0", "--keep must be at least 1 (got 0)"),
         (TrainConfig, "--pad-to-multiple-of", "0", "--pad-to-multiple-of must be at least 1 (got 0)"),
-        (LoraTrainConfig, "--rank", "-4", "--rank must be at least 1 (got -4)"),
         (PrepareConfig, "--seq-len", "1", "--seq-len must be at least 2 (got 1)"),
         (EvalConfig, "--batch-size", "-1", "--batch-size must be at least 1 (got -1)"),
     ],
@@ -65,16 +63,16 @@ def test_the_study_runner_refuses_a_negative_seed_before_its_dry_run():
     [
         ("budget.seeds=[0, -1]", "sets seeds = [0, -1]; write a list of different whole numbers from 0 to"),
         ("budget.sweep_seeds=[-1]", "sets sweep_seeds = [-1]; write a list of different whole numbers from 0 to"),
-        ("budget.save_every=-1", "save_every must be at least 0 (got -1)"),
-        ("budget.eval_every=-1", "eval_every must be at least 0 (got -1)"),
-        ("budget.max_steps=0", "max_steps must be at least 1 (got 0)"),
-        ("budget.batch_size=0", "batch_size must be at least 1 (got 0)"),
-        ("budget.grad_accum=0", "grad_accum must be at least 1 (got 0)"),
-        ("runs.lora_r8.rank=0", "rank must be at least 1 (got 0)"),
+        ("budget.save_every=-1", "--save-every must be at least 0 (got -1)"),
+        ("budget.eval_every=-1", "--eval-every must be at least 0 (got -1)"),
+        ("budget.max_steps=0", "--max-steps must be at least 1 (got 0)"),
+        ("budget.batch_size=0", "--batch-size must be at least 1 (got 0)"),
+        ("budget.grad_accum=0", "--grad-accum must be at least 1 (got 0)"),
+        ("runs.lora_r8.rank=0", "LoRA needs a positive rank and alpha (got rank=0"),
         ("tiny_model.seed=-1", "seed must be from 0 to"),
         ("tiny_model.pretrain_steps=-1", "pretrain_steps must be at least 0 (got -1)"),
-        ("data.seq_len=0", "seq_len must be at least 2 (got 0)"),
-        ("eval.batch_size=0", "batch_size must be at least 1 (got 0)"),
+        ("data.seq_len=0", "--seq-len must be at least 2 (got 0)"),
+        ("eval.batch_size=0", "--batch-size must be at least 1 (got 0)"),
         ("report.bootstrap_seed=-1", "bootstrap_seed must be from 0 to"),
         ("report.sample_prompts=-1", "sample_prompts must be at least 0 (got -1)"),
     ],
@@ -93,7 +91,7 @@ def test_a_study_file_out_of_range_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"sets seed = -7; write a whole number from 0 to"):
         load_study(path)
     path.write_text(QUICK.read_text().replace("max_steps = 30", "max_steps = 30\nsave_every = -2"))
-    with pytest.raises(UserError, match=r"in .*study\.toml: save_every must be at least 0 \(got -2\)"):
+    with pytest.raises(UserError, match=r"in .*study\.toml: --save-every must be at least 0 \(got -2\)"):
         load_study(path)
 
 
