@@ -4,7 +4,8 @@
 # TORCH_BUILD=cpu (test.sh: the tests always run on the CPU) or auto (study.sh): on a machine where nvidia-smi sees a
 # GPU, a CUDA build its driver supports; elsewhere the CPU build (a CUDA build is several GB a CPU never uses).
 # TORCH_INDEX_URL chooses the index by hand (e.g. https://download.pytorch.org/whl/cu126), TORCH_VERSION the release
-# (default: the one the test suite runs on), PYTHON the interpreter.
+# (default: the one the test suite runs on), PYTHON the interpreter. The kit's dependencies come at the versions of
+# requirements-lock.txt (scripts/lock.sh regenerates it); STUDYKIT_LOCK=0 takes the newest its ranges allow instead.
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_BUILD=${TORCH_BUILD:-auto}
