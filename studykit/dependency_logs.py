@@ -20,6 +20,9 @@ VERBOSE_HELP = (
 )
 # Set by --verbose too, so the processes a study starts (each training) are as verbose as it is.
 VERBOSE_ENVIRONMENT = "STUDYKIT_VERBOSE"
+# Set when quieted, so the processes this one starts without an entry point (a study's trainings, forked from a server
+# that imports the trainer, and so bitsandbytes and kernels, first) quiet themselves on importing studykit.
+QUIET_ENVIRONMENT = "STUDYKIT_QUIET_DEPENDENCIES"
 # The libraries whose loggers and warnings are kept quiet.
 LIBRARIES = ("transformers", "datasets", "huggingface_hub", "kernels", "accelerate", "peft", "bitsandbytes")
 # transformers, datasets and huggingface_hub set their loggers' level from these when they are imported (a level set
@@ -40,6 +43,7 @@ def quiet_dependencies(argv: Sequence[str]) -> None:
     if verbose_requested(argv):
         os.environ[VERBOSE_ENVIRONMENT] = "1"
         return
+    os.environ[QUIET_ENVIRONMENT] = "1"
     for library in LIBRARIES:
         logging.getLogger(library).setLevel(logging.ERROR)
         # Warnings raised inside the library (those it attributes to the kit's own calls still show: they are ours).

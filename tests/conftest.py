@@ -296,7 +296,11 @@ def in_process(capsys, monkeypatch):
     # The entry point quiets the dependencies' loggers for its process (dependency_logs): put them back afterwards.
     levels = {library: logging.getLogger(library).level for library in dependency_logs.LIBRARIES}
     transformers_verbosity = transformers_logging.get_verbosity()
-    for name in (*dependency_logs.LIBRARY_VERBOSITY_VARIABLES, dependency_logs.VERBOSE_ENVIRONMENT):
+    for name in (
+        *dependency_logs.LIBRARY_VERBOSITY_VARIABLES,
+        dependency_logs.VERBOSE_ENVIRONMENT,
+        dependency_logs.QUIET_ENVIRONMENT,
+    ):
         # setenv first: monkeypatch then restores the variable even where it was unset (delenv alone would not).
         monkeypatch.setenv(name, os.environ.get(name, ""))
         monkeypatch.delenv(name)

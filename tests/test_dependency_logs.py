@@ -49,6 +49,27 @@ def test_the_dependencies_are_quiet_by_default_and_heard_with_verbose():
         assert "a warning from inside" in heard.stderr and lines[-1] == "error: the kit's own sentence."
 
 
+def test_a_process_a_quiet_command_starts_is_quiet_too():
+    """A study's trainings run in processes forked from a server that imports the trainer (and so bitsandbytes and
+    kernels) before any entry point runs: importing studykit there quiets them as their parent was."""
+    code = (
+        "import logging, studykit; "
+        "logging.getLogger('kernels._internals.hf_hub').warning('kernels says something'); "
+        "import sys; print('done', file=sys.stderr)"
+    )
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("STUDYKIT_")}
+    environment["PYTHONPATH"] = str(REPO_ROOT)
+    for quiet, expected in (("1", ["done"]), ("", ["kernels says something", "done"])):
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**environment, dependency_logs.QUIET_ENVIRONMENT: quiet},
+            timeout=120,
+        )
+        assert result.stderr.splitlines() == expected, result.stderr
+
+
 def test_an_error_a_dependency_logs_still_shows():
     result = subprocess.run(
         [
@@ -108,7 +129,12 @@ def test_every_command_takes_verbose_and_no_config_keeps_it(config_class):
 
 def test_quieting_keeps_a_users_own_verbosity(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
-    for name in ("DATASETS_VERBOSITY", "HF_HUB_VERBOSITY", dependency_logs.VERBOSE_ENVIRONMENT):
+    for name in (
+        "DATASETS_VERBOSITY",
+        "HF_HUB_VERBOSITY",
+        dependency_logs.VERBOSE_ENVIRONMENT,
+        dependency_logs.QUIET_ENVIRONMENT,
+    ):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     levels = {library: logging.getLogger(library).level for library in dependency_logs.LIBRARIES}
