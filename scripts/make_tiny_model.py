@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studykit.config import TinyModelConfig, option, parse_config  # noqa: E402
+from studykit.dependency_logs import quiet_dependencies  # noqa: E402
 from studykit.errors import report_user_errors  # noqa: E402
 from studykit.tiny import build_from_config  # noqa: E402
 
@@ -22,6 +23,7 @@ class TinyModelCommand(TinyModelConfig):
 
 @report_user_errors
 def main() -> None:
+    quiet_dependencies(sys.argv[1:])
     command = parse_config(TinyModelCommand, __doc__)
     settings = {key: value for key, value in dataclasses.asdict(command).items() if key != "output_dir"}
     note = build_from_config(Path(command.output_dir), TinyModelConfig(**settings))

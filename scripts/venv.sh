@@ -1,11 +1,12 @@
 # Sourced by study.sh and test.sh: check the Python version, create .venv on first use, activate it, install the torch
-# build this machine needs if torch is missing, then the kit itself (`pip install -e .`).
+# build this machine needs if torch is missing, then the kit itself (`pip install -e .`) at the locked versions.
 #
 # TORCH_BUILD=cpu (test.sh: the tests always run on the CPU) or auto (study.sh): on a machine where nvidia-smi sees a
 # GPU, a CUDA build its driver supports; where rocm-smi sees an AMD GPU, the ROCm build for the installed ROCm; elsewhere
 # the CPU build (a GPU build is several GB a CPU never uses). A Mac's torch from PyPI runs on its GPU (MPS) as it is.
 # TORCH_INDEX_URL chooses the index by hand (e.g. https://download.pytorch.org/whl/cu126), TORCH_VERSION the release
-# (default: the one the test suite runs on), PYTHON the interpreter.
+# (default: the one the test suite runs on), PYTHON the interpreter. The kit's dependencies come at the versions of
+# requirements-lock.txt (scripts/lock.sh regenerates it); STUDYKIT_LOCK=0 takes the newest its ranges allow instead.
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_BUILD=${TORCH_BUILD:-auto}
@@ -64,5 +65,13 @@ if [ -n "$ROCM_VERSION" ] && ! python -c "import sys, torch; sys.exit(0 if torch
   echo "error: rocm-smi sees an AMD GPU, but the torch in .venv ($(python -c 'import torch; print(torch.__version__)' 2>/dev/null)) cannot use it; install a ROCm build: .venv/bin/pip uninstall -y torch and run this again (it picks one for the installed ROCm), or pass TORCH_INDEX_URL=https://download.pytorch.org/whl/rocmX.Y." >&2
   exit 2
 fi
-# The kit, editable, with its dependencies (pyproject.toml): torch's bound is met by the build above, so pip keeps it.
-python -m pip install --quiet -e ".${STUDYKIT_EXTRAS:-}"
+# The kit, editable, with its dependencies at the versions the test suite passed with: requirements-lock.txt
+# (scripts/lock.sh writes it) constrains every package the kit and its dev extra need, torch aside, whose build is the
+# one above. STUDYKIT_LOCK=0 takes the newest releases pyproject.toml's ranges allow instead (what `pip install -e .`
+# does; scripts/check_latest_versions.sh is the deliberate check of those). torch's bound is met by the build above,
+# so pip keeps it.
+if [ "${STUDYKIT_LOCK:-1}" = 0 ]; then
+  python -m pip install --quiet -e ".${STUDYKIT_EXTRAS:-}"
+else
+  python -m pip install --quiet -c requirements-lock.txt -e ".${STUDYKIT_EXTRAS:-}"
+fi

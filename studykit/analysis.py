@@ -26,6 +26,7 @@ from studykit.analysis_parts import (
     update_parts,
 )
 from studykit.config import config_to_dict, print_config, save_config
+from studykit.dependency_logs import VERBOSE_FLAG, VERBOSE_HELP
 from studykit.errors import UserError
 from studykit.evaluate import EXTRA_EVAL_PREFIX
 from studykit.io import atomic_write_json, atomic_write_text, read_json
@@ -235,6 +236,8 @@ def analyze_command(argv: Optional[Sequence[str]] = None) -> None:
         "curve and a verdict per run; written to DIR/results/analysis.json, analysis.md and the top of results.md."
     )
     parser.add_argument("study_dir", help="the study's output directory, e.g. runs/default")
+    # Read by the entry point before the parse (dependency_logs.quiet_dependencies).
+    parser.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
     arguments = parser.parse_args(argv if argv is not None else sys.argv[1:])
     report_user_errors(lambda: analyze_study_directory(arguments.study_dir))()
 

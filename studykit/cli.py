@@ -1,10 +1,14 @@
 """The commands: each parses its stage's config from the command line and runs the stage, a user's mistake reported
-as one `error:` line. The console entry points (studykit-prepare, studykit-train-full, studykit-train-lora,
+as one `error:` line and the dependencies' log messages kept quiet unless --verbose
+(studykit/dependency_logs.py). The console entry points (studykit-prepare, studykit-train-full, studykit-train-lora,
 studykit-eval, studykit-study, studykit-analyze; pyproject.toml) and the scripts in data/, training/, evaluation/ and
 run_study.py call these functions, so a script and its entry point print the same --help."""
 
 from __future__ import annotations
 
+import sys
+
+from studykit.dependency_logs import quiet_dependencies
 from studykit.errors import report_user_errors
 
 PREPARE_DESCRIPTION = (
@@ -23,6 +27,7 @@ the plan.
 
 
 def prepare_command() -> None:
+    quiet_dependencies(sys.argv[1:])
     from studykit.config import PrepareConfig, parse_config
     from studykit.prepare import prepare
 
@@ -31,6 +36,7 @@ def prepare_command() -> None:
 
 def train_method(method_name: str) -> None:
     """Train with the method named in methods.METHODS: its config class gives the flags."""
+    quiet_dependencies(sys.argv[1:])
     from studykit.config import parse_config
     from studykit.methods import METHODS
     from studykit.trainer import train
@@ -49,6 +55,7 @@ def train_lora_command() -> None:
 
 
 def evaluate_command() -> None:
+    quiet_dependencies(sys.argv[1:])
     from studykit.config import EvalConfig, parse_config
     from studykit.evaluate import evaluate
 
@@ -56,12 +63,14 @@ def evaluate_command() -> None:
 
 
 def study_command() -> None:
+    quiet_dependencies(sys.argv[1:])
     from studykit.study import parse_study_args, run_study
 
     report_user_errors(lambda: run_study(parse_study_args(STUDY_DESCRIPTION)))()
 
 
 def analyze_command() -> None:
+    quiet_dependencies(sys.argv[1:])
     from studykit.analysis import analyze_command as analyze
 
     analyze()

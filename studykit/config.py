@@ -13,11 +13,14 @@ from studykit.learning_curves import EVAL_SCHEDULES
 from studykit.settings import (
     CONFIG_FILE_DEST,
     LAUNCH_ACTIONS,
+    MAX_SEED,
     build_parser,
+    check_ranges,
     check_settings,
     command_line,
     config_to_dict,
     field_types,
+    field_values,
     fields_accepted,
     option,
     parse_config,
@@ -31,11 +34,14 @@ from studykit.settings import (
 __all__ = [
     "CONFIG_FILE_DEST",
     "LAUNCH_ACTIONS",
+    "MAX_SEED",
     "build_parser",
+    "check_ranges",
     "check_settings",
     "command_line",
     "config_to_dict",
     "field_types",
+    "field_values",
     "fields_accepted",
     "option",
     "parse_config",
@@ -76,7 +82,7 @@ class PrepareConfig:
     )
     tokenizer: str = option("gpt2", "hub id or local directory of the tokenizer")
     output_dir: str = option("data/processed", "where the processed dataset is written")
-    seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated")
+    seq_len: int = option(512, "tokens per sequence at most (EOS included); longer responses are truncated", minimum=2)
     lang: str = option("en", "comma-separated language codes to keep, or 'all'")
     test_fraction: float = option(
         0.05, "share of a local file's conversation trees held out as the test split (the hub dataset brings its own)"
@@ -138,16 +144,16 @@ class TrainConfig:
     tokenizer: Optional[str] = option(None, "tokenizer hub id or directory (default: the model's)")
     data_dir: str = option("data/processed", "processed dataset from data/prepare_oasst.py")
     output_dir: str = option("checkpoints/full_ft", "where the checkpoint, run.json and log.jsonl are written")
-    seed: int = option(42, "seed for data order, dropout and initialisation")
+    seed: int = option(42, "seed for data order, dropout and initialisation", minimum=0, maximum=MAX_SEED)
     epochs: float = option(1.0, "passes over the training split (ignored when --max-steps is set)")
     train_fraction: float = option(
         1.0,
         "share of the training split's conversation trees to train on, chosen by a hash of the tree id so smaller "
         "shares are subsets of larger ones (0.25 of 0.5 of 1); dev and test stay whole",
     )
-    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs")
-    batch_size: int = option(8, "sequences per micro-batch on each process")
-    grad_accum: int = option(4, "micro-batches per optimizer step")
+    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs", minimum=1)
+    batch_size: int = option(8, "sequences per micro-batch on each process", minimum=1)
+    grad_accum: int = option(4, "micro-batches per optimizer step", minimum=1)
     lr: float = option(5e-5, "peak learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay (never applied to biases and LayerNorm)")
     adam_beta1: float = option(0.9, "AdamW's decay rate of the gradient's running mean")
@@ -172,13 +178,13 @@ class TrainConfig:
     )
     device: str = option(
         "auto",
-        "auto: the GPU torch sees (CUDA, else an Apple GPU), else the CPU (where a model of over 50M "
-        "parameters stops with its estimated time unless --device cpu); cuda; mps; cpu",
+        "auto: the GPU torch sees (CUDA, else an Apple GPU), else the CPU (where a training estimated at over 30 "
+        "minutes stops with its estimate unless --device cpu); cuda; mps; cpu",
         choices=DEVICES,
     )
     group_by_length: bool = option(True, "form micro-batches of similar length so little compute goes to padding")
     packing: bool = option(False, "concatenate responses into full blocks (changes what the model sees)")
-    eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)")
+    eval_every: int = option(200, "optimizer steps between validation passes (0: only at the end)", minimum=0)
     eval_schedule: str = option(
         "interval",
         "interval: the dev loss every --eval-every steps and at the end; log: also after steps 1, 2, 4, 8, ..., for a "
@@ -186,9 +192,9 @@ class TrainConfig:
         choices=EVAL_SCHEDULES,
     )
     eval_batch_size: int = option(
-        16, "longest validation responses per batch; shorter ones fill batches of as many tokens"
+        16, "longest validation responses per batch; shorter ones fill batches of as many tokens", minimum=1
     )
-    log_every: int = option(10, "optimizer steps between log.jsonl lines")
+    log_every: int = option(10, "optimizer steps between log.jsonl lines", minimum=1)
     compile: bool = option(False, "torch.compile the model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     loss_kernel: str = option(
@@ -203,6 +209,7 @@ class TrainConfig:
         "pad each batch's length up to a multiple of this, for tensor "
         "cores and few shapes under --compile; padding never counts (default: "
         "64 on CUDA, 1 on a CPU)",
+        minimum=1,
     )
     max_gpu_memory_gb: Optional[float] = option(
         None, "cap this process's CUDA memory at this many GiB, e.g. 6 (default: no cap; CUDA only)"
@@ -225,8 +232,8 @@ class TrainConfig:
         "Hub repo id (ORG/NAME) the finished checkpoint directory is uploaded to, "
         "without its resumable checkpoints (default: no upload)",
     )
-    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)")
-    keep: int = option(2, "resumable checkpoints to keep")
+    save_every: int = option(0, "optimizer steps between resumable checkpoints (0: none but the final one)", minimum=0)
+    keep: int = option(2, "resumable checkpoints to keep", minimum=1)
     resume: bool = option(False, "continue from the latest resumable checkpoint in --output-dir")
     overwrite: bool = option(False, "replace a finished run in --output-dir")
     trust_remote_code: bool = option(False, "allow model code from the hub to run")
@@ -417,7 +424,7 @@ class EvalConfig:
         [], "names of the run directories under --checkpoints to score (default: every finished run)"
     )
     output_dir: str = option("results", "where perplexity.json and results.md are written")
-    batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens")
+    batch_size: int = option(16, "longest responses per batch; shorter ones fill batches of as many tokens", minimum=1)
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on an Apple GPU (MPS) and a CPU", choices=PRECISIONS)
     loss_kernel: str = option(
         "auto",
@@ -427,6 +434,7 @@ class EvalConfig:
     pad_to_multiple_of: Optional[int] = option(
         None,
         "pad each batch's length up to a multiple of this; no perplexity changes (default: 64 on CUDA, 1 on a CPU)",
+        minimum=1,
     )
     include_base: bool = option(True, "also score the base model")
     extra_eval: Optional[str] = option(
@@ -459,13 +467,15 @@ class TinyModelConfig:
         "data/sample/general_text_heldout.txt",
         "general text never trained on, scored before and after pre-training (none: not scored)",
     )
-    vocab_size: int = option(512, "tokenizer vocabulary size")
-    n_layer: int = option(2, "transformer blocks")
-    n_embd: int = option(64, "hidden size")
-    pretrain_steps: int = option(400, "optimizer steps of pre-training on the general text (0: a random model)")
-    pretrain_block_size: int = option(128, "tokens per pre-training sequence")
+    vocab_size: int = option(512, "tokenizer vocabulary size", minimum=1)
+    n_layer: int = option(2, "transformer blocks", minimum=1)
+    n_embd: int = option(64, "hidden size", minimum=1)
+    pretrain_steps: int = option(
+        400, "optimizer steps of pre-training on the general text (0: a random model)", minimum=0
+    )
+    pretrain_block_size: int = option(128, "tokens per pre-training sequence", minimum=2)
     pretrain_lr: float = option(3e-3, "peak learning rate of the pre-training")
-    seed: int = option(0, "seed of the initial weights and of the pre-training's order")
+    seed: int = option(0, "seed of the initial weights and of the pre-training's order", minimum=0, maximum=MAX_SEED)
 
     def validate(self) -> None:
         for flag, value in (("vocab_size", self.vocab_size), ("n_layer", self.n_layer), ("n_embd", self.n_embd)):
@@ -479,12 +489,15 @@ class TinyModelConfig:
 class ReportConfig:
     """A study's [report]: the bootstrap and the samples."""
 
-    bootstrap_resamples: int = option(2000, "bootstrap resamples per interval")
+    bootstrap_resamples: int = option(2000, "bootstrap resamples per interval", minimum=1)
     bootstrap_seed: int = option(
-        0, "seed of the bootstrap resamples (the same for every run, so their intervals are paired)"
+        0,
+        "seed of the bootstrap resamples (the same for every run, so their intervals are paired)",
+        minimum=0,
+        maximum=MAX_SEED,
     )
-    sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md")
-    sample_new_tokens: int = option(40, "tokens generated per sample at most")
+    sample_prompts: int = option(4, "held-out prompts continued by every model in samples.md", minimum=0)
+    sample_new_tokens: int = option(40, "tokens generated per sample at most", minimum=1)
 
     def validate(self) -> None:
         if self.bootstrap_resamples < 1 or self.sample_prompts < 0 or self.sample_new_tokens < 1:
@@ -511,7 +524,10 @@ class StudyConfig:
         False, "print what would be prepared, trained, evaluated and reported, with an estimated time, and do nothing"
     )
     seeds: Optional[list[int]] = option(
-        None, "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2"
+        None,
+        "seeds every run is trained with, replacing the study file's [budget] seeds, e.g. --seeds 0 1 2",
+        minimum=0,
+        maximum=MAX_SEED,
     )
     overrides: list[str] = option(
         [],
@@ -565,7 +581,7 @@ class StudyConfig:
         repeatable=True,
     )
     num_processes: int = option(
-        1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)"
+        1, "processes per training under --launcher accelerate (its GPUs: all visible, or --gpus)", minimum=1
     )
     print_commands: bool = option(
         False,
@@ -574,7 +590,7 @@ class StudyConfig:
     )
     device: str = option(
         "auto",
-        "every training's --device: auto stops a study of a model over 50M parameters that would train "
+        "every training's --device: auto stops a study whose pending trainings would take over 30 minutes "
         "on a CPU (with its estimated time) unless --device cpu",
         choices=DEVICES,
     )

@@ -31,7 +31,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenize_responses(texts: Sequence[str], tokenizer, seq_len: int) -> tuple[list[list[int]], int]:
     """EOS ends every response so the model learns to stop; a response longer than seq_len is cut (and loses EOS)."""
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # Cut by the tokenizer at seq_len (a response that long loses its EOS below anyway): the same tokens as cutting
+    # afterwards, and no text longer than the model's context goes through uncut (transformers warns of that).
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"]
     sequences, truncated = [], 0
     for ids in encoded:
         ids = list(ids) + [tokenizer.eos_token_id]
@@ -67,7 +69,12 @@ def tokenize_prompted_responses(
     end, nearest the response, stays."""
     responses, truncated = tokenize_responses(texts, tokenizer, seq_len)
     prompt_texts = [prompt.strip() + CONTEXT_SEPARATOR for prompt in prompts]
-    encoded = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+    # A prompt keeps its end: cut from the left at seq_len, more than any prompt keeps below.
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        encoded = tokenizer(prompt_texts, add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
     sequences, prompt_lengths, shortened = [], [], 0
     for prompt_ids, response_ids in zip(encoded, responses):
         room = seq_len - len(response_ids)

@@ -31,6 +31,7 @@ from studykit.metrics import SequenceScores, score_sequences
 from studykit.modeling import (
     base_model_fingerprint,
     check_checkpoint_files,
+    check_model_fits_tokenizer,
     count_parameters,
     is_adapter_directory,
     is_full_model_directory,
@@ -150,6 +151,7 @@ def evaluate_holding_lock(config: EvalConfig) -> list[dict[str, Any]]:
     for target in targets:
         started = time.perf_counter()
         model = load_target(target, config)
+        check_model_fits_tokenizer(model, tokenizer, str(target.path or config.model), tokenizer_name)
         model.to(device)
         use_loss_kernel(model, loss_kernel)
         scores = score_sequences(

@@ -106,6 +106,56 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer", trust_remote_co
     return tokenizer
 
 
+# A byte-level BPE (GPT-2's) has a token per byte before any merge; a tokenizer with fewer lost its vocabulary.
+MIN_TOKENIZER_VOCABULARY = 256
+# Any working tokenizer splits this into several tokens; one that has lost its vocabulary yields none or one.
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+# The files a tokenizer's vocabulary lives in, by kind (fast, GPT-2's BPE, SentencePiece, WordPiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
+def check_tokenizer_vocabulary(tokenizer, name_or_path: str, flag: str = "--tokenizer") -> None:
+    """A tokenizer that loads but has lost its vocabulary is refused before prepare writes anything: transformers 5
+    loads a directory with only tokenizer_config.json as a tokenizer of one token, whose data would be one token per
+    response and train nothing. (Training and evaluation need no second look: their tokenizer must be the data's, by
+    its fingerprint, and fit the model, check_model_fits_tokenizer.)"""
+    size = len(tokenizer)
+    eos_missing = tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) is None or tokenizer.eos_token_id >= size
+    probe_tokens = len(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if size >= MIN_TOKENIZER_VOCABULARY and not eos_missing and probe_tokens > 1:
+        return
+    directory = Path(name_or_path)
+    present = [name for name in VOCABULARY_FILES if (directory / name).is_file()] if directory.is_dir() else []
+    missing = (
+        f"it holds none of {', '.join(VOCABULARY_FILES)}"
+        if directory.is_dir() and not present
+        else "its vocabulary files are incomplete or damaged"
+    )
+    raise UserError(
+        f"the tokenizer '{name_or_path}' has {size} token(s) (GPT-2's has 50,257), "
+        + ("its EOS token is not in its vocabulary, " if eos_missing else "")
+        + f"and splits a sentence into {probe_tokens} token(s): {missing}; pass {flag} a complete tokenizer "
+        "(e.g. the directory save_pretrained wrote, or gpt2)."
+    )
+
+
+def check_model_fits_tokenizer(model, tokenizer, model_name: str, tokenizer_name: str) -> None:
+    """A model and a tokenizer that load but do not belong together: ids past the model's embedding rows fail deep in
+    a forward pass, and a vocabulary far smaller than the model's means its ids name other tokens to this model (a
+    padded vocabulary, such as 50,304 rows for GPT-2's 50,257 tokens, is fine)."""
+    rows, tokens = model.get_input_embeddings().num_embeddings, len(tokenizer)
+    if tokens > rows:
+        raise UserError(
+            f"the tokenizer '{tokenizer_name}' has {tokens:,} tokens, more than the {rows:,} the model '{model_name}' "
+            "has embeddings for; pass the model's own tokenizer with --tokenizer."
+        )
+    if 2 * tokens < rows:
+        raise UserError(
+            f"the tokenizer '{tokenizer_name}' has {tokens:,} tokens, far fewer than the model '{model_name}''s "
+            f"{rows:,}, so its ids mean other tokens to that model; pass the model's own tokenizer with --tokenizer."
+        )
+
+
 def model_context_length(model_or_config) -> int:
     config = getattr(model_or_config, "config", model_or_config)
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings"))

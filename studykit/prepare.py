@@ -29,7 +29,7 @@ from studykit.io import (
     read_json,
     refuse_foreign_directory,
 )
-from studykit.modeling import load_tokenizer
+from studykit.modeling import check_tokenizer_vocabulary, load_tokenizer
 from studykit.oasst import (
     FILTER_STAGES,
     PARENT_STAGE,
@@ -47,6 +47,8 @@ UNSET_CONTEXT = 1_000_000
 # Opening prompts of test trees, kept as text (the processed data holds only tokenized responses), for the samples.
 PROMPTS_FILE = "prompts.json"
 PROMPTS_KEPT = 16
+# OASST responses run to hundreds of tokens; a tokenizer that makes one of each has no vocabulary to speak of.
+MIN_TOKENS_PER_RESPONSE = 1
 # Written beside meta.json; the two together mark a directory as a dataset this stage made.
 PREPARE_CONFIG_FILE = "prepare_config.json"
 
@@ -134,6 +136,20 @@ def check_seq_len(seq_len: int, tokenizer, tokenizer_name: str) -> None:
         )
 
 
+def check_tokens_per_response(
+    input_ids: list[list[int]], prompt_lengths: list[int], tokenizer_name: str, split: str
+) -> None:
+    """A tokenizer that makes about one token of a response (its EOS aside) has lost its vocabulary, whatever it
+    reports: a study on such data would train and report garbage. Judged before anything is written."""
+    response_tokens = sum(len(ids) - prompt for ids, prompt in zip(input_ids, prompt_lengths)) - len(input_ids)
+    if response_tokens <= MIN_TOKENS_PER_RESPONSE * len(input_ids):
+        raise UserError(
+            f"the tokenizer '{tokenizer_name}' turns the {len(input_ids):,} {split} responses into {response_tokens:,} "
+            "tokens besides EOS (about one each); its vocabulary is missing or wrong: pass --tokenizer a complete "
+            "tokenizer directory (with tokenizer.json, or vocab.json and merges.txt) or a hub id such as gpt2."
+        )
+
+
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare the dataset, or keep the one in --output-dir when it was made from the same inputs."""
     print_config(config)
@@ -141,6 +157,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     holds_dataset = check_dataset_directory(output_dir)
     with locks.exclusive(output_dir, "--output-dir"):
         tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
+        check_tokenizer_vocabulary(tokenizer, config.tokenizer)
         check_seq_len(config.seq_len, tokenizer, config.tokenizer)
         inputs = prepare_inputs(config, tokenizer)
         recorded = existing_inputs(output_dir) if holds_dataset else None
@@ -205,6 +222,7 @@ def build_dataset(config: PrepareConfig, tokenizer, source: OasstSource) -> tupl
                 f"('{config.lang}'){' and --context' if config.context != 'none' else ''} and the data file."
             )
         input_ids, truncated[split] = sequences.input_ids, sequences.truncated
+        check_tokens_per_response(input_ids, sequences.prompt_lengths, config.tokenizer, split)
         message_ids = [str(m["message_id"]) for m in kept]
         tokens[split] = sum(len(ids) for ids in input_ids)
         prompt_tokens[split], prompts_shortened[split] = sum(sequences.prompt_lengths), sequences.prompts_shortened

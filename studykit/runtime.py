@@ -53,8 +53,9 @@ def precision_name(mixed_precision: str) -> str:
     return "fp32" if mixed_precision == "no" else mixed_precision
 
 
-# Above this many parameters a model on a CPU takes hours (GPT-2 Small: 124M); --device cpu says that is meant.
-CPU_GUARD_PARAMETERS = 50_000_000
+# A training on a CPU estimated to take longer than this stops (with the estimate) unless --device cpu says it is meant:
+# GPT-2 Small's default budget would take a day or more there, a few steps of it a minute, the quick study seconds.
+CPU_GUARD_SECONDS = 30 * 60
 
 
 def device_type_for(device: str) -> str:
@@ -80,7 +81,10 @@ def cpu_matmul_tflops() -> float:
     import time
 
     size = 512
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # A generator of its own: the global one seeds the run's initialisation and dropout, which a measurement must not
+    # move (every CPU training measures, since the refusal goes by the time).
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     a @ b  # warm-up
     started, repeats = time.perf_counter(), 0
     while time.perf_counter() - started < 0.1:
@@ -90,21 +94,28 @@ def cpu_matmul_tflops() -> float:
 
 
 def refuse_slow_cpu_run(device: str, what: str, work: Callable[[], tuple[int, float]]) -> None:
-    """A big model about to train on a CPU only because torch sees no GPU: say how long it would take and stop, unless
-    --device cpu says that is meant. `work()` gives the model's parameters and the model FLOPs the training needs (asked
-    only when the run would be on the CPU)."""
+    """A training about to run on a CPU only because torch sees no GPU, estimated (at this CPU's measured matmul speed)
+    to take over CPU_GUARD_SECONDS: say how long and stop, unless --device cpu says that is meant. The estimate decides,
+    not the model's size: one step of a big model is quick, many steps of a small one are not. `work()` gives the
+    model's parameters and the model FLOPs the training needs (asked only when the run would be on the CPU)."""
     if device != "auto" or gpu_backend() is not None:
         return
     parameters, flops = work()
-    if parameters < CPU_GUARD_PARAMETERS:
-        return
     seconds = flops / (cpu_matmul_tflops() * 1e12)
-    duration = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    if seconds <= CPU_GUARD_SECONDS:
+        return
     raise UserError(
-        f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:.0f}M parameters) on this CPU "
-        f"would take about {duration} at its measured matmul speed; pass --device cpu to train on the CPU anyway, or "
-        "install a CUDA build of torch (see Install in the README)."
+        f"no GPU is visible to torch {torch.__version__}: {what} ({parameters / 1e6:,.1f}M parameters) on this CPU "
+        f"would take about {duration(seconds)} at its measured matmul speed, over the {duration(CPU_GUARD_SECONDS)} "
+        "a CPU training may take unasked; pass --device cpu to train on the CPU anyway, or install a CUDA build of "
+        "torch (see Install in the README)."
     )
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def build_accelerator(precision: str, seed: int, device: str = "auto", **tracking):

@@ -70,6 +70,8 @@ def generate_continuations(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
+                    # The tokenizer's EOS ends a response in the data, whatever the model's config says.
+                    eos_token_id=tokenizer.eos_token_id,
                 )
             texts.append(tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True))
         continuations[name] = texts

@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
+from studykit.dependency_logs import VERBOSE_FLAG, VERBOSE_HELP
 from studykit.errors import UserError, first_line
 from studykit.io import atomic_write_text
 
@@ -46,6 +47,26 @@ def require(flag: str, value: float, expected: str, holds: Callable[[float], boo
         raise UserError(f"{flag} must be {expected} (got {value}).")
 
 
+# numpy's seeds (the data order) are 0 to 2**32 - 1; torch's are wider.
+MAX_SEED = 2**32 - 1
+
+
+def check_ranges(config: Any, names: str = "flags") -> None:
+    """Every setting whose field gives a `minimum` (and `maximum`) lies in that range; each item of a list does. Run
+    where settings are parsed (flags and --config files, study files and --set), before validate(): a seed of -1 would
+    otherwise end in numpy's traceback. `names`: "flags" (--seed) or "keys" (seed, as a study file writes it)."""
+    for field in dataclasses.fields(config):
+        low, high = field.metadata.get("minimum"), field.metadata.get("maximum")
+        if low is None and high is None:
+            continue
+        name = field.metadata.get("flag", _flag_name(field.name)) if names == "flags" else field.name
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not ((low is None or item >= low) and (high is None or item <= high)):
+                expected = f"from {low} to {high}" if high is not None else f"at least {low}"
+                raise UserError(f"{name} must be {expected} (got {item}).")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends each flag's default, unless its help already says what the default means ('2 x rank' rather than
     None)."""
@@ -67,6 +88,7 @@ class _Parser(argparse.ArgumentParser):
 LAUNCH_ACTIONS = ("resume", "overwrite")
 # argparse's name for --config FILE, apart from every field (StudyConfig's own `config` field is its study file).
 CONFIG_FILE_DEST = "config_file"
+VERBOSE_DEST = "verbose_dependencies"
 CONFIG_FILE_HELP = (
     "settings to start from: the *_config.json this stage saved, or a .json or .toml file of the same "
     "keys (the flags with _ for -); flags given here override it; relative paths in it are read from the "
@@ -94,6 +116,8 @@ def build_parser(config_cls: type, description: str) -> argparse.ArgumentParser:
     fields = {field.name: field for field in dataclasses.fields(config_cls)}
     if "config" not in fields:
         parser.add_argument("--config", dest=CONFIG_FILE_DEST, metavar="FILE", default=None, help=CONFIG_FILE_HELP)
+    # Read by the entry point before the parse (dependency_logs.quiet_dependencies); accepted here, kept by no config.
+    parser.add_argument(VERBOSE_FLAG, dest=VERBOSE_DEST, action="store_true", help=VERBOSE_HELP)
     for title, names in help_sections(config_cls).items():
         group = parser.add_argument_group(title) if title else parser
         for name in names:
@@ -132,18 +156,26 @@ def _parse_optional(annotation: Any):
 def parse_config(config_cls: type[ConfigT], description: str, argv: Optional[Sequence[str]] = None) -> ConfigT:
     """The stage's config from its defaults, then --config FILE's settings, then the flags given: the later wins."""
     parser = build_parser(config_cls, description)
-    values = vars(parser.parse_args(argv))
+    values = field_values(parser, argv)
     config_file = values.pop(CONFIG_FILE_DEST, None)
     if config_file is not None:
         # The file's settings become the defaults, so every flag on the command line still overrides them.
         parser.set_defaults(**read_config_file(Path(config_file), config_cls))
-        values = vars(parser.parse_args(argv))
+        values = field_values(parser, argv)
         values.pop(CONFIG_FILE_DEST)
     config = config_cls(**values)
+    check_ranges(config)
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
     return config
+
+
+def field_values(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> dict[str, Any]:
+    """The parsed command line without the flags that belong to no field (--verbose)."""
+    values = vars(parser.parse_args(argv))
+    values.pop(VERBOSE_DEST)
+    return values
 
 
 def field_types(config_cls: type) -> dict[str, tuple[Any, Optional[Sequence[str]]]]:

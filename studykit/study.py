@@ -13,12 +13,12 @@ from typing import Any, Optional, Sequence
 
 from studykit import locks
 from studykit.analysis import run_analysis
-from studykit.config import StudyConfig, build_parser, print_config
+from studykit.config import StudyConfig, build_parser, check_ranges, field_values, print_config
 from studykit.errors import UserError
 from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
 from studykit.methods import METHODS
-from studykit.modeling import model_skeleton
+from studykit.modeling import model_context_length, model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
 from studykit.study_file import Study, Training, load_study, study_path, with_launcher_table
@@ -287,6 +287,15 @@ def check_runs_against_the_base_model(study: Study) -> None:
             check(skeleton, spec.config)
         except UserError as error:
             raise UserError(f"run '{spec.name}' in {study.source} cannot train: {error}") from None
+    if study.report.sample_prompts:
+        # samples.md continues a prompt by sample_new_tokens within the model's context; checked here, not after every
+        # training has run.
+        context = model_context_length(base_config or base_model_config(study))
+        if study.report.sample_new_tokens >= context:
+            raise UserError(
+                f"[report] in {study.source} sets sample_new_tokens = {study.report.sample_new_tokens}, which leaves "
+                f"no room for a prompt in the model's {context}-token context; set it below {context}."
+            )
 
 
 def warn_about_stale_runs(study: Study, listed: set[str]) -> None:
@@ -305,6 +314,7 @@ def parse_study_args(description: str, argv: Optional[Sequence[str]] = None) -> 
     parser = build_parser(StudyConfig, description)
     # --no-readme beside --readme PATH: an empty path means "leave every README alone".
     parser.add_argument("--no-readme", dest="readme", action="store_const", const="", help="do not rewrite any README")
-    config = StudyConfig(**vars(parser.parse_args(argv)))
+    config = StudyConfig(**field_values(parser, argv))
+    check_ranges(config)
     config.validate()
     return config

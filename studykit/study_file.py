@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from studykit.analysis_config import AnalysisConfig, StudyReportConfig
 from studykit.config import (
+    MAX_SEED,
     EvalConfig,
     LoraTrainConfig,
     PrepareConfig,
@@ -21,6 +22,7 @@ from studykit.config import (
     TinyModelConfig,
     TrainConfig,
     check_packing_context,
+    check_ranges,
     check_settings,
     field_types,
     fields_accepted,
@@ -193,6 +195,8 @@ def _build(config_cls: type, values: dict[str, Any], where: str, source: Path):
     stage names its flag, so the error is told where in the study file that setting is."""
     config = config_cls(**values)
     try:
+        # A stage's message names its flag, as its script's would; [tiny_model] and [report] have only their keys.
+        check_ranges(config, names="keys" if config_cls in (TinyModelConfig, StudyReportConfig) else "flags")
         config.validate()
     except UserError as error:
         raise UserError(f"{where} in {source}: {error}") from None
@@ -234,16 +238,21 @@ def _seeds(
         if value is not None and not (
             isinstance(value, list)
             and value
-            and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in value)
             and len(set(value)) == len(value)
         ):
             raise UserError(
-                f"[budget] in {source} sets {key} = {json.dumps(value)}; write a list of different whole numbers, "
-                f"e.g. {key} = [0, 1, 2]."
+                f"[budget] in {source} sets {key} = {json.dumps(value)}; write a list of different whole numbers "
+                f"from 0 to {MAX_SEED}, e.g. {key} = [0, 1, 2]."
             )
     if "seeds" in budget and "seed" in budget:
         raise UserError(
             f"[budget] in {source} sets both seed and seeds; keep seeds (every run is trained with each of them)."
+        )
+    single = budget.get("seed")
+    if single is not None and (isinstance(single, bool) or not isinstance(single, int) or not 0 <= single <= MAX_SEED):
+        raise UserError(
+            f"[budget] in {source} sets seed = {json.dumps(single)}; write a whole number from 0 to {MAX_SEED}."
         )
     seeds = list(seeds_override or budget.pop("seeds", None) or [budget.pop("seed", TrainConfig.seed)])
     if len(set(seeds)) != len(seeds):

@@ -243,16 +243,16 @@ def base_model_parameters(study: Study) -> int:
 def base_model_config(study: Study, exact_shape: bool = False):
     """The base model's config, all that matching LoRA targets needs: nothing else is read, nothing written; the tiny
     model is described by its [tiny_model] table, not yet built."""
-    from transformers import AutoConfig, GPT2Config
+    from transformers import AutoConfig
+
+    from studykit.tiny import tiny_gpt2_config
 
     if study.tiny_model is not None:
         tiny = study.tiny_model
         if exact_shape:
-            return GPT2Config(
-                vocab_size=tiny.vocab_size, n_positions=256, n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=2
-            )
+            return tiny_gpt2_config(tiny.vocab_size, tiny.n_layer, tiny.n_embd, n_head=2, n_positions=256)
         # The layer count and width make the module names; heads and vocabulary change none, so one head always fits.
-        return GPT2Config(n_layer=tiny.n_layer, n_embd=tiny.n_embd, n_head=1)
+        return tiny_gpt2_config(tiny.vocab_size, tiny.n_layer, tiny.n_embd, n_head=1, n_positions=256)
     known = known_gpt2_config(study.model)
     if known is not None and not Path(study.model).exists():
         return known  # works offline: the hub's GPT-2 sizes are known by name

@@ -64,21 +64,35 @@ def train_byte_level_tokenizer(texts: Iterable[str], vocab_size: int):
 
 def tiny_gpt2(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: int, seed: int):
     """A randomly initialised GPT-2 for `tokenizer`'s vocabulary; the same seed gives the same weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     if n_embd % n_head:
         raise UserError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}); choose sizes that divide.")
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
+    config = tiny_gpt2_config(len(tokenizer), n_layer, n_embd, n_head, n_positions, tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config)
+
+
+# train_byte_level_tokenizer's only special token, <|endoftext|>, is the first it adds: id 0 in every tiny vocabulary.
+TINY_EOS_TOKEN_ID = 0
+
+
+def tiny_gpt2_config(
+    vocab_size: int, n_layer: int, n_embd: int, n_head: int, n_positions: int, eos_token_id: int = TINY_EOS_TOKEN_ID
+):
+    """The tiny GPT-2's config with its own tokenizer's special tokens (GPT2Config's defaults, 50256, lie outside a
+    small vocabulary: transformers calls that config invalid, and generation would never stop at the real EOS)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
         n_positions=n_positions,
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
     )
-    return GPT2LMHeadModel(config)
 
 
 def build_tiny_gpt2(

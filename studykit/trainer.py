@@ -36,6 +36,7 @@ from studykit.methods import Method, method_of
 from studykit.metrics import score_sequences
 from studykit.modeling import (
     base_model_fingerprint,
+    check_model_fits_tokenizer,
     count_parameters,
     describe_kernels,
     enable_activation_checkpointing,
@@ -101,6 +102,7 @@ def prepare_run(config: TrainConfig) -> PreparedRun:
     )
     check_tokenizer_matches(data, tokenizer, tokenizer_name)
     model, description = build_model(config, method, data.meta["seq_len"], loss_kernel)
+    check_model_fits_tokenizer(model, tokenizer, config.model, tokenizer_name)
     description["peak_tflops_per_device"] = device_peak_tflops(accelerator.device, config.peak_tflops)
 
     train_split = training_subset(data.train, config.train_fraction)

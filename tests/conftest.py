@@ -287,7 +287,23 @@ def snapshot(*roots):
 def in_process(capsys, monkeypatch):
     """Run a repository script as `python script args` would, in this process: returns exit code, stdout, stderr."""
 
+    import logging
+
     from transformers.utils import logging as transformers_logging
+
+    from studykit import dependency_logs
+
+    # The entry point quiets the dependencies' loggers for its process (dependency_logs): put them back afterwards.
+    levels = {library: logging.getLogger(library).level for library in dependency_logs.LIBRARIES}
+    transformers_verbosity = transformers_logging.get_verbosity()
+    for name in (
+        *dependency_logs.LIBRARY_VERBOSITY_VARIABLES,
+        dependency_logs.VERBOSE_ENVIRONMENT,
+        dependency_logs.QUIET_ENVIRONMENT,
+    ):
+        # setenv first: monkeypatch then restores the variable even where it was unset (delenv alone would not).
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        monkeypatch.delenv(name)
 
     def run(script, *args, env=None):
         for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}.items():
@@ -307,7 +323,10 @@ def in_process(capsys, monkeypatch):
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess([script, *args], code, out, err)
 
-    return run
+    yield run
+    for library, level in levels.items():
+        logging.getLogger(library).setLevel(level)
+    transformers_logging.set_verbosity(transformers_verbosity)
 
 
 def refused(script, *args, watch=(), code=2, runner=None):

@@ -31,8 +31,8 @@ def train_args(inputs, output_dir, *extra):
 def test_a_big_model_on_a_cpu_states_its_time_and_needs_device_cpu(
     in_process, monkeypatch, tmp_path, small_vocab_inputs
 ):
-    # The tiny model stands in for GPT-2 Small: the bar is lowered below its size.
-    monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)
+    # The tiny model's two steps stand in for a long training: the bar is lowered below their time.
+    monkeypatch.setattr(runtime, "CPU_GUARD_SECONDS", 0)
     message = refused(FULL, *train_args(small_vocab_inputs, tmp_path / "run"), watch=[tmp_path], runner=in_process)
     assert message.startswith(
         f"error: no GPU is visible to torch {torch.__version__}: training {small_vocab_inputs['model']} for 2 steps"
@@ -54,7 +54,7 @@ def test_a_study_of_a_big_model_on_a_cpu_stops_before_it_trains(monkeypatch, tmp
     from studykit.errors import UserError
     from studykit.study import run_study
 
-    monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)
+    monkeypatch.setattr(runtime, "CPU_GUARD_SECONDS", 0)
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
     with pytest.raises(
         UserError, match=r"no GPU is visible .*: the study's pending trainings of .* would take about .*--device cpu"
@@ -107,7 +107,7 @@ def test_precision_on_the_apple_gpu(monkeypatch):
 
 
 def test_the_cpu_refusal_does_not_fire_on_a_mac(on_a_mac, monkeypatch):
-    monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)
+    monkeypatch.setattr(runtime, "CPU_GUARD_SECONDS", 0)
 
     def work():
         raise AssertionError("the CPU estimate is asked only for a run that would be on the CPU")
@@ -145,3 +145,16 @@ def test_cuda_only_paths_are_skipped_or_refused_on_the_apple_gpu():
     weight = torch.nn.Parameter(torch.zeros(2))
     optimizer = build_adamw([{"params": [weight]}], TrainConfig(), mps)
     assert not optimizer.defaults["fused"]  # fused AdamW: CUDA only
+
+
+def test_the_cpu_refusal_goes_by_the_time_it_states(monkeypatch):
+    """One step of a 124M-parameter model on a CPU runs; a small model's long training is refused, saying the time."""
+    from studykit.errors import UserError
+
+    monkeypatch.setattr(runtime, "cpu_matmul_tflops", lambda: 1.0)  # a CPU of 1 TFLOP/s
+    gpt2_small, tokens_per_step = 124_000_000, 8 * 4 * 512
+    runtime.refuse_slow_cpu_run("auto", "one step", lambda: (gpt2_small, 6 * gpt2_small * tokens_per_step))
+    small, steps = 5_000_000, 100_000
+    with pytest.raises(UserError, match=r"5\.0M parameters\) on this CPU would take about 14 h .* over the 30 min"):
+        runtime.refuse_slow_cpu_run("auto", "a long one", lambda: (small, 6 * small * tokens_per_step * steps))
+    runtime.refuse_slow_cpu_run("cpu", "a long one, meant", lambda: (small, 6 * small * tokens_per_step * steps))

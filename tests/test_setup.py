@@ -100,3 +100,29 @@ def test_the_torch_build_follows_the_installed_rocm(tmp_path, rocm_smi, installe
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_the_lock_pins_every_dependency_within_its_range_and_leaves_torch_to_the_set_up():
+    """requirements-lock.txt (scripts/lock.sh) is what scripts/venv.sh installs: every requirement of pyproject.toml
+    and its dev extra pinned inside its range, and neither torch nor a CUDA-only package, whose build venv.sh picks."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    lock_text = (REPO_ROOT / "requirements-lock.txt").read_text()
+    pins = {
+        re.sub(r"[-_.]+", "-", name).lower(): version
+        for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", lock_text, re.M)
+    }
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if name == "torch":
+            assert name not in pins
+            continue
+        assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), (text, pins.get(name))
+    assert not [name for name in pins if name.startswith("nvidia-") or name == "triton"]
+    venv_script = (REPO_ROOT / "scripts" / "venv.sh").read_text()
+    assert "-c requirements-lock.txt" in venv_script and "# torch" in lock_text

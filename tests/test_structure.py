@@ -17,7 +17,7 @@ from studykit import runtime
 # studykit's modules from the bottom up: a module imports only modules of its own layer or below, and never one that
 # imports it back. A new module goes into the lowest layer that holds everything it imports.
 LAYERS = [
-    ["errors", "grid_extension", "learning_curves", "subsets"],
+    ["errors", "dependency_logs", "grid_extension", "learning_curves", "subsets"],
     ["io", "hub", "hub_upload", "locks", "settings"],
     ["config", "analysis_config"],
     [
