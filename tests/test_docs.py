@@ -39,6 +39,7 @@ COMMANDS = {
     "train-full": (cli.train_full_command, "training/train_full_ft.py", "studykit-train-full"),
     "train-lora": (cli.train_lora_command, "training/train_lora.py", "studykit-train-lora"),
     "eval": (cli.evaluate_command, "evaluation/perplexity.py", "studykit-eval"),
+    "analyze": (cli.analyze_command, "evaluation/analyze.py", "studykit-analyze"),
     "make-tiny-model": ("scripts/make_tiny_model.py", "scripts/make_tiny_model.py"),
     "benchmark": ("bench/benchmark.py", "bench/benchmark.py"),
     "memory": ("bench/memory.py", "bench/memory.py"),
@@ -141,8 +142,15 @@ def parser_of(command: str) -> argparse.ArgumentParser:
     def reached(parser, *args, **kwargs):
         raise _ParserReached(parser)
 
+    # `python script` puts the script's folder first on sys.path (bench/memory.py imports its neighbour
+    # tensor_memory.py from there); runpy.run_path does not, so the folder is put there as python would.
+    script_folder = [] if callable(entry) else [str((REPO_ROOT / entry).parent)]
     with mock.patch.object(argparse.ArgumentParser, "parse_known_args", reached):
-        with mock.patch.object(sys, "argv", [str(entry), "--help"]), redirect_stdout(StringIO()):
+        with (
+            mock.patch.object(sys, "argv", [str(entry), "--help"]),
+            mock.patch.object(sys, "path", [*script_folder, *sys.path]),
+            redirect_stdout(StringIO()),
+        ):
             try:
                 entry() if callable(entry) else runpy.run_path(str(REPO_ROOT / entry), run_name="__main__")
             except _ParserReached as found:
@@ -242,6 +250,7 @@ def test_a_flag_of_one_command_is_not_taken_for_another():
     assert "--rank" in flags_of("train-lora") and "--rank" not in flags_of("train-full")
     assert unknown_flags("`python training/train_full_ft.py --rank 8`") == ["--rank (not a flag of train-full)"]
     assert "--cpu-smoke" in flags_of("gpu-check") and "--no-readme" in flags_of("study")
+    assert "--verbose" in flags_of("analyze") and "--dry-run" not in flags_of("analyze")
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
