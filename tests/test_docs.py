@@ -275,6 +275,8 @@ def test_the_readme_commands_parse_and_their_settings_pass():
         "train-full": lambda argv: parse_config(TrainConfig, "", argv),
         "train-lora": lambda argv: parse_config(LoraTrainConfig, "", argv),
         "eval": lambda argv: parse_config(EvalConfig, "", argv),
+        # The analysis takes a study's directory and --verbose, nothing more to check than its parser.
+        "analyze": lambda argv: parser_of("analyze").parse_args(argv),
     }
     commands = readme_commands()
     assert {command for command, _ in commands} >= set(parse), "the README shows every stage and the study"
