@@ -217,6 +217,18 @@ def test_the_readme_stays_a_front_door():
     assert all((REPO_ROOT / "docs" / name).is_file() for name in re.findall(r"\(docs/([\w.-]+\.md)", text))
 
 
+def test_the_module_map_names_every_module_in_its_layer():
+    """docs/architecture.md's map is tests/test_structure.py's LAYERS: a module added there is added to the page."""
+    from test_structure import LAYERS
+
+    text = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    mapped = {
+        int(layer): re.findall(r"^\s+- `(\w+)`:", body, re.M)
+        for layer, body in re.findall(r"^- \*\*Layer (\d+)\*\*\n((?:\s+.*\n)+)", text, re.M)
+    }
+    assert mapped == {number: modules for number, modules in enumerate(LAYERS, 1)}
+
+
 def test_the_checks_catch_a_broken_link_anchor_flag_and_width(tmp_path):
     """Each check fails on a mistake of its kind, so the tests above can fail."""
     page = tmp_path / "page.md"
