@@ -45,7 +45,10 @@ COMMANDS = {
     "memory": ("bench/memory.py", "bench/memory.py"),
     "loss-kernels": ("bench/loss_kernels.py", "bench/loss_kernels.py"),
     "gpu-check": ("bench/gpu_check.py", "bench/gpu_check.py", "bench/gpu_check.sh"),
+    "gpu-wheelhouse": ("bench/gpu_wheelhouse.sh", "bench/gpu_wheelhouse.sh"),
 }
+# Shell scripts that read options of their own (a bash `case` over the arguments) before or instead of a parser.
+SHELL_OPTIONS = {"gpu-check": "bench/gpu_check.sh", "gpu-wheelhouse": "bench/gpu_wheelhouse.sh"}
 COMMAND_OF = {name: command for command, (_, *names) in COMMANDS.items() for name in names}
 
 
@@ -158,9 +161,20 @@ def parser_of(command: str) -> argparse.ArgumentParser:
     raise AssertionError(f"{command} never parsed its arguments")
 
 
+def shell_options(command: str) -> set[str]:
+    """The long options a shell script's `case` patterns take (`--cpu-smoke|--budget=*)`), if it reads any."""
+    if command not in SHELL_OPTIONS:
+        return set()
+    text = (REPO_ROOT / SHELL_OPTIONS[command]).read_text(encoding="utf-8")
+    patterns = re.findall(r"^\s*([\w|=*-]+)\)", text, re.M)
+    return {option.removesuffix("=*") for pattern in patterns for option in pattern.split("|") if option[:2] == "--"}
+
+
 def flags_of(command: str) -> set[str]:
-    """The flags `command --help` lists (hidden internal ones left out)."""
-    return {
+    """The flags `command --help` lists (hidden internal ones left out), and those its shell script reads itself."""
+    if str(COMMANDS[command][0]).endswith(".sh"):
+        return shell_options(command)
+    return shell_options(command) | {
         option
         for action in parser_of(command)._actions
         if action.help != argparse.SUPPRESS
@@ -263,6 +277,8 @@ def test_a_flag_of_one_command_is_not_taken_for_another():
     assert unknown_flags("`python training/train_full_ft.py --rank 8`") == ["--rank (not a flag of train-full)"]
     assert "--cpu-smoke" in flags_of("gpu-check") and "--no-readme" in flags_of("study")
     assert "--verbose" in flags_of("analyze") and "--dry-run" not in flags_of("analyze")
+    assert "--wheelhouse" in flags_of("gpu-check") and "--with-pyarrow" not in flags_of("gpu-check")
+    assert {"--python-version", "--platform", "--with-pyarrow"} <= flags_of("gpu-wheelhouse")
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
