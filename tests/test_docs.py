@@ -39,12 +39,16 @@ COMMANDS = {
     "train-full": (cli.train_full_command, "training/train_full_ft.py", "studykit-train-full"),
     "train-lora": (cli.train_lora_command, "training/train_lora.py", "studykit-train-lora"),
     "eval": (cli.evaluate_command, "evaluation/perplexity.py", "studykit-eval"),
+    "analyze": (cli.analyze_command, "evaluation/analyze.py", "studykit-analyze"),
     "make-tiny-model": ("scripts/make_tiny_model.py", "scripts/make_tiny_model.py"),
     "benchmark": ("bench/benchmark.py", "bench/benchmark.py"),
     "memory": ("bench/memory.py", "bench/memory.py"),
     "loss-kernels": ("bench/loss_kernels.py", "bench/loss_kernels.py"),
     "gpu-check": ("bench/gpu_check.py", "bench/gpu_check.py", "bench/gpu_check.sh"),
+    "gpu-wheelhouse": ("bench/gpu_wheelhouse.sh", "bench/gpu_wheelhouse.sh"),
 }
+# Shell scripts that read options of their own (a bash `case` over the arguments) before or instead of a parser.
+SHELL_OPTIONS = {"gpu-check": "bench/gpu_check.sh", "gpu-wheelhouse": "bench/gpu_wheelhouse.sh"}
 COMMAND_OF = {name: command for command, (_, *names) in COMMANDS.items() for name in names}
 
 
@@ -141,8 +145,15 @@ def parser_of(command: str) -> argparse.ArgumentParser:
     def reached(parser, *args, **kwargs):
         raise _ParserReached(parser)
 
+    # `python script` puts the script's folder first on sys.path (bench/memory.py imports its neighbour
+    # tensor_memory.py from there); runpy.run_path does not, so the folder is put there as python would.
+    script_folder = [] if callable(entry) else [str((REPO_ROOT / entry).parent)]
     with mock.patch.object(argparse.ArgumentParser, "parse_known_args", reached):
-        with mock.patch.object(sys, "argv", [str(entry), "--help"]), redirect_stdout(StringIO()):
+        with (
+            mock.patch.object(sys, "argv", [str(entry), "--help"]),
+            mock.patch.object(sys, "path", [*script_folder, *sys.path]),
+            redirect_stdout(StringIO()),
+        ):
             try:
                 entry() if callable(entry) else runpy.run_path(str(REPO_ROOT / entry), run_name="__main__")
             except _ParserReached as found:
@@ -150,9 +161,20 @@ def parser_of(command: str) -> argparse.ArgumentParser:
     raise AssertionError(f"{command} never parsed its arguments")
 
 
+def shell_options(command: str) -> set[str]:
+    """The long options a shell script's `case` patterns take (`--cpu-smoke|--budget=*)`), if it reads any."""
+    if command not in SHELL_OPTIONS:
+        return set()
+    text = (REPO_ROOT / SHELL_OPTIONS[command]).read_text(encoding="utf-8")
+    patterns = re.findall(r"^\s*([\w|=*-]+)\)", text, re.M)
+    return {option.removesuffix("=*") for pattern in patterns for option in pattern.split("|") if option[:2] == "--"}
+
+
 def flags_of(command: str) -> set[str]:
-    """The flags `command --help` lists (hidden internal ones left out)."""
-    return {
+    """The flags `command --help` lists (hidden internal ones left out), and those its shell script reads itself."""
+    if str(COMMANDS[command][0]).endswith(".sh"):
+        return shell_options(command)
+    return shell_options(command) | {
         option
         for action in parser_of(command)._actions
         if action.help != argparse.SUPPRESS
@@ -209,6 +231,18 @@ def test_the_readme_stays_a_front_door():
     assert all((REPO_ROOT / "docs" / name).is_file() for name in re.findall(r"\(docs/([\w.-]+\.md)", text))
 
 
+def test_the_module_map_names_every_module_in_its_layer():
+    """docs/architecture.md's map is tests/test_structure.py's LAYERS: a module added there is added to the page."""
+    from test_structure import LAYERS
+
+    text = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    mapped = {
+        int(layer): re.findall(r"^\s+- `(\w+)`:", body, re.M)
+        for layer, body in re.findall(r"^- \*\*Layer (\d+)\*\*\n((?:\s+.*\n)+)", text, re.M)
+    }
+    assert mapped == {number: modules for number, modules in enumerate(LAYERS, 1)}
+
+
 def test_the_checks_catch_a_broken_link_anchor_flag_and_width(tmp_path):
     """Each check fails on a mistake of its kind, so the tests above can fail."""
     page = tmp_path / "page.md"
@@ -242,6 +276,9 @@ def test_a_flag_of_one_command_is_not_taken_for_another():
     assert "--rank" in flags_of("train-lora") and "--rank" not in flags_of("train-full")
     assert unknown_flags("`python training/train_full_ft.py --rank 8`") == ["--rank (not a flag of train-full)"]
     assert "--cpu-smoke" in flags_of("gpu-check") and "--no-readme" in flags_of("study")
+    assert "--verbose" in flags_of("analyze") and "--dry-run" not in flags_of("analyze")
+    assert "--wheelhouse" in flags_of("gpu-check") and "--with-pyarrow" not in flags_of("gpu-check")
+    assert {"--python-version", "--platform", "--with-pyarrow"} <= flags_of("gpu-wheelhouse")
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
@@ -270,7 +307,8 @@ def test_the_readme_commands_parse_and_their_settings_pass():
     commands = readme_commands()
     assert {command for command, _ in commands} >= set(parse), "the README shows every stage and the study"
     for command, argv in commands:
-        parse[command](argv)
+        # The analysis and the bench scripts have no settings object: their own parser is what reads the line.
+        parse.get(command, lambda argv: parser_of(command).parse_args(argv))(argv)
 
 
 def test_the_readme_quick_study_needs_no_network():
