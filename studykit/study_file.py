@@ -15,11 +15,8 @@ from typing import Any, Optional, Sequence
 from studykit.analysis_config import AnalysisConfig, StudyReportConfig
 from studykit.config import (
     MAX_SEED,
-    EvalConfig,
     LoraTrainConfig,
     PrepareConfig,
-    StudyConfig,
-    TinyModelConfig,
     TrainConfig,
     check_packing_context,
     check_ranges,
@@ -31,6 +28,7 @@ from studykit.errors import UserError
 from studykit.grid_extension import DEFAULT_GRID_EXTENSIONS
 from studykit.methods import METHODS
 from studykit.runtime import REPO_ROOT
+from studykit.study_config import EvalConfig, StudyConfig, TinyModelConfig
 
 STUDIES_DIR = REPO_ROOT / "studies"
 
