@@ -43,7 +43,7 @@ LAYERS = [
         "analysis_numbers",
         "analysis_markdown",
     ],
-    ["methods", "run_state"],
+    ["methods", "run_state", "study_tables"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
     ["memory_fit"],
     ["trainer", "prepare", "evaluate"],
