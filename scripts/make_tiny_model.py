@@ -10,9 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studykit.config import TinyModelConfig, option, parse_config  # noqa: E402
+from studykit.config import option, parse_config  # noqa: E402
 from studykit.dependency_logs import quiet_dependencies  # noqa: E402
 from studykit.errors import report_user_errors  # noqa: E402
+from studykit.study_config import TinyModelConfig
 from studykit.tiny import build_from_config  # noqa: E402
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from studykit.config import ReportConfig, option
+from studykit.config import option
 from studykit.errors import UserError
+from studykit.study_config import ReportConfig
 
 
 @dataclasses.dataclass

@@ -56,8 +56,9 @@ def train_lora_command() -> None:
 
 def evaluate_command() -> None:
     quiet_dependencies(sys.argv[1:])
-    from studykit.config import EvalConfig, parse_config
+    from studykit.config import parse_config
     from studykit.evaluate import evaluate
+    from studykit.study_config import EvalConfig
 
     report_user_errors(lambda: evaluate(parse_config(EvalConfig, EVALUATE_DESCRIPTION)))()
 

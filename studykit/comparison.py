@@ -27,7 +27,8 @@ from studykit.statistics import (
     pareto_front,
     seeds_and_trees,
 )
-from studykit.study_file import RunSpec, Study, Training
+from studykit.study_file import Study, Training
+from studykit.study_tables import RunSpec
 
 # What two trainings of the same seed must share to be compared: recorded in run.json. The learning rate is left out
 # on purpose (each method is tuned on dev); `kernels` (attention, MLP activation, loss) so both are computed alike.

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from studykit import locks
 from studykit.batching import resolve_pad_multiple
-from studykit.config import EvalConfig, print_config, save_config
+from studykit.config import print_config, save_config
 from studykit.data import check_tokenizer_matches, load_processed, split_prompt_lengths, tokenize_responses
 from studykit.errors import UserError
 from studykit.io import (
@@ -43,6 +43,7 @@ from studykit.response_scores import EXTRA_EVAL_PREFIX, PER_RESPONSE_FILE, save_
 from studykit.run_dir import RUN_RECORD, is_run_directory, load_run_record
 from studykit.run_state import RunRecord
 from studykit.runtime import autocast_for, default_device
+from studykit.study_config import EvalConfig
 
 
 @dataclass

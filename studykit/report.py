@@ -1,8 +1,6 @@
 """The study's report, written: results.json (comparison's rows), results.md (report_markdown), the figures,
-samples.md and the README's results block, all read from what the stages wrote.
-
-Further analyses add here: their Markdown sections go above the table (format_results_markdown's leading_sections)
-and their figures beside the others.
+samples.md and the README's results block, all read from what the stages wrote. The analysis (analysis.py) puts its
+verdict at the top of results.md afterwards, between markers of its own (analysis_markdown.insert_into_results).
 """
 
 from __future__ import annotations
@@ -128,8 +126,6 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
         comparison.learning_curves, comparison.data_size, results_dir
     )
     protocol = protocol_paragraph(study, meta, chosen, records, any(row.budget_differences for row in comparison.runs))
-    # Further analyses put their Markdown here (shown above the table) and append their figures to figure_paths.
-    leading_sections: list[str] = []
     results = {
         "study": study.name,
         "study_file": str(study.source),
@@ -146,7 +142,7 @@ def write_report(study: Study, sweeps: dict[str, Any], training_fingerprint: str
         "figures": [str(path) for path in figure_paths],
     }
     atomic_write_json(results_dir / "results.json", results)
-    markdown = format_results_markdown(comparison, protocol, figure_paths, leading_sections)
+    markdown = format_results_markdown(comparison, protocol, figure_paths)
     atomic_write_text(results_dir / "results.md", markdown)
     write_samples(study, {spec.name: Path(chosen[spec.name][0].config.output_dir) for spec in study.runs})
     print(format_study_table(comparison))

@@ -251,16 +251,13 @@ def format_intervals(comparison: Comparison) -> str:
     return " ".join(parts) + "\n"
 
 
-def format_results_markdown(
-    comparison: Comparison, protocol: str, figure_paths: Sequence[Path], leading_sections: Sequence[str] = ()
-) -> str:
-    """results.md. `leading_sections`: Markdown that further analyses put above the table (a finding first)."""
+def format_results_markdown(comparison: Comparison, protocol: str, figure_paths: Sequence[Path]) -> str:
+    """results.md: the protocol, the tables, the budget check and the figures (analysis.py adds its verdict on top)."""
     parts = [
         "# Study results",
         "",
         protocol,
         "",
-        *leading_sections,
         format_study_table(comparison),
         format_intervals(comparison),
         format_sweep_table(comparison),

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from studykit import locks
 from studykit.analysis import run_analysis
-from studykit.config import StudyConfig, build_parser, check_ranges, field_values, print_config
+from studykit.config import build_parser, check_ranges, field_values, print_config
 from studykit.errors import UserError
 from studykit.hub_upload import push_study
 from studykit.io import MIB, disk_space_for
@@ -21,6 +21,7 @@ from studykit.methods import METHODS
 from studykit.modeling import model_context_length, model_skeleton
 from studykit.report import update_readme, write_report
 from studykit.runtime import code_version, refuse_slow_cpu_run
+from studykit.study_config import StudyConfig
 from studykit.study_file import Study, Training, load_study, study_path, with_launcher_table
 from studykit.study_launch import print_commands, run_trainings
 from studykit.study_plan import (

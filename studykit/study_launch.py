@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from studykit.checkpointing import UnusableCheckpoint
-from studykit.config import StudyConfig, TrainConfig, command_line
+from studykit.config import TrainConfig, command_line
 from studykit.errors import UserError, first_line
 from studykit.methods import METHODS
 from studykit.runtime import REPO_ROOT
 from studykit.safeguards import Diverged, Interrupted
+from studykit.study_config import StudyConfig
 from studykit.study_file import Training
 from studykit.study_state import (
     STARTED_FILE,

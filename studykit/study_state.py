@@ -25,7 +25,8 @@ from studykit.response_scores import load_per_response
 from studykit.run_dir import DIVERGED_RECORD, RUN_RECORD, load_run_record, resumable_checkpoints
 from studykit.run_state import RunRecord
 from studykit.runtime import stage_code_version
-from studykit.study_file import RunSpec, Study, Training, lr_label
+from studykit.study_file import Study, Training, lr_label
+from studykit.study_tables import RunSpec
 
 INPUTS_FILE = "study_inputs.json"
 # The report's inputs are recorded apart from the evaluation's: both live in the results directory.

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from studykit.config import StudyConfig
 from studykit.errors import UserError
 from studykit.io import atomic_write_json, read_json
 from studykit.runtime import REPO_ROOT
+from studykit.study_config import StudyConfig
 from studykit.study_file import Training
 from studykit.study_launch import how_to_start, last_line, mark_started, training_command
 from studykit.study_state import digest, training_diverged, training_inputs

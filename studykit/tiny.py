@@ -20,13 +20,13 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from studykit.config import TinyModelConfig
 from studykit.data import collate, pack_sequences
 from studykit.errors import UserError
 from studykit.io import atomic_directory
 from studykit.loss import batch_nll
 from studykit.metrics import perplexity, predicted_tokens_per_sequence, score_sequences
 from studykit.oasst import read_local_file
+from studykit.study_config import TinyModelConfig
 
 NOTE_FILE = "TINY_MODEL.json"
 # Paragraphs are separated by blank lines, as the study's extra_eval reads a text file.

@@ -290,8 +290,8 @@ def two_run_study(path, lora_lr="1e-2"):
 
 
 def test_the_analysis_is_kept_while_current_and_a_changed_training_recomputes_only_its_parts(tmp_path):
-    from studykit.config import StudyConfig
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     output_dir = tmp_path / "study"
     first = run_study(StudyConfig(config=str(two_run_study(tmp_path / "a.toml")), output_dir=str(output_dir)))
@@ -347,8 +347,8 @@ def test_analyze_refuses_a_directory_without_a_report(tmp_path):
 
 
 def test_a_dry_run_includes_the_analysis_in_its_plan_and_time(tmp_path, capsys):
-    from studykit.config import StudyConfig
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     run_study(StudyConfig(config=str(two_run_study(tmp_path / "a.toml")), output_dir=str(tmp_path / "s"), dry_run=True))
     out = capsys.readouterr().out

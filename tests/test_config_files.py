@@ -13,10 +13,8 @@ import pytest
 from conftest import ONE_RUN_TRAINING, REPO_ROOT, one_run_study
 
 from studykit.config import (
-    EvalConfig,
     LoraTrainConfig,
     PrepareConfig,
-    StudyConfig,
     TrainConfig,
     config_to_dict,
     option,
@@ -25,6 +23,7 @@ from studykit.config import (
 )
 from studykit.errors import UserError
 from studykit.settings import build_parser, help_sections
+from studykit.study_config import EvalConfig, StudyConfig
 from studykit.study_file import load_study
 
 QUICK = REPO_ROOT / "studies" / "quick.toml"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ANSWERS, QUICK, build_tiny_model, oasst_message, train_in_process
 
-from studykit.config import EvalConfig, PrepareConfig
+from studykit.config import PrepareConfig
 from studykit.data import (
     CONTEXT_SEPARATOR,
     IGNORE_INDEX,
@@ -30,6 +30,7 @@ from studykit.metrics import score_sequences
 from studykit.modeling import load_base_model, load_tokenizer
 from studykit.prepare import describe_changes, prepare, prepare_inputs
 from studykit.samples import format_samples_markdown
+from studykit.study_config import EvalConfig
 from studykit.study_file import load_study
 
 TREES = 10

@@ -12,8 +12,9 @@ import pytest
 from conftest import LORA, REPO_ROOT, refused, run_script
 
 from studykit import dependency_logs
-from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, StudyConfig, TrainConfig, parse_config
+from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig, parse_config
 from studykit.study import parse_study_args
+from studykit.study_config import EvalConfig, StudyConfig
 
 # Each library logs a warning and raises a Python warning from inside it, then the kit refuses: what reaches stderr.
 CHATTY_COMMAND = """

@@ -50,9 +50,9 @@ def test_device_cuda_without_a_gpu_is_one_sentence(in_process, tmp_path, small_v
 
 
 def test_a_study_of_a_big_model_on_a_cpu_stops_before_it_trains(monkeypatch, tmp_path):
-    from studykit.config import StudyConfig
     from studykit.errors import UserError
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     monkeypatch.setattr(runtime, "CPU_GUARD_SECONDS", 0)
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))

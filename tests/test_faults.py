@@ -370,9 +370,9 @@ def test_a_full_disk_while_writing_the_report_keeps_the_trained_runs(tmp_path, m
     from conftest import ONE_RUN_TRAINING, one_run_study
 
     from studykit import figures
-    from studykit.config import StudyConfig
     from studykit.errors import UserError
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     study_file = one_run_study(tmp_path / "study.toml", steps=2)
     output = tmp_path / "out"
@@ -535,8 +535,8 @@ def test_damaged_study_state_and_results_are_redone_not_trusted(tmp_path, capsys
     """The study runner's own records and results: a damaged one means that step is done again, as after a crash."""
     from conftest import ONE_RUN_TRAINING, one_run_study
 
-    from studykit.config import StudyConfig
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
     output = tmp_path / "out"

@@ -31,8 +31,8 @@ METHODS = ("full", "lora")
 
 def measure(inputs, root: Path) -> dict:
     """Six steps of each method on the tiny model and the fixed sample, then evaluation of base, full and LoRA."""
-    from studykit.config import EvalConfig
     from studykit.evaluate import evaluate
+    from studykit.study_config import EvalConfig
 
     measured = {}
     for method in METHODS:

@@ -10,10 +10,10 @@ import pytest
 from conftest import one_run_study
 
 from studykit import study_state
-from studykit.config import StudyConfig
 from studykit.grid_extension import diverged_rates, edge_side, extension_for, rate_beyond
 from studykit.run_dir import DIVERGED_RECORD
 from studykit.study import run_study
+from studykit.study_config import StudyConfig
 from studykit.study_file import load_study
 from studykit.study_state import STARTED_FILE, mark_current, sweep_result, training_inputs
 

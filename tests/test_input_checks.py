@@ -8,15 +8,10 @@ import logging
 import pytest
 from conftest import FULL, PREPARE, QUICK, refused, run_script
 
-from studykit.config import (
-    MAX_SEED,
-    EvalConfig,
-    PrepareConfig,
-    TrainConfig,
-    parse_config,
-)
+from studykit.config import MAX_SEED, PrepareConfig, TrainConfig, parse_config
 from studykit.errors import UserError
 from studykit.study import parse_study_args
+from studykit.study_config import EvalConfig
 from studykit.study_file import load_study
 from studykit.tiny import build_tiny_gpt2, tiny_gpt2_config, train_byte_level_tokenizer
 

@@ -223,8 +223,8 @@ def test_auto_batch_on_the_estimate_counts_the_optimizers_state():
 
 
 def test_medium_study_dry_run_says_what_each_run_needs_offline(tmp_path, capsys, monkeypatch):
-    from studykit.config import StudyConfig
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run_study(
@@ -242,8 +242,8 @@ def test_medium_study_dry_run_says_what_each_run_needs_offline(tmp_path, capsys,
 
 
 def test_a_dry_run_without_the_base_models_config_says_so_in_one_line(tmp_path, capsys):
-    from studykit.config import StudyConfig
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     study = tmp_path / "study.toml"
     text = (REPO_ROOT / "studies" / "medium.toml").read_text()

@@ -168,13 +168,8 @@ def test_evaluation_reports_every_run_and_matches_an_independent_score(study):
 def test_every_flag_shows_its_default_once():
     import re
 
-    from studykit.config import (
-        EvalConfig,
-        LoraTrainConfig,
-        PrepareConfig,
-        StudyConfig,
-        build_parser,
-    )
+    from studykit.config import LoraTrainConfig, PrepareConfig, build_parser
+    from studykit.study_config import EvalConfig, StudyConfig
 
     for config_cls in (PrepareConfig, LoraTrainConfig, EvalConfig, StudyConfig):
         text = " ".join(build_parser(config_cls, "").format_help().split())

@@ -12,8 +12,9 @@ import pytest
 from conftest import ONE_RUN_TRAINING, QUIET, one_run_study, write_oasst_trees
 
 from studykit import study_state
-from studykit.config import LoraTrainConfig, StudyConfig, TrainConfig, command_line, parse_config
+from studykit.config import LoraTrainConfig, TrainConfig, command_line, parse_config
 from studykit.study import run_study
+from studykit.study_config import StudyConfig
 from studykit.study_file import load_study, lr_label
 from studykit.study_launch import DeviceScheduler, visible_gpus
 

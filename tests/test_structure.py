@@ -19,7 +19,7 @@ from studykit import runtime
 LAYERS = [
     ["errors", "dependency_logs", "grid_extension", "learning_curves", "subsets"],
     ["io", "hub", "hub_upload", "locks", "settings"],
-    ["config", "analysis_config"],
+    ["config", "study_config", "analysis_config"],
     [
         "runtime",
         "data",
@@ -43,7 +43,7 @@ LAYERS = [
         "analysis_numbers",
         "analysis_markdown",
     ],
-    ["methods", "run_state"],
+    ["methods", "run_state", "study_tables"],
     ["run_dir", "model_card", "checkpointing", "memory", "safeguards", "trackers"],
     ["memory_fit"],
     ["trainer", "prepare", "evaluate"],
@@ -240,8 +240,8 @@ def test_the_outcome_neutral_modules_cannot_touch_a_tensor():
 
 def test_the_study_retrains_when_training_code_changes_and_only_reports_when_report_code_does(tmp_path, monkeypatch):
     from studykit import study_state
-    from studykit.config import StudyConfig
     from studykit.study import run_study
+    from studykit.study_config import StudyConfig
 
     config = StudyConfig(config=str(one_run_study(tmp_path / "study.toml", steps=2)), output_dir=str(tmp_path / "out"))
     assert run_study(config)["trained"] == [ONE_RUN_TRAINING]

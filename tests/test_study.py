@@ -25,10 +25,11 @@ from conftest import (
 )
 
 from studykit import comparison, report, report_markdown, statistics
-from studykit.config import StudyConfig, TrainConfig
+from studykit.config import TrainConfig
 from studykit.errors import UserError
 from studykit.evaluate import read_extra_eval_texts
 from studykit.study import run_study
+from studykit.study_config import StudyConfig
 from studykit.study_file import load_study, lr_label
 
 RUNS = ["full_ft", "lora_r8", "lora_r32", "lora_r8_all_linear", "full_ft_half", "lora_r8_half"]

@@ -15,9 +15,9 @@ import pytest
 from conftest import ONE_RUN_TRAINING, one_run_study
 
 from studykit import study_submitit
-from studykit.config import StudyConfig
 from studykit.errors import UserError
 from studykit.study import run_study
+from studykit.study_config import StudyConfig
 
 pytest.importorskip("submitit")
 
