@@ -28,11 +28,10 @@ from studykit.analysis_parts import (
 from studykit.config import config_to_dict, print_config, save_config
 from studykit.dependency_logs import VERBOSE_FLAG, VERBOSE_HELP
 from studykit.errors import UserError
-from studykit.evaluate import EXTRA_EVAL_PREFIX
 from studykit.io import atomic_write_json, atomic_write_text, read_json
 from studykit.methods import METHODS
 from studykit.modeling import load_tokenizer
-from studykit.response_scores import load_per_response
+from studykit.response_scores import EXTRA_EVAL_PREFIX, load_per_response
 from studykit.runtime import stage_code_version
 from studykit.study_file import Study, Training, load_study
 from studykit.study_state import current_data, digest, is_current, mark_current, sweep_result

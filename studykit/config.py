@@ -6,7 +6,6 @@ studykit/study_config.py, outside the modules the training fingerprint hashes.""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import re
 from typing import ClassVar, Optional
@@ -415,15 +414,3 @@ class LoraTrainConfig(TrainConfig):
         require("--dropout", self.dropout, "from 0 to below 1", lambda value: 0 <= value < 1)
         if self.loraplus_lr_ratio is not None:
             require("--loraplus-lr-ratio", self.loraplus_lr_ratio, "above 0", lambda value: value > 0)
-
-
-# The configs that moved to studykit/study_config.py, still importable from here. Looked up by name when first asked
-# for, so that neither training nor its fingerprint (runtime.stage_code_version hashes the modules a stage imports)
-# depends on them.
-MOVED_TO_STUDY_CONFIG = frozenset({"EvalConfig", "TinyModelConfig", "ReportConfig", "StudyConfig"})
-
-
-def __getattr__(name: str):
-    if name in MOVED_TO_STUDY_CONFIG:
-        return getattr(importlib.import_module("studykit.study_config"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -357,9 +357,17 @@ def test_a_dry_run_includes_the_analysis_in_its_plan_and_time(tmp_path, capsys):
 
 def test_the_analysis_leaves_the_training_and_evaluation_code_versions_alone():
     """Nothing the analysis adds is code a training or an evaluation runs, so adding or editing it retrains nothing."""
-    from studykit.runtime import studykit_imports_closure
+    from studykit.runtime import OUTCOME_NEUTRAL_MODULES, studykit_imports_closure
 
-    analysis_modules = studykit_imports_closure("studykit.analysis") - studykit_imports_closure("studykit.study_state")
+    # What the analysis brings beside the study runner and the evaluation code it reuses (its general text is read as
+    # evaluation reads it), less the presentation modules the report shares with it.
+    analysis_modules = (
+        studykit_imports_closure("studykit.analysis")
+        - studykit_imports_closure("studykit.study_state")
+        - studykit_imports_closure("studykit.evaluate")
+        - OUTCOME_NEUTRAL_MODULES
+    )
+    assert {"studykit.verdict", "studykit.gap_buckets", "studykit.analysis_parts"} <= analysis_modules
     assert "studykit.weight_change" in analysis_modules and "studykit.analysis_config" not in analysis_modules
     for stage in ("studykit.trainer", "studykit.evaluate", "studykit.prepare"):
         closure = studykit_imports_closure(stage)

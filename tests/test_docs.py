@@ -294,8 +294,9 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 def test_the_readme_commands_parse_and_their_settings_pass():
     """Each command line the README shows is accepted by its command's parser and checks, as the command reads it."""
-    from studykit.config import EvalConfig, LoraTrainConfig, PrepareConfig, TrainConfig, parse_config
+    from studykit.config import LoraTrainConfig, PrepareConfig, TrainConfig, parse_config
     from studykit.study import parse_study_args
+    from studykit.study_config import EvalConfig
 
     parse = {
         "study": lambda argv: parse_study_args("", argv),
