@@ -202,7 +202,9 @@ def sweep_phases(
     study: Study, config: StudyConfig, fingerprint: str, done: dict[str, Any]
 ) -> Optional[dict[str, SweepResult]]:
     """Train every run's sweep, then each rate added beyond a grid's end, until every run has chosen; None when the
-    trainings were printed as commands instead. A sweep training that diverges counts as its grid's worst rate."""
+    trainings were printed as commands instead. A sweep training that diverges counts as its grid's worst rate; a run
+    of one fixed rate has no other rate to fall back on, so its diverging training is an error as it always was."""
+    grids = {spec.name for spec in study.runs if spec.sweeps}
     while True:
         sweeps = {spec.name: sweep_result(study, spec, fingerprint) for spec in study.runs}
         pending = [
@@ -221,7 +223,11 @@ def sweep_phases(
                     if training.name not in done["kept"] + done["trained"]:
                         done["kept"].append(training.name)
             return sweeps
-        if not train_phase(study, config, pending, fingerprint, done, divergence_allowed=True):
+        fixed = [training for training in pending if training.run not in grids]
+        swept = [training for training in pending if training.run in grids]
+        if fixed and not train_phase(study, config, fixed, fingerprint, done):
+            return None
+        if swept and not train_phase(study, config, swept, fingerprint, done, divergence_allowed=True):
             return None
 
 

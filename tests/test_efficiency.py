@@ -468,7 +468,7 @@ def test_precision_resolves_per_device(monkeypatch):
     assert [resolve_precision("auto", device) for device in ("cuda", "cpu")] == ["fp16", "no"]
     assert [resolve_precision("fp32", device) for device in ("cuda", "cpu")] == ["no", "no"]
     assert resolve_precision("bf16", "cpu") == "bf16"
-    with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
+    with pytest.raises(UserError, match=r"--precision fp16 needs a CUDA or Apple \(MPS\) GPU"):
         resolve_precision("fp16", "cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a T4 or a GTX 1060
     with pytest.raises(UserError, match="does not support bf16; use --precision fp16"):
@@ -478,7 +478,7 @@ def test_precision_resolves_per_device(monkeypatch):
 def test_memory_cap_on_a_gpu_limits_the_allocator_to_that_share_of_the_card(monkeypatch):
     from types import SimpleNamespace
 
-    from studykit.memory import apply_memory_cap
+    from studykit.memory_fit import apply_memory_cap
 
     fractions, said = [], []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * GIB))

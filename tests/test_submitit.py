@@ -4,6 +4,7 @@ resumes; an interrupted runner waits for its jobs instead of submitting them aga
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -40,8 +41,15 @@ def fresh_study(built: Path, tmp_path: Path, lr: str = "1e-3", steps: int = 6) -
     return one_run_study(tmp_path / "study.toml", lr=lr, steps=steps), output_dir
 
 
+def without_grid_extensions(text: str) -> str:
+    """The study with its grid as written: two trainings instead of up to four, which this comparison does not need."""
+    assert "grid_extensions = 2" in text
+    return text.replace("grid_extensions = 2", "grid_extensions = 0")
+
+
 def test_jobs_on_the_local_cluster_choose_and_score_as_in_process_trainings(built, tmp_path):
     study, in_process_dir = fresh_study(built, tmp_path, lr="[1e-3, 3e-3]")
+    study.write_text(without_grid_extensions(study.read_text()))
     as_jobs_dir = tmp_path / "as_jobs"
     shutil.copytree(in_process_dir, as_jobs_dir)
     in_process = run_study(StudyConfig(config=str(study), output_dir=str(in_process_dir)))
@@ -139,17 +147,28 @@ def test_an_interrupted_runner_waits_for_its_jobs_instead_of_submitting_them_aga
 
 
 def test_a_failing_job_is_one_sentence_with_its_log_and_the_others_go_on(built, tmp_path, capsys):
-    # A rate that sends the loss to inf: the trainer stops that training; the other rate's trains to the end.
-    study, output_dir = fresh_study(built, tmp_path, lr="[1e-3, 1e30]")
+    # A fixed rate that sends the loss to inf, with two seeds: each job fails (a run of one rate has no other to fall
+    # back on), the first failure does not stop the second job, and the runner says so in one sentence.
+    study, output_dir = fresh_study(built, tmp_path, lr="1e30")
+    study.write_text(re.sub(r"(?m)^seeds = \[0\]$", "seeds = [0, 1]\nsweep_seeds = [0, 1]", study.read_text()))
     with pytest.raises(UserError) as refused:
         run_study(StudyConfig(config=str(study), output_dir=str(output_dir), **LOCAL))
     message = str(refused.value)
-    log = output_dir / "checkpoints" / ".submitit" / "full_ft__lr1e30__seed0.log"
-    assert message.startswith("1 training job(s) failed, first full_ft__lr1e30__seed0: job ")
-    assert f"its log: {log}; fix the cause and run the same study command again" in message
-    assert "\n" not in message and log.exists()
+    logs = [output_dir / "checkpoints" / ".submitit" / f"full_ft__lr1e30__seed{seed}.log" for seed in (0, 1)]
+    assert message.startswith("2 training job(s) failed, first full_ft__lr1e30__seed0: job ")
+    assert f"its log: {logs[0]}; fix the cause and run the same study command again" in message
+    assert "\n" not in message and all(log.exists() for log in logs)
+    printed = capsys.readouterr().out
+    assert "error: full_ft__lr1e30__seed0: job " in printed and "error: full_ft__lr1e30__seed1: job " in printed
+
+
+def test_a_diverging_rate_of_a_grid_is_the_worst_rate_as_in_process(built, tmp_path):
+    # Under a grid, the same diverging job is no failure: its rate counts as the worst and the study goes on.
+    study, output_dir = fresh_study(built, tmp_path, lr="[1e-3, 1e30]")
+    study.write_text(without_grid_extensions(study.read_text()))
+    done = run_study(StudyConfig(config=str(study), output_dir=str(output_dir), **LOCAL))
+    assert done["chosen"]["full_ft"] == 1e-3
     assert (output_dir / "checkpoints" / "full_ft__lr1e-3__seed0" / "run.json").exists()
-    assert "error: full_ft__lr1e30__seed0: job " in capsys.readouterr().out
 
 
 def fake_command(directory: Path, name: str, script: str) -> None:
@@ -211,7 +230,7 @@ def test_launcher_mistakes_are_one_sentence(tmp_path, monkeypatch):
 def test_a_login_node_without_a_gpu_does_not_refuse_a_study_whose_jobs_run_on_the_cluster(built, tmp_path, monkeypatch):
     from studykit import runtime
 
-    monkeypatch.setattr(runtime, "CPU_GUARD_PARAMETERS", 1000)  # the tiny model stands in for GPT-2 Small
+    monkeypatch.setattr(runtime, "CPU_GUARD_SECONDS", 0)  # the tiny model stands in for GPT-2 Small
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no srun here: the step after the CPU check says so
     study, output_dir = fresh_study(built, tmp_path)
     with pytest.raises(UserError, match="no GPU is visible"):
