@@ -194,7 +194,10 @@ def test_lora_dw_is_the_merged_weights_minus_the_base_and_equals_scaled_b_times_
     from peft import LoraConfig, get_peft_model
 
     base_weights = block_linear_weights(tiny_gpt2())
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+    # fan_in_fan_out: GPT-2's Conv1D stores (in, out), as the kit's own LoRA config says (modeling.py).
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False, fan_in_fan_out=True
+    )
     model = get_peft_model(tiny_gpt2(), config)
     products = scaled_b_times_a(model)
     merged, deltas = adapted_weight_changes(model, base_weights)
@@ -215,7 +218,9 @@ def test_dora_dw_includes_its_magnitude():
     from peft import LoraConfig, get_peft_model
 
     base_weights = block_linear_weights(tiny_gpt2())
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False, use_dora=True)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False, use_dora=True, fan_in_fan_out=True
+    )
     model = get_peft_model(tiny_gpt2(), config).eval()
     # A trained magnitude: at initialisation DoRA's magnitude is the norm of W + B @ A, which merges to W + B @ A.
     with torch.no_grad():
