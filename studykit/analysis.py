@@ -41,7 +41,16 @@ EXCERPT_CHARACTERS = 200
 
 
 def chosen_trainings(study: Study, sweeps: dict[str, Any]) -> dict[str, list[Training]]:
-    return {spec.name: study.replicate_trainings(spec, sweeps[spec.name].chosen_lr) for spec in study.runs}
+    """The full fine-tuning reference and every run of another method trained on the same share of the training data
+    (--train-fraction): the analysis compares like with like. Runs on other shares, and other full fine-tuning runs,
+    are compared with full FT on their own share in the report's gap by data size."""
+    reference = reference_run(study)
+    share = next((spec.config.train_fraction for spec in study.runs if spec.name == reference), None)
+    return {
+        spec.name: study.replicate_trainings(spec, sweeps[spec.name].chosen_lr)
+        for spec in study.runs
+        if spec.name == reference or (not METHODS[spec.method].reference and spec.config.train_fraction == share)
+    }
 
 
 def reference_run(study: Study) -> Optional[str]:
