@@ -31,7 +31,6 @@ from studykit.errors import UserError
 from studykit.io import atomic_write_json, atomic_write_text, read_json
 from studykit.methods import METHODS
 from studykit.modeling import load_tokenizer
-from studykit.report_markdown import format_hours
 from studykit.response_scores import EXTRA_EVAL_PREFIX, load_per_response
 from studykit.runtime import stage_code_version
 from studykit.study_file import Study, Training, load_study
@@ -273,13 +272,23 @@ def analysis_estimate(
         extra_tokens = extra.stat().st_size / 4 if extra is not None and extra.is_file() else 0
         tokens = test_passes * meta["tokens"]["test"] + mitigation_passes * (meta["tokens"]["test"] + extra_tokens)
         seconds = 2 * total_params * tokens / (assumed_tflops * 1e12)
-        line += f": {format_hours(seconds)} at the assumed {assumed_tflops:g} model TFLOP/s"
+        line += f": {format_duration(seconds)} at the assumed {assumed_tflops:g} model TFLOP/s"
     perplexity = study.results_dir / "perplexity.json"
     if perplexity.is_file():
         rows = read_json(perplexity, expect=list)
         per_model = sum(row["eval_seconds"] for row in rows) / max(len(rows), 1)
         line += (
-            f"; {format_hours(per_model * (test_passes + mitigation_passes))} at this study's measured "
+            f"; {format_duration(per_model * (test_passes + mitigation_passes))} at this study's measured "
             f"{per_model:.1f} s of evaluation per model"
         )
     return line + " (less what is current)"
+
+
+def format_duration(seconds: float) -> str:
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.1f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )

@@ -40,17 +40,6 @@ def format_seconds(seconds: Optional[float]) -> str:
     )
 
 
-def format_hours(seconds: float) -> str:
-    """An estimate (a dry run's): coarser than a measured time, hours to a tenth."""
-    return (
-        f"{seconds / 3600:.1f} h"
-        if seconds >= 3600
-        else f"{seconds / 60:.0f} min"
-        if seconds >= 60
-        else f"{seconds:.0f} s"
-    )
-
-
 def format_interval(value: float, low: Optional[float], high: Optional[float], digits: int = 3) -> str:
     if low is None:
         return f"{value:.{digits}f} (no interval)"

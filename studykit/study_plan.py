@@ -19,7 +19,6 @@ from studykit.memory import GIB, MEMORY_FLAGS, MemoryEstimate, estimate_for_mode
 from studykit.memory_fit import largest_fitting_by_estimate, with_micro_batch
 from studykit.methods import METHODS, method_of
 from studykit.modeling import known_gpt2_config, model_skeleton
-from studykit.report_markdown import format_hours
 from studykit.study_file import Study
 from studykit.study_state import current_data, finished_record, sweep_result, training_is_current
 
@@ -194,6 +193,16 @@ def pending_work(study: Study, meta: Optional[dict[str, Any]]) -> PendingWork:
         work.extra_trainings += extra
         work.extra_flops += flops_per_training * extra
     return work
+
+
+def format_hours(seconds: float) -> str:
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.0f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )
 
 
 def training_tokens(config: TrainConfig, meta: Optional[dict[str, Any]], seq_len: int) -> Optional[int]:
